@@ -1,0 +1,1 @@
+"""Named configurations; each module exposes get_config(arg=None) -> Config."""

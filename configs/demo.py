@@ -1,0 +1,22 @@
+"""The demo: a small network trained for a minute or two on a simulated movie.
+
+A higher learning rate than the paper's (1e-3) so a laptop CPU sees a real result in a
+few hundred steps. `demo:quick` is a much shorter run for tests.
+
+  deepcad-jax demo                # uses this config
+  deepcad-jax train --config demo --data sim/noisy.tif --workdir runs/demo
+"""
+
+from deepcad_jax.config import (Config, DataConfig, InferConfig, ModelConfig,
+                                TrainConfig)
+
+
+def get_config(arg=None) -> Config:
+  quick = arg == "quick"
+  return Config(
+      name="demo:quick" if quick else "demo",
+      model=ModelConfig(features=4 if quick else 8),
+      data=DataConfig(patch=(8, 16, 16) if quick else (16, 32, 32),
+                      pairs_per_epoch=16 if quick else 100, workers=0),
+      train=TrainConfig(epochs=2 if quick else 4, lr=1e-3, log_every=10),
+      infer=InferConfig(overlap=0.25))

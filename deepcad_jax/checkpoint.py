@@ -1,0 +1,116 @@
+"""Training-run directories: Orbax checkpoints plus the metadata inference needs.
+
+A run directory holds `checkpoints/<step>/` with three items: `state` (params, optimizer
+state, step), `data_iter` (the grain iterator position) and `meta` (JSON: config,
+network width, patch, normalisation, training data summary). Orbax writes each step
+atomically, so an interrupted save never hides the previous complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from deepcad_jax import config as config_lib
+from deepcad_jax.errors import UserError
+
+FORMAT = "deepcad-jax/1"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+      create=not read_only, read_only=read_only, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict) -> None:
+  """Start an asynchronous save; `mgr.wait_until_finished()` before exiting."""
+  mgr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter):
+  """Restore state (onto the shardings in `abstract_state`) and the data iterator."""
+  out = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  return out.state
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+  return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def clear(workdir: str) -> None:
+  """Remove the checkpoints of a run (only what this package wrote)."""
+  path = checkpoint_dir(workdir)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """What inference needs: parameters and how they were trained."""
+
+  params: Any
+  features: int
+  patch: tuple[int, int, int]
+  mean: float                 # training data mean (for streams without their own)
+  config: config_lib.Config
+  meta: dict
+  source: str
+
+  @property
+  def overlap(self) -> float:
+    return self.config.infer.overlap
+
+
+def load_model(path: str, step: int | None = None) -> Model:
+  """Load a trained model from a run directory (its last or a chosen checkpoint)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a model directory; give the --workdir of a "
+                    "training run.")
+  if not os.path.isdir(checkpoint_dir(path)):
+    raise UserError(f"{path} holds no checkpoints ({CHECKPOINTS}/ is missing); train "
+                    "a model there first.")
+  mgr = manager(path, read_only=True)
+  steps = mgr.all_steps()
+  if not steps:
+    raise UserError(f"{path} holds no complete checkpoint; train a model there first.")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise UserError(f"{path} has no checkpoint at step {step}; available: "
+                    f"{sorted(steps)}.")
+  out = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  mgr.close()
+  meta = dict(out.meta)
+  if meta.get("format") != FORMAT:
+    raise UserError(f"{path} was not written by deepcad-jax ({FORMAT}).")
+  params = jax.tree_util.tree_map(np.asarray, out.state["params"])
+  return Model(params=params, features=int(meta["features"]),
+               patch=tuple(int(p) for p in meta["patch"]), mean=float(meta["mean"]),
+               config=config_lib.from_dict(meta["config"]), meta=meta,
+               source=f"{path}@{step}")
+
+
+def dump_json(obj: Any) -> str:
+  return json.dumps(obj, indent=1, sort_keys=True)

@@ -1,0 +1,302 @@
+"""The `deepcad-jax` command: a thin layer of absl flags over the public API.
+
+Each command is a `Command` with its flags (on a FlagValues of its own, so `main` can be
+called many times in one process) and a `run` function. User mistakes print one line
+(`error: ...`) and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+
+from deepcad_jax.errors import UserError
+
+log = logging.getLogger("deepcad_jax")
+
+
+@dataclasses.dataclass
+class Command:
+  name: str
+  summary: str
+  define: Callable[[flags.FlagValues], None]
+  run: Callable[[flags.FlagValues], int | None]
+  example: str = ""
+
+
+def _patch(text: str | None):
+  if text is None:
+    return None
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != 3:
+    raise UserError(f"--patch takes three integers T,Y,X (e.g. 32,64,64); got {text!r}.")
+  return values
+
+
+def _v(fv: flags.FlagValues, name: str):
+  return fv[name].value
+
+
+# ---------------------------------------------------------------- train
+
+
+def _define_train(fv):
+  flags.DEFINE_string("data", None, "A TIFF movie or a folder of TIFF movies.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints); resumed if it holds "
+                      "a run.", flag_values=fv)
+  flags.DEFINE_string("config", "deepcad_rt", "Config name (deepcad_rt, deepcad, "
+                      "ladder:W, tiny, demo) or a .py file.", flag_values=fv)
+  flags.DEFINE_string("patch", None, "Patch T,Y,X (T input frames from a 2T window).",
+                      flag_values=fv)
+  flags.DEFINE_integer("epochs", None, "Train until this many epochs are done.", flag_values=fv)
+  flags.DEFINE_integer("pairs-per-epoch", None, "Training pairs per epoch.", flag_values=fv)
+  flags.DEFINE_integer("batch-size", None, "Global batch (a multiple of the device count; "
+                       "0 = one per device).", flag_values=fv)
+  flags.DEFINE_integer("seed", None, "Random seed.", flag_values=fv)
+  flags.DEFINE_integer("features", None, "Network width f.", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+  flags.DEFINE_float("lr", None, "Adam learning rate.", flag_values=fv)
+  flags.DEFINE_float("b1", None, "Adam beta1.", flag_values=fv)
+  flags.DEFINE_float("b2", None, "Adam beta2.", flag_values=fv)
+  flags.DEFINE_integer("workers", None, "Grain worker processes (0 = none).", flag_values=fv)
+  flags.DEFINE_integer("keep", None, "Checkpoints to keep.", flag_values=fv)
+  flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
+                       flag_values=fv)
+
+
+def _train_config(fv):
+  from deepcad_jax import config as config_lib
+  cfg = config_lib.load_config(_v(fv, "config"))
+  return config_lib.override(cfg, **{
+      "data.patch": _patch(_v(fv, "patch")), "train.epochs": _v(fv, "epochs"),
+      "data.pairs_per_epoch": _v(fv, "pairs-per-epoch"),
+      "train.batch_size": _v(fv, "batch-size"), "train.seed": _v(fv, "seed"),
+      "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
+      "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
+      "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep")})
+
+
+def _run_train(fv):
+  from deepcad_jax.train import train
+  _require(fv, "data", "workdir")
+  result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"))
+  print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
+        + ("  (interrupted; run again to resume)" if result.interrupted else ""))
+  return 130 if result.interrupted else 0
+
+
+# ---------------------------------------------------------------- denoise
+
+
+def _define_denoise(fv):
+  flags.DEFINE_string("model", None, "Model: a training run directory.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the last).",
+                       flag_values=fv)
+  flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Output TIFF (or folder for a folder input).",
+                      flag_values=fv)
+  flags.DEFINE_string("patch", None, "Patch T,Y,X (default: the model's).", flag_values=fv)
+  flags.DEFINE_float("overlap", None, "Overlap factor in [0, 1) (default: the model's).",
+                     flag_values=fv)
+  flags.DEFINE_integer("batch-size", 0, "Patches per device call (0 = one per device).",
+                       flag_values=fv)
+  flags.DEFINE_string("output-dtype", None, "Output dtype (default: the input's), e.g. "
+                      "float32.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                    flag_values=fv)
+  flags.DEFINE_boolean("blend", False, "Blend overlaps smoothly instead of cropping.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
+
+
+def _run_denoise(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.infer import denoise_files
+  _require(fv, "model", "input", "output")
+  model = load_model(_v(fv, "model"), _v(fv, "step"))
+  reports = denoise_files(
+      _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),
+      output_dtype=_v(fv, "output-dtype"), patch=_patch(_v(fv, "patch")),
+      overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
+      blend=_v(fv, "blend"))
+  for r in reports:
+    print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.patches} patches  "
+          f"{r.seconds:.2f}s  {r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}")
+  return 0
+
+
+# ---------------------------------------------------------------- simulate
+
+
+def _define_simulate(fv):
+  flags.DEFINE_string("output", None, "Folder for noisy.tif, clean.tif and info.json.",
+                      flag_values=fv)
+  flags.DEFINE_string("shape", "300,128,128", "Movie shape T,Y,X.", flag_values=fv)
+  flags.DEFINE_float("snr", -2.0, "Target SNR of the noisy movie (dB).", flag_values=fv)
+  flags.DEFINE_integer("neurons", None, "Number of neurons (default: by area).",
+                       flag_values=fv)
+  flags.DEFINE_integer("vessels", 1, "Number of blood vessels.", flag_values=fv)
+  flags.DEFINE_float("frame-rate", 30.0, "Frame rate (Hz).", flag_values=fv)
+  flags.DEFINE_float("spike-rate", 0.3, "Mean spike rate per neuron (Hz).", flag_values=fv)
+  flags.DEFINE_float("tau-rise", 0.05, "Calcium rise time (s).", flag_values=fv)
+  flags.DEFINE_float("tau-decay", 0.4, "Calcium decay time (s).", flag_values=fv)
+  flags.DEFINE_float("read-noise", 1.0, "Gaussian read noise (photons).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace existing files.", flag_values=fv)
+
+
+def _run_simulate(fv):
+  from deepcad_jax.simulate import write_simulation
+  _require(fv, "output")
+  shape = _patch(_v(fv, "shape").replace("x", ","))
+  info = write_simulation(
+      _v(fv, "output"), overwrite=_v(fv, "overwrite"), shape=shape, snr_db=_v(fv, "snr"),
+      neurons=_v(fv, "neurons"), vessels=_v(fv, "vessels"),
+      frame_rate=_v(fv, "frame-rate"), spike_rate=_v(fv, "spike-rate"),
+      tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
+      read_noise=_v(fv, "read-noise"), seed=_v(fv, "seed"))
+  print(f"wrote {info['noisy']} and {info['clean']}: {tuple(shape)}, "
+        f"SNR {info['snr_db']:.2f} dB, {info['mean_photons']:.3g} photons/voxel")
+  return 0
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _define_evaluate(fv):
+  flags.DEFINE_string("denoised", None, "The movie to score.", flag_values=fv)
+  flags.DEFINE_string("reference", None, "Ground truth (e.g. clean.tif).", flag_values=fv)
+  flags.DEFINE_string("raw", None, "Optional noisy input, scored too.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fv)
+
+
+def _run_evaluate(fv):
+  from deepcad_jax.metrics import evaluate_files
+  from deepcad_jax.metrics import format_table
+  _require(fv, "denoised", "reference")
+  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"))
+  print(format_table(results))
+  if _v(fv, "output"):
+    with open(_v(fv, "output"), "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"results: {_v(fv, 'output')}")
+  return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _define_demo(fv):
+  flags.DEFINE_string("workdir", "deepcad-jax-demo", "Folder for the demo's files.",
+                      flag_values=fv)
+  flags.DEFINE_boolean("quick", False, "A much shorter run (for tests).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Reuse a workdir that holds an earlier demo.",
+                       flag_values=fv)
+
+
+def _run_demo(fv):
+  from deepcad_jax.demo import run_demo
+  run_demo(_v(fv, "workdir"), quick=_v(fv, "quick"), seed=_v(fv, "seed"),
+           overwrite=_v(fv, "overwrite"))
+  return 0
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+COMMANDS = {c.name: c for c in [
+    Command("demo", "simulate a movie, train, denoise and score it (start here)",
+            _define_demo, _run_demo, "deepcad-jax demo"),
+    Command("train", "train on a TIFF movie or folder (resumes an existing --workdir)",
+            _define_train, _run_train,
+            "deepcad-jax train --data movies/ --workdir runs/rt --epochs 10"),
+    Command("denoise", "denoise a TIFF movie or folder with a trained model",
+            _define_denoise, _run_denoise,
+            "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
+    Command("simulate", "write a synthetic calcium movie with its ground truth",
+            _define_simulate, _run_simulate,
+            "deepcad-jax simulate --output sim/ --shape 300,128,128 --snr -2"),
+    Command("evaluate", "score a denoised movie against a reference (SNR, correlations)",
+            _define_evaluate, _run_evaluate,
+            "deepcad-jax evaluate --denoised den.tif --reference sim/clean.tif"),
+]}
+
+
+def _require(fv, *names):
+  missing = [n for n in names if fv[n].value is None]
+  if missing:
+    raise UserError(f"missing required flag(s): {', '.join('--' + n for n in missing)}.")
+
+
+def usage() -> str:
+  lines = ["usage: deepcad-jax COMMAND [--flags]", "", "commands:"]
+  lines += [f"  {c.name:<10} {c.summary}" for c in COMMANDS.values()]
+  lines += ["", "'deepcad-jax COMMAND --help' lists a command's flags.", "", "examples:"]
+  lines += [f"  {c.example}" for c in COMMANDS.values()]
+  return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and grain are chatty
+  logger = logging.getLogger("deepcad_jax")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(message)s",
+                                           "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the `deepcad-jax` console script; returns the exit status."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    return 0
+  name = argv[1]
+  if name not in COMMANDS:
+    print(f"error: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
+    return 2
+  command = COMMANDS[name]
+  fv = flags.FlagValues()
+  command.define(fv)
+  if any(a in ("-h", "--help", "-help") for a in argv[2:]):
+    print(f"usage: deepcad-jax {name} [--flags]\n\n{command.summary}\n\n"
+          f"example: {command.example}\n\n{fv.get_help()}")
+    return 0
+  try:
+    rest = fv([f"deepcad-jax {name}"] + argv[2:])
+  except flags.Error as e:
+    print(f"error: {e}. See 'deepcad-jax {name} --help'.", file=sys.stderr)
+    return 2
+  if len(rest) > 1:
+    print(f"error: unexpected argument(s) {rest[1:]}; every input is a --flag. See "
+          f"'deepcad-jax {name} --help'.", file=sys.stderr)
+    return 2
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+  _setup_logging()
+  try:
+    return int(command.run(fv) or 0)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted.", file=sys.stderr)
+    return 130
+
+
+def entry() -> None:
+  sys.exit(main())

@@ -1,0 +1,170 @@
+"""Configuration as data: frozen, validated dataclasses and the named configs.
+
+A config has four sections (model, data, train, infer). Named configs live in the
+top-level `configs/` folder (installed as `deepcad_jax.configs`); each module exposes
+`get_config(arg=None)`. `load_config("ladder:32")` or `load_config("my_config.py:arg")`
+resolves one; `override` applies CLI flags; `from_dict` restores a saved config and
+rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+from typing import Any, Mapping
+
+from deepcad_jax.errors import UserError
+
+Patch = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  features: int = 16           # f: widths f, 2f, 4f, 8f (16 = DeepCAD-RT, 64 = DeepCAD)
+  dtype: str = "float32"       # compute dtype: float32 or bfloat16 (params stay float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  patch: Patch = (144, 144, 144)  # (pt, py, px): pt input frames from a 2*pt window
+  pairs_per_epoch: int = 4000     # training pairs drawn per epoch, spread over all files
+  workers: int = 2                # grain worker processes (0 = read in this process)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  epochs: int = 10
+  batch_size: int = 0          # global batch; 0 = one pair per device (the reference)
+  lr: float = 5e-5             # the paper's Adam settings
+  b1: float = 0.5
+  b2: float = 0.9
+  seed: int = 0
+  keep_checkpoints: int = 3
+  log_every: int = 10          # steps between progress lines
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+  patch: Patch | None = None   # None: the training patch
+  overlap: float = 0.4         # fraction of a patch shared with its neighbour
+  batch_size: int = 0          # patches per device call; 0 = one per device
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "custom"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  infer: InferConfig = InferConfig()
+
+  def __post_init__(self):
+    validate(self)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "infer": InferConfig}
+DTYPES = ("float32", "bfloat16")
+
+
+def validate_patch(patch: Patch, what: str = "patch") -> None:
+  """A patch is three positive multiples of 8 (every pooling level stays exact)."""
+  if len(patch) != 3 or any(int(p) != p or p <= 0 or p % 8 for p in patch):
+    raise UserError(
+        f"{what} must be three positive multiples of 8 as T,Y,X (e.g. 32,64,64); "
+        f"got {tuple(patch)}.")
+
+
+def validate(cfg: Config) -> None:
+  if cfg.model.features < 1:
+    raise UserError(f"model.features must be at least 1; got {cfg.model.features}.")
+  if cfg.model.dtype not in DTYPES:
+    raise UserError(f"model.dtype must be one of {DTYPES}; got {cfg.model.dtype!r}.")
+  validate_patch(cfg.data.patch, "data.patch")
+  if cfg.infer.patch is not None:
+    validate_patch(cfg.infer.patch, "infer.patch")
+  if not 0.0 <= cfg.infer.overlap < 1.0:
+    raise UserError(f"infer.overlap must be in [0, 1); got {cfg.infer.overlap}.")
+  for name, value in (("data.pairs_per_epoch", cfg.data.pairs_per_epoch),
+                      ("train.epochs", cfg.train.epochs),
+                      ("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                      ("train.log_every", cfg.train.log_every)):
+    if value < 1:
+      raise UserError(f"{name} must be at least 1; got {value}.")
+  for name, value in (("data.workers", cfg.data.workers),
+                      ("train.batch_size", cfg.train.batch_size),
+                      ("infer.batch_size", cfg.infer.batch_size)):
+    if value < 0:
+      raise UserError(f"{name} must be 0 or more; got {value}.")
+  if not (cfg.train.lr > 0 and 0 <= cfg.train.b1 < 1 and 0 <= cfg.train.b2 < 1):
+    raise UserError("train.lr must be positive and train.b1, train.b2 in [0, 1); got "
+                    f"lr={cfg.train.lr}, b1={cfg.train.b1}, b2={cfg.train.b2}.")
+
+
+def _section(cls, values: Mapping[str, Any], where: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise UserError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
+                    f"valid keys: {', '.join(sorted(names))}.")
+  values = dict(values)
+  if values.get("patch") is not None:
+    values["patch"] = tuple(int(v) for v in values["patch"])
+  return cls(**values)
+
+
+def from_dict(d: Mapping[str, Any]) -> Config:
+  """Rebuild a config saved with `Config.to_dict`; unknown keys are an error."""
+  unknown = sorted(set(d) - set(SECTIONS) - {"name"})
+  if unknown:
+    raise UserError(f"unknown config section(s): {', '.join(unknown)}.")
+  sections = {k: _section(cls, d.get(k, {}), k) for k, cls in SECTIONS.items()}
+  return Config(name=d.get("name", "custom"), **sections)
+
+
+def override(cfg: Config, **changes: Any) -> Config:
+  """Replace fields given as 'section.field'=value (None values are ignored)."""
+  d = cfg.to_dict()
+  for key, value in changes.items():
+    if value is None:
+      continue
+    section, _, field = key.partition(".")
+    if section not in SECTIONS or field not in d[section]:
+      raise UserError(f"unknown config key {key!r}.")
+    d[section][field] = value
+  return from_dict(d)
+
+
+def _configs_dir() -> str:
+  return os.path.dirname(importlib.import_module("deepcad_jax.configs").__file__)
+
+
+def available() -> list[str]:
+  """Names of the built-in configs."""
+  return sorted(f[:-3] for f in os.listdir(_configs_dir())
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def load_config(spec: str) -> Config:
+  """Resolve 'NAME', 'NAME:ARG', 'path/to/file.py' or 'path/to/file.py:ARG'."""
+  name, _, arg = spec.partition(":")
+  if name.endswith(".py"):
+    if not os.path.isfile(name):
+      raise UserError(f"config file {name} does not exist.")
+    module_spec = importlib.util.spec_from_file_location("_user_config", name)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  elif name in available():
+    module = importlib.import_module(f"deepcad_jax.configs.{name}")
+  else:
+    raise UserError(f"unknown config {name!r}; built-in configs: {', '.join(available())}, "
+                    "or give a path to a .py file with get_config().")
+  cfg = module.get_config(arg or None)
+  if not isinstance(cfg, Config):
+    raise UserError(f"get_config() in {name} must return a deepcad_jax.config.Config.")
+  return cfg

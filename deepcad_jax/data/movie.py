@@ -1,0 +1,215 @@
+"""Movies (T, Y, X): lazy TIFF readers, in-memory arrays, and a streaming TIFF writer.
+
+A `Movie` exposes `shape`, `dtype`, `read(t0, t1)` (frames as a numpy array) and `mean()`
+(float64, computed chunk by chunk). TIFFs are memory-mapped when tifffile can (plain,
+uncompressed files) and otherwise read page range by page range, so a large recording is
+never loaded whole.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+import tifffile
+
+from deepcad_jax.errors import UserError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
+CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
+BIGTIFF_BYTES = 2**32 - 2**25  # above this, write BigTIFF
+
+
+class Movie:
+  """A (T, Y, X) recording that can be read frame range by frame range."""
+
+  name: str = "<array>"
+  shape: tuple[int, int, int]
+  dtype: np.dtype
+  _mean: float | None = None
+
+  def read(self, t0: int, t1: int) -> np.ndarray:
+    raise NotImplementedError
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape)) * self.dtype.itemsize
+
+  def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    """(t0, frames) blocks of at most `max_bytes`, in order."""
+    frame_bytes = max(1, self.shape[1] * self.shape[2] * self.dtype.itemsize)
+    step = max(1, max_bytes // frame_bytes)
+    for t0 in range(0, self.shape[0], step):
+      yield t0, self.read(t0, min(self.shape[0], t0 + step))
+
+  def mean(self) -> float:
+    """Mean intensity of the whole movie; rejects NaN or infinite values."""
+    if self._mean is None:
+      total = 0.0
+      for t0, block in self.chunks():
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+          bad = int(np.argmax(~np.isfinite(block).reshape(len(block), -1).all(1))) + t0
+          raise UserError(f"{self.name} {self.shape} contains NaN or infinite values "
+                          f"(first in frame {bad}); replace them (e.g. with 0) first.")
+        total += float(block.sum(dtype=np.float64))
+      self._mean = total / float(np.prod(self.shape))
+    return self._mean
+
+
+class ArrayMovie(Movie):
+  """A movie already in memory (or any array-like with numpy slicing, e.g. a memmap)."""
+
+  def __init__(self, array, name: str = "<array>"):
+    self.array = array
+    self.name = name
+    self.shape = tuple(int(s) for s in array.shape)
+    self.dtype = np.dtype(array.dtype)
+
+  def read(self, t0: int, t1: int) -> np.ndarray:
+    return np.asarray(self.array[t0:t1])
+
+
+class TiffMovie(Movie):
+  """A TIFF file read lazily: memory map when possible, page ranges otherwise."""
+
+  def __init__(self, path: str):
+    self.name = path
+    self.path = path
+    with _open_tiff(path) as tif:
+      series = tif.series[0]
+      self.shape, self._frame_axis = _movie_shape(path, series.shape, series.axes)
+      self.dtype = np.dtype(series.dtype)
+      self._pages_are_frames = len(series.pages) == self.shape[0]
+    self._map = None
+    try:
+      self._map = tifffile.memmap(path, mode="r").reshape(self.shape)
+    except (ValueError, OSError):
+      self._map = None  # compressed or not contiguous: read pages
+
+  @property
+  def memory_mapped(self) -> bool:
+    return self._map is not None
+
+  def read(self, t0: int, t1: int) -> np.ndarray:
+    if self._map is not None:
+      return np.asarray(self._map[t0:t1])
+    with _open_tiff(self.path) as tif:
+      if self._pages_are_frames:
+        frames = tif.asarray(series=0, key=slice(t0, t1))
+      else:  # frames are not separate pages: read the series once
+        frames = tif.asarray(series=0).reshape(self.shape)[t0:t1]
+    return np.asarray(frames).reshape((t1 - t0,) + self.shape[1:])
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_map"] = None  # reopened lazily in another process
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    try:
+      self._map = tifffile.memmap(self.path, mode="r").reshape(self.shape)
+    except (ValueError, OSError):
+      self._map = None
+
+
+def _open_tiff(path: str) -> tifffile.TiffFile:
+  try:
+    return tifffile.TiffFile(path)
+  except FileNotFoundError:
+    raise UserError(f"{path} does not exist; check the path.") from None
+  except (tifffile.TiffFileError, ValueError, OSError) as e:
+    raise UserError(f"{path} is not a readable TIFF file ({e}); give a .tif movie "
+                    "with frames as pages.") from None
+
+
+def _movie_shape(path: str, shape, axes: str) -> tuple[tuple[int, int, int], str]:
+  """(T, Y, X) of a TIFF series: singleton axes squeezed, one frame axis allowed."""
+  if len(shape) != len(axes) or axes[-2:] != "YX":
+    if len(shape) == 3:
+      return tuple(int(s) for s in shape), "?"
+    raise UserError(f"{path} has shape {tuple(shape)} with axes {axes!r}; expected a "
+                    "movie with frames, rows and columns (T, Y, X).")
+  extra = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if n > 1]
+  if not extra:
+    raise UserError(f"{path} is a single 2-D image of shape {tuple(shape[-2:])}; "
+                    "a movie needs many frames (T, Y, X).")
+  if len(extra) > 1 or extra[0][0] not in FRAME_AXES:
+    desc = ", ".join(f"{a}={n}" for a, n in extra)
+    raise UserError(f"{path} has shape {tuple(shape)} (axes {axes}) with more than one "
+                    f"axis besides Y and X ({desc}); save one movie (T, Y, X) per file, "
+                    "e.g. one file per channel or plane.")
+  return (int(extra[0][1]), int(shape[-2]), int(shape[-1])), extra[0][0]
+
+
+def open_movie(path: str) -> TiffMovie:
+  """Open one TIFF movie, validating it is (T, Y, X)."""
+  if not os.path.exists(path):
+    raise UserError(f"{path} does not exist; check the path.")
+  if not path.lower().endswith(TIFF_SUFFIXES):
+    raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
+                    "to TIFF first.")
+  return TiffMovie(path)
+
+
+def as_movie(movie, name: str = "<array>") -> Movie:
+  """A `Movie` from a path, a `Movie`, or a (T, Y, X) array."""
+  if isinstance(movie, Movie):
+    return movie
+  if isinstance(movie, (str, os.PathLike)):
+    return open_movie(os.fspath(movie))
+  if not hasattr(movie, "shape") or not hasattr(movie, "dtype"):
+    movie = np.asarray(movie)
+  if len(movie.shape) != 3:
+    raise UserError(f"{name} has shape {tuple(movie.shape)}; a movie must be a 3-D "
+                    "array (T, Y, X).")
+  return ArrayMovie(movie, name)
+
+
+def list_movies(path: str) -> list[str]:
+  """One TIFF file, or the TIFF files of a folder (sorted)."""
+  if not os.path.exists(path):
+    raise UserError(f"{path} does not exist; give a TIFF file or a folder of TIFFs.")
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith("."))
+    if not files:
+      raise UserError(f"{path} holds no .tif or .tiff files; put the movies there "
+                      "or give one file.")
+    return files
+  if not path.lower().endswith(TIFF_SUFFIXES):
+    raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
+                    "to TIFF first.")
+  return [path]
+
+
+def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],
+                shape: tuple[int, ...] | None = None, dtype=None) -> None:
+  """Write a (T, Y, X) movie, from an array or from blocks of frames as they come.
+
+  The file appears under its name only once complete (written beside it, then renamed);
+  BigTIFF is used when the data exceed 4 GB.
+  """
+  if isinstance(frames, np.ndarray):
+    shape, dtype = frames.shape, frames.dtype
+    frames = [frames]
+  dtype = np.dtype(dtype)
+  big = int(np.prod(shape)) * dtype.itemsize > BIGTIFF_BYTES
+  tmp = f"{path}.partial"
+  try:
+    with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
+      tw.write(_as_frames(frames, dtype), shape=tuple(shape), dtype=dtype,
+               photometric="minisblack", metadata={"axes": "TYX"})
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _as_frames(blocks: Iterable[np.ndarray], dtype) -> Iterator[np.ndarray]:
+  for block in blocks:
+    for frame in np.asarray(block, dtype=dtype).reshape((-1,) + block.shape[-2:]):
+      yield frame

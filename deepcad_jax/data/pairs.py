@@ -1,0 +1,104 @@
+"""Training pairs and the grain pipeline that batches them.
+
+A pair is a window of 2*pt consecutive frames at (t0, y0, x0) of size (2*pt, py, px);
+the input is frames t0, t0+2, ... and the target t0+1, t0+3, ... (DESIGN.md). Pair `i` of
+an epoch comes from file `i % n_files` at a position drawn from `(seed, i)`, so every
+record is reproducible by index and the set is spread evenly over the files, as the
+reference spreads its patches. Grain shuffles the pairs (a new order each epoch), batches
+them and reads them in worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from deepcad_jax.data.movie import Movie
+from deepcad_jax.errors import UserError
+from deepcad_jax.model import MIN_SIZE
+
+
+def _floor_to(n: int, m: int) -> int:
+  return n // m * m
+
+
+def fit_patch(patch: Sequence[int], shapes: Sequence[tuple[int, int, int]],
+              names: Sequence[str]) -> tuple[tuple[int, int, int], list[str]]:
+  """The largest patch <= `patch` (multiples of 8) that fits every movie.
+
+  Returns the patch and one note per reduced axis, so the caller can say why.
+  """
+  pt, py, px = patch
+  notes = []
+  for shape, name in zip(shapes, names):
+    t, y, x = shape
+    if t < 2 * MIN_SIZE:
+      raise UserError(f"{name} {shape} has {t} frames; training needs at least "
+                      f"{2 * MIN_SIZE} (two interleaved sub-movies of {MIN_SIZE}). "
+                      "Record longer or leave this file out.")
+    if y < MIN_SIZE or x < MIN_SIZE:
+      raise UserError(f"{name} {shape} has frames of {y}x{x} pixels; training needs at "
+                      f"least {MIN_SIZE}x{MIN_SIZE}.")
+    for axis, size, limit in (("T", pt, _floor_to(t // 2, 8)), ("Y", py, _floor_to(y, 8)),
+                              ("X", px, _floor_to(x, 8))):
+      if size > limit:
+        notes.append(f"patch {axis} reduced from {size} to {limit} to fit {name} {shape}")
+    pt, py, px = min(pt, _floor_to(t // 2, 8)), min(py, _floor_to(y, 8)), min(px, _floor_to(x, 8))
+  return (pt, py, px), notes
+
+
+@dataclasses.dataclass
+class PairSource(grain.sources.RandomAccessDataSource):
+  """Random-access training pairs over several movies (picklable; files opened lazily)."""
+
+  movies: Sequence[Movie]
+  patch: tuple[int, int, int]
+  length: int
+  seed: int = 0
+
+  def __post_init__(self):
+    self.means = [float(m.mean()) for m in self.movies]
+    pt, py, px = self.patch
+    for m in self.movies:
+      t, y, x = m.shape
+      if 2 * pt > t or py > y or px > x:
+        raise UserError(f"patch {self.patch} (a window of {2 * pt} frames) does not fit "
+                        f"{m.name} {m.shape}; use a smaller --patch.")
+
+  def __len__(self) -> int:
+    return self.length
+
+  def position(self, index: int) -> tuple[int, int, int, int]:
+    """(file, t0, y0, x0) of pair `index`."""
+    f = index % len(self.movies)
+    t, y, x = self.movies[f].shape
+    pt, py, px = self.patch
+    rng = np.random.default_rng([self.seed, index])
+    t0, y0, x0 = (int(rng.integers(0, n - p + 1)) for n, p in
+                  ((t, 2 * pt), (y, py), (x, px)))
+    return f, t0, y0, x0
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    f, t0, y0, x0 = self.position(int(index))
+    pt, py, px = self.patch
+    window = self.movies[f].read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px]
+    window = window.astype(np.float32) - np.float32(self.means[f])
+    return {"input": window[0::2], "target": window[1::2]}
+
+  def __repr__(self) -> str:
+    names = ",".join(m.name for m in self.movies)
+    return (f"PairSource(files=[{names}], patch={self.patch}, length={self.length}, "
+            f"seed={self.seed})")
+
+
+def pair_iterator(source: PairSource, batch_size: int, seed: int,
+                  workers: int = 0) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of batches {'input', 'target'}: (B, pt, py, px)."""
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(ds)

@@ -1,0 +1,347 @@
+"""Tiled, batched, sharded inference over whole recordings, in bounded memory.
+
+The movie is processed in temporal slabs (one row of patches in T at a time): a slab is
+read (memory map or page range), normalised and padded; its patches go through one
+jit-compiled network call per fixed-shape batch, sharded over all devices; the host
+stitches batch i-1 while the device runs batch i; finished frames are yielded as soon as
+no later patch can touch them. Peak host memory is a few slabs, not the movie.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepcad_jax import parallel
+from deepcad_jax.checkpoint import Model, load_model
+from deepcad_jax.data.movie import Movie, as_movie, list_movies, open_movie, write_movie
+from deepcad_jax.errors import UserError
+from deepcad_jax.model import UNet3D
+from deepcad_jax.progress import Progress
+from deepcad_jax.tiling import (AxisTile, Patch, axis_plan, blend_weights, padded_patch,
+                                patch_plan)
+
+log = logging.getLogger("deepcad_jax")
+
+NetworkFn = Callable[[jax.Array], jax.Array]  # (B, T, Y, X) -> (B, T, Y, X)
+
+
+@dataclasses.dataclass
+class DenoiseStats:
+  """What one denoising pass did (filled in as it runs)."""
+
+  shape: tuple[int, int, int] = (0, 0, 0)
+  patch: tuple[int, int, int] = (0, 0, 0)
+  patches: int = 0
+  batches: int = 0
+  batch_size: int = 0
+  seconds: float = 0.0
+  clipped: int = 0
+  mean: float = 0.0
+
+  @property
+  def network_voxels(self) -> int:
+    return self.patches * int(np.prod(self.patch))
+
+  @property
+  def voxels_per_s(self) -> float:
+    return float(np.prod(self.shape)) / self.seconds if self.seconds else 0.0
+
+
+def resolve_model(model: Model | str | os.PathLike) -> Model:
+  if isinstance(model, Model):
+    return model
+  return load_model(os.fspath(model))
+
+
+def network_fn(model: Model, dtype: str = "float32", devices=None) -> tuple[NetworkFn, Any]:
+  """The jit-compiled patch network (batch sharded over a mesh of `devices`)."""
+  mesh = parallel.data_mesh(devices)
+  net = UNet3D(features=model.features, dtype=jnp.dtype(dtype))
+  params = jax.device_put(model.params, parallel.replicated(mesh))
+  data = parallel.batch_sharding(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh), data),
+                     out_shardings=data)
+  def apply(params, batch):
+    return net.apply({"params": params}, batch[..., None])[..., 0]
+
+  return functools.partial(apply, params), mesh
+
+
+def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  pads = [(0, s - n) for n, s in zip(block.shape, shape)]
+  if not any(p for _, p in pads):
+    return block
+  mode = "reflect" if all(n > 1 or p == 0 for n, (_, p) in zip(block.shape, pads)) \
+      else "edge"
+  return np.pad(block, pads, mode=mode)
+
+
+class _Stitcher:
+  """Accumulates patch outputs for the current and the next temporal slab."""
+
+  def __init__(self, shape, patch, overlap, blend):
+    self.T, self.Y, self.X = shape
+    self.patch = patch
+    self.blend = blend
+    self.t_tiles = axis_plan(self.T, patch[0], overlap)
+    self.yx_tiles = [axis_plan(n, p, overlap) for n, p in zip(shape[1:], patch[1:])]
+    self.gaps = [p - max(1, int(p * (1 - overlap))) for p in patch]
+    self.base = 0           # movie frame at buffer index 0
+    self.emitted = 0        # frames already yielded
+    self.acc = np.zeros((patch[0],) + tuple(shape[1:]), np.float32)
+    self.wsum = np.zeros_like(self.acc) if blend else None
+
+  def _weights(self, tiles: Sequence[AxisTile]) -> np.ndarray:
+    w = [blend_weights(p, t, n, g) for p, t, n, g in
+         zip(self.patch, tiles, (self.T, self.Y, self.X), self.gaps)]
+    return w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]
+
+  def add(self, p: Patch, out: np.ndarray) -> None:
+    t0, y0, x0 = p.start
+    if self.blend:
+      tiles = [self.t_tiles[p.index[0]], self.yx_tiles[0][p.index[1]],
+               self.yx_tiles[1][p.index[2]]]
+      w = self._weights(tiles)
+      tt = min(self.patch[0], self.T - t0)
+      yy, xx = min(self.patch[1], self.Y - y0), min(self.patch[2], self.X - x0)
+      sl = (slice(t0 - self.base, t0 - self.base + tt), slice(y0, y0 + yy),
+            slice(x0, x0 + xx))
+      self.acc[sl] += (w * out)[:tt, :yy, :xx]
+      self.wsum[sl] += w[:tt, :yy, :xx]
+    else:
+      (ta, tb), (ya, yb), (xa, xb) = p.keep
+      self.acc[ta - self.base:tb - self.base, ya:yb, xa:xb] = \
+          out[ta - t0:tb - t0, ya - y0:yb - y0, xa - x0:xb - x0]
+
+  def finish_slab(self, k: int) -> tuple[int, np.ndarray]:
+    """(first frame, frames) that no later slab touches, once slab `k` is complete."""
+    last = k == len(self.t_tiles) - 1
+    until = self.T if last else (self.t_tiles[k + 1].start if self.blend
+                                 else self.t_tiles[k].keep_hi)
+    first = self.emitted
+    a, b = first - self.base, until - self.base
+    frames = self.acc[a:b] / self.wsum[a:b] if self.blend else self.acc[a:b].copy()
+    self.emitted = until
+    if not last:  # move the buffer to the next slab's start
+      shift = self.t_tiles[k + 1].start - self.base
+      for buf in (self.acc, self.wsum) if self.blend else (self.acc,):
+        buf[:buf.shape[0] - shift] = buf[shift:]
+        buf[buf.shape[0] - shift:] = 0
+      self.base += shift
+    return first, frames
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+  group = []
+  for item in items:
+    group.append(item)
+    if len(group) == size:
+      yield group
+      group = []
+  if group:
+    yield group
+
+
+def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: float,
+                   batch_size: int, *, blend: bool = False, mean: float | None = None,
+                   stats: DenoiseStats | None = None, progress: bool = False
+                   ) -> Iterator[np.ndarray]:
+  """Yield the denoised movie (float32, mean added back) as blocks of whole frames."""
+  stats = stats if stats is not None else DenoiseStats()
+  shape = movie.shape
+  eff, padded = padded_patch(shape, patch)
+  mean = movie.mean() if mean is None else float(mean)
+  plan = patch_plan(padded, eff, overlap)
+  stitch = _Stitcher(padded, eff, overlap, blend)
+  per_slab = len(plan) // len(stitch.t_tiles)
+  stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
+  stats.mean, stats.batch_size = mean, batch_size
+  bar = Progress(len(plan), "patches", enabled=progress)
+  t_start = time.perf_counter()
+
+  def patches() -> Iterator[tuple[Patch, np.ndarray]]:
+    for k, tile in enumerate(stitch.t_tiles):
+      t1 = min(tile.start + eff[0], shape[0])
+      slab = movie.read(tile.start, t1).astype(np.float32) - np.float32(mean)
+      slab = _pad_reflect(slab, (eff[0],) + padded[1:])
+      for p in plan[k * per_slab:(k + 1) * per_slab]:
+        _, y0, x0 = p.start
+        yield p, slab[:, y0:y0 + eff[1], x0:x0 + eff[2]]
+
+  done = 0
+
+  def absorb(group, out) -> Iterator[np.ndarray]:
+    nonlocal done
+    out = np.asarray(out)
+    for i, (p, _) in enumerate(group):
+      stitch.add(p, out[i])
+      done += 1
+      if done % per_slab == 0:
+        first, frames = stitch.finish_slab(done // per_slab - 1)
+        frames = frames[:max(0, shape[0] - first), :shape[1], :shape[2]]
+        if len(frames):
+          yield frames + np.float32(mean)
+    bar.update(done, force=done == len(plan))
+
+  pending = None
+  for group in _batches(patches(), batch_size):
+    batch = np.zeros((batch_size,) + tuple(eff), np.float32)
+    batch[:len(group)] = np.stack([d for _, d in group])
+    out = net(batch)  # dispatched asynchronously: the device works while we stitch
+    stats.batches += 1
+    if pending is not None:
+      yield from absorb(*pending)
+    pending = (group, out)
+  if pending is not None:
+    yield from absorb(*pending)
+  stats.seconds = time.perf_counter() - t_start
+
+
+def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
+  """Round and clip float data into `dtype` (integers); returns (array, voxels clipped)."""
+  dtype = np.dtype(dtype)
+  if dtype.kind == "f":
+    return block.astype(dtype), 0
+  if dtype.kind not in "iu":
+    raise UserError(f"output dtype {dtype} is not supported; use an integer type "
+                    "or float32.")
+  info = np.iinfo(dtype)
+  rounded = np.rint(block)
+  clipped = int(np.count_nonzero((rounded < info.min) | (rounded > info.max)))
+  return np.clip(rounded, info.min, info.max).astype(dtype), clipped
+
+
+@dataclasses.dataclass
+class Denoiser:
+  """A model ready to denoise: compiled once per patch shape, reused for every movie."""
+
+  model: Model
+  patch: tuple[int, int, int] | None = None
+  overlap: float | None = None
+  batch_size: int = 0
+  dtype: str = "float32"
+  blend: bool = False
+  devices: Any = None
+
+  def __post_init__(self):
+    self.model = resolve_model(self.model)
+    self.patch = tuple(self.patch or self.model.config.infer.patch or self.model.patch)
+    if len(self.patch) != 3 or min(self.patch) < 8:
+      raise UserError(f"patch must be three sizes of at least 8 (T,Y,X); got {self.patch}.")
+    self.overlap = self.model.overlap if self.overlap is None else float(self.overlap)
+    if not 0 <= self.overlap < 1:
+      raise UserError(f"overlap must be in [0, 1); got {self.overlap}.")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise UserError(f"compute dtype must be float32 or bfloat16; got {self.dtype!r}.")
+    self.net, mesh = network_fn(self.model, self.dtype, self.devices)
+    n_dev = parallel.device_count(mesh)
+    self.batch_size = self.batch_size or n_dev
+    if self.batch_size % n_dev:
+      raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
+                      "devices; use a multiple.")
+
+  def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
+             progress: bool = False) -> Iterator[np.ndarray]:
+    """Denoised float32 blocks of frames, in order."""
+    return denoise_blocks(movie, self.net, self.patch, self.overlap, self.batch_size,
+                          blend=self.blend, mean=mean, stats=stats, progress=progress)
+
+
+def denoise(movie: Any, model: Model | str, *, patch: Sequence[int] | None = None,
+            overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
+            blend: bool = False, output_dtype: Any = None, devices=None,
+            progress: bool = False) -> np.ndarray:
+  """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
+
+  `model` is a `Model` or a model directory. Defaults come from the model: its training
+  patch and overlap. The result has the input's shape and, unless `output_dtype` is
+  given ('float32' for the raw network output), the input's dtype (rounded, clipped).
+  """
+  movie = as_movie(movie)
+  den = model if isinstance(model, Denoiser) else Denoiser(
+      model, patch, overlap, batch_size, dtype, blend, devices)
+  out_dtype = np.dtype(output_dtype or movie.dtype)
+  out = np.empty(movie.shape, out_dtype)
+  t = 0
+  for block in den.blocks(movie, progress=progress):
+    out[t:t + len(block)], _ = to_dtype(block, out_dtype)
+    t += len(block)
+  return out
+
+
+@dataclasses.dataclass
+class FileReport:
+  input: str
+  output: str
+  shape: tuple[int, int, int]
+  dtype: str
+  patches: int
+  seconds: float
+  voxels_per_s: float
+  clipped: int
+
+
+def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
+  if os.path.isdir(src):
+    if os.path.exists(output) and not os.path.isdir(output):
+      raise UserError(f"--input {src} is a folder, so --output must be a folder; "
+                      f"{output} is a file.")
+    return [os.path.join(output, os.path.basename(p)) for p in inputs]
+  if os.path.isdir(output):
+    return [os.path.join(output, os.path.basename(src))]
+  if not output.lower().endswith((".tif", ".tiff")):
+    raise UserError(f"--output {output} must end in .tif or .tiff (or be a folder).")
+  return [output]
+
+
+def denoise_files(input: str, output: str, model: Model | str, *, overwrite: bool = False,
+                  output_dtype: Any = None, progress: bool = True, **kwargs
+                  ) -> list[FileReport]:
+  """Denoise a TIFF file or a folder of them, writing each output as it is produced.
+
+  Refuses to overwrite an existing output unless `overwrite`, and never writes over
+  an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices).
+  """
+  inputs = list_movies(os.fspath(input))
+  outputs = _output_paths(inputs, os.fspath(input), os.fspath(output))
+  for src, dst in zip(inputs, outputs):
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+      raise UserError(f"--output {dst} is the input file; choose another output.")
+    if os.path.exists(dst) and not overwrite:
+      raise UserError(f"{dst} already exists; add --overwrite to replace it or choose "
+                      "another --output.")
+  movies = [open_movie(p) for p in inputs]
+  den = Denoiser(model, **kwargs)
+  if os.path.isdir(input):
+    os.makedirs(output, exist_ok=True)
+  reports = []
+  for movie, dst in zip(movies, outputs):
+    stats = DenoiseStats()
+    out_dtype = np.dtype(output_dtype or movie.dtype)
+    clipped = 0
+
+    def converted():
+      nonlocal clipped
+      for block in den.blocks(movie, stats, progress=progress):
+        block, n = to_dtype(block, out_dtype)
+        clipped += n
+        yield block
+
+    log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
+    write_movie(dst, converted(), movie.shape, out_dtype)
+    if clipped:
+      log.warning("%d voxels (%.3g%%) of %s were outside the %s range and were clipped.",
+                  clipped, 100 * clipped / np.prod(movie.shape), dst, out_dtype)
+    reports.append(FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
+                              stats.seconds, stats.voxels_per_s, clipped))
+  return reports

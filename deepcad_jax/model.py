@@ -1,0 +1,100 @@
+"""The DeepCAD-RT 3D U-Net in Flax linen, channels last.
+
+Four levels of width f, 2f, 4f, 8f; a double 3x3x3 conv (+bias, ReLU) per level; 2x2x2 max
+pooling (odd sizes floored); nearest upsampling to the skip's exact size, concatenated as
+[skip, upsampled]; a final 1x1x1 conv to one channel. Inputs and outputs are
+(N, T, Y, X, C). Parameters are float32; `dtype` sets the compute precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepcad_jax.errors import UserError
+
+# The paper's pruning ladder, widest first.
+LADDER: tuple[int, ...] = (64, 48, 32, 24, 16, 12, 8)
+LEVELS = 4
+MIN_SIZE = 2 ** (LEVELS - 1)  # smallest T, Y or X that survives the poolings
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """PyTorch 'nearest' source indices: floor(i * n_in / n_out)."""
+  return (np.arange(n_out) * n_in) // n_out
+
+
+def upsample_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Nearest-neighbour resize of the (T, Y, X) axes of (N, T, Y, X, C) to `size`."""
+  for axis, n_out in zip((1, 2, 3), size):
+    n_in = x.shape[axis]
+    if n_out == n_in:
+      continue
+    if n_out == 2 * n_in:
+      x = jnp.repeat(x, 2, axis=axis)
+    else:
+      x = jnp.take(x, _nearest_indices(n_in, n_out), axis=axis)
+  return x
+
+
+class DoubleConv(nn.Module):
+  """Two 3x3x3 conv + bias + ReLU layers."""
+
+  mid: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for name, width in (("conv1", self.mid), ("conv2", self.out)):
+      x = nn.Conv(width, (3, 3, 3), padding="SAME", dtype=self.dtype,
+                  param_dtype=jnp.float32, name=name)(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet3D(nn.Module):
+  """DeepCAD-RT network: `UNet3D(features=16)` has 1,020,337 parameters."""
+
+  features: int = 16
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if min(x.shape[1:4]) < MIN_SIZE:
+      raise UserError(
+          f"UNet3D needs at least {MIN_SIZE} voxels on T, Y and X (three 2x poolings); "
+          f"got an input of shape {tuple(x.shape)}: pad it or use a larger patch.")
+    f = self.features
+    widths = [f * 2**i for i in range(LEVELS)]
+    x = x.astype(self.dtype)
+    skips = []
+    in_ch = x.shape[-1]
+    for level, width in enumerate(widths):
+      if level > 0:
+        x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+      x = DoubleConv(max(width // 2, in_ch), width, self.dtype, name=f"encoder_{level}")(x)
+      skips.append(x)
+      in_ch = width
+    for level in range(LEVELS - 2, -1, -1):
+      skip = skips[level]
+      x = upsample_nearest(x, skip.shape[1:4])
+      x = jnp.concatenate([skip, x], axis=-1)
+      x = DoubleConv(widths[level], widths[level], self.dtype, name=f"decoder_{level}")(x)
+    x = nn.Conv(1, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="final")(x)
+    return x.astype(jnp.float32)
+
+
+def init_params(features: int, key: jax.Array, in_channels: int = 1) -> Any:
+  """Initial float32 parameters for `UNet3D(features)` (shape-independent)."""
+  dummy = jnp.zeros((1, 8, 8, 8, in_channels), jnp.float32)
+  return UNet3D(features).init(key, dummy)["params"]
+
+
+def param_count(params: Any) -> int:
+  """Number of scalars in a parameter pytree."""
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,79 @@
+"""Patch plans: where overlapping patches start and which part of each is kept.
+
+Per axis (as the reference): gap = int(p * (1 - overlap)); patches start at 0, gap,
+2*gap, ... and the last one is aligned to the end of the axis. From each patch the centre
+is kept: cut = (p - gap) // 2 voxels are dropped on every side with a neighbour, so
+interior kept regions are exactly `gap` long and meet; the end-aligned last patch keeps
+from where its neighbour's kept region ends to the end of the axis. Every voxel is kept
+by exactly one patch. An axis no longer than the patch gets one patch (the caller pads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisTile:
+  start: int      # first voxel of the patch
+  keep_lo: int    # kept region [keep_lo, keep_hi), in movie coordinates
+  keep_hi: int
+
+
+def axis_plan(n: int, p: int, overlap: float) -> list[AxisTile]:
+  """Tiles of one axis of length `n` with patch length `p`."""
+  if n <= p:
+    return [AxisTile(0, 0, n)]
+  gap = max(1, int(p * (1 - overlap)))
+  count = math.ceil((n - p) / gap) + 1
+  starts = [i * gap for i in range(count - 1)] + [n - p]
+  cut = (p - gap) // 2
+  tiles, lo = [], 0
+  for i, s in enumerate(starts):
+    hi = n if i == count - 1 else s + cut + gap
+    tiles.append(AxisTile(s, lo, hi))
+    lo = hi
+  return tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+  start: tuple[int, int, int]
+  keep: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis
+  index: tuple[int, int, int]   # tile index per axis
+
+
+def patch_plan(shape: Sequence[int], patch: Sequence[int], overlap: float) -> list[Patch]:
+  """All patches of a (T, Y, X) movie, T slowest; pure function of its arguments."""
+  axes = [axis_plan(n, p, overlap) for n, p in zip(shape, patch)]
+  return [Patch(tuple(a.start for a in tiles), tuple((a.keep_lo, a.keep_hi) for a in tiles),
+                idx)
+          for idx, tiles in zip(itertools.product(*(range(len(a)) for a in axes)),
+                                itertools.product(*axes))]
+
+
+def padded_patch(shape: Sequence[int], patch: Sequence[int], multiple: int = 8
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(patch, padded shape): an axis shorter than the patch gets a smaller patch, the
+  axis length rounded up to `multiple`, and is padded to it."""
+  eff = tuple(p if n >= p else -(-n // multiple) * multiple for n, p in zip(shape, patch))
+  padded = tuple(max(n, e) for n, e in zip(shape, eff))
+  return eff, padded
+
+
+def blend_weights(p: int, tile: AxisTile, n: int, overlap_len: int) -> np.ndarray:
+  """1-D weights for blending: a linear taper over the overlap on sides with a
+  neighbour, flat elsewhere (never zero)."""
+  i = np.arange(p, dtype=np.float32) + 0.5
+  w = np.ones(p, np.float32)
+  r = max(1, overlap_len)
+  if tile.start > 0:
+    w = np.minimum(w, i / r)
+  if tile.start + p < n:
+    w = np.minimum(w, (p - i) / r)
+  return w

@@ -1,0 +1,262 @@
+"""Self-supervised training: loss, sharded train step, and the checkpointed loop.
+
+The step is one jit-compiled function over a data-parallel mesh: the batch is split over
+devices, parameters and optimizer state are replicated, and XLA inserts the gradient
+all-reduce. Augmentation runs inside the step with a key derived from (seed, step), so a
+resumed run sees exactly the batches and variants an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from deepcad_jax import checkpoint as ckpt
+from deepcad_jax import config as config_lib
+from deepcad_jax import parallel
+from deepcad_jax.augment import augment_batch
+from deepcad_jax.data.movie import list_movies, open_movie
+from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
+from deepcad_jax.errors import UserError
+from deepcad_jax.model import UNet3D, init_params
+from deepcad_jax.progress import Progress, format_duration
+
+log = logging.getLogger("deepcad_jax")
+
+TrainState = train_state.TrainState
+
+
+def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
+  """0.5 * mean |output - target| + 0.5 * mean (output - target)^2, as the reference."""
+  d = output - target
+  return 0.5 * jnp.mean(jnp.abs(d)) + 0.5 * jnp.mean(d * d)
+
+
+def make_model(cfg: config_lib.Config) -> UNet3D:
+  return UNet3D(features=cfg.model.features, dtype=jnp.dtype(cfg.model.dtype))
+
+
+def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
+  return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
+
+
+def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
+  """A fresh train state (random params from the seed, or the given params)."""
+  if params is None:
+    params = init_params(cfg.model.features, jax.random.key(cfg.train.seed))
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return TrainState.create(apply_fn=make_model(cfg).apply, params=params,
+                           tx=make_optimizer(cfg.train))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+               model: nn.Module) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Augment the batch, compute the loss and its gradient, and apply Adam."""
+  x, y = augment_batch(jax.random.fold_in(key, state.step), batch["input"],
+                       batch["target"])
+
+  def objective(params):
+    return loss_fn(model.apply({"params": params}, x[..., None]), y[..., None])
+
+  loss, grads = jax.value_and_grad(objective)(state.params)
+  return state.apply_gradients(grads=grads), {"loss": loss}
+
+
+def compile_step(model: nn.Module, mesh) -> Callable:
+  """`train_step` jitted over `mesh`: batch sharded on 'data', state replicated."""
+  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(functools.partial(train_step, model=model),
+                 in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a call to `train` did."""
+
+  workdir: str
+  state: TrainState
+  step: int                 # steps completed in total
+  total_steps: int
+  losses: list[tuple[int, float]]
+  interrupted: bool
+  patch: tuple[int, int, int]
+  meta: dict
+
+
+class _StopFlag:
+  """Ctrl-C sets the flag (the loop stops at the next step boundary and saves); a
+  second Ctrl-C interrupts at once."""
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.set:
+      raise KeyboardInterrupt
+    self.set = True
+    log.warning("Ctrl-C: stopping after this step and saving a checkpoint "
+                "(press again to abort without saving).")
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
+def _data_summary(source: PairSource) -> list[dict]:
+  return [{"name": os.path.basename(m.name), "shape": list(m.shape),
+           "dtype": str(m.dtype), "mean": mean}
+          for m, mean in zip(source.movies, source.means)]
+
+
+def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
+                     patch, data: list[dict]) -> None:
+  old_cfg = old["config"]
+  fix = "use another --workdir, or --fresh to start this one over"
+  if old["features"] != cfg.model.features:
+    raise UserError(f"{workdir} holds a model with features={old['features']}, but "
+                    f"features={cfg.model.features} was asked for; {fix}.")
+  if tuple(old["patch"]) != tuple(patch):
+    raise UserError(f"{workdir} was trained with patch {tuple(old['patch'])}, but this "
+                    f"run would use {tuple(patch)}; {fix}.")
+  same_data = [(d["name"], d["shape"]) for d in old["data"]] == \
+      [(d["name"], d["shape"]) for d in data]
+  if not same_data:
+    raise UserError(f"{workdir} was trained on other data "
+                    f"({[d['name'] for d in old['data']]}); {fix} (or fine-tune with "
+                    "--init-from).")
+  for key in ("train", "data"):
+    for field in ("lr", "b1", "b2", "seed", "batch_size", "pairs_per_epoch"):
+      if field in old_cfg[key] and old_cfg[key][field] != getattr(getattr(cfg, key), field):
+        raise UserError(f"{workdir} was trained with {key}.{field}="
+                        f"{old_cfg[key][field]}, but this run asks for "
+                        f"{getattr(getattr(cfg, key), field)}; {fix}.")
+
+
+def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
+          fresh: bool = False, init_params_from: Any = None, devices=None,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None
+          ) -> TrainResult:
+  """Train on a TIFF movie or a folder of them; resume from `workdir` when it holds a run.
+
+  `config` is a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
+  None for DeepCAD-RT. Training runs until `config.train.epochs` epochs are done, saving
+  a checkpoint after every epoch and on Ctrl-C. `init_params_from` starts a fresh run from
+  given parameters (fine-tuning). `on_step(step, loss)` is called after every step.
+  """
+  cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
+      config, config_lib.Config) else config
+  paths = list_movies(os.fspath(data))
+  movies = [open_movie(p) for p in paths]
+  patch, notes = fit_patch(cfg.data.patch, [m.shape for m in movies], paths)
+  for note in notes:
+    log.warning("%s.", note)
+  cfg = config_lib.override(cfg, **{"data.patch": patch})
+
+  mesh = parallel.data_mesh(devices)
+  n_dev = parallel.device_count(mesh)
+  batch_size = cfg.train.batch_size or n_dev
+  if batch_size % n_dev:
+    raise UserError(f"batch size {batch_size} is not a multiple of the {n_dev} devices; "
+                    f"use --batch-size {max(n_dev, batch_size // n_dev * n_dev)}.")
+  steps_per_epoch = cfg.data.pairs_per_epoch // batch_size
+  if steps_per_epoch < 1:
+    raise UserError(f"pairs per epoch ({cfg.data.pairs_per_epoch}) is smaller than the "
+                    f"batch size ({batch_size}); raise --pairs-per-epoch.")
+  total_steps = steps_per_epoch * cfg.train.epochs
+
+  source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed)
+  data_iter = pair_iterator(source, batch_size, cfg.train.seed, cfg.data.workers)
+  summary = _data_summary(source)
+  weights = np.array([np.prod(m.shape) for m in movies], np.float64)
+  meta = {"format": ckpt.FORMAT, "config": cfg.to_dict(), "features": cfg.model.features,
+          "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
+          "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+
+  if fresh:
+    ckpt.clear(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints)
+  repl = parallel.replicated(mesh)
+  state = jax.device_put(create_state(cfg, init_params_from), repl)
+  start = 0
+  if mgr.latest_step() is not None:
+    if init_params_from is not None:
+      raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
+                      "an empty --workdir or add --fresh.")
+    start = mgr.latest_step()
+    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, summary)
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
+    state = ckpt.restore(mgr, start, abstract, data_iter)
+    log.info("Resuming %s from step %d (epoch %d).", workdir, start,
+             start // steps_per_epoch)
+  if start >= total_steps:
+    log.info("%s is already trained to step %d (%d epochs); nothing to do. Raise "
+             "--epochs to train longer.", workdir, start, start // steps_per_epoch)
+    mgr.close()
+    return TrainResult(os.path.abspath(workdir), state, start, total_steps, [], False,
+                       patch, meta)
+
+  step_fn = compile_step(make_model(cfg), mesh)
+  key = jax.random.key(cfg.train.seed + 1)
+  data_sharding = parallel.batch_sharding(mesh)
+  bar = Progress(total_steps, "step", enabled=progress, start=start)
+  losses: list[tuple[int, float]] = []
+  interrupted = False
+  step = start
+  t0 = time.perf_counter()
+  log.info("Training %s (f=%d) on %d file(s), patch %s, batch %d over %d device(s), "
+           "%d steps per epoch, steps %d..%d.", cfg.name, cfg.model.features, len(paths),
+           patch, batch_size, n_dev, steps_per_epoch, start, total_steps)
+  try:
+    with _StopFlag() as stop:
+      while step < total_steps:
+        batch = jax.device_put(next(data_iter), data_sharding)
+        state, metrics = step_fn(state, batch, key)
+        step += 1
+        if on_step is not None or step % cfg.train.log_every == 0 or \
+            step % steps_per_epoch == 0 or step == total_steps or stop.set:
+          loss = float(metrics["loss"])
+          if not np.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {step}; lower --lr or check "
+                            "the data for extreme values.")
+          losses.append((step, loss))
+          bar.update(step, epoch=f"{(step - 1) // steps_per_epoch + 1}/{cfg.train.epochs}",
+                     loss=f"{loss:.4g}")
+          if on_step is not None:
+            on_step(step, loss)
+        if step % steps_per_epoch == 0 or step == total_steps or stop.set:
+          meta.update(step=step, epoch=step / steps_per_epoch,
+                      loss=losses[-1][1] if losses else None)
+          ckpt.save(mgr, step, state, data_iter, meta)
+        if stop.set:
+          interrupted = True
+          log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "
+                      "resume.", step)
+          break
+  finally:
+    mgr.wait_until_finished()
+    mgr.close()
+  log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
+  return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
+                     interrupted, patch, meta)
