@@ -56,7 +56,7 @@ def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
 def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
   """A fresh train state (random params from the seed, or the given params)."""
   if params is None:
-    params = init_params(cfg.model.features, jax.random.key(cfg.train.seed))
+    params = init_params(cfg.model.features, cfg.train.seed)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return TrainState.create(apply_fn=make_model(cfg).apply, params=params,
                            tx=make_optimizer(cfg.train))

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Sequence
 
 import grain
+from absl import flags
 import numpy as np
 
 from deepcad_jax.data.movie import Movie
@@ -100,5 +101,7 @@ def pair_iterator(source: PairSource, batch_size: int, seed: int,
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
   if workers > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; outside app.run too
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(ds)

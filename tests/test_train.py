@@ -1,0 +1,145 @@
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import noisy_movie, tiny_config, write_tiff
+from deepcad_jax import UserError, load_model, train
+from deepcad_jax import parallel
+from deepcad_jax.data import PairSource, open_movie
+from deepcad_jax.train import compile_step, create_state, loss_fn, make_model
+
+
+def test_loss_is_half_l1_plus_half_l2():
+  out = jnp.array([1.0, 2.0, 4.0])
+  target = jnp.array([0.0, 4.0, 4.0])
+  # |d| = 1, 2, 0 -> mean 1; d^2 = 1, 4, 0 -> mean 5/3
+  assert float(loss_fn(out, target)) == pytest.approx(0.5 * 1 + 0.5 * 5 / 3)
+
+
+def _batch(n=4, shape=(8, 16, 16), seed=0):
+  rng = np.random.default_rng(seed)
+  return {"input": rng.normal(size=(n,) + shape).astype(np.float32),
+          "target": rng.normal(size=(n,) + shape).astype(np.float32)}
+
+
+def test_sharded_step_equals_single_device_step(devices):
+  cfg = tiny_config()
+  batch = _batch()
+  key = jax.random.key(0)
+  results = []
+  for devs in (devices[:1], devices):
+    mesh = parallel.data_mesh(devs)
+    state = jax.device_put(create_state(cfg), parallel.replicated(mesh))
+    step = compile_step(make_model(cfg), mesh)
+    sharded = jax.device_put(batch, parallel.batch_sharding(mesh))
+    for _ in range(2):
+      state, metrics = step(state, sharded, key)
+    if len(devs) == 4:
+      assert len(metrics["loss"].sharding.device_set) == 4
+      assert state.params["final"]["kernel"].sharding.is_fully_replicated
+    results.append((float(metrics["loss"]), jax.device_get(state.params)))
+  (loss1, p1), (loss4, p4) = results
+  assert loss1 == pytest.approx(loss4, rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def movie_path(tmp_path):
+  movie, _ = noisy_movie((40, 24, 24))
+  return write_tiff(tmp_path / "movie.tif", movie)
+
+
+def _params(result):
+  return jax.tree_util.tree_leaves(jax.device_get(result.state.params))
+
+
+def test_loss_decreases_on_a_noisy_movie(tmp_path, movie_path, devices):
+  cfg = tiny_config(**{"train.epochs": 4, "data.pairs_per_epoch": 24})
+  losses = []
+  result = train(movie_path, str(tmp_path / "run"), cfg, devices=devices[:1],
+                 progress=False, on_step=lambda step, loss: losses.append(loss))
+  assert len(losses) == 96
+  # Loss on a fixed set of pairs (no augmentation), before and after training.
+  source = PairSource([open_movie(movie_path)], result.patch, length=16, seed=99)
+  pairs = [source[i] for i in range(16)]
+  x = jnp.stack([p["input"] for p in pairs])[..., None]
+  y = jnp.stack([p["target"] for p in pairs])[..., None]
+  model = make_model(cfg)
+
+  def held_out(params):
+    return float(loss_fn(jax.jit(model.apply)({"params": params}, x), y))
+
+  before = held_out(create_state(cfg).params)
+  after = held_out(jax.device_get(result.state.params))
+  assert after < 0.5 * before
+
+
+def test_data_parallel_training_on_four_devices(tmp_path, movie_path, devices):
+  result = train(movie_path, str(tmp_path / "run"), tiny_config(), devices=devices,
+                 progress=False)
+  assert result.meta["batch_size"] == 4 and result.step == 8  # 16 pairs / 4 per step x 2
+  with pytest.raises(UserError, match="not a multiple of the 4 devices"):
+    train(movie_path, str(tmp_path / "run2"), tiny_config(**{"train.batch_size": 6}),
+          devices=devices, progress=False)
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, movie_path, devices):
+  cfg = tiny_config(**{"train.epochs": 2})
+  full = train(movie_path, str(tmp_path / "full"), cfg, devices=devices[:1], progress=False)
+
+  def ctrl_c_at_step_5(step, loss):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  part = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1], progress=False,
+               on_step=ctrl_c_at_step_5)
+  assert part.interrupted and part.step == 5
+  assert load_model(str(tmp_path / "part")).meta["step"] == 5
+  resumed = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1],
+                  progress=False)
+  assert resumed.step == full.step == 32 and not resumed.interrupted
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_more_epochs_resume_from_the_last_checkpoint(tmp_path, movie_path, devices):
+  two = train(movie_path, str(tmp_path / "two"), tiny_config(**{"train.epochs": 2}),
+              devices=devices[:1], progress=False)
+  run = str(tmp_path / "one")
+  one = train(movie_path, run, tiny_config(**{"train.epochs": 1}), devices=devices[:1],
+              progress=False)
+  assert one.step == 16
+  again = train(movie_path, run, tiny_config(**{"train.epochs": 1}), devices=devices[:1],
+                progress=False)
+  assert again.step == 16 and again.losses == []  # nothing to do
+  more = train(movie_path, run, tiny_config(**{"train.epochs": 2}), devices=devices[:1],
+               progress=False)
+  for a, b in zip(_params(two), _params(more)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_workdir_of_another_model_is_an_error(tmp_path, movie_path, devices):
+  run = str(tmp_path / "run")
+  train(movie_path, run, tiny_config(**{"train.epochs": 1}), devices=devices[:1],
+        progress=False)
+  with pytest.raises(UserError, match="features=4.*features=8.*--fresh"):
+    train(movie_path, run, tiny_config(**{"model.features": 8}), devices=devices[:1],
+          progress=False)
+  fresh = train(movie_path, run, tiny_config(**{"model.features": 8, "train.epochs": 1}),
+                devices=devices[:1], progress=False, fresh=True)
+  assert fresh.step == 16 and load_model(run).features == 8
+
+
+def test_small_movies_train_with_a_smaller_patch(tmp_path, devices, caplog):
+  movie, _ = noisy_movie((20, 12, 40))
+  path = write_tiff(tmp_path / "small.tif", movie)
+  result = train(path, str(tmp_path / "run"), tiny_config(**{"train.epochs": 1}),
+                 devices=devices[:1], progress=False)
+  assert result.patch == (8, 8, 16)
+  assert "patch Y reduced from 16 to 8" in caplog.text
+  assert load_model(str(tmp_path / "run")).patch == (8, 8, 16)
