@@ -76,7 +76,7 @@ def test_loss_decreases_on_a_noisy_movie(tmp_path, movie_path, devices):
 
   before = held_out(create_state(cfg).params)
   after = held_out(jax.device_get(result.state.params))
-  assert after < 0.5 * before
+  assert after < 0.7 * before  # measured: 287 -> 135
 
 
 def test_data_parallel_training_on_four_devices(tmp_path, movie_path, devices):
