@@ -247,11 +247,23 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever sys.stderr is at the time (it may be replaced after set-up)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    pass
+
+
 def _setup_logging() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and grain are chatty
   logger = logging.getLogger("deepcad_jax")
-  if not logger.handlers:
-    handler = logging.StreamHandler(sys.stderr)
+  if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(message)s",
                                            "%H:%M:%S"))
     logger.addHandler(handler)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from deepcad_jax.metrics import evaluate, psnr_db, slice_correlations, snr_db
+from deepcad_jax.simulate import gcamp_kernel, simulate
+
+
+def test_snr_and_psnr_against_hand_computed_values():
+  y = np.array([[[3.0, 4.0]]])
+  x = np.array([[[3.0, 5.0]]])
+  assert snr_db(x, y) == pytest.approx(10 * np.log10(25 / 1))
+  assert psnr_db(x, y) == pytest.approx(10 * np.log10(1**2 / 0.5))  # range 1, mse 0.5
+  assert snr_db(y, y) == float("inf")
+
+
+def test_slice_correlations_against_hand_computed_values():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(5, 4, 3))
+  x = 2 * ref + 1
+  for kind in ("xy", "yt", "xt"):
+    np.testing.assert_allclose(slice_correlations(x, ref, kind), 1.0)
+  np.testing.assert_allclose(slice_correlations(-ref, ref, "xy"), -1.0)
+  assert slice_correlations(x, ref, "xy").shape == (5,)
+  assert slice_correlations(x, ref, "yt").shape == (3,)  # one per column x
+  assert slice_correlations(x, ref, "xt").shape == (4,)  # one per row y
+  a, b = rng.normal(size=(2, 6)), rng.normal(size=(2, 6))
+  expected = np.corrcoef(a[0], b[0])[0, 1]
+  got = slice_correlations(a.reshape(2, 2, 3), b.reshape(2, 2, 3), "xy")[0]
+  assert got == pytest.approx(expected)
+  scores = evaluate(x, ref)
+  assert scores["r_xy"]["median"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("target", [-5.0, 0.0, 8.0])
+def test_simulation_hits_the_requested_snr(target):
+  noisy, clean, info = simulate(shape=(60, 48, 48), snr_db=target, seed=2)
+  assert abs(snr_db(noisy, clean) - target) < 0.5
+  assert info["snr_db"] == pytest.approx(snr_db(noisy, clean))
+  assert noisy.dtype == clean.dtype == np.float32 and noisy.shape == (60, 48, 48)
+
+
+def test_simulation_is_reproducible_from_its_seed():
+  a = simulate(shape=(20, 32, 32), seed=7)
+  b = simulate(shape=(20, 32, 32), seed=7)
+  c = simulate(shape=(20, 32, 32), seed=8)
+  assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+  assert not np.array_equal(a[1], c[1])
+
+
+def test_simulated_neurons_have_calcium_transients():
+  _, clean, info = simulate(shape=(300, 48, 48), snr_db=0, spike_rate=1.0, seed=1)
+  assert info["spikes"] > 0 and info["neurons"] == 48 * 48 // 300
+  trace = clean.reshape(300, -1)
+  assert (trace.max(0) / trace.min(0).clip(1e-6)).max() > 1.5  # transients over baseline
+
+
+def test_gcamp_kernel_shape():
+  k = gcamp_kernel(30.0, 0.05, 0.4)
+  assert k.max() == pytest.approx(1.0) and k[0] == 0 and np.argmax(k) < 10
+  assert k[-1] < 0.01
