@@ -9,7 +9,6 @@ atomically, so an interrupted save never hides the previous complete one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any
@@ -71,7 +70,7 @@ class Model:
   params: Any
   features: int
   patch: tuple[int, int, int]
-  mean: float                 # training data mean (for streams without their own)
+  mean: float | None          # training data mean (None for an imported .pth)
   config: config_lib.Config
   meta: dict
   source: str
@@ -81,12 +80,17 @@ class Model:
     return self.config.infer.overlap
 
 
-def load_model(path: str, step: int | None = None) -> Model:
-  """Load a trained model from a run directory (its last or a chosen checkpoint)."""
+def load_model(path: str, step: int | None = None, para: str | None = None) -> Model:
+  """Load a trained model: a run directory (its last or a chosen checkpoint), a
+  directory written by `deepcad-jax convert`, or a DeepCAD-RT .pth file (with the
+  para.yaml beside it, or `para`)."""
   path = os.fspath(path)
+  if path.endswith((".pth", ".pt")):
+    from deepcad_jax.convert import load_pth_model
+    return load_pth_model(path, para)
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a model directory; give the --workdir of a "
-                    "training run.")
+                    "training run (or a DeepCAD-RT .pth file).")
   if not os.path.isdir(checkpoint_dir(path)):
     raise UserError(f"{path} holds no checkpoints ({CHECKPOINTS}/ is missing); train "
                     "a model there first.")
@@ -107,10 +111,7 @@ def load_model(path: str, step: int | None = None) -> Model:
     raise UserError(f"{path} was not written by deepcad-jax ({FORMAT}).")
   params = jax.tree_util.tree_map(np.asarray, out.state["params"])
   return Model(params=params, features=int(meta["features"]),
-               patch=tuple(int(p) for p in meta["patch"]), mean=float(meta["mean"]),
+               patch=tuple(int(p) for p in meta["patch"]),
+               mean=None if meta.get("mean") is None else float(meta["mean"]),
                config=config_lib.from_dict(meta["config"]), meta=meta,
                source=f"{path}@{step}")
-
-
-def dump_json(obj: Any) -> str:
-  return json.dumps(obj, indent=1, sort_keys=True)

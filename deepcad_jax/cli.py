@@ -72,6 +72,8 @@ def _define_train(fv):
   flags.DEFINE_integer("keep", None, "Checkpoints to keep.", flag_values=fv)
   flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
                        flag_values=fv)
+  flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
+                      "a DeepCAD-RT .pth): fine-tuning.", flag_values=fv)
 
 
 def _train_config(fv):
@@ -89,7 +91,8 @@ def _train_config(fv):
 def _run_train(fv):
   from deepcad_jax.train import train
   _require(fv, "data", "workdir")
-  result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"))
+  result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
+                 init_from=_v(fv, "init-from"))
   print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
         + ("  (interrupted; run again to resume)" if result.interrupted else ""))
   return 130 if result.interrupted else 0
@@ -99,7 +102,13 @@ def _run_train(fv):
 
 
 def _define_denoise(fv):
-  flags.DEFINE_string("model", None, "Model: a training run directory.", flag_values=fv)
+  flags.DEFINE_string("model", None, "Model: a training run directory, a converted model "
+                      "or a DeepCAD-RT .pth.", flag_values=fv)
+  flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one beside "
+                      "it).", flag_values=fv)
+  flags.DEFINE_boolean("reference-stitching", False, "Reproduce DeepCAD-RT's stitching "
+                       "exactly (its kept regions and per-patch intensity rescale).",
+                       flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the last).",
                        flag_values=fv)
   flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
@@ -123,15 +132,39 @@ def _run_denoise(fv):
   from deepcad_jax.checkpoint import load_model
   from deepcad_jax.infer import denoise_files
   _require(fv, "model", "input", "output")
-  model = load_model(_v(fv, "model"), _v(fv, "step"))
+  model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
   reports = denoise_files(
       _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),
       output_dtype=_v(fv, "output-dtype"), patch=_patch(_v(fv, "patch")),
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
-      blend=_v(fv, "blend"))
+      blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"))
   for r in reports:
     print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.patches} patches  "
           f"{r.seconds:.2f}s  {r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}")
+  return 0
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _define_convert(fv):
+  flags.DEFINE_string("pth", None, "DeepCAD-RT checkpoint (.pth).", flag_values=fv)
+  flags.DEFINE_string("para", None, "Its para.yaml (default: the one beside the .pth).",
+                      flag_values=fv)
+  flags.DEFINE_string("output", None, "Model directory to write.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace a model already there.", flag_values=fv)
+
+
+def _run_convert(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.convert import convert
+  _require(fv, "pth", "output")
+  out = convert(_v(fv, "pth"), _v(fv, "output"), _v(fv, "para"), _v(fv, "overwrite"))
+  model = load_model(out)
+  print(f"wrote {out}: features={model.features}, inference patch "
+        f"{model.config.infer.patch}, overlap {model.overlap}"
+        + (f", para from {model.meta['para_file']}" if model.meta.get("para_file") else
+           ", no para.yaml (defaults: patch 150^3, overlap 0.4)"))
   return 0
 
 
@@ -224,6 +257,9 @@ COMMANDS = {c.name: c for c in [
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
+    Command("convert", "import a DeepCAD-RT PyTorch model (.pth) as a model directory",
+            _define_convert, _run_convert,
+            "deepcad-jax convert --pth E_10_Iter_6000.pth --output models/rt"),
     Command("simulate", "write a synthetic calcium movie with its ground truth",
             _define_simulate, _run_simulate,
             "deepcad-jax simulate --output sim/ --shape 300,128,128 --snr -2"),

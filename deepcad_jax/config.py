@@ -47,7 +47,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
-  patch: Patch | None = None   # None: the training patch
+  patch: Patch | None = None   # None: the training patch (any size >= 8; e.g. 150^3)
   overlap: float = 0.4         # fraction of a patch shared with its neighbour
   batch_size: int = 0          # patches per device call; 0 = one per device
 
@@ -86,8 +86,10 @@ def validate(cfg: Config) -> None:
   if cfg.model.dtype not in DTYPES:
     raise UserError(f"model.dtype must be one of {DTYPES}; got {cfg.model.dtype!r}.")
   validate_patch(cfg.data.patch, "data.patch")
-  if cfg.infer.patch is not None:
-    validate_patch(cfg.infer.patch, "infer.patch")
+  if cfg.infer.patch is not None and (len(cfg.infer.patch) != 3 or
+                                      min(cfg.infer.patch) < 8):
+    raise UserError("infer.patch must be three sizes of at least 8 as T,Y,X (multiples "
+                    f"of 8 are fastest); got {tuple(cfg.infer.patch)}.")
   if not 0.0 <= cfg.infer.overlap < 1.0:
     raise UserError(f"infer.overlap must be in [0, 1); got {cfg.infer.overlap}.")
   for name, value in (("data.pairs_per_epoch", cfg.data.pairs_per_epoch),

@@ -89,12 +89,16 @@ def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 class _Stitcher:
   """Accumulates patch outputs for the current and the next temporal slab."""
 
-  def __init__(self, shape, patch, overlap, blend):
+  def __init__(self, shape, patch, overlap, blend, reference=False, mean=0.0):
     self.T, self.Y, self.X = shape
     self.patch = patch
     self.blend = blend
-    self.t_tiles = axis_plan(self.T, patch[0], overlap)
-    self.yx_tiles = [axis_plan(n, p, overlap) for n, p in zip(shape[1:], patch[1:])]
+    self.reference = reference  # reference kept regions and per-patch rescale
+    self.mean = np.float32(mean)
+    self.rescale_skipped = 0
+    self.t_tiles = axis_plan(self.T, patch[0], overlap, reference)
+    self.yx_tiles = [axis_plan(n, p, overlap, reference) for n, p in
+                     zip(shape[1:], patch[1:])]
     self.gaps = [p - max(1, int(p * (1 - overlap))) for p in patch]
     self.base = 0           # movie frame at buffer index 0
     self.emitted = 0        # frames already yielded
@@ -106,7 +110,7 @@ class _Stitcher:
          zip(self.patch, tiles, (self.T, self.Y, self.X), self.gaps)]
     return w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]
 
-  def add(self, p: Patch, out: np.ndarray) -> None:
+  def add(self, p: Patch, out: np.ndarray, inp: np.ndarray) -> None:
     t0, y0, x0 = p.start
     if self.blend:
       tiles = [self.t_tiles[p.index[0]], self.yx_tiles[0][p.index[1]],
@@ -120,8 +124,22 @@ class _Stitcher:
       self.wsum[sl] += w[:tt, :yy, :xx]
     else:
       (ta, tb), (ya, yb), (xa, xb) = p.keep
-      self.acc[ta - self.base:tb - self.base, ya:yb, xa:xb] = \
-          out[ta - t0:tb - t0, ya - y0:yb - y0, xa - x0:xb - x0]
+      local = (slice(ta - t0, tb - t0), slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+      kept = out[local]
+      if self.reference:
+        full = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(p.full, p.start))
+        kept = (kept + self.mean) * self._rescale(out[full], inp[full]) - self.mean
+      self.acc[ta - self.base:tb - self.base, ya:yb, xa:xb] = kept
+
+  def _rescale(self, out: np.ndarray, raw: np.ndarray) -> np.float32:
+    """The reference's intensity factor sqrt(sum(raw) / sum(out)) over a patch's kept
+    region, both with the mean added back (1, and counted, where it is not positive)."""
+    ratio = (np.sum(raw + self.mean, dtype=np.float64) /
+             np.sum(out + self.mean, dtype=np.float64))
+    if not np.isfinite(ratio) or ratio <= 0:
+      self.rescale_skipped += 1
+      return np.float32(1)
+    return np.float32(np.sqrt(ratio))
 
   def finish_slab(self, k: int) -> tuple[int, np.ndarray]:
     """(first frame, frames) that no later slab touches, once slab `k` is complete."""
@@ -153,16 +171,22 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: float,
-                   batch_size: int, *, blend: bool = False, mean: float | None = None,
-                   stats: DenoiseStats | None = None, progress: bool = False
-                   ) -> Iterator[np.ndarray]:
-  """Yield the denoised movie (float32, mean added back) as blocks of whole frames."""
+                   batch_size: int, *, blend: bool = False, reference: bool = False,
+                   mean: float | None = None, stats: DenoiseStats | None = None,
+                   progress: bool = False) -> Iterator[np.ndarray]:
+  """Yield the denoised movie (float32, mean added back) as blocks of whole frames.
+
+  `reference` reproduces DeepCAD-RT's stitching (its kept regions and per-patch
+  intensity rescale) instead of ours.
+  """
+  if blend and reference:
+    raise UserError("--blend and --reference-stitching exclude each other; pick one.")
   stats = stats if stats is not None else DenoiseStats()
   shape = movie.shape
   eff, padded = padded_patch(shape, patch)
   mean = movie.mean() if mean is None else float(mean)
-  plan = patch_plan(padded, eff, overlap)
-  stitch = _Stitcher(padded, eff, overlap, blend)
+  plan = patch_plan(padded, eff, overlap, reference)
+  stitch = _Stitcher(padded, eff, overlap, blend, reference, mean)
   per_slab = len(plan) // len(stitch.t_tiles)
   stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
   stats.mean, stats.batch_size = mean, batch_size
@@ -183,8 +207,8 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   def absorb(group, out) -> Iterator[np.ndarray]:
     nonlocal done
     out = np.asarray(out)
-    for i, (p, _) in enumerate(group):
-      stitch.add(p, out[i])
+    for i, (p, inp) in enumerate(group):
+      stitch.add(p, out[i], inp)
       done += 1
       if done % per_slab == 0:
         first, frames = stitch.finish_slab(done // per_slab - 1)
@@ -205,6 +229,9 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   if pending is not None:
     yield from absorb(*pending)
   stats.seconds = time.perf_counter() - t_start
+  if stitch.rescale_skipped:
+    log.warning("reference rescale skipped for %d patches whose sums were not positive.",
+                stitch.rescale_skipped)
 
 
 def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
@@ -232,6 +259,7 @@ class Denoiser:
   dtype: str = "float32"
   blend: bool = False
   devices: Any = None
+  reference_stitching: bool = False
 
   def __post_init__(self):
     self.model = resolve_model(self.model)
@@ -254,22 +282,24 @@ class Denoiser:
              progress: bool = False) -> Iterator[np.ndarray]:
     """Denoised float32 blocks of frames, in order."""
     return denoise_blocks(movie, self.net, self.patch, self.overlap, self.batch_size,
-                          blend=self.blend, mean=mean, stats=stats, progress=progress)
+                          blend=self.blend, reference=self.reference_stitching, mean=mean,
+                          stats=stats, progress=progress)
 
 
 def denoise(movie: Any, model: Model | str, *, patch: Sequence[int] | None = None,
             overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
             blend: bool = False, output_dtype: Any = None, devices=None,
-            progress: bool = False) -> np.ndarray:
+            reference_stitching: bool = False, progress: bool = False) -> np.ndarray:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
   `model` is a `Model` or a model directory. Defaults come from the model: its training
   patch and overlap. The result has the input's shape and, unless `output_dtype` is
   given ('float32' for the raw network output), the input's dtype (rounded, clipped).
+  `reference_stitching` reproduces DeepCAD-RT's output (see README).
   """
   movie = as_movie(movie)
   den = model if isinstance(model, Denoiser) else Denoiser(
-      model, patch, overlap, batch_size, dtype, blend, devices)
+      model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching)
   out_dtype = np.dtype(output_dtype or movie.dtype)
   out = np.empty(movie.shape, out_dtype)
   t = 0

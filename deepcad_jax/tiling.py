@@ -6,6 +6,10 @@ is kept: cut = (p - gap) // 2 voxels are dropped on every side with a neighbour,
 interior kept regions are exactly `gap` long and meet; the end-aligned last patch keeps
 from where its neighbour's kept region ends to the end of the axis. Every voxel is kept
 by exactly one patch. An axis no longer than the patch gets one patch (the caller pads).
+
+`reference=True` reproduces DeepCAD-RT's own kept regions: its last patch keeps from
+`n - p + cut`, and where that overlaps its neighbour's kept region the later write (the
+last patch) wins, so the neighbour's kept region ends there instead.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ class AxisTile:
   start: int      # first voxel of the patch
   keep_lo: int    # kept region [keep_lo, keep_hi), in movie coordinates
   keep_hi: int
+  full_hi: int | None = None  # reference mode: where its kept region ended before the
+                              # later patch overwrote part of it (the rescale uses it)
 
 
-def axis_plan(n: int, p: int, overlap: float) -> list[AxisTile]:
+def axis_plan(n: int, p: int, overlap: float, reference: bool = False) -> list[AxisTile]:
   """Tiles of one axis of length `n` with patch length `p`."""
   if n <= p:
     return [AxisTile(0, 0, n)]
@@ -38,6 +44,11 @@ def axis_plan(n: int, p: int, overlap: float) -> list[AxisTile]:
     hi = n if i == count - 1 else s + cut + gap
     tiles.append(AxisTile(s, lo, hi))
     lo = hi
+  if reference and count > 1:
+    boundary = n - p + cut
+    prev = tiles[-2]
+    tiles[-2] = AxisTile(prev.start, prev.keep_lo, boundary, prev.keep_hi)
+    tiles[-1] = AxisTile(n - p, boundary, n)
   return tiles
 
 
@@ -46,13 +57,15 @@ class Patch:
   start: tuple[int, int, int]
   keep: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis
   index: tuple[int, int, int]   # tile index per axis
+  full: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
 
-def patch_plan(shape: Sequence[int], patch: Sequence[int], overlap: float) -> list[Patch]:
+def patch_plan(shape: Sequence[int], patch: Sequence[int], overlap: float,
+               reference: bool = False) -> list[Patch]:
   """All patches of a (T, Y, X) movie, T slowest; pure function of its arguments."""
-  axes = [axis_plan(n, p, overlap) for n, p in zip(shape, patch)]
+  axes = [axis_plan(n, p, overlap, reference) for n, p in zip(shape, patch)]
   return [Patch(tuple(a.start for a in tiles), tuple((a.keep_lo, a.keep_hi) for a in tiles),
-                idx)
+                idx, tuple((a.keep_lo, a.full_hi or a.keep_hi) for a in tiles))
           for idx, tiles in zip(itertools.product(*(range(len(a)) for a in axes)),
                                 itertools.product(*axes))]
 

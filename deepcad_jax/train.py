@@ -153,18 +153,28 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
 
 
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
-          fresh: bool = False, init_params_from: Any = None, devices=None,
+          fresh: bool = False, init_from: Any = None, devices=None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None
           ) -> TrainResult:
   """Train on a TIFF movie or a folder of them; resume from `workdir` when it holds a run.
 
   `config` is a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
   None for DeepCAD-RT. Training runs until `config.train.epochs` epochs are done, saving
-  a checkpoint after every epoch and on Ctrl-C. `init_params_from` starts a fresh run from
-  given parameters (fine-tuning). `on_step(step, loss)` is called after every step.
+  a checkpoint after every epoch and on Ctrl-C. `init_from` (a model directory, a
+  DeepCAD-RT .pth or a `Model`) starts a new run from its weights and width
+  (fine-tuning). `on_step(step, loss)` is called after every step.
   """
   cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
       config, config_lib.Config) else config
+  init_params_from = None
+  if init_from is not None:
+    start_model = init_from if isinstance(init_from, ckpt.Model) else ckpt.load_model(
+        os.fspath(init_from))
+    if start_model.features != cfg.model.features:
+      log.info("Using the width of %s: features=%d.", start_model.source,
+               start_model.features)
+    cfg = config_lib.override(cfg, **{"model.features": start_model.features})
+    init_params_from = start_model.params
   paths = list_movies(os.fspath(data))
   movies = [open_movie(p) for p in paths]
   patch, notes = fit_patch(cfg.data.patch, [m.shape for m in movies], paths)
@@ -200,7 +210,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   state = jax.device_put(create_state(cfg, init_params_from), repl)
   start = 0
   if mgr.latest_step() is not None:
-    if init_params_from is not None:
+    if init_from is not None:
       raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
                       "an empty --workdir or add --fresh.")
     start = mgr.latest_step()
