@@ -31,15 +31,16 @@ class Command:
   example: str = ""
 
 
-def _patch(text: str | None):
+def _triple(text: str | None, flag: str = "--patch"):
+  """'T,Y,X' -> (T, Y, X) (None stays None)."""
   if text is None:
     return None
   try:
-    values = tuple(int(v) for v in text.split(","))
+    values = tuple(int(v) for v in text.replace("x", ",").split(","))
   except ValueError:
     values = ()
   if len(values) != 3:
-    raise UserError(f"--patch takes three integers T,Y,X (e.g. 32,64,64); got {text!r}.")
+    raise UserError(f"{flag} takes three integers T,Y,X (e.g. 32,64,64); got {text!r}.")
   return values
 
 
@@ -80,7 +81,7 @@ def _train_config(fv):
   from deepcad_jax import config as config_lib
   cfg = config_lib.load_config(_v(fv, "config"))
   return config_lib.override(cfg, **{
-      "data.patch": _patch(_v(fv, "patch")), "train.epochs": _v(fv, "epochs"),
+      "data.patch": _triple(_v(fv, "patch")), "train.epochs": _v(fv, "epochs"),
       "data.pairs_per_epoch": _v(fv, "pairs-per-epoch"),
       "train.batch_size": _v(fv, "batch-size"), "train.seed": _v(fv, "seed"),
       "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
@@ -135,7 +136,7 @@ def _run_denoise(fv):
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
   reports = denoise_files(
       _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),
-      output_dtype=_v(fv, "output-dtype"), patch=_patch(_v(fv, "patch")),
+      output_dtype=_v(fv, "output-dtype"), patch=_triple(_v(fv, "patch")),
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
       blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"))
   for r in reports:
@@ -191,7 +192,7 @@ def _define_simulate(fv):
 def _run_simulate(fv):
   from deepcad_jax.simulate import write_simulation
   _require(fv, "output")
-  shape = _patch(_v(fv, "shape").replace("x", ","))
+  shape = _triple(_v(fv, "shape"), "--shape")
   info = write_simulation(
       _v(fv, "output"), overwrite=_v(fv, "overwrite"), shape=shape, snr_db=_v(fv, "snr"),
       neurons=_v(fv, "neurons"), vessels=_v(fv, "vessels"),
@@ -245,6 +246,49 @@ def _run_demo(fv):
   return 0
 
 
+# ---------------------------------------------------------------- bench
+
+
+def _define_bench(fv):
+  from deepcad_jax.bench import WORKLOADS
+  flags.DEFINE_enum("workload", "quick", list(WORKLOADS), "What to measure.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                    flag_values=fv)
+  flags.DEFINE_integer("batch-size", 0, "Patches per step (0 = one per device).",
+                       flag_values=fv)
+  flags.DEFINE_integer("repeats", None, "Timed runs per measurement (default: by workload).",
+                       flag_values=fv)
+  flags.DEFINE_integer("features", 16, "Network width (16 = DeepCAD-RT).", flag_values=fv)
+  flags.DEFINE_string("output", None, "JSON file to append the records to (default: "
+                      "benchmarks/results/<device>_<date>.json).", flag_values=fv)
+  flags.DEFINE_boolean("torch", True, "Also time the PyTorch twin when torch is installed.",
+                       flag_values=fv)
+  flags.DEFINE_string("movie", None, "Movie shape T,Y,X for reference/quick (default: the "
+                      "workload's, 300,490,490 for reference).", flag_values=fv)
+  flags.DEFINE_string("patch", None, "Patch T,Y,X (default: 150,150,150 for the paper's "
+                      "workloads).", flag_values=fv)
+
+
+def _run_bench(fv):
+  from deepcad_jax import bench
+  records = bench.run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
+                               _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
+                               _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")))
+  path = _v(fv, "output") or bench.results_path(os.path.join("benchmarks", "results"),
+                                                records[0]["environment"])
+  bench.save_records(records, path)
+  with open(path) as f:
+    all_records = json.load(f)
+  table = bench.markdown_table(all_records)
+  with open(os.path.splitext(path)[0] + ".md", "w") as f:
+    f.write(table + "\n")
+  plot = bench.plot_ladder(all_records, os.path.splitext(path)[0] + "_ladder.png")
+  print(bench.markdown_table(records))
+  print(f"\nrecords: {path} (table: {os.path.splitext(path)[0]}.md"
+        + (f", plot: {plot}" if plot else "") + ")")
+  return 0
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -260,6 +304,9 @@ COMMANDS = {c.name: c for c in [
     Command("convert", "import a DeepCAD-RT PyTorch model (.pth) as a model directory",
             _define_convert, _run_convert,
             "deepcad-jax convert --pth E_10_Iter_6000.pth --output models/rt"),
+    Command("bench", "measure throughput and memory (the paper's 490x490x300 protocol "
+            "and more)", _define_bench, _run_bench,
+            "deepcad-jax bench --workload quick"),
     Command("simulate", "write a synthetic calcium movie with its ground truth",
             _define_simulate, _run_simulate,
             "deepcad-jax simulate --output sim/ --shape 300,128,128 --snr -2"),

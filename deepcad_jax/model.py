@@ -54,11 +54,65 @@ def torch_uniform(fan_in: int):
   return init
 
 
-def conv(width: int, kernel: int, in_ch: int, dtype: Any, name: str) -> nn.Conv:
-  """A 'SAME' 3-D conv with float32 params initialised as PyTorch's."""
-  init = torch_uniform(in_ch * kernel**3)
-  return nn.Conv(width, (kernel,) * 3, padding="SAME", dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=init, bias_init=init, name=name)
+def conv3d_as_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 'SAME' k x k x k convolution of (N, T, Y, X, C) written as 2-D convolutions.
+
+  XLA:CPU runs 3-D convolutions through a slow generic kernel; the same arithmetic as
+  k 2-D convolutions over (Y, X) with the frames folded into the batch is 2.5-8x faster
+  there. Thin inputs (few channels) stack the k time-shifted copies on channels and do
+  one 2-D convolution; wider ones sum k 2-D convolutions.
+  """
+  n, t, y, xx, c = x.shape
+  k = kernel.shape[0]
+  if k == 1:
+    return jnp.einsum("ntyxc,co->ntyxo", x, kernel[0, 0, 0])
+  half = k // 2
+  xp = jnp.pad(x, ((0, 0), (half, k - 1 - half), (0, 0), (0, 0), (0, 0)))
+  dims = ("NHWC", "HWIO", "NHWC")
+  if c < 8:
+    stacked = jnp.concatenate([xp[:, d:d + t] for d in range(k)], axis=-1)
+    w = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(k, k, k * c, kernel.shape[-1])
+    out = jax.lax.conv_general_dilated(stacked.reshape(n * t, y, xx, k * c), w, (1, 1),
+                                       "SAME", dimension_numbers=dims)
+  else:
+    out = sum(jax.lax.conv_general_dilated(xp[:, d:d + t].reshape(n * t, y, xx, c),
+                                           kernel[d], (1, 1), "SAME", dimension_numbers=dims)
+              for d in range(k))
+  return out.reshape(n, t, y, xx, -1)
+
+
+class Conv3D(nn.Module):
+  """A 'SAME' 3-D convolution with bias; float32 params initialised as PyTorch's.
+
+  Its parameters ('kernel' (k, k, k, in, out), 'bias') are those of `nn.Conv`.
+  `impl`: 'xla' (native 3-D convolution), '2d' (see `conv3d_as_2d`), or 'auto' (2d on
+  the CPU, native elsewhere).
+  """
+
+  features: int
+  kernel_size: int = 3
+  dtype: Any = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    init = torch_uniform(c * k**3)
+    kernel = self.param("kernel", init, (k, k, k, c, self.features), jnp.float32)
+    bias = self.param("bias", init, (self.features,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    impl = self.impl if self.impl != "auto" else (
+        "2d" if jax.default_backend() == "cpu" else "xla")
+    if impl == "2d":
+      y = conv3d_as_2d(x, kernel)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return y + bias
+
+
+def conv(width: int, kernel: int, dtype: Any, impl: str, name: str) -> Conv3D:
+  return Conv3D(width, kernel, dtype, impl, name=name)
 
 
 class DoubleConv(nn.Module):
@@ -67,19 +121,25 @@ class DoubleConv(nn.Module):
   mid: int
   out: int
   dtype: Any = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for name, width in (("conv1", self.mid), ("conv2", self.out)):
-      x = nn.relu(conv(width, 3, x.shape[-1], self.dtype, name)(x))
+      x = nn.relu(conv(width, 3, self.dtype, self.impl, name)(x))
     return x
 
 
 class UNet3D(nn.Module):
-  """DeepCAD-RT network: `UNet3D(features=16)` has 1,020,337 parameters."""
+  """DeepCAD-RT network: `UNet3D(features=16)` has 1,020,337 parameters.
+
+  `conv_impl` chooses how convolutions are computed ('auto', 'xla', '2d'; see `Conv3D`);
+  the parameters and the result are the same either way.
+  """
 
   features: int = 16
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,15 +155,17 @@ class UNet3D(nn.Module):
     for level, width in enumerate(widths):
       if level > 0:
         x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
-      x = DoubleConv(max(width // 2, in_ch), width, self.dtype, name=f"encoder_{level}")(x)
+      x = DoubleConv(max(width // 2, in_ch), width, self.dtype, self.conv_impl,
+                     name=f"encoder_{level}")(x)
       skips.append(x)
       in_ch = width
     for level in range(LEVELS - 2, -1, -1):
       skip = skips[level]
       x = upsample_nearest(x, skip.shape[1:4])
       x = jnp.concatenate([skip, x], axis=-1)
-      x = DoubleConv(widths[level], widths[level], self.dtype, name=f"decoder_{level}")(x)
-    x = conv(1, 1, x.shape[-1], self.dtype, "final")(x)
+      x = DoubleConv(widths[level], widths[level], self.dtype, self.conv_impl,
+                     name=f"decoder_{level}")(x)
+    x = conv(1, 1, self.dtype, self.conv_impl, "final")(x)
     return x.astype(jnp.float32)
 
 

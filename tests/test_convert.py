@@ -16,7 +16,7 @@ from deepcad_jax.model import param_count
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch "
                             "(pip install torch==2.13.0)")
-from torch_deepcad import Network_3D_Unet  # noqa: E402
+from deepcad_jax.torch_reference import Network_3D_Unet, from_flax_params  # noqa: E402
 
 
 def _save(model_or_state, path):
@@ -39,6 +39,17 @@ def test_parity_with_pytorch(tmp_path, features, shape):
     expected = net(torch.from_numpy(x)).numpy()[:, 0]
   got = np.asarray(jax.jit(UNet3D(features).apply)({"params": params},
                                                     x[:, 0, ..., None]))[..., 0]
+  assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_flax_weights_round_trip_to_pytorch():
+  from deepcad_jax.model import init_params
+  params = init_params(4, 0)
+  net = from_flax_params(params, 4)
+  x = np.random.default_rng(1).normal(size=(1, 1, 16, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    expected = net(torch.from_numpy(x)).numpy()[:, 0]
+  got = np.asarray(jax.jit(UNet3D(4).apply)({"params": params}, x[:, 0, ..., None]))[..., 0]
   assert np.max(np.abs(got - expected)) <= 1e-4
 
 

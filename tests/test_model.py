@@ -60,3 +60,17 @@ def test_bfloat16_compute_is_close_to_float32():
   y16 = jax.jit(UNet3D(4, dtype=jnp.bfloat16).apply)({"params": params}, x)
   assert y16.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(y32 - y16))) < 0.05 * float(jnp.max(jnp.abs(y32))) + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(9, 17, 23), (16, 16, 16)])
+def test_conv_implementations_agree(shape):
+  params = init_params(4, 0)
+  x = jax.random.normal(jax.random.key(2), (2,) + shape + (1,))
+  native = jax.jit(UNet3D(4, conv_impl="xla").apply)({"params": params}, x)
+  as_2d = jax.jit(UNet3D(4, conv_impl="2d").apply)({"params": params}, x)
+  np.testing.assert_allclose(native, as_2d, rtol=1e-4, atol=1e-5)
+  g = [jax.jit(jax.grad(lambda p, impl=impl: jnp.sum(
+      UNet3D(4, conv_impl=impl).apply({"params": p}, x) ** 2)))(params)
+       for impl in ("xla", "2d")]
+  for a, b in zip(jax.tree_util.tree_leaves(g[0]), jax.tree_util.tree_leaves(g[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

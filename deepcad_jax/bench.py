@@ -1,0 +1,421 @@
+"""The benchmark suite: throughput and memory, measured honestly on any device.
+
+Every workload compiles ahead of time (compile time reported separately), warms up,
+then times many runs with `block_until_ready`, and reports the median and spread,
+voxels/s, achieved FLOP/s (from XLA's cost analysis), peak memory (the device's memory
+stats on GPU/TPU, peak RSS on the CPU) and where the numbers came from (device, jax
+version, git commit). Where PyTorch is installed, the same network with the same weights
+is timed on the same patches in the same run, so CPU and GPU results compare fairly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepcad_jax import config as config_lib
+from deepcad_jax import parallel
+from deepcad_jax.checkpoint import Model
+from deepcad_jax.errors import UserError
+from deepcad_jax.infer import Denoiser, denoise
+from deepcad_jax.model import LADDER, UNet3D, init_params, param_count
+from deepcad_jax.tiling import patch_plan
+from deepcad_jax.train import compile_step, create_state, make_model
+
+# The paper's figures (Li et al. 2022, RTX 3090, PyTorch, batch 1).
+PAPER = {"movie": (300, 490, 490), "patch": (150, 150, 150), "overlap": 0.4,
+         "patches": 75, "inference_s": 8.0, "acquisition_s": 9.6, "train_step_s": 0.37,
+         "tensorrt_fp16_memory_bytes": 701 * 2**20}
+QUICK = {"movie": (32, 64, 64), "patch": (16, 32, 32), "overlap": 0.4}
+WORKLOADS = ("quick", "reference", "reference-device", "train-step", "ladder", "scaling")
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  times: list[float]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times)
+
+
+def measure(fn: Callable, args: Sequence[Any], repeats: int,
+            compile_s: float | None = None) -> Timing:
+  """Time `fn(*args)` `repeats` times after one untimed warm-up call.
+
+  `compile_s` is the ahead-of-time compile time where the caller compiled; otherwise
+  the warm-up call (which compiles) is reported as the compile time.
+  """
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(max(1, repeats)):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return Timing(first if compile_s is None else compile_s, times)
+
+
+def _compile(jitted, *args):
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def peak_memory_bytes(device: jax.Device | None = None) -> tuple[int, str]:
+  """(bytes, source): the device's peak allocation, or this process's peak RSS on CPU."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS"
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", 0.0)) or None if cost else None
+
+
+def _compiled_memory(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return None
+  if m is None:
+    return None
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def environment() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=10,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = ""
+  import jaxlib
+  return {"device": dev.device_kind, "platform": dev.platform,
+          "device_count": jax.device_count(), "jax_version": jax.__version__,
+          "jaxlib_version": jaxlib.__version__, "commit": commit or "unknown",
+          "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "date": datetime.date.today().isoformat()}
+
+
+def _record(workload: str, env: dict, dtype: str, batch_size: int, timing: Timing | None,
+            **extra) -> dict[str, Any]:
+  mem, mem_source = peak_memory_bytes()
+  rec = {"workload": workload, "device": env["device"], "dtype": dtype,
+         "batch_size": batch_size, "jax_version": env["jax_version"],
+         "commit": env["commit"], "peak_memory_bytes": mem, "peak_memory_source": mem_source}
+  if timing is not None:
+    rec.update(median_s=timing.median_s, compile_s=timing.compile_s,
+               min_s=min(timing.times), max_s=max(timing.times), runs=len(timing.times))
+  rec.update(extra)
+  if "voxels" in rec and "median_s" in rec:
+    rec["voxels_per_s"] = rec["voxels"] / rec["median_s"]
+  if rec.get("flops") and "median_s" in rec:
+    rec["flop_per_s"] = rec["flops"] / rec["median_s"]
+  return rec
+
+
+def _random_model(features: int, patch, overlap: float) -> Model:
+  cfg = config_lib.from_dict({"name": f"bench-f{features}", "model": {"features": features},
+                              "infer": {"patch": list(patch), "overlap": overlap}})
+  return Model(params=init_params(features, 0), features=features,
+               patch=cfg.data.patch, mean=0.0, config=cfg, meta={}, source="random")
+
+
+def _patches(n: int, patch, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(n,) + tuple(patch)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, repeats,
+               name, devices=None) -> dict:
+  """Host array in, stitched host array out (what a user waits for)."""
+  rng = np.random.default_rng(0)
+  movie = rng.poisson(200, movie_shape).astype(np.uint16)
+  den = Denoiser(_random_model(features, patch, overlap), patch, overlap, batch_size, dtype,
+                 devices=devices)
+  n_patches = len(patch_plan(movie_shape, patch, overlap))
+  timing = measure(lambda m: denoise(m, den), (movie,), repeats)
+  return _record(name, env, dtype, den.batch_size, timing, features=features,
+                 movie=list(movie_shape), patch=list(patch), overlap=overlap,
+                 patches=n_patches, voxels=int(np.prod(movie_shape)),
+                 network_voxels=n_patches * int(np.prod(patch)))
+
+
+def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
+                 devices=None) -> dict:
+  """The same patches already on the device: the network alone, batch by batch."""
+  mesh = parallel.data_mesh(devices)
+  n_dev = parallel.device_count(mesh)
+  batch_size = batch_size or n_dev
+  net = UNet3D(features, dtype=jnp.dtype(dtype))
+  params = jax.device_put(init_params(features, 0), parallel.replicated(mesh))
+  n_batches = -(-n_patches // batch_size)
+  host = _patches(n_batches * batch_size, patch).reshape((n_batches, batch_size) +
+                                                           tuple(patch))
+  data = [jax.device_put(b, parallel.batch_sharding(mesh)) for b in host]
+  apply = jax.jit(lambda p, b: net.apply({"params": p}, b[..., None])[..., 0],
+                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                  out_shardings=parallel.batch_sharding(mesh))
+  compiled, compile_s = _compile(apply, params, data[0])
+  flops_per_batch = _flops(compiled)
+
+  def run_all(p, d):
+    return [compiled(p, b) for b in d]
+
+  timing = measure(run_all, (params, data), repeats, compile_s)
+  return _record(name, env, dtype, batch_size, timing, features=features, patch=list(patch),
+                 patches=n_patches, voxels=n_patches * int(np.prod(patch)),
+                 flops=flops_per_batch * n_batches if flops_per_batch else None,
+                 compiled_memory_bytes=_compiled_memory(compiled))
+
+
+def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=None) -> dict:
+  """One sharded train step (augmentation, forward, backward, Adam)."""
+  cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype},
+                              "data": {"patch": [max(8, p // 8 * 8) for p in patch]}})
+  mesh = parallel.data_mesh(devices)
+  batch_size = batch_size or parallel.device_count(mesh)
+  state = jax.device_put(create_state(cfg), parallel.replicated(mesh))
+  step = compile_step(make_model(cfg), mesh)
+  batch = jax.device_put({"input": _patches(batch_size, patch, 1),
+                          "target": _patches(batch_size, patch, 2)},
+                         parallel.batch_sharding(mesh))
+  key = jax.random.key(0)
+  compiled, compile_s = _compile(step, state, batch, key)
+  holder = [state]
+
+  def run(b, k):
+    holder[0], metrics = compiled(holder[0], b, k)
+    return metrics["loss"]
+
+  timing = measure(run, (batch, key), repeats, compile_s)
+  return _record(name, env, dtype, batch_size, timing, features=features,
+                 patch=list(patch), voxels=batch_size * int(np.prod(patch)),
+                 flops=_flops(compiled), compiled_memory_bytes=_compiled_memory(compiled),
+                 parameters=param_count(state.params))
+
+
+def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[dict]:
+  """The PyTorch twin with the same weights on the same patches (CPU or CUDA)."""
+  try:
+    import torch
+  except ImportError:
+    return []
+  from deepcad_jax.torch_reference import from_flax_params
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  net = from_flax_params(init_params(features, 0), features).to(device)
+  x = torch.from_numpy(_patches(batch_size, patch)[:, None]).to(device)
+  y = torch.from_numpy(_patches(batch_size, patch, 2)[:, None]).to(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def forward():
+    with torch.no_grad():
+      out = net(x)
+    sync()
+    return out
+
+  opt = torch.optim.Adam(net.parameters(), lr=5e-5, betas=(0.5, 0.9))
+
+  def step():
+    opt.zero_grad()
+    d = net(x) - y
+    loss = 0.5 * d.abs().mean() + 0.5 * (d * d).mean()
+    loss.backward()
+    opt.step()
+    sync()
+    return loss
+
+  records = []
+  for kind, fn in (("forward", forward), ("train-step", step)):
+    timing = measure(lambda: fn(), (), repeats)
+    records.append(_record(f"{name}-torch-{kind}", env, "float32", batch_size, timing,
+                           framework=f"torch {torch.__version__} ({device}, "
+                           f"{torch.get_num_threads()} threads)", features=features,
+                           patch=list(patch), voxels=batch_size * int(np.prod(patch))))
+  return records
+
+
+def ladder(env, patch, dtype, batch_size, repeats, name) -> list[dict]:
+  records = []
+  for f in LADDER:
+    inf = network_only(env, 1, patch, f, dtype, batch_size, repeats, f"{name}-infer")
+    trn = train_step(env, patch, f, dtype, batch_size, repeats, f"{name}-train")
+    for rec in (inf, trn):
+      rec["parameters"] = param_count(jax.eval_shape(lambda f=f: init_params(f, 0)))
+    records += [inf, trn]
+  return records
+
+
+def scaling(env, patch, features, dtype, batch_per_device, repeats, name) -> list[dict]:
+  records = []
+  n = 1
+  counts = []
+  while n <= jax.device_count():
+    counts.append(n)
+    n *= 2
+  if counts[-1] != jax.device_count():
+    counts.append(jax.device_count())
+  for n in counts:
+    devs = jax.devices()[:n]
+    bs = (batch_per_device or 1) * n
+    inf = network_only(env, 2 * bs, patch, features, dtype, bs, repeats, f"{name}-infer",
+                       devices=devs)
+    trn = train_step(env, patch, features, dtype, bs, repeats, f"{name}-train", devices=devs)
+    for rec in (inf, trn):
+      rec["devices_used"] = n
+    records += [inf, trn]
+  return records
+
+
+def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
+                 repeats: int | None = None, features: int = 16,
+                 with_torch: bool = True, movie: Sequence[int] | None = None,
+                 patch: Sequence[int] | None = None) -> list[dict]:
+  """Run one named workload; returns its records. `movie` and `patch` replace the
+  workload's shapes (e.g. the paper's protocol on a smaller movie)."""
+  if workload not in WORKLOADS:
+    raise UserError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
+  if dtype not in config_lib.DTYPES:
+    raise UserError(f"--dtype must be one of {config_lib.DTYPES}; got {dtype!r}.")
+  env = environment()
+  P = dict(PAPER, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
+  P["patches"] = len(patch_plan(P["movie"], P["patch"], P["overlap"]))
+  if workload == "quick":
+    r = repeats or 3
+    q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
+    n_patches = len(patch_plan(q["movie"], q["patch"], q["overlap"]))
+    recs = [end_to_end(env, q["movie"], q["patch"], q["overlap"], features, dtype,
+                       batch_size, r, "quick-reference"),
+            network_only(env, n_patches, q["patch"], features, dtype, batch_size, r,
+                         "quick-reference-device"),
+            train_step(env, q["patch"], features, dtype, batch_size, r, "quick-train-step")]
+    recs += ladder(env, q["patch"], dtype, batch_size, r, "quick-ladder")
+    recs += scaling(env, q["patch"], features, dtype, batch_size, r, "quick-scaling")
+    if with_torch:
+      recs += torch_side_by_side(env, q["patch"], features, batch_size or 1, r, "quick")
+  elif workload == "reference":
+    recs = [end_to_end(env, P["movie"], P["patch"], P["overlap"], features, dtype,
+                       batch_size, repeats or 5, "reference")]
+  elif workload == "reference-device":
+    recs = [network_only(env, P["patches"], P["patch"], features, dtype, batch_size,
+                         repeats or 10, "reference-device")]
+  elif workload == "train-step":
+    recs = [train_step(env, P["patch"], features, dtype, batch_size, repeats or 10,
+                       "train-step")]
+    if with_torch:
+      recs += torch_side_by_side(env, P["patch"], features, batch_size or 1,
+                                 repeats or 5, "train-step")
+  elif workload == "ladder":
+    recs = ladder(env, P["patch"], dtype, batch_size, repeats or 5, "ladder")
+  else:
+    recs = scaling(env, P["patch"], features, dtype, batch_size, repeats or 5, "scaling")
+  for rec in recs:
+    rec["environment"] = env
+  return recs
+
+
+# ------------------------------------------------------------------ results
+
+
+def results_path(folder: str, env: dict) -> str:
+  slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+  return os.path.join(folder, f"{slug}_{env['date']}.json")
+
+
+def save_records(records: list[dict], path: str) -> None:
+  """Append records to a JSON list (one file per device kind and date)."""
+  existing = []
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = json.load(f)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(existing + records, f, indent=1)
+
+
+def markdown_table(records: list[dict]) -> str:
+  """Measured records, and the paper's figures where a workload compares with them."""
+  rows = ["| workload | device | dtype | batch | median s | compile s | voxels/s | "
+          "TFLOP/s | peak memory MB | paper |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  paper = {"reference": f"{PAPER['inference_s']} s on an RTX 3090 (acquisition "
+                        f"{PAPER['acquisition_s']} s)",
+           "reference-device": f"{PAPER['inference_s']} s end to end",
+           "train-step": f"{PAPER['train_step_s']} s/step",
+           }
+  for r in records:
+    tflops = f"{r['flop_per_s'] / 1e12:.3g}" if r.get("flop_per_s") else ""
+    vps = f"{r['voxels_per_s']:.3g}" if r.get("voxels_per_s") else ""
+    name = r["workload"] + (f" f={r['features']}" if "ladder" in r["workload"] else "")
+    name += f" ({r['devices_used']} dev)" if "devices_used" in r else ""
+    rows.append(f"| {name} | {r['device']} | {r['dtype']} | {r['batch_size']} | "
+                f"{r.get('median_s', float('nan')):.4g} | {r.get('compile_s', 0):.3g} | "
+                f"{vps} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                f"{paper.get(r['workload'], '')} |")
+  rows.append("")
+  rows.append(f"Paper (Li et al. 2022): {PAPER['inference_s']} s for the 490x490x300 "
+              f"movie on one RTX 3090 (PyTorch, batch 1), recorded in "
+              f"{PAPER['acquisition_s']} s; {PAPER['train_step_s']} s per 150^3 training "
+              "step; 701 MB GPU memory for the TensorRT float16 deployment. Peak memory "
+              "is the device's peak allocation on GPUs and the process's peak RSS on CPUs.")
+  return "\n".join(rows)
+
+
+def plot_ladder(records: list[dict], path: str) -> str | None:
+  """Time and memory against parameters for the ladder (needs matplotlib)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  rows = [r for r in records if "ladder" in r["workload"] and "parameters" in r]
+  if not rows:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for kind, marker in (("infer", "o"), ("train", "s")):
+    sel = sorted((r for r in rows if r["workload"].endswith(kind)),
+                 key=lambda r: r["parameters"])
+    xs = [r["parameters"] for r in sel]
+    axes[0].plot(xs, [r["median_s"] for r in sel], marker=marker, label=kind)
+    axes[1].plot(xs, [r.get("compiled_memory_bytes") or 0 for r in sel], marker=marker,
+                 label=kind)
+  for ax, label in zip(axes, ("median time per patch batch (s)", "compiled memory (bytes)")):
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(label)
+    ax.legend()
+  fig.suptitle(f"Pruning ladder on {rows[0]['device']} ({rows[0]['dtype']})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

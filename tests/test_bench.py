@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from deepcad_jax import bench, cli
+from deepcad_jax.tiling import patch_plan
+
+REQUIRED = {"workload", "device", "dtype", "batch_size", "median_s", "compile_s",
+            "peak_memory_bytes", "voxels_per_s", "jax_version", "commit"}
+
+
+def test_reference_protocol_geometry():
+  p = bench.PAPER
+  assert len(patch_plan(p["movie"], p["patch"], p["overlap"])) == p["patches"] == 75
+  voxels = 75 * 150**3
+  assert abs(voxels - 2.53e8) < 0.01e8  # "about 2.53e8 voxels through the network"
+
+
+def test_quick_workload_records_and_files(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(bench, "LADDER", (8, 4))  # two rungs keep the test short
+  out = tmp_path / "results.json"
+  code = cli.main(["deepcad-jax", "bench", "--workload", "quick", "--movie", "16,24,24",
+                   "--patch", "8,16,16", "--repeats", "1", "--features", "4",
+                   "--output", str(out), "--notorch"])
+  assert code == 0, capsys.readouterr().err
+  records = json.loads(out.read_text())
+  names = [r["workload"] for r in records]
+  assert names[:3] == ["quick-reference", "quick-reference-device", "quick-train-step"]
+  assert names.count("quick-ladder-infer") == 2 and "quick-scaling-train" in names
+  for r in records:
+    assert REQUIRED <= set(r), REQUIRED - set(r)
+    assert r["median_s"] > 0 and r["compile_s"] > 0 and r["peak_memory_bytes"] > 0
+    assert r["dtype"] == "float32" and r["device"] == r["environment"]["device"]
+  e2e = records[0]
+  assert e2e["voxels"] == 16 * 24 * 24 and e2e["patches"] == len(
+      patch_plan((16, 24, 24), (8, 16, 16), 0.4))
+  assert records[1]["flops"] > 0 and records[1]["flop_per_s"] > 0
+  table = (tmp_path / "results.md").read_text()
+  assert "| quick-reference |" in table and "RTX 3090" in table
+  # A second run appends to the same file.
+  code = cli.main(["deepcad-jax", "bench", "--workload", "reference-device", "--movie",
+                   "16,24,24", "--patch", "8,16,16", "--repeats", "1", "--features", "4",
+                   "--output", str(out), "--dtype", "bfloat16"])
+  assert code == 0
+  records = json.loads(out.read_text())
+  assert records[-1]["workload"] == "reference-device" and records[-1]["dtype"] == "bfloat16"
+
+
+def test_bad_workload_is_a_clear_error(capsys):
+  assert cli.main(["deepcad-jax", "bench", "--workload", "nope"]) == 2
+  assert "--workload" in capsys.readouterr().err
+  with pytest.raises(bench.UserError, match="unknown workload"):
+    bench.run_workload("nope")
