@@ -70,6 +70,8 @@ def _define_train(fv):
   flags.DEFINE_float("b1", None, "Adam beta1.", flag_values=fv)
   flags.DEFINE_float("b2", None, "Adam beta2.", flag_values=fv)
   flags.DEFINE_integer("workers", None, "Grain worker processes (0 = none).", flag_values=fv)
+  flags.DEFINE_float("scale", None, "Divide intensities by this before the network "
+                     "(DeepCAD-RT's scale_factor; default 1).", flag_values=fv)
   flags.DEFINE_integer("keep", None, "Checkpoints to keep.", flag_values=fv)
   flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
                        flag_values=fv)
@@ -86,7 +88,8 @@ def _train_config(fv):
       "train.batch_size": _v(fv, "batch-size"), "train.seed": _v(fv, "seed"),
       "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
       "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
-      "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep")})
+      "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
+      "data.scale": _v(fv, "scale")})
 
 
 def _run_train(fv):

@@ -31,6 +31,8 @@ class DataConfig:
   patch: Patch = (144, 144, 144)  # (pt, py, px): pt input frames from a 2*pt window
   pairs_per_epoch: int = 4000     # training pairs drawn per epoch, spread over all files
   workers: int = 2                # grain worker processes (0 = read in this process)
+  scale: float = 1.0              # intensities are divided by this before the network
+                                  # (DeepCAD-RT's scale_factor) and multiplied after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +100,8 @@ def validate(cfg: Config) -> None:
                       ("train.log_every", cfg.train.log_every)):
     if value < 1:
       raise UserError(f"{name} must be at least 1; got {value}.")
+  if not cfg.data.scale > 0:
+    raise UserError(f"data.scale must be positive; got {cfg.data.scale}.")
   for name, value in (("data.workers", cfg.data.workers),
                       ("train.batch_size", cfg.train.batch_size),
                       ("infer.batch_size", cfg.infer.batch_size)):

@@ -68,11 +68,12 @@ def network_fn(model: Model, dtype: str = "float32", devices=None) -> tuple[Netw
   net = UNet3D(features=model.features, dtype=jnp.dtype(dtype))
   params = jax.device_put(model.params, parallel.replicated(mesh))
   data = parallel.batch_sharding(mesh)
+  scale = float(model.config.data.scale)  # DeepCAD-RT's scale_factor
 
   @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh), data),
                      out_shardings=data)
   def apply(params, batch):
-    return net.apply({"params": params}, batch[..., None])[..., 0]
+    return net.apply({"params": params}, (batch / scale)[..., None])[..., 0] * scale
 
   return functools.partial(apply, params), mesh
 

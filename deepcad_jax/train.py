@@ -173,7 +173,8 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     if start_model.features != cfg.model.features:
       log.info("Using the width of %s: features=%d.", start_model.source,
                start_model.features)
-    cfg = config_lib.override(cfg, **{"model.features": start_model.features})
+    cfg = config_lib.override(cfg, **{"model.features": start_model.features,
+                                      "data.scale": start_model.config.data.scale})
     init_params_from = start_model.params
   paths = list_movies(os.fspath(data))
   movies = [open_movie(p) for p in paths]
@@ -194,7 +195,8 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
                     f"batch size ({batch_size}); raise --pairs-per-epoch.")
   total_steps = steps_per_epoch * cfg.train.epochs
 
-  source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed)
+  source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
+                      scale=cfg.data.scale)
   data_iter = pair_iterator(source, batch_size, cfg.train.seed, cfg.data.workers)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)

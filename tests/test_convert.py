@@ -113,6 +113,24 @@ def test_para_yaml_is_parsed_safely(tmp_path):
                                   "b1": 0.5, "b2": 0.999}
 
 
+def test_scale_factor_from_para_is_applied(tmp_path):
+  torch.manual_seed(3)
+  net = Network_3D_Unet(4).eval()
+  folder = tmp_path / "m"
+  folder.mkdir()
+  pth = _save(net, folder / "model.pth")
+  (folder / "para.yaml").write_text("patch_x: 16\npatch_y: 16\npatch_t: 16\n"
+                                    "overlap_factor: 0.25\nscale_factor: 4\n")
+  movie = np.random.default_rng(0).poisson(40, (16, 16, 16)).astype(np.float32)
+  model = load_model(pth)
+  assert model.config.data.scale == 4.0
+  got = denoise(movie, model, output_dtype="float32")
+  x = (movie - movie.mean(dtype=np.float64)) / 4  # the reference: x / s - mean(x / s)
+  with torch.no_grad():
+    expected = net(torch.from_numpy(x[None, None].astype(np.float32))).numpy()[0, 0]
+  np.testing.assert_allclose(got, expected * 4 + movie.mean(dtype=np.float64), atol=2e-3)
+
+
 def _reference_stitch(movie, net, patch, overlap):
   """DeepCAD-RT's test loop, written out: coordinates, later write wins, rescale."""
   mean = movie.mean(dtype=np.float64)

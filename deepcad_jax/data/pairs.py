@@ -59,6 +59,7 @@ class PairSource(grain.sources.RandomAccessDataSource):
   patch: tuple[int, int, int]
   length: int
   seed: int = 0
+  scale: float = 1.0  # intensities divided by this after the mean is subtracted
 
   def __post_init__(self):
     self.means = [float(m.mean()) for m in self.movies]
@@ -86,7 +87,7 @@ class PairSource(grain.sources.RandomAccessDataSource):
     f, t0, y0, x0 = self.position(int(index))
     pt, py, px = self.patch
     window = self.movies[f].read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px]
-    window = window.astype(np.float32) - np.float32(self.means[f])
+    window = (window.astype(np.float32) - np.float32(self.means[f])) / np.float32(self.scale)
     return {"input": window[0::2], "target": window[1::2]}
 
   def __repr__(self) -> str:
