@@ -249,6 +249,77 @@ def _run_demo(fv):
   return 0
 
 
+# ---------------------------------------------------------------- stream
+
+
+def _define_stream(fv):
+  flags.DEFINE_string("model", None, "Model directory or DeepCAD-RT .pth.", flag_values=fv)
+  flags.DEFINE_string("source", None, "A TIFF to replay, or a folder to watch for TIFFs "
+                      "dropped by the acquisition program (ends on a file named STOP).",
+                      flag_values=fv)
+  flags.DEFINE_string("output", None, "Denoised TIFF (the raw frames go to *_raw.tif).",
+                      flag_values=fv)
+  flags.DEFINE_float("rate", 30.0, "Replay rate in frames/s (0 = as fast as possible).",
+                     flag_values=fv)
+  flags.DEFINE_integer("batch-frames", None, "Frames per temporal batch (default: the "
+                       "model's patch T).", flag_values=fv)
+  flags.DEFINE_integer("overlap-frames", None, "Frames shared by consecutive batches "
+                       "(default: from the model's overlap).", flag_values=fv)
+  flags.DEFINE_enum("policy", "block", ["block", "drop"], "When processing falls behind: "
+                    "block acquisition (no frame lost) or drop frames (counted).",
+                    flag_values=fv)
+  flags.DEFINE_string("mean", "model", "Normalisation: 'model' (training mean), "
+                      "'running', or a number.", flag_values=fv)
+  flags.DEFINE_float("preview-every", 5.0, "Seconds between preview PNGs (0 = none).",
+                     flag_values=fv)
+  flags.DEFINE_float("idle-timeout", 10.0, "Folder source: end after this many seconds "
+                     "without a new file.", flag_values=fv)
+  flags.DEFINE_integer("batch-size", 0, "Patches per device call.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                    flag_values=fv)
+  flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
+
+
+def _run_stream(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.stream import FolderSource, ReplaySource, StreamDenoiser, run_pipeline
+  _require(fv, "model", "source", "output")
+  output = _v(fv, "output")
+  raw = os.path.splitext(output)[0] + "_raw.tif"
+  for path in (output, raw):
+    if os.path.exists(path) and not _v(fv, "overwrite"):
+      raise UserError(f"{path} already exists; add --overwrite or choose another --output.")
+  src = _v(fv, "source")
+  source = FolderSource(src, _v(fv, "idle-timeout")) if os.path.isdir(src) else \
+      ReplaySource(src, _v(fv, "rate"))
+  mean = _v(fv, "mean")
+  if mean not in ("model", "running"):
+    try:
+      mean = float(mean)
+    except ValueError:
+      raise UserError(f"--mean takes 'model', 'running' or a number; got {mean!r}.") from None
+  stream = StreamDenoiser(load_model(_v(fv, "model")), _v(fv, "batch-frames"),
+                          _v(fv, "overlap-frames"), batch_size=_v(fv, "batch-size"),
+                          dtype=_v(fv, "dtype"), mean=mean)
+  rate = _v(fv, "rate") if isinstance(source, ReplaySource) else 0.0
+  r = run_pipeline(source, stream, output, rate=rate, policy=_v(fv, "policy"),
+                   raw_output=raw, output_dtype=_v(fv, "output-dtype"),
+                   preview_every_s=_v(fv, "preview-every"))
+  print(f"frames: {r.frames_in} in, {r.frames_out} denoised, {r.dropped} dropped "
+        f"({r.frame_shape[0]}x{r.frame_shape[1]})")
+  print(f"sustained: {r.frames_per_s:.1f} frames/s = {r.voxels_per_s:.3g} voxels/s "
+        f"over {r.seconds:.1f} s" + (f" (source rate {rate:g} Hz)" if rate else ""))
+  print(f"latency (arrival to denoised output): median {r.latency_median_s:.3f} s, "
+        f"99th percentile {r.latency_p99_s:.3f} s")
+  print(f"kept up: {'yes' if r.kept_up else 'no'}; batches of {stream.B} frames, "
+        f"overlap {stream.overlap_frames}")
+  print(f"raw: {r.raw}\ndenoised: {r.denoised}"
+        + (f"\npreviews: {len(r.previews)} PNG(s), last {r.previews[-1]}" if r.previews
+           else ""))
+  return 0
+
+
 # ---------------------------------------------------------------- bench
 
 
@@ -307,6 +378,10 @@ COMMANDS = {c.name: c for c in [
     Command("convert", "import a DeepCAD-RT PyTorch model (.pth) as a model directory",
             _define_convert, _run_convert,
             "deepcad-jax convert --pth E_10_Iter_6000.pth --output models/rt"),
+    Command("stream", "denoise a live frame stream (replayed TIFF or watched folder)",
+            _define_stream, _run_stream,
+            "deepcad-jax stream --model runs/rt --source movie.tif --output live.tif "
+            "--rate 30"),
     Command("bench", "measure throughput and memory (the paper's 490x490x300 protocol "
             "and more)", _define_bench, _run_bench,
             "deepcad-jax bench --workload quick"),

@@ -1,0 +1,159 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import noisy_movie, write_tiff
+from deepcad_jax import Denoiser, UserError, cli
+from deepcad_jax.data import as_movie, open_movie
+from deepcad_jax.stream import (FolderSource, ReplaySource, StreamDenoiser, run_pipeline)
+
+
+@pytest.fixture(scope="module")
+def identity_denoiser(trained_model):
+  den = Denoiser(trained_model)
+  den.net = lambda batch: batch  # exact: shows what the partition alone does
+  return den
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_frame_comes_out_once_in_order(identity_denoiser, seed):
+  rng = np.random.default_rng(seed)
+  length = int(rng.choice([1, 5, 8, 13, 16, 40, 77]))
+  batch, overlap = int(rng.choice([8, 16])), int(rng.integers(0, 6))
+  movie = rng.normal(size=(length, 12, 20)).astype(np.float32)
+  stream = StreamDenoiser(identity_denoiser, batch, overlap, mean=0.0)
+  got, t = [], 0
+  while t < length:
+    n = int(rng.integers(1, 11))
+    stream.push(movie[t:t + n] if n > 1 else movie[t])
+    got.append(stream.pull())
+    t += n
+  stream.close()
+  got.append(stream.pull())
+  out = np.concatenate(got)
+  np.testing.assert_array_equal(out, movie)  # exactly once, in order, untouched
+  assert len(stream.frames) < 2 * batch  # only what later batches may need is held
+
+
+def test_stream_equals_offline_denoise(trained_model):
+  movie, _ = noisy_movie((53, 24, 30), seed=7)
+  den = Denoiser(trained_model)  # patch (8, 16, 16), overlap 0.25
+  mean = float(movie.mean())
+  offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
+  stream = StreamDenoiser(den, mean=mean)  # batch 8, overlap from the model: 2 frames
+  assert (stream.B, stream.overlap_frames) == (8, 2)
+  for t in range(0, 53, 3):
+    stream.push(movie[t:t + 3])
+  stream.close()
+  np.testing.assert_allclose(stream.pull(), offline, rtol=1e-5, atol=1e-3)
+
+
+def test_mean_options(trained_model, identity_denoiser):
+  s = StreamDenoiser(identity_denoiser, 8, 2, mean="running")
+  s.push(np.full((8, 8, 8), 10.0))
+  assert s._mean() == 10.0
+  with pytest.raises(UserError, match="mean must be"):
+    StreamDenoiser(identity_denoiser, 8, 2, mean="median")
+  with pytest.raises(UserError, match="overlap_frames"):
+    StreamDenoiser(identity_denoiser, 8, 8)
+
+
+class SlowSource:
+  """Frames as fast as possible; optionally failing after `fail_at` frames."""
+
+  def __init__(self, movie, fail_at=None):
+    self.movie, self.fail_at = movie, fail_at
+
+  def frames(self, stop):
+    for i, frame in enumerate(self.movie):
+      if i == self.fail_at:
+        raise RuntimeError("camera disconnected")
+      yield frame
+
+
+def test_back_pressure_blocks_and_drop_policy_counts(tmp_path, identity_denoiser):
+  movie = np.random.default_rng(0).normal(size=(120, 8, 8)).astype(np.float32)
+
+  def slow_output(raw, den):
+    time.sleep(0.002 * len(den))
+
+  s = StreamDenoiser(identity_denoiser, 8, 2, mean=0.0)
+  r = run_pipeline(SlowSource(movie), s, str(tmp_path / "block.tif"), queue_frames=4,
+                   policy="block", on_output=slow_output, progress=False)
+  assert r.frames_in == r.frames_out == 120 and r.dropped == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "block.tif"), movie)
+
+  s = StreamDenoiser(identity_denoiser, 8, 2, mean=0.0)
+  r = run_pipeline(SlowSource(movie), s, str(tmp_path / "drop.tif"), queue_frames=4,
+                   policy="drop", on_output=slow_output, progress=False)
+  assert r.dropped > 0 and r.frames_out == 120 - r.dropped and not r.kept_up
+  assert tifffile.imread(tmp_path / "drop_raw.tif").shape == (120, 8, 8)  # raw keeps all
+
+
+@pytest.mark.parametrize("stage", ["acquisition", "processing", "output"])
+def test_a_failing_stage_stops_the_pipeline_and_keeps_the_output(tmp_path,
+                                                                 identity_denoiser, stage):
+  movie = np.random.default_rng(1).normal(size=(60, 8, 8)).astype(np.float32)
+  s = StreamDenoiser(identity_denoiser, 8, 2, mean=0.0)
+  source = SlowSource(movie, fail_at=40 if stage == "acquisition" else None)
+  seen = []
+
+  def output(raw, den):
+    seen.append(len(den))
+    if stage == "output" and sum(seen) > 30:
+      raise OSError("disk full")
+
+  if stage == "processing":
+    original = s.push
+
+    def push(frames):
+      if s.received >= 35:
+        raise ValueError("device lost")
+      original(frames)
+    s.push = push
+  with pytest.raises((RuntimeError, ValueError, OSError)):
+    run_pipeline(source, s, str(tmp_path / "out.tif"), on_output=output, progress=False)
+  written = tifffile.imread(tmp_path / "out.tif")
+  if stage == "acquisition":  # what the camera delivered is still denoised
+    assert len(written) == 40
+  assert 0 < len(written) <= 60
+  np.testing.assert_array_equal(written, movie[:len(written)])
+
+
+def test_folder_source_reads_files_as_they_arrive(tmp_path):
+  folder = tmp_path / "acq"
+  folder.mkdir()
+  movie = np.arange(10 * 4 * 4, dtype=np.uint16).reshape(10, 4, 4)
+
+  def acquire():
+    for i in range(0, 10, 3):
+      write_tiff(folder / f"f{i:04d}.tif", movie[i:i + 3])
+      time.sleep(0.05)
+    (folder / "STOP").write_text("")
+
+  writer = threading.Thread(target=acquire)
+  writer.start()
+  frames = list(FolderSource(str(folder), idle_timeout=5, poll=0.01).frames(threading.Event()))
+  writer.join()
+  np.testing.assert_array_equal(np.stack(frames), movie)
+
+
+def test_stream_cli_replays_a_tiff_at_a_fixed_rate(capsys, tmp_path, trained_model):
+  movie, _ = noisy_movie((48, 16, 16), seed=2)
+  src = write_tiff(tmp_path / "movie.tif", movie)
+  out = str(tmp_path / "live.tif")
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", out, "--rate", "200", "--preview-every", "0.05"])
+  text = capsys.readouterr()
+  assert code == 0, text.err
+  assert "48 in, 48 denoised, 0 dropped" in text.out and "kept up" in text.out
+  assert "median" in text.out and "99th percentile" in text.out
+  assert open_movie(out).shape == (48, 16, 16)
+  assert open_movie(str(tmp_path / "live_raw.tif")).dtype == np.uint16
+  assert list(tmp_path.glob("preview_*.png"))
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", out])
+  assert code == 2 and "already exists" in capsys.readouterr().err
