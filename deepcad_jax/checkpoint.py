@@ -1,9 +1,12 @@
 """Training-run directories: Orbax checkpoints plus the metadata inference needs.
 
-A run directory holds `checkpoints/<step>/` with three items: `state` (params, optimizer
-state, step), `data_iter` (the grain iterator position) and `meta` (JSON: config,
-network width, patch, normalisation, training data summary). Orbax writes each step
-atomically, so an interrupted save never hides the previous complete one.
+A run directory holds `checkpoints/<step>/` with two items: `state` (params, optimizer
+state, step) and `meta` (JSON: config, network width, patch, normalisation, training
+data summary, and the data-pipeline position: pairs consumed). The input pipeline is a
+pure function of (seed, step), so the step is all a resumed run (with any number of
+processes) needs to continue the same stream. Orbax writes each step atomically, so an
+interrupted save never hides the previous complete one; on several hosts it coordinates
+the write.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 import shutil
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,19 +38,16 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict) -> None:
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   """Start an asynchronous save; `mgr.wait_until_finished()` before exiting."""
   mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data_iter=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta)), force=True)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter):
-  """Restore state (onto the shardings in `abstract_state`) and the data iterator."""
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any):
+  """Restore the train state onto the shardings in `abstract_state`."""
   out = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+      state=ocp.args.StandardRestore(abstract_state)))
   return out.state
 
 
@@ -103,15 +102,20 @@ def load_model(path: str, step: int | None = None, para: str | None = None) -> M
   elif step not in steps:
     raise UserError(f"{path} has no checkpoint at step {step}; available: "
                     f"{sorted(steps)}.")
-  out = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  mgr.close()
-  meta = dict(out.meta)
+  meta = read_meta(mgr, step)
   if meta.get("format") != FORMAT:
     raise UserError(f"{path} was not written by deepcad-jax ({FORMAT}).")
-  params = jax.tree_util.tree_map(np.asarray, out.state["params"])
+  cfg = config_lib.from_dict(meta["config"])
+  # Restore onto one local device, whatever topology wrote the checkpoint.
+  from deepcad_jax.train import create_state
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      jax.eval_shape(lambda: create_state(cfg)))
+  state = restore(mgr, step, abstract)
+  mgr.close()
+  params = jax.tree_util.tree_map(np.asarray, state.params)
   return Model(params=params, features=int(meta["features"]),
                patch=tuple(int(p) for p in meta["patch"]),
                mean=None if meta.get("mean") is None else float(meta["mean"]),
-               config=config_lib.from_dict(meta["config"]), meta=meta,
-               source=f"{path}@{step}")
+               config=cfg, meta=meta, source=f"{path}@{step}")

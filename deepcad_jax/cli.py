@@ -48,6 +48,27 @@ def _v(fv: flags.FlagValues, name: str):
   return fv[name].value
 
 
+# ---------------------------------------------------------------- multi-process
+
+
+def _define_distributed(fv):
+  flags.DEFINE_string("coordinator", None, "Multi-process run: HOST:PORT of process 0.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num-processes", None, "Multi-process run: number of processes.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process-id", None, "Multi-process run: this process's index.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("distributed", False, "Join the multi-process run that SLURM, "
+                       "Open MPI or a TPU slice describes (auto-detected by JAX).",
+                       flag_values=fv)
+
+
+def _init_distributed(fv):
+  from deepcad_jax import distributed
+  distributed.initialize(_v(fv, "coordinator"), _v(fv, "num-processes"),
+                         _v(fv, "process-id"), auto=_v(fv, "distributed"))
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -77,6 +98,7 @@ def _define_train(fv):
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
                       "a DeepCAD-RT .pth): fine-tuning.", flag_values=fv)
+  _define_distributed(fv)
 
 
 def _train_config(fv):
@@ -95,8 +117,12 @@ def _train_config(fv):
 def _run_train(fv):
   from deepcad_jax.train import train
   _require(fv, "data", "workdir")
+  _init_distributed(fv)
   result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
                  init_from=_v(fv, "init-from"))
+  import jax
+  if jax.process_index() != 0:
+    return 130 if result.interrupted else 0
   print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
         + ("  (interrupted; run again to resume)" if result.interrupted else ""))
   return 130 if result.interrupted else 0
@@ -130,12 +156,14 @@ def _define_denoise(fv):
   flags.DEFINE_boolean("blend", False, "Blend overlaps smoothly instead of cropping.",
                        flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
+  _define_distributed(fv)
 
 
 def _run_denoise(fv):
   from deepcad_jax.checkpoint import load_model
   from deepcad_jax.infer import denoise_files
   _require(fv, "model", "input", "output")
+  _init_distributed(fv)
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
   reports = denoise_files(
       _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepcad_jax import parallel
+from deepcad_jax import distributed, parallel
 from deepcad_jax.checkpoint import Model, load_model
 from deepcad_jax.data.movie import Movie, as_movie, list_movies, open_movie, write_movie
 from deepcad_jax.errors import UserError
@@ -75,7 +75,10 @@ def network_fn(model: Model, dtype: str = "float32", devices=None) -> tuple[Netw
   def apply(params, batch):
     return net.apply({"params": params}, (batch / scale)[..., None])[..., 0] * scale
 
-  return functools.partial(apply, params), mesh
+  def run(batch):  # explicit placement: required for numpy inputs on several processes
+    return apply(params, jax.device_put(batch, data))
+
+  return run, mesh
 
 
 def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -142,6 +145,20 @@ class _Stitcher:
       return np.float32(1)
     return np.float32(np.sqrt(ratio))
 
+  def start_at(self, k: int) -> None:
+    """Begin at temporal slab `k` (a process's share of a movie)."""
+    tile = self.t_tiles[k]
+    self.base = tile.start
+    self.emitted = tile.start if self.blend else tile.keep_lo
+
+  def frame_range(self, a: int, b: int) -> tuple[int, int]:
+    """The frames that slabs a..b-1 finish."""
+    lo = 0 if a == 0 else (self.t_tiles[a].start if self.blend else self.t_tiles[a].keep_lo)
+    last = b == len(self.t_tiles)
+    hi = self.T if last else (self.t_tiles[b].start if self.blend
+                              else self.t_tiles[b - 1].keep_hi)
+    return lo, hi
+
   def finish_slab(self, k: int) -> tuple[int, np.ndarray]:
     """(first frame, frames) that no later slab touches, once slab `k` is complete."""
     last = k == len(self.t_tiles) - 1
@@ -174,11 +191,13 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: float,
                    batch_size: int, *, blend: bool = False, reference: bool = False,
                    mean: float | None = None, stats: DenoiseStats | None = None,
-                   progress: bool = False) -> Iterator[np.ndarray]:
+                   progress: bool = False, slabs: tuple[int, int] | None = None
+                   ) -> Iterator[np.ndarray]:
   """Yield the denoised movie (float32, mean added back) as blocks of whole frames.
 
   `reference` reproduces DeepCAD-RT's stitching (its kept regions and per-patch
-  intensity rescale) instead of ours.
+  intensity rescale) instead of ours. `slabs=(a, b)` denoises only the frames that
+  temporal slabs a..b-1 finish (`slab_ranges` splits a movie between processes).
   """
   if blend and reference:
     raise UserError("--blend and --reference-stitching exclude each other; pick one.")
@@ -189,17 +208,23 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   plan = patch_plan(padded, eff, overlap, reference)
   stitch = _Stitcher(padded, eff, overlap, blend, reference, mean)
   per_slab = len(plan) // len(stitch.t_tiles)
+  a, b = slabs or (0, len(stitch.t_tiles))
+  first = a - 1 if blend and a > 0 else a  # blending needs the slab before as a halo
+  if first > 0:
+    stitch.start_at(first)
+  plan = plan[first * per_slab:b * per_slab]
   stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
   stats.mean, stats.batch_size = mean, batch_size
   bar = Progress(len(plan), "patches", enabled=progress)
   t_start = time.perf_counter()
 
   def patches() -> Iterator[tuple[Patch, np.ndarray]]:
-    for k, tile in enumerate(stitch.t_tiles):
+    for k in range(first, b):
+      tile = stitch.t_tiles[k]
       t1 = min(tile.start + eff[0], shape[0])
       slab = movie.read(tile.start, t1).astype(np.float32) - np.float32(mean)
       slab = _pad_reflect(slab, (eff[0],) + padded[1:])
-      for p in plan[k * per_slab:(k + 1) * per_slab]:
+      for p in plan[(k - first) * per_slab:(k - first + 1) * per_slab]:
         _, y0, x0 = p.start
         yield p, slab[:, y0:y0 + eff[1], x0:x0 + eff[2]]
 
@@ -212,9 +237,10 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
       stitch.add(p, out[i], inp)
       done += 1
       if done % per_slab == 0:
-        first, frames = stitch.finish_slab(done // per_slab - 1)
-        frames = frames[:max(0, shape[0] - first), :shape[1], :shape[2]]
-        if len(frames):
+        k = first + done // per_slab - 1
+        t0, frames = stitch.finish_slab(k)
+        frames = frames[:max(0, shape[0] - t0), :shape[1], :shape[2]]
+        if len(frames) and k >= a:  # a halo slab's frames belong to another process
           yield frames + np.float32(mean)
     bar.update(done, force=done == len(plan))
 
@@ -335,13 +361,76 @@ def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
   return [output]
 
 
+def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
+               ) -> FileReport:
+  """Denoise one movie into `dst`, written as it is produced."""
+  stats = DenoiseStats()
+  clipped = 0
+
+  def converted():
+    nonlocal clipped
+    for block in den.blocks(movie, stats, progress=progress):
+      block, n = to_dtype(block, out_dtype)
+      clipped += n
+      yield block
+
+  log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
+  write_movie(dst, converted(), movie.shape, out_dtype)
+  return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
+                    stats.seconds, stats.voxels_per_s, clipped)
+
+
+def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
+                  ) -> FileReport | None:
+  """One movie denoised by every process: each does a contiguous range of temporal
+  slabs into a part file; process 0 assembles `dst` from the parts."""
+  p, n_proc = jax.process_index(), jax.process_count()
+  a, b = slab_ranges(movie.shape, den.patch, den.overlap, n_proc)[p]
+  part = f"{dst}.part{p}"
+  stats = DenoiseStats()
+  t0 = time.perf_counter()
+  with open(part, "wb") as f:
+    if b > a:
+      for block in denoise_blocks(movie, den.net, den.patch, den.overlap, den.batch_size,
+                                  blend=den.blend, reference=den.reference_stitching,
+                                  stats=stats, progress=progress, slabs=(a, b)):
+        f.write(np.ascontiguousarray(block, np.float32).tobytes())
+  distributed.barrier(f"parts-{dst}")
+  report = None
+  if p == 0:
+    clipped = 0
+    frame = movie.shape[1] * movie.shape[2]
+
+    def assembled():
+      nonlocal clipped
+      for q in range(n_proc):
+        data = np.fromfile(f"{dst}.part{q}", np.float32)
+        for block in np.array_split(data.reshape(-1, *movie.shape[1:]),
+                                    max(1, data.size // frame // 64)):
+          block, n = to_dtype(block, out_dtype)
+          clipped += n
+          yield block
+
+    write_movie(dst, assembled(), movie.shape, out_dtype)
+    for q in range(n_proc):
+      os.remove(f"{dst}.part{q}")
+    report = FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
+                        time.perf_counter() - t0,
+                        float(np.prod(movie.shape)) / (time.perf_counter() - t0), clipped)
+  distributed.barrier(f"assembled-{dst}")
+  return report
+
+
 def denoise_files(input: str, output: str, model: Model | str, *, overwrite: bool = False,
                   output_dtype: Any = None, progress: bool = True, **kwargs
                   ) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
   Refuses to overwrite an existing output unless `overwrite`, and never writes over
-  an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices).
+  an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices,
+  reference_stitching). On several processes (`jax.distributed`), the files of a folder
+  are split between them, and a single movie's temporal slabs are; each process uses
+  its own devices.
   """
   inputs = list_movies(os.fspath(input))
   outputs = _output_paths(inputs, os.fspath(input), os.fspath(output))
@@ -352,27 +441,38 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
       raise UserError(f"{dst} already exists; add --overwrite to replace it or choose "
                       "another --output.")
   movies = [open_movie(p) for p in inputs]
+  n_proc = jax.process_count()
+  if n_proc > 1:
+    kwargs.setdefault("devices", jax.local_devices())
   den = Denoiser(model, **kwargs)
   if os.path.isdir(input):
     os.makedirs(output, exist_ok=True)
+  distributed.barrier("denoise-checked")  # every process has checked before any writes
   reports = []
-  for movie, dst in zip(movies, outputs):
-    stats = DenoiseStats()
+  shared = n_proc > 1 and len(movies) == 1
+  for i, (movie, dst) in enumerate(zip(movies, outputs)):
     out_dtype = np.dtype(output_dtype or movie.dtype)
-    clipped = 0
-
-    def converted():
-      nonlocal clipped
-      for block in den.blocks(movie, stats, progress=progress):
-        block, n = to_dtype(block, out_dtype)
-        clipped += n
-        yield block
-
-    log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-    write_movie(dst, converted(), movie.shape, out_dtype)
-    if clipped:
+    if shared:
+      report = _write_shared(movie, dst, den, out_dtype, progress)
+    elif i % n_proc == jax.process_index():
+      report = _write_one(movie, dst, den, out_dtype, progress)
+    else:
+      continue
+    if report is None:
+      continue
+    if report.clipped:
       log.warning("%d voxels (%.3g%%) of %s were outside the %s range and were clipped.",
-                  clipped, 100 * clipped / np.prod(movie.shape), dst, out_dtype)
-    reports.append(FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                              stats.seconds, stats.voxels_per_s, clipped))
+                  report.clipped, 100 * report.clipped / np.prod(movie.shape), dst,
+                  out_dtype)
+    reports.append(report)
+  distributed.barrier("denoise-done")
   return reports
+
+
+def slab_ranges(movie_shape: Sequence[int], patch: Sequence[int], overlap: float,
+                parts: int) -> list[tuple[int, int]]:
+  """Split a movie's temporal slabs into `parts` contiguous ranges (some may be empty)."""
+  eff, padded = padded_patch(movie_shape, patch)
+  n = len(axis_plan(padded[0], eff[0], overlap))
+  bounds = [round(i * n / parts) for i in range(parts + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))

@@ -26,7 +26,7 @@ from flax.training import train_state
 
 from deepcad_jax import checkpoint as ckpt
 from deepcad_jax import config as config_lib
-from deepcad_jax import parallel
+from deepcad_jax import distributed, parallel
 from deepcad_jax.augment import augment_batch
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
@@ -197,15 +197,16 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
 
   source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
                       scale=cfg.data.scale)
-  data_iter = pair_iterator(source, batch_size, cfg.train.seed, cfg.data.workers)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)
   meta = {"format": ckpt.FORMAT, "config": cfg.to_dict(), "features": cfg.model.features,
           "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
           "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
-  if fresh:
+  main = jax.process_index() == 0
+  if fresh and main:
     ckpt.clear(workdir)
+  distributed.barrier("fresh")
   os.makedirs(workdir, exist_ok=True)
   mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints)
   repl = parallel.replicated(mesh)
@@ -219,7 +220,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, summary)
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
-    state = ckpt.restore(mgr, start, abstract, data_iter)
+    state = ckpt.restore(mgr, start, abstract)
     log.info("Resuming %s from step %d (epoch %d).", workdir, start,
              start // steps_per_epoch)
   if start >= total_steps:
@@ -229,10 +230,13 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     return TrainResult(os.path.abspath(workdir), state, start, total_steps, [], False,
                        patch, meta)
 
+  data_iter = pair_iterator(source, batch_size, cfg.train.seed, cfg.data.workers,
+                            start_step=start, process_index=jax.process_index(),
+                            process_count=jax.process_count())
   step_fn = compile_step(make_model(cfg), mesh)
   key = jax.random.key(cfg.train.seed + 1)
   data_sharding = parallel.batch_sharding(mesh)
-  bar = Progress(total_steps, "step", enabled=progress, start=start)
+  bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
   step = start
@@ -243,7 +247,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   try:
     with _StopFlag() as stop:
       while step < total_steps:
-        batch = jax.device_put(next(data_iter), data_sharding)
+        batch = distributed.global_batch(next(data_iter), data_sharding)
         state, metrics = step_fn(state, batch, key)
         step += 1
         if on_step is not None or step % cfg.train.log_every == 0 or \
@@ -258,9 +262,10 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           if on_step is not None:
             on_step(step, loss)
         if step % steps_per_epoch == 0 or step == total_steps or stop.set:
-          meta.update(step=step, epoch=step / steps_per_epoch,
-                      loss=losses[-1][1] if losses else None)
-          ckpt.save(mgr, step, state, data_iter, meta)
+          meta.update(step=step, epoch=step / steps_per_epoch, pairs_consumed=step * batch_size,
+                      loss=losses[-1][1] if losses else None,
+                      processes=jax.process_count())
+          ckpt.save(mgr, step, state, meta)
         if stop.set:
           interrupted = True
           log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "

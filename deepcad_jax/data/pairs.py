@@ -96,11 +96,37 @@ class PairSource(grain.sources.RandomAccessDataSource):
             f"seed={self.seed})")
 
 
-def pair_iterator(source: PairSource, batch_size: int, seed: int,
-                  workers: int = 0) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of batches {'input', 'target'}: (B, pt, py, px)."""
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+class _Slice:
+  """Picks this process's block of each global batch from the shuffled pair stream."""
+
+  def __init__(self, pairs: grain.MapDataset, global_batch: int, local_batch: int,
+               offset: int):
+    self.pairs, self.global_batch, self.local_batch = pairs, global_batch, local_batch
+    self.offset = offset
+
+  def __call__(self, i: int):
+    k, j = divmod(int(i), self.local_batch)
+    return self.pairs[k * self.global_batch + self.offset + j]
+
+
+def pair_iterator(source: PairSource, batch_size: int, seed: int, workers: int = 0,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """Batches {'input', 'target'}: (B / process_count, pt, py, px), from step `start_step`.
+
+  The pairs are a seeded shuffle of the source, reshuffled every epoch; global batch k
+  holds pairs k*B .. k*B+B-1 of that stream, and process p reads only its contiguous
+  block of each. The stream is a pure function of (seed, step), so a run resumes at any
+  step with any number of processes.
+  """
+  if batch_size % process_count:
+    raise UserError(f"batch size {batch_size} is not a multiple of the "
+                    f"{process_count} processes.")
+  local = batch_size // process_count
+  pairs = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.range(start_step * local, 1 << 62).map(
+      _Slice(pairs, batch_size, local, process_index * local))
+  ds = ds.batch(local, drop_remainder=True).to_iter_dataset()
   if workers > 0:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; outside app.run too
