@@ -171,9 +171,9 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
 
 
 def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
-                 devices=None) -> dict:
+                 devices=None, spatial=1) -> dict:
   """The same patches already on the device: the network alone, batch by batch."""
-  mesh = parallel.data_mesh(devices)
+  mesh = parallel.data_mesh(devices, spatial)
   n_dev = parallel.device_count(mesh)
   batch_size = batch_size or n_dev
   net = UNet3D(features, dtype=jnp.dtype(dtype))
@@ -193,16 +193,17 @@ def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, na
 
   timing = measure(run_all, (params, data), repeats, compile_s)
   return _record(name, env, dtype, batch_size, timing, features=features, patch=list(patch),
-                 patches=n_patches, voxels=n_patches * int(np.prod(patch)),
+                 patches=n_patches, voxels=n_patches * int(np.prod(patch)), spatial=spatial,
                  flops=flops_per_batch * n_batches if flops_per_batch else None,
                  compiled_memory_bytes=_compiled_memory(compiled))
 
 
-def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=None) -> dict:
+def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=None,
+               spatial=1) -> dict:
   """One sharded train step (augmentation, forward, backward, Adam)."""
   cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype},
                               "data": {"patch": [max(8, p // 8 * 8) for p in patch]}})
-  mesh = parallel.data_mesh(devices)
+  mesh = parallel.data_mesh(devices, spatial)
   batch_size = batch_size or parallel.device_count(mesh)
   state = jax.device_put(create_state(cfg), parallel.replicated(mesh))
   step = compile_step(make_model(cfg), mesh)
@@ -221,7 +222,7 @@ def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=N
   return _record(name, env, dtype, batch_size, timing, features=features,
                  patch=list(patch), voxels=batch_size * int(np.prod(patch)),
                  flops=_flops(compiled), compiled_memory_bytes=_compiled_memory(compiled),
-                 parameters=param_count(state.params))
+                 parameters=param_count(state.params), spatial=spatial)
 
 
 def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[dict]:
@@ -299,7 +300,7 @@ def scaling(env, patch, features, dtype, batch_per_device, repeats, name) -> lis
 def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                  repeats: int | None = None, features: int = 16,
                  with_torch: bool = True, movie: Sequence[int] | None = None,
-                 patch: Sequence[int] | None = None) -> list[dict]:
+                 patch: Sequence[int] | None = None, spatial: int = 1) -> list[dict]:
   """Run one named workload; returns its records. `movie` and `patch` replace the
   workload's shapes (e.g. the paper's protocol on a smaller movie)."""
   if workload not in WORKLOADS:
@@ -327,10 +328,10 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                        batch_size, repeats or 5, "reference")]
   elif workload == "reference-device":
     recs = [network_only(env, P["patches"], P["patch"], features, dtype, batch_size,
-                         repeats or 10, "reference-device")]
+                         repeats or 10, "reference-device", spatial=spatial)]
   elif workload == "train-step":
     recs = [train_step(env, P["patch"], features, dtype, batch_size, repeats or 10,
-                       "train-step")]
+                       "train-step", spatial=spatial)]
     if with_torch:
       recs += torch_side_by_side(env, P["patch"], features, batch_size or 1,
                                  repeats or 5, "train-step")
@@ -362,31 +363,47 @@ def save_records(records: list[dict], path: str) -> None:
     json.dump(existing + records, f, indent=1)
 
 
+def _paper_figure(r: dict) -> str:
+  """The paper's figure for a record measured at the paper's protocol, else ''."""
+  p150 = list(PAPER["patch"])
+  if r["workload"] == "reference" and r.get("movie") == list(PAPER["movie"]) and \
+      r.get("patch") == p150:
+    return (f"{PAPER['inference_s']} s on an RTX 3090 (recorded in "
+            f"{PAPER['acquisition_s']} s)")
+  if r["workload"] == "reference-device" and r.get("patch") == p150 and \
+      r.get("patches") == PAPER["patches"]:
+    return f"{PAPER['inference_s']} s end to end"
+  if r["workload"] == "train-step" and r.get("patch") == p150:
+    return f"{PAPER['train_step_s']} s/step"
+  return ""
+
+
 def markdown_table(records: list[dict]) -> str:
-  """Measured records, and the paper's figures where a workload compares with them."""
-  rows = ["| workload | device | dtype | batch | median s | compile s | voxels/s | "
+  """Measured records, and the paper's figures where a record used the paper's protocol."""
+  rows = ["| workload | shape | device | dtype | batch | median s | compile s | voxels/s | "
           "TFLOP/s | peak memory MB | paper |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  paper = {"reference": f"{PAPER['inference_s']} s on an RTX 3090 (acquisition "
-                        f"{PAPER['acquisition_s']} s)",
-           "reference-device": f"{PAPER['inference_s']} s end to end",
-           "train-step": f"{PAPER['train_step_s']} s/step",
-           }
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in records:
     tflops = f"{r['flop_per_s'] / 1e12:.3g}" if r.get("flop_per_s") else ""
     vps = f"{r['voxels_per_s']:.3g}" if r.get("voxels_per_s") else ""
     name = r["workload"] + (f" f={r['features']}" if "ladder" in r["workload"] else "")
     name += f" ({r['devices_used']} dev)" if "devices_used" in r else ""
-    rows.append(f"| {name} | {r['device']} | {r['dtype']} | {r['batch_size']} | "
+    shape = "x".join(map(str, r["movie"])) + " movie, " if "movie" in r else ""
+    shape += ("x".join(map(str, r["patch"])) + " patch") if "patch" in r else ""
+    if r.get("patches") and "movie" not in r:
+      shape += f" x{r['patches']}"
+    rows.append(f"| {name} | {shape} | {r['device']} | {r['dtype']} | {r['batch_size']} | "
                 f"{r.get('median_s', float('nan')):.4g} | {r.get('compile_s', 0):.3g} | "
                 f"{vps} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
-                f"{paper.get(r['workload'], '')} |")
+                f"{_paper_figure(r)} |")
   rows.append("")
   rows.append(f"Paper (Li et al. 2022): {PAPER['inference_s']} s for the 490x490x300 "
-              f"movie on one RTX 3090 (PyTorch, batch 1), recorded in "
-              f"{PAPER['acquisition_s']} s; {PAPER['train_step_s']} s per 150^3 training "
-              "step; 701 MB GPU memory for the TensorRT float16 deployment. Peak memory "
-              "is the device's peak allocation on GPUs and the process's peak RSS on CPUs.")
+              f"movie (75 patches of 150^3) on one RTX 3090 (PyTorch, batch 1), recorded "
+              f"in {PAPER['acquisition_s']} s; {PAPER['train_step_s']} s per 150^3 "
+              "training step; 701 MB GPU memory for the TensorRT float16 deployment. "
+              "Shapes are T x Y x X. Peak memory is the device's peak allocation on GPUs "
+              "and the process's peak RSS on CPUs (cumulative over the run). Voxels/s "
+              "counts output voxels for end-to-end rows and network voxels otherwise.")
   return "\n".join(rows)
 
 

@@ -12,6 +12,7 @@ the write.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any
@@ -25,6 +26,7 @@ from deepcad_jax.errors import UserError
 
 FORMAT = "deepcad-jax/1"
 CHECKPOINTS = "checkpoints"
+CALIBRATION = "calibration.json"  # uncertainty recalibration, written by `calibrate`
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -115,6 +117,10 @@ def load_model(path: str, step: int | None = None, para: str | None = None) -> M
   state = restore(mgr, step, abstract)
   mgr.close()
   params = jax.tree_util.tree_map(np.asarray, state.params)
+  calibration = os.path.join(path, CALIBRATION)
+  if os.path.isfile(calibration):
+    with open(calibration) as f:
+      meta["calibration"] = json.load(f)
   return Model(params=params, features=int(meta["features"]),
                patch=tuple(int(p) for p in meta["patch"]),
                mean=None if meta.get("mean") is None else float(meta["mean"]),

@@ -98,6 +98,9 @@ def _define_train(fv):
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
                       "a DeepCAD-RT .pth): fine-tuning.", flag_values=fv)
+  flags.DEFINE_integer("spatial", None, "Also split each patch's Y axis over this many "
+                       "devices (mesh: data x space), for patches too large for one.",
+                       flag_values=fv)
   _define_distributed(fv)
 
 
@@ -111,7 +114,7 @@ def _train_config(fv):
       "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
       "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
       "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
-      "data.scale": _v(fv, "scale")})
+      "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial")})
 
 
 def _run_train(fv):
@@ -156,6 +159,12 @@ def _define_denoise(fv):
   flags.DEFINE_boolean("blend", False, "Blend overlaps smoothly instead of cropping.",
                        flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
+  flags.DEFINE_integer("spatial", 1, "Also split each patch's Y axis over this many "
+                       "devices.", flag_values=fv)
+  flags.DEFINE_integer("uncertainty", 0, "K in 2..8: predict under K symmetries of the "
+                       "(y, x) plane, write their mean as the output and their standard "
+                       "deviation beside it (*_std.tif); K times the compute.",
+                       flag_values=fv)
   _define_distributed(fv)
 
 
@@ -169,10 +178,15 @@ def _run_denoise(fv):
       _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),
       output_dtype=_v(fv, "output-dtype"), patch=_triple(_v(fv, "patch")),
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
-      blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"))
+      blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"),
+      spatial=_v(fv, "spatial"), uncertainty=_v(fv, "uncertainty"))
   for r in reports:
     print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.patches} patches  "
           f"{r.seconds:.2f}s  {r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}")
+    if _v(fv, "uncertainty"):
+      from deepcad_jax.infer import std_path
+      print(f"  uncertainty (std over {_v(fv, 'uncertainty')} symmetries): "
+            f"{std_path(r.output)}")
   return 0
 
 
@@ -243,18 +257,44 @@ def _define_evaluate(fv):
   flags.DEFINE_string("reference", None, "Ground truth (e.g. clean.tif).", flag_values=fv)
   flags.DEFINE_string("raw", None, "Optional noisy input, scored too.", flag_values=fv)
   flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fv)
+  flags.DEFINE_string("uncertainty", None, "The *_std.tif of 'denoise --uncertainty': "
+                      "report its calibration.", flag_values=fv)
 
 
 def _run_evaluate(fv):
-  from deepcad_jax.metrics import evaluate_files
-  from deepcad_jax.metrics import format_table
+  from deepcad_jax.metrics import evaluate_files, format_calibration, format_table
   _require(fv, "denoised", "reference")
-  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"))
+  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"),
+                           _v(fv, "uncertainty"))
   print(format_table(results))
+  if "uncertainty" in results:
+    print(format_calibration(results["uncertainty"]))
   if _v(fv, "output"):
     with open(_v(fv, "output"), "w") as f:
       json.dump(results, f, indent=1)
     print(f"results: {_v(fv, 'output')}")
+  return 0
+
+
+# ---------------------------------------------------------------- calibrate
+
+
+def _define_calibrate(fv):
+  flags.DEFINE_string("model", None, "Model directory to calibrate.", flag_values=fv)
+  flags.DEFINE_string("noisy", None, "A noisy movie with known ground truth.", flag_values=fv)
+  flags.DEFINE_string("clean", None, "Its ground truth (e.g. from simulate).", flag_values=fv)
+  flags.DEFINE_integer("uncertainty", 8, "Samples (symmetries), as for denoise.",
+                       flag_values=fv)
+
+
+def _run_calibrate(fv):
+  from deepcad_jax.calibrate import calibrate
+  from deepcad_jax.metrics import format_calibration
+  _require(fv, "model", "noisy", "clean")
+  record = calibrate(_v(fv, "model"), _v(fv, "noisy"), _v(fv, "clean"),
+                     _v(fv, "uncertainty"))
+  print(format_calibration(record["measured"]))
+  print(f"stored std scale {record['std_scale']:.4g} in {_v(fv, 'model')}/calibration.json")
   return 0
 
 
@@ -341,7 +381,8 @@ def _run_stream(fv):
   print(f"latency (arrival to denoised output): median {r.latency_median_s:.3f} s, "
         f"99th percentile {r.latency_p99_s:.3f} s")
   print(f"kept up: {'yes' if r.kept_up else 'no'}; batches of {stream.B} frames, "
-        f"overlap {stream.overlap_frames}")
+        f"overlap {stream.overlap_frames}; {r.clipped} voxels clipped to "
+        f"{_v(fv, 'output-dtype')}")
   print(f"raw: {r.raw}\ndenoised: {r.denoised}"
         + (f"\npreviews: {len(r.previews)} PNG(s), last {r.previews[-1]}" if r.previews
            else ""))
@@ -369,13 +410,16 @@ def _define_bench(fv):
                       "workload's, 300,490,490 for reference).", flag_values=fv)
   flags.DEFINE_string("patch", None, "Patch T,Y,X (default: 150,150,150 for the paper's "
                       "workloads).", flag_values=fv)
+  flags.DEFINE_integer("spatial", 1, "reference-device / train-step: also split each "
+                       "patch's Y axis over this many devices.", flag_values=fv)
 
 
 def _run_bench(fv):
   from deepcad_jax import bench
   records = bench.run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
                                _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
-                               _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")))
+                               _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")),
+                               _v(fv, "spatial"))
   path = _v(fv, "output") or bench.results_path(os.path.join("benchmarks", "results"),
                                                 records[0]["environment"])
   bench.save_records(records, path)
@@ -403,6 +447,10 @@ COMMANDS = {c.name: c for c in [
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
+    Command("calibrate", "fit the uncertainty scale of a model on data with ground truth",
+            _define_calibrate, _run_calibrate,
+            "deepcad-jax calibrate --model runs/rt --noisy sim/noisy.tif --clean "
+            "sim/clean.tif"),
     Command("convert", "import a DeepCAD-RT PyTorch model (.pth) as a model directory",
             _define_convert, _run_convert,
             "deepcad-jax convert --pth E_10_Iter_6000.pth --output models/rt"),

@@ -55,12 +55,18 @@ class InferConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  spatial: int = 1             # devices that split each patch's Y axis (mesh: data x space)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "custom"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   infer: InferConfig = InferConfig()
+  parallel: ParallelConfig = ParallelConfig()
 
   def __post_init__(self):
     validate(self)
@@ -70,7 +76,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-            "infer": InferConfig}
+            "infer": InferConfig, "parallel": ParallelConfig}
 DTYPES = ("float32", "bfloat16")
 
 
@@ -100,6 +106,8 @@ def validate(cfg: Config) -> None:
                       ("train.log_every", cfg.train.log_every)):
     if value < 1:
       raise UserError(f"{name} must be at least 1; got {value}.")
+  if cfg.parallel.spatial < 1:
+    raise UserError(f"parallel.spatial must be at least 1; got {cfg.parallel.spatial}.")
   if not cfg.data.scale > 0:
     raise UserError(f"data.scale must be positive; got {cfg.data.scale}.")
   for name, value in (("data.workers", cfg.data.workers),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepcad_jax import distributed, parallel
+from deepcad_jax.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.checkpoint import Model, load_model
 from deepcad_jax.data.movie import Movie, as_movie, list_movies, open_movie, write_movie
 from deepcad_jax.errors import UserError
@@ -62,23 +63,49 @@ def resolve_model(model: Model | str | os.PathLike) -> Model:
   return load_model(os.fspath(model))
 
 
-def network_fn(model: Model, dtype: str = "float32", devices=None) -> tuple[NetworkFn, Any]:
-  """The jit-compiled patch network (batch sharded over a mesh of `devices`)."""
-  mesh = parallel.data_mesh(devices)
+def network_fn(model: Model, dtype: str = "float32", devices=None, spatial: int = 1,
+               samples: int = 0) -> tuple[NetworkFn, Any]:
+  """The jit-compiled patch network (batch sharded over a mesh of `devices`; with
+  `spatial > 1`, each patch's Y axis split over that many devices too).
+
+  With `samples` = K >= 2 it predicts each patch under K symmetries of the (y, x) plane
+  (each inverted back) and returns (B, T, Y, X, 2): their mean and standard deviation
+  (the latter times the model's calibration factor, if it has one).
+  """
+  mesh = parallel.data_mesh(devices, spatial)
   net = UNet3D(features=model.features, dtype=jnp.dtype(dtype))
   params = jax.device_put(model.params, parallel.replicated(mesh))
   data = parallel.batch_sharding(mesh)
   scale = float(model.config.data.scale)  # DeepCAD-RT's scale_factor
+  std_scale = float(model.meta.get("calibration", {}).get("std_scale", 1.0))
+
+  def predict(params, batch):
+    return net.apply({"params": params}, (batch / scale)[..., None])[..., 0] * scale
 
   @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh), data),
                      out_shardings=data)
   def apply(params, batch):
-    return net.apply({"params": params}, (batch / scale)[..., None])[..., 0] * scale
+    if not samples:
+      return predict(params, batch)
+    out = symmetry_samples(functools.partial(predict, params), batch, samples)
+    return out.at[..., 1].multiply(std_scale)
 
   def run(batch):  # explicit placement: required for numpy inputs on several processes
     return apply(params, jax.device_put(batch, data))
 
   return run, mesh
+
+
+def symmetry_samples(predict: Callable[[jax.Array], jax.Array], batch: jax.Array,
+                     samples: int) -> jax.Array:
+  """Mean and std of `predict` over the first `samples` symmetries of the (y, x) plane.
+
+  Each symmetry is applied to the (B, T, Y, X) batch and inverted on the prediction, so
+  an exactly equivariant network gives std 0. Returns (B, T, Y, X, 2): [mean, std].
+  """
+  syms = symmetries_for(batch.shape)[:samples]
+  outs = jnp.stack([invert_symmetry(predict(apply_symmetry(batch, s)), s) for s in syms])
+  return jnp.stack([outs.mean(0), outs.std(0, ddof=1)], axis=-1)
 
 
 def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -93,7 +120,7 @@ def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 class _Stitcher:
   """Accumulates patch outputs for the current and the next temporal slab."""
 
-  def __init__(self, shape, patch, overlap, blend, reference=False, mean=0.0):
+  def __init__(self, shape, patch, overlap, blend, reference=False, mean=0.0, channels=0):
     self.T, self.Y, self.X = shape
     self.patch = patch
     self.blend = blend
@@ -106,8 +133,9 @@ class _Stitcher:
     self.gaps = [p - max(1, int(p * (1 - overlap))) for p in patch]
     self.base = 0           # movie frame at buffer index 0
     self.emitted = 0        # frames already yielded
-    self.acc = np.zeros((patch[0],) + tuple(shape[1:]), np.float32)
-    self.wsum = np.zeros_like(self.acc) if blend else None
+    extra = (channels,) if channels else ()
+    self.acc = np.zeros((patch[0],) + tuple(shape[1:]) + extra, np.float32)
+    self.wsum = np.zeros((patch[0],) + tuple(shape[1:]), np.float32) if blend else None
 
   def _weights(self, tiles: Sequence[AxisTile]) -> np.ndarray:
     w = [blend_weights(p, t, n, g) for p, t, n, g in
@@ -120,11 +148,12 @@ class _Stitcher:
       tiles = [self.t_tiles[p.index[0]], self.yx_tiles[0][p.index[1]],
                self.yx_tiles[1][p.index[2]]]
       w = self._weights(tiles)
+      wo = w[..., None] if out.ndim == 4 else w
       tt = min(self.patch[0], self.T - t0)
       yy, xx = min(self.patch[1], self.Y - y0), min(self.patch[2], self.X - x0)
       sl = (slice(t0 - self.base, t0 - self.base + tt), slice(y0, y0 + yy),
             slice(x0, x0 + xx))
-      self.acc[sl] += (w * out)[:tt, :yy, :xx]
+      self.acc[sl] += (wo * out)[:tt, :yy, :xx]
       self.wsum[sl] += w[:tt, :yy, :xx]
     else:
       (ta, tb), (ya, yb), (xa, xb) = p.keep
@@ -166,12 +195,16 @@ class _Stitcher:
                                  else self.t_tiles[k].keep_hi)
     first = self.emitted
     a, b = first - self.base, until - self.base
-    frames = self.acc[a:b] / self.wsum[a:b] if self.blend else self.acc[a:b].copy()
+    if self.blend:
+      w = self.wsum[a:b]
+      frames = self.acc[a:b] / (w[..., None] if self.acc.ndim == 4 else w)
+    else:
+      frames = self.acc[a:b].copy()
     self.emitted = until
     if not last:  # move the buffer to the next slab's start
       shift = self.t_tiles[k + 1].start - self.base
       for buf in (self.acc, self.wsum) if self.blend else (self.acc,):
-        buf[:buf.shape[0] - shift] = buf[shift:]
+        buf[:buf.shape[0] - shift] = buf[shift:].copy()
         buf[buf.shape[0] - shift:] = 0
       self.base += shift
     return first, frames
@@ -191,13 +224,15 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: float,
                    batch_size: int, *, blend: bool = False, reference: bool = False,
                    mean: float | None = None, stats: DenoiseStats | None = None,
-                   progress: bool = False, slabs: tuple[int, int] | None = None
-                   ) -> Iterator[np.ndarray]:
+                   progress: bool = False, slabs: tuple[int, int] | None = None,
+                   channels: int = 0) -> Iterator[np.ndarray]:
   """Yield the denoised movie (float32, mean added back) as blocks of whole frames.
 
   `reference` reproduces DeepCAD-RT's stitching (its kept regions and per-patch
   intensity rescale) instead of ours. `slabs=(a, b)` denoises only the frames that
   temporal slabs a..b-1 finish (`slab_ranges` splits a movie between processes).
+  `channels`: the network returns that many values per voxel (e.g. mean and std); the
+  blocks are then (n, Y, X, channels) and the mean is added to channel 0 only.
   """
   if blend and reference:
     raise UserError("--blend and --reference-stitching exclude each other; pick one.")
@@ -206,7 +241,9 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   eff, padded = padded_patch(shape, patch)
   mean = movie.mean() if mean is None else float(mean)
   plan = patch_plan(padded, eff, overlap, reference)
-  stitch = _Stitcher(padded, eff, overlap, blend, reference, mean)
+  if channels and reference:
+    raise UserError("--reference-stitching and --uncertainty exclude each other.")
+  stitch = _Stitcher(padded, eff, overlap, blend, reference, mean, channels)
   per_slab = len(plan) // len(stitch.t_tiles)
   a, b = slabs or (0, len(stitch.t_tiles))
   first = a - 1 if blend and a > 0 else a  # blending needs the slab before as a halo
@@ -241,7 +278,11 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
         t0, frames = stitch.finish_slab(k)
         frames = frames[:max(0, shape[0] - t0), :shape[1], :shape[2]]
         if len(frames) and k >= a:  # a halo slab's frames belong to another process
-          yield frames + np.float32(mean)
+          if channels:
+            frames[..., 0] += np.float32(mean)
+            yield frames
+          else:
+            yield frames + np.float32(mean)
     bar.update(done, force=done == len(plan))
 
   pending = None
@@ -287,6 +328,8 @@ class Denoiser:
   blend: bool = False
   devices: Any = None
   reference_stitching: bool = False
+  spatial: int = 1
+  uncertainty: int = 0  # K >= 2: mean and std over K test-time symmetries
 
   def __post_init__(self):
     self.model = resolve_model(self.model)
@@ -298,42 +341,60 @@ class Denoiser:
       raise UserError(f"overlap must be in [0, 1); got {self.overlap}.")
     if self.dtype not in ("float32", "bfloat16"):
       raise UserError(f"compute dtype must be float32 or bfloat16; got {self.dtype!r}.")
-    self.net, mesh = network_fn(self.model, self.dtype, self.devices)
+    n_sym = len(symmetries_for(self.patch))
+    if self.uncertainty and not 2 <= self.uncertainty <= n_sym:
+      raise UserError(f"--uncertainty takes 2 to {n_sym} samples for a "
+                      f"{self.patch[1]}x{self.patch[2]} patch (the symmetries of the "
+                      f"{'square' if n_sym == 8 else 'rectangle'}); got {self.uncertainty}.")
+    self.net, mesh = network_fn(self.model, self.dtype, self.devices, self.spatial,
+                                self.uncertainty)
     n_dev = parallel.device_count(mesh)
     self.batch_size = self.batch_size or n_dev
     if self.batch_size % n_dev:
       raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
                       "devices; use a multiple.")
+    if self.spatial > 1 and self.patch[1] % self.spatial:
+      raise UserError(f"patch Y ({self.patch[1]}) must divide over --spatial "
+                      f"{self.spatial} devices.")
 
   def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
              progress: bool = False) -> Iterator[np.ndarray]:
     """Denoised float32 blocks of frames, in order."""
     return denoise_blocks(movie, self.net, self.patch, self.overlap, self.batch_size,
                           blend=self.blend, reference=self.reference_stitching, mean=mean,
-                          stats=stats, progress=progress)
+                          stats=stats, progress=progress,
+                          channels=2 if self.uncertainty else 0)
 
 
 def denoise(movie: Any, model: Model | str, *, patch: Sequence[int] | None = None,
             overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
             blend: bool = False, output_dtype: Any = None, devices=None,
-            reference_stitching: bool = False, progress: bool = False) -> np.ndarray:
+            reference_stitching: bool = False, uncertainty: int = 0,
+            progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
   `model` is a `Model` or a model directory. Defaults come from the model: its training
   patch and overlap. The result has the input's shape and, unless `output_dtype` is
   given ('float32' for the raw network output), the input's dtype (rounded, clipped).
-  `reference_stitching` reproduces DeepCAD-RT's output (see README).
+  `reference_stitching` reproduces DeepCAD-RT's output (see README). With
+  `uncertainty` = K >= 2 the result is (mean, std) over K test-time symmetries; std is
+  float32.
   """
   movie = as_movie(movie)
   den = model if isinstance(model, Denoiser) else Denoiser(
-      model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching)
+      model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching,
+      uncertainty=uncertainty)
   out_dtype = np.dtype(output_dtype or movie.dtype)
   out = np.empty(movie.shape, out_dtype)
+  std = np.empty(movie.shape, np.float32) if den.uncertainty else None
   t = 0
   for block in den.blocks(movie, progress=progress):
+    if std is not None:
+      std[t:t + len(block)] = block[..., 1]
+      block = block[..., 0]
     out[t:t + len(block)], _ = to_dtype(block, out_dtype)
     t += len(block)
-  return out
+  return (out, std) if std is not None else out
 
 
 @dataclasses.dataclass
@@ -366,57 +427,100 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
   """Denoise one movie into `dst`, written as it is produced."""
   stats = DenoiseStats()
   clipped = 0
+  std_raw = f"{dst}.std.partial" if den.uncertainty else None
 
   def converted():
     nonlocal clipped
-    for block in den.blocks(movie, stats, progress=progress):
-      block, n = to_dtype(block, out_dtype)
-      clipped += n
-      yield block
+    with open(std_raw, "wb") if std_raw else _nowhere() as std_file:
+      for block in den.blocks(movie, stats, progress=progress):
+        if std_raw:
+          std_file.write(np.ascontiguousarray(block[..., 1], np.float32).tobytes())
+          block = block[..., 0]
+        block, n = to_dtype(block, out_dtype)
+        clipped += n
+        yield block
 
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
   write_movie(dst, converted(), movie.shape, out_dtype)
+  if std_raw:
+    _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
                     stats.seconds, stats.voxels_per_s, clipped)
+
+
+class _nowhere:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def std_path(output: str) -> str:
+  """Where the uncertainty (std) movie of `output` goes: beside it, `*_std.tif`."""
+  stem, ext = os.path.splitext(output)
+  return f"{stem}_std{ext}"
+
+
+def _write_raw_as_tiff(raw: str, dst: str, shape) -> None:
+  """A float32 raw file of (T, Y, X) frames as a TIFF (in bounded memory); removes raw."""
+  data = np.memmap(raw, np.float32, "r", shape=tuple(shape)) if np.prod(shape) else \
+      np.zeros(shape, np.float32)
+  step = max(1, (64 * 2**20) // max(1, shape[1] * shape[2] * 4))
+  write_movie(dst, (np.asarray(data[t:t + step]) for t in range(0, shape[0], step)),
+              shape, np.float32)
+  del data
+  os.remove(raw)
 
 
 def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
                   ) -> FileReport | None:
   """One movie denoised by every process: each does a contiguous range of temporal
-  slabs into a part file; process 0 assembles `dst` from the parts."""
+  slabs into a part file; process 0 assembles `dst` (and its std movie) from the parts."""
   p, n_proc = jax.process_index(), jax.process_count()
   a, b = slab_ranges(movie.shape, den.patch, den.overlap, n_proc)[p]
-  part = f"{dst}.part{p}"
+  channels = 2 if den.uncertainty else 0
   stats = DenoiseStats()
   t0 = time.perf_counter()
-  with open(part, "wb") as f:
+  with open(f"{dst}.part{p}", "wb") as f:
     if b > a:
       for block in denoise_blocks(movie, den.net, den.patch, den.overlap, den.batch_size,
                                   blend=den.blend, reference=den.reference_stitching,
-                                  stats=stats, progress=progress, slabs=(a, b)):
+                                  stats=stats, progress=progress, slabs=(a, b),
+                                  channels=channels):
         f.write(np.ascontiguousarray(block, np.float32).tobytes())
   distributed.barrier(f"parts-{dst}")
   report = None
   if p == 0:
     clipped = 0
-    frame = movie.shape[1] * movie.shape[2]
+    frame_shape = movie.shape[1:] + ((channels,) if channels else ())
+    std_raw = f"{dst}.std.partial" if channels else None
 
     def assembled():
       nonlocal clipped
-      for q in range(n_proc):
-        data = np.fromfile(f"{dst}.part{q}", np.float32)
-        for block in np.array_split(data.reshape(-1, *movie.shape[1:]),
-                                    max(1, data.size // frame // 64)):
-          block, n = to_dtype(block, out_dtype)
-          clipped += n
-          yield block
+      with open(std_raw, "wb") if std_raw else _nowhere() as std_file:
+        for q in range(n_proc):
+          data = np.memmap(f"{dst}.part{q}", np.float32, "r") if os.path.getsize(
+              f"{dst}.part{q}") else np.zeros(0, np.float32)
+          frames = data.reshape((-1,) + frame_shape)
+          for t in range(0, len(frames), 64):
+            block = np.asarray(frames[t:t + 64])
+            if std_raw:
+              std_file.write(np.ascontiguousarray(block[..., 1]).tobytes())
+              block = block[..., 0]
+            block, n = to_dtype(block, out_dtype)
+            clipped += n
+            yield block
+          del data, frames
 
     write_movie(dst, assembled(), movie.shape, out_dtype)
+    if std_raw:
+      _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
     for q in range(n_proc):
       os.remove(f"{dst}.part{q}")
+    seconds = time.perf_counter() - t0
     report = FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                        time.perf_counter() - t0,
-                        float(np.prod(movie.shape)) / (time.perf_counter() - t0), clipped)
+                        seconds, float(np.prod(movie.shape)) / seconds, clipped)
   distributed.barrier(f"assembled-{dst}")
   return report
 
@@ -428,7 +532,8 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
 
   Refuses to overwrite an existing output unless `overwrite`, and never writes over
   an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices,
-  reference_stitching). On several processes (`jax.distributed`), the files of a folder
+  reference_stitching, spatial, uncertainty; with uncertainty the std movie is written
+  beside each output as `*_std.tif`). On several processes (`jax.distributed`), the files of a folder
   are split between them, and a single movie's temporal slabs are; each process uses
   its own devices.
   """
@@ -437,9 +542,10 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   for src, dst in zip(inputs, outputs):
     if os.path.exists(dst) and os.path.samefile(src, dst):
       raise UserError(f"--output {dst} is the input file; choose another output.")
-    if os.path.exists(dst) and not overwrite:
-      raise UserError(f"{dst} already exists; add --overwrite to replace it or choose "
-                      "another --output.")
+    for path in (dst, std_path(dst)) if kwargs.get("uncertainty") else (dst,):
+      if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; add --overwrite to replace it or choose "
+                        "another --output.")
   movies = [open_movie(p) for p in inputs]
   n_proc = jax.process_count()
   if n_proc > 1:

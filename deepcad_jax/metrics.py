@@ -71,11 +71,54 @@ def evaluate(movie: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
           **{f"r_{k}": summarise(slice_correlations(movie, reference, k)) for k in SLICES}}
 
 
+GAUSSIAN_COVERAGE = {1: 0.6827, 2: 0.9545}  # what a calibrated std would give
+
+
+def uncertainty_calibration(movie: np.ndarray, std: np.ndarray, reference: np.ndarray
+                            ) -> dict[str, float]:
+  """How well a predicted std covers the actual error |movie - reference|.
+
+  Coverage: the fraction of voxels whose error is within 1 and 2 std (calibrated
+  Gaussian errors give 68.3% and 95.4%); the Pearson correlation between std and |error|;
+  and the factor that scales std so the 1-std coverage is 68.3% (with the coverages it
+  then gives).
+  """
+  _check(movie, reference)
+  _check(std, reference)
+  err = np.abs(np.asarray(movie, np.float64) - np.asarray(reference, np.float64)).ravel()
+  s = np.asarray(std, np.float64).ravel()
+  out = {f"coverage_{k}std": float(np.mean(err <= k * s)) for k in (1, 2)}
+  a, b = s - s.mean(), err - err.mean()
+  denom = np.sqrt((a * a).sum() * (b * b).sum())
+  out["corr_std_error"] = float((a * b).sum() / denom) if denom > 0 else float("nan")
+  with np.errstate(divide="ignore", invalid="ignore"):  # std 0 covers only error 0
+    ratio = np.where(s > 0, err / s, np.where(err > 0, np.inf, 0.0))
+  scale = float(np.quantile(ratio, GAUSSIAN_COVERAGE[1]))
+  out["std_scale"] = scale
+  out.update({f"coverage_{k}std_rescaled": float(np.mean(err <= k * scale * s))
+              for k in (1, 2)})
+  out["mean_std"] = float(s.mean())
+  out["mean_abs_error"] = float(err.mean())
+  return out
+
+
+def format_calibration(c: dict[str, float]) -> str:
+  return (f"uncertainty: error within 1 std {100 * c['coverage_1std']:.1f}% (calibrated: "
+          f"68.3%), within 2 std {100 * c['coverage_2std']:.1f}% (95.4%); "
+          f"corr(std, |error|) {c['corr_std_error']:.3f}; mean std {c['mean_std']:.3g} vs "
+          f"mean |error| {c['mean_abs_error']:.3g}.\n"
+          f"  std x {c['std_scale']:.3g} would give {100 * c['coverage_1std_rescaled']:.1f}% "
+          f"and {100 * c['coverage_2std_rescaled']:.1f}% ('deepcad-jax calibrate' stores it "
+          "with the model).")
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
   """A text table: one row per movie (e.g. raw, denoised)."""
   head = f"{'movie':<10} {'SNR dB':>8} {'PSNR dB':>8} {'r(x-y)':>8} {'r(y-t)':>8} {'r(x-t)':>8}"
   rows = [head, "-" * len(head)]
   for name, r in results.items():
+    if "snr_db" not in r:
+      continue
     rows.append(f"{name:<10} {r['snr_db']:>8.2f} {r['psnr_db']:>8.2f} "
                 f"{r['r_xy']['median']:>8.3f} {r['r_yt']['median']:>8.3f} "
                 f"{r['r_xt']['median']:>8.3f}")
@@ -83,9 +126,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
-def evaluate_files(denoised: str, reference: str, raw: str | None = None
-                   ) -> dict[str, dict[str, Any]]:
-  """Scores of a denoised TIFF (and optionally the raw one) against a reference TIFF."""
+def evaluate_files(denoised: str, reference: str, raw: str | None = None,
+                   std: str | None = None) -> dict[str, dict[str, Any]]:
+  """Scores of a denoised TIFF (and optionally the raw one) against a reference TIFF;
+  with `std` (the *_std.tif of `denoise --uncertainty`), its calibration too."""
   from deepcad_jax.data.movie import open_movie
 
   def load(path):
@@ -96,5 +140,8 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None
   results = {}
   if raw:
     results["raw"] = evaluate(load(raw), ref)
-  results["denoised"] = evaluate(load(denoised), ref)
+  den = load(denoised)
+  results["denoised"] = evaluate(den, ref)
+  if std:
+    results["uncertainty"] = uncertainty_calibration(den, load(std), ref)
   return results

@@ -28,14 +28,39 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   return (np.arange(n_out) * n_in) // n_out
 
 
+def _repeat_counts(x: jax.Array, counts: np.ndarray, axis: int) -> jax.Array:
+  """Element i of `axis` repeated counts[i] times, as reshapes and concatenations.
+
+  Nearest upsampling by ~2 repeats every element twice except a few that appear once
+  or three times; runs of equal counts become one broadcast-and-reshape each, which XLA
+  compiles far better than a gather (and whose gradient is not a scatter).
+  """
+  pieces, start = [], 0
+  while start < len(counts):
+    end = start
+    while end < len(counts) and counts[end] == counts[start]:
+      end += 1
+    c = int(counts[start])
+    part = jax.lax.slice_in_dim(x, start, end, axis=axis)
+    if c > 1:
+      part = jnp.repeat(part, c, axis=axis)
+    if c > 0:
+      pieces.append(part)
+    start = end
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+
+
 def upsample_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
-  """Nearest-neighbour resize of the (T, Y, X) axes of (N, T, Y, X, C) to `size`."""
+  """Nearest-neighbour resize of the (T, Y, X) axes of (N, T, Y, X, C) to `size`
+  (PyTorch's 'nearest': output i takes input floor(i * n_in / n_out))."""
   for axis, n_out in zip((1, 2, 3), size):
     n_in = x.shape[axis]
     if n_out == n_in:
       continue
-    if n_out == 2 * n_in:
-      x = jnp.repeat(x, 2, axis=axis)
+    counts = np.bincount(_nearest_indices(n_in, n_out), minlength=n_in)
+    runs = 1 + int(np.count_nonzero(np.diff(counts)))
+    if runs <= 4:  # 2x, or 2x with a few odd elements (odd sizes after pooling)
+      x = _repeat_counts(x, counts, axis)
     else:
       x = jnp.take(x, _nearest_indices(n_in, n_out), axis=axis)
   return x

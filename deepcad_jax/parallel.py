@@ -1,4 +1,10 @@
-"""One data-parallel mesh over all devices, and its shardings."""
+"""One mesh over all devices, and its shardings.
+
+By default the mesh is 1-D ('data'): batches are split over devices, parameters
+replicated. With `spatial > 1` it is 2-D ('data', 'space'): each patch's Y axis is also
+split over `spatial` devices, for patches too large for one device; XLA's SPMD
+partitioner inserts the halo exchanges the convolutions need.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,27 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+SPACE = "space"
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh named 'data' over `devices` (default: every device)."""
+def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
+  """A mesh over `devices` (default: every device): ('data',), or ('data', 'space')
+  with `spatial` devices along 'space'."""
+  from deepcad_jax.errors import UserError
   devices = list(devices) if devices is not None else jax.devices()
-  return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  if spatial == 1:
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+  if len(devices) % spatial:
+    raise UserError(f"--spatial {spatial} does not divide the {len(devices)} devices.")
+  return jax.make_mesh((len(devices) // spatial, spatial), (DATA, SPACE),
+                       axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis."""
+  """Batch axis over 'data'; with a 'space' axis, also Y of (B, T, Y, X) over it."""
+  if SPACE in mesh.axis_names:
+    return NamedSharding(mesh, P(DATA, None, SPACE))
   return NamedSharding(mesh, P(DATA))
 
 

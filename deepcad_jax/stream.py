@@ -32,7 +32,7 @@ import tifffile
 
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, denoise_blocks
+from deepcad_jax.infer import Denoiser, denoise_blocks, to_dtype
 
 log = logging.getLogger("deepcad_jax")
 
@@ -256,10 +256,13 @@ class _AppendWriter:
     self.path, self.dtype = path, np.dtype(dtype)
     self.tw = tifffile.TiffWriter(path, bigtiff=True)
     self.count = 0
+    self.clipped = 0
 
   def write(self, frames: np.ndarray) -> None:
+    frames, clipped = to_dtype(np.asarray(frames), self.dtype)  # rounded and clipped
+    self.clipped += clipped
     for f in frames:
-      self.tw.write(np.asarray(f, self.dtype), contiguous=True, photometric="minisblack")
+      self.tw.write(f, contiguous=True, photometric="minisblack")
       self.count += 1
 
   def close(self) -> None:
@@ -280,6 +283,7 @@ class StreamReport:
   raw: str = ""
   denoised: str = ""
   previews: list[str] = dataclasses.field(default_factory=list)
+  clipped: int = 0
   error: str | None = None
 
   @property
@@ -457,6 +461,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   finally:
     raw_writer.close()
     den_writer.close()
+  report.clipped = den_writer.clipped
   report.seconds = time.perf_counter() - t_start
   report.frame_shape = tuple(stream.frame_shape or (0, 0))
   if latencies:

@@ -98,28 +98,32 @@ class TrainResult:
 
 
 class _StopFlag:
-  """Ctrl-C sets the flag (the loop stops at the next step boundary and saves); a
-  second Ctrl-C interrupts at once."""
+  """Ctrl-C or SIGTERM (a cluster's preemption) sets the flag: the loop stops at the
+  next step boundary and saves. A second Ctrl-C interrupts at once."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.set = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    if self.set:
+    if self.set and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.set = True
-    log.warning("Ctrl-C: stopping after this step and saving a checkpoint "
-                "(press again to abort without saving).")
+    log.warning("%s: stopping after this step and saving a checkpoint%s.",
+                signal.Signals(signum).name,
+                " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT
+                else "")
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def _data_summary(source: PairSource) -> list[dict]:
@@ -183,12 +187,17 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     log.warning("%s.", note)
   cfg = config_lib.override(cfg, **{"data.patch": patch})
 
-  mesh = parallel.data_mesh(devices)
-  n_dev = parallel.device_count(mesh)
+  mesh = parallel.data_mesh(devices, cfg.parallel.spatial)
+  n_dev = parallel.device_count(mesh)  # along 'data'
   batch_size = cfg.train.batch_size or n_dev
   if batch_size % n_dev:
-    raise UserError(f"batch size {batch_size} is not a multiple of the {n_dev} devices; "
-                    f"use --batch-size {max(n_dev, batch_size // n_dev * n_dev)}.")
+    raise UserError(f"batch size {batch_size} is not a multiple of the {n_dev} devices "
+                    f"along the data axis; use --batch-size "
+                    f"{max(n_dev, batch_size // n_dev * n_dev)}.")
+  if patch[1] % (8 * cfg.parallel.spatial):
+    raise UserError(f"patch Y ({patch[1]}) must be a multiple of 8 x --spatial "
+                    f"({8 * cfg.parallel.spatial}) to split it over {cfg.parallel.spatial} "
+                    "devices.")
   steps_per_epoch = cfg.data.pairs_per_epoch // batch_size
   if steps_per_epoch < 1:
     raise UserError(f"pairs per epoch ({cfg.data.pairs_per_epoch}) is smaller than the "

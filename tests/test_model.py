@@ -74,3 +74,11 @@ def test_conv_implementations_agree(shape):
        for impl in ("xla", "2d")]
   for a, b in zip(jax.tree_util.tree_leaves(g[0]), jax.tree_util.tree_leaves(g[1])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(18, 37), (37, 75), (5, 11), (4, 8), (3, 7),
+                                        (7, 10), (9, 19)])
+def test_nearest_upsampling_every_size_matches_the_rule(n_in, n_out):
+  x = jnp.arange(float(n_in)).reshape(1, n_in, 1, 1, 1)
+  y = upsample_nearest(x, (n_out, 1, 1))
+  np.testing.assert_array_equal(np.asarray(y).ravel(), np.floor(np.arange(n_out) * n_in / n_out))

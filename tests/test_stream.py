@@ -87,6 +87,12 @@ def test_back_pressure_blocks_and_drop_policy_counts(tmp_path, identity_denoiser
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "block.tif"), movie)
 
   s = StreamDenoiser(identity_denoiser, 8, 2, mean=0.0)
+  r = run_pipeline(SlowSource(movie * 1000), s, str(tmp_path / "u16.tif"), progress=False,
+                   output_dtype=np.uint16)
+  assert r.clipped == np.count_nonzero(np.rint(movie * 1000) < 0)  # clipped, not wrapped
+  assert tifffile.imread(tmp_path / "u16.tif").max() <= 65535
+
+  s = StreamDenoiser(identity_denoiser, 8, 2, mean=0.0)
   r = run_pipeline(SlowSource(movie), s, str(tmp_path / "drop.tif"), queue_frames=4,
                    policy="drop", on_output=slow_output, progress=False)
   assert r.dropped > 0 and r.frames_out == 120 - r.dropped and not r.kept_up

@@ -1,0 +1,84 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import noisy_movie, write_tiff
+from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
+from deepcad_jax.augment import apply_symmetry
+from deepcad_jax.data import open_movie
+from deepcad_jax.infer import std_path, symmetry_samples
+from deepcad_jax.metrics import uncertainty_calibration
+
+
+def test_symmetry_samples_invert_exactly():
+  batch = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
+  out = symmetry_samples(lambda b: b, batch, 8)  # identity network
+  assert out.shape == (2, 4, 8, 8, 2)
+  np.testing.assert_array_equal(out[..., 0], batch)
+  np.testing.assert_array_equal(out[..., 1], 0)
+  # A network that is not equivariant (it weights X positions) gets a positive spread.
+  ramp = jnp.arange(8.0)
+  out = symmetry_samples(lambda b: b * ramp, batch, 8)
+  assert float(out[..., 1].min()) >= 0 and float(out[..., 1].mean()) > 0
+  # Each sample is the network's answer for that orientation, brought back.
+  s3 = apply_symmetry(apply_symmetry(batch, 3) * ramp, 1)  # rot 270, then rot 90 back
+  two = symmetry_samples(lambda b: b * ramp, batch, 4)
+  assert two.shape[-1] == 2 and not np.allclose(s3, batch * ramp)
+
+
+def test_uncertainty_maps_have_the_movie_shape_and_are_non_negative(trained_model):
+  movie, _ = noisy_movie((20, 24, 28), seed=3)
+  mean, std = denoise(movie, trained_model, output_dtype="float32", uncertainty=4)
+  assert mean.shape == std.shape == movie.shape and std.dtype == np.float32
+  assert std.min() >= 0 and std.mean() > 0
+  plain = denoise(movie, trained_model, output_dtype="float32")
+  assert np.abs(mean - plain).mean() < 3 * std.mean() + 1e-3  # close to the point estimate
+  with pytest.raises(UserError, match="--uncertainty takes 2 to 8"):
+    Denoiser(trained_model, uncertainty=9)
+  with pytest.raises(UserError, match="2 to 4 samples for a 16x24"):
+    Denoiser(trained_model, patch=(8, 16, 24), uncertainty=8)
+
+
+def test_coverage_against_hand_made_cases():
+  ref = np.zeros((1, 1, 4))
+  movie = np.array([[[0.5, -1.5, 3.0, 0.0]]])
+  std = np.ones((1, 1, 4))
+  c = uncertainty_calibration(movie, std, ref)
+  assert c["coverage_1std"] == pytest.approx(0.5)   # |0.5| and |0| are within 1
+  assert c["coverage_2std"] == pytest.approx(0.75)  # and |-1.5|
+  # Errors 0.5, 1.5, 3, 0 over std 1: the 68.27% quantile of the ratio.
+  assert c["std_scale"] == pytest.approx(np.quantile([0.5, 1.5, 3.0, 0.0], 0.6827))
+  assert c["coverage_1std_rescaled"] >= 0.5
+  std2 = np.array([[[0.5, 1.5, 3.0, 1e-3]]])  # std that follows the error
+  assert uncertainty_calibration(movie, std2, ref)["corr_std_error"] > 0.99
+
+
+def test_cli_uncertainty_evaluate_and_calibrate(capsys, tmp_path, trained_model):
+  import shutil
+  model = str(tmp_path / "model")
+  shutil.copytree(trained_model, model)
+  noisy, clean = noisy_movie((24, 24, 24), seed=11)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  ref = write_tiff(tmp_path / "clean.tif", clean)
+  out = str(tmp_path / "den.tif")
+  assert cli.main(["deepcad-jax", "denoise", "--model", model, "--input", src, "--output",
+                   out, "--uncertainty", "8"]) == 0
+  assert "uncertainty (std over 8 symmetries)" in capsys.readouterr().out
+  std_before = open_movie(std_path(out)).read(0, 24)
+  assert cli.main(["deepcad-jax", "evaluate", "--denoised", out, "--reference", ref,
+                   "--uncertainty", std_path(out)]) == 0
+  text = capsys.readouterr().out
+  assert "within 1 std" in text and "corr(std, |error|)" in text
+  assert cli.main(["deepcad-jax", "calibrate", "--model", model, "--noisy", src,
+                   "--clean", ref]) == 0
+  record = json.load(open(tmp_path / "model" / "calibration.json"))
+  assert load_model(model).meta["calibration"]["std_scale"] == record["std_scale"]
+  assert record["measured"]["coverage_1std_rescaled"] == pytest.approx(0.6827, abs=0.01)
+  assert cli.main(["deepcad-jax", "denoise", "--model", model, "--input", src, "--output",
+                   out, "--uncertainty", "8", "--overwrite"]) == 0
+  std_after = open_movie(std_path(out)).read(0, 24)
+  np.testing.assert_allclose(std_after, std_before * record["std_scale"], rtol=1e-4,
+                             atol=1e-5)
