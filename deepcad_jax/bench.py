@@ -174,6 +174,7 @@ def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, na
                  devices=None, spatial=1) -> dict:
   """The same patches already on the device: the network alone, batch by batch."""
   mesh = parallel.data_mesh(devices, spatial)
+  parallel.check_spatial(patch[1], spatial)
   n_dev = parallel.device_count(mesh)
   batch_size = batch_size or n_dev
   net = UNet3D(features, dtype=jnp.dtype(dtype))
@@ -204,6 +205,7 @@ def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=N
   cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype},
                               "data": {"patch": [max(8, p // 8 * 8) for p in patch]}})
   mesh = parallel.data_mesh(devices, spatial)
+  parallel.check_spatial(patch[1], spatial)
   batch_size = batch_size or parallel.device_count(mesh)
   state = jax.device_put(create_state(cfg), parallel.replicated(mesh))
   step = compile_step(make_model(cfg), mesh)

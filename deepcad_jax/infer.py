@@ -353,9 +353,7 @@ class Denoiser:
     if self.batch_size % n_dev:
       raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
                       "devices; use a multiple.")
-    if self.spatial > 1 and self.patch[1] % self.spatial:
-      raise UserError(f"patch Y ({self.patch[1]}) must divide over --spatial "
-                      f"{self.spatial} devices.")
+    parallel.check_spatial(self.patch[1], self.spatial)
 
   def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
              progress: bool = False) -> Iterator[np.ndarray]:

@@ -31,6 +31,16 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> 
                        axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def check_spatial(patch_y: int, spatial: int) -> None:
+  """Patch Y must split into whole pooling windows with at least two rows per device at
+  the deepest level: with one row per device there, XLA's partitioned gradients were
+  wrong (measured on jax 0.10.2, CPU), while two or more rows give the unsplit result."""
+  from deepcad_jax.errors import UserError
+  if spatial > 1 and (patch_y % (8 * spatial) or patch_y < 16 * spatial):
+    raise UserError(f"with --spatial {spatial} the patch Y ({patch_y}) must be a multiple "
+                    f"of {8 * spatial} and at least {16 * spatial}.")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch axis over 'data'; with a 'space' axis, also Y of (B, T, Y, X) over it."""
   if SPACE in mesh.axis_names:

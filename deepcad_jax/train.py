@@ -194,10 +194,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     raise UserError(f"batch size {batch_size} is not a multiple of the {n_dev} devices "
                     f"along the data axis; use --batch-size "
                     f"{max(n_dev, batch_size // n_dev * n_dev)}.")
-  if patch[1] % (8 * cfg.parallel.spatial):
-    raise UserError(f"patch Y ({patch[1]}) must be a multiple of 8 x --spatial "
-                    f"({8 * cfg.parallel.spatial}) to split it over {cfg.parallel.spatial} "
-                    "devices.")
+  parallel.check_spatial(patch[1], cfg.parallel.spatial)
   steps_per_epoch = cfg.data.pairs_per_epoch // batch_size
   if steps_per_epoch < 1:
     raise UserError(f"pairs per epoch ({cfg.data.pairs_per_epoch}) is smaller than the "

@@ -131,11 +131,14 @@ def test_denoise_a_folder(trained_model, tmp_path):
 
 
 def test_spatial_sharding_gives_the_same_denoised_movie(trained_model, devices):
-  movie, _ = noisy_movie((20, 32, 24), seed=6)
-  one = denoise(movie, trained_model, output_dtype="float32", devices=devices[:1])
-  two = denoise(movie, Denoiser(trained_model, devices=devices, spatial=2),
-                output_dtype="float32")
+  movie, _ = noisy_movie((20, 40, 24), seed=6)
+  one = denoise(movie, trained_model, patch=(8, 32, 16), output_dtype="float32",
+                devices=devices[:1])
+  two = denoise(movie, Denoiser(trained_model, patch=(8, 32, 16), devices=devices,
+                                spatial=2), output_dtype="float32")
   # Partitioned convolutions sum in another order: float32 rounding, ~4e-5 relative.
   np.testing.assert_allclose(two, one, rtol=2e-4, atol=1e-3)
   with pytest.raises(UserError, match="--spatial 3 does not divide"):
     Denoiser(trained_model, devices=devices, spatial=3)
+  with pytest.raises(UserError, match="must be a multiple of 16 and at least 32"):
+    Denoiser(trained_model, devices=devices, spatial=2)  # the model's 16-row patch
