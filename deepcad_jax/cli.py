@@ -380,7 +380,9 @@ def _run_stream(fv):
         f"over {r.seconds:.1f} s" + (f" (source rate {rate:g} Hz)" if rate else ""))
   print(f"latency (arrival to denoised output): median {r.latency_median_s:.3f} s, "
         f"99th percentile {r.latency_p99_s:.3f} s")
-  print(f"kept up: {'yes' if r.kept_up else 'no'}; batches of {stream.B} frames, "
+  kept = ("n/a (replayed as fast as possible; the sustained rate is the most it keeps up "
+          "with)" if not rate else ("yes" if r.kept_up else "no"))
+  print(f"kept up: {kept}; batches of {stream.B} frames, "
         f"overlap {stream.overlap_frames}; {r.clipped} voxels clipped to "
         f"{_v(fv, 'output-dtype')}")
   print(f"raw: {r.raw}\ndenoised: {r.denoised}"
