@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 
 from deepcad_jax.checkpoint import CALIBRATION, load_model
 from deepcad_jax.data.movie import open_movie

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 
-import numpy as np
 
 from deepcad_jax import checkpoint as ckpt
 from deepcad_jax.config import load_config

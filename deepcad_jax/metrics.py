@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from deepcad_jax.data.movie import open_movie
 from deepcad_jax.errors import UserError
 
 SLICES = {"xy": (0, 1, 2), "yt": (2, 0, 1), "xt": (1, 0, 2)}  # slice axis first
@@ -130,7 +131,6 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None,
                    std: str | None = None) -> dict[str, dict[str, Any]]:
   """Scores of a denoised TIFF (and optionally the raw one) against a reference TIFF;
   with `std` (the *_std.tif of `denoise --uncertainty`), its calibration too."""
-  from deepcad_jax.data.movie import open_movie
 
   def load(path):
     m = open_movie(path)

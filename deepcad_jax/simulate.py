@@ -11,10 +11,13 @@ noise, the noisy movie has the requested SNR (dB, as the paper defines it).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import numpy as np
 
+from deepcad_jax.data.movie import write_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.metrics import snr_db
 
@@ -141,10 +144,6 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
 
 def write_simulation(folder: str, overwrite: bool = False, **kwargs: Any) -> dict:
   """Simulate and write noisy.tif, clean.tif (float32) and info.json into `folder`."""
-  import json
-  import os
-
-  from deepcad_jax.data.movie import write_movie
   paths = {k: os.path.join(folder, f) for k, f in
            (("noisy", "noisy.tif"), ("clean", "clean.tif"), ("info", "info.json"))}
   existing = [p for p in paths.values() if os.path.exists(p)]

@@ -1,4 +1,3 @@
-import io
 import os
 import pickle
 import zipfile
@@ -9,7 +8,7 @@ import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UNet3D, UserError, cli, denoise, load_model, train
-from deepcad_jax.convert import (convert, read_para, read_state_dict, to_flax_params)
+from deepcad_jax.convert import read_para, read_state_dict, to_flax_params
 from deepcad_jax.data import as_movie
 from deepcad_jax.infer import denoise_blocks
 from deepcad_jax.model import param_count
