@@ -92,23 +92,17 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, movie_path, devices
   cfg = tiny_config(**{"train.epochs": 2})
   full = train(movie_path, str(tmp_path / "full"), cfg, devices=devices[:1], progress=False)
 
-  def ctrl_c_at_step_5(step, loss):
-    if step == 5:
-      os.kill(os.getpid(), signal.SIGINT)
+  # Ctrl-C at step 5, then SLURM's preemption signal (SIGTERM) at step 9 of the resumed
+  # run: each stops at the step boundary with a checkpoint there.
+  for sig, at in ((signal.SIGINT, 5), (signal.SIGTERM, 9)):
+    def send(step, loss, sig=sig, at=at):
+      if step == at:
+        os.kill(os.getpid(), sig)
 
-  part = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1], progress=False,
-               on_step=ctrl_c_at_step_5)
-  assert part.interrupted and part.step == 5
-  assert load_model(str(tmp_path / "part")).meta["step"] == 5
-
-  def preempted_at_step_9(step, loss):  # SLURM preemption sends SIGTERM
-    if step == 9:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  part = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1], progress=False,
-               on_step=preempted_at_step_9)
-  assert part.interrupted and part.step == 9
-  assert load_model(str(tmp_path / "part")).meta["step"] == 9
+    part = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1],
+                 progress=False, on_step=send)
+    assert part.interrupted and part.step == at
+    assert load_model(str(tmp_path / "part")).meta["step"] == at
   resumed = train(movie_path, str(tmp_path / "part"), cfg, devices=devices[:1],
                   progress=False)
   assert resumed.step == full.step == 32 and not resumed.interrupted
