@@ -276,6 +276,35 @@ def _run_evaluate(fv):
   return 0
 
 
+# ---------------------------------------------------------------- events
+
+
+def _define_events(fv):
+  flags.DEFINE_string("raw", None, "The raw (noisy) movie.", flag_values=fv)
+  flags.DEFINE_string("denoised", None, "Its denoised version.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Folder for z_map.tif, events.csv, events.json.",
+                      flag_values=fv)
+  flags.DEFINE_float("threshold", 6.0, "Standardised excess (z) that flags an event.",
+                     flag_values=fv)
+  flags.DEFINE_string("box", "3,5,5", "Averaging box T,Y,X.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace existing results.", flag_values=fv)
+
+
+def _run_events(fv):
+  from deepcad_jax.events import check_files
+  _require(fv, "raw", "denoised", "output")
+  r = check_files(_v(fv, "raw"), _v(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
+                  _triple(_v(fv, "box"), "--box"), _v(fv, "overwrite"))
+  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}")
+  print(f"{len(r.events)} candidate event(s) where the raw movie exceeds the denoised one "
+        f"beyond the noise (z > {r.threshold:g} over {r.box} boxes); largest z "
+        f"{float(r.z_map.max()):.1f}")
+  for e in r.events[:10]:
+    print(f"  t={e['t']} y={e['y']} x={e['x']}  z={e['z']:.1f}  excess {e['excess']:.3g}")
+  print(f"map and list: {_v(fv, 'output')}/z_map.tif, events.csv, events.json")
+  return 0
+
+
 # ---------------------------------------------------------------- calibrate
 
 
@@ -449,6 +478,9 @@ COMMANDS = {c.name: c for c in [
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
+    Command("events", "find where denoising removed more than noise (rare events)",
+            _define_events, _run_events,
+            "deepcad-jax events --raw movie.tif --denoised den.tif --output check/"),
     Command("calibrate", "fit the uncertainty scale of a model on data with ground truth",
             _define_calibrate, _run_calibrate,
             "deepcad-jax calibrate --model runs/rt --noisy sim/noisy.tif --clean "
