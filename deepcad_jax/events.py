@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.movie import open_movie, write_movie
+from deepcad_jax.data.movie import open_movie, refuse_to_overwrite, write_movie
 from deepcad_jax.errors import UserError
 
 
@@ -116,10 +116,7 @@ def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
                 ) -> EventReport:
   """Run the check on two TIFFs; write z_map.tif, events.csv and events.json to `output`."""
   paths = [os.path.join(output, n) for n in ("z_map.tif", "events.csv", "events.json")]
-  existing = [p for p in paths if os.path.exists(p)]
-  if existing and not overwrite:
-    raise UserError(f"{existing[0]} already exists; add --overwrite or choose another "
-                    "--output folder.")
+  refuse_to_overwrite(paths, overwrite)
   r, d = open_movie(raw), open_movie(denoised)
   report = find_suppressed_events(r.read(0, r.shape[0]), d.read(0, d.shape[0]), threshold,
                                   box)

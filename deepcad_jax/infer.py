@@ -9,6 +9,7 @@ no later patch can touch them. Peak host memory is a few slabs, not the movie.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -23,7 +24,8 @@ import numpy as np
 from deepcad_jax import distributed, parallel
 from deepcad_jax.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.checkpoint import Model, load_model
-from deepcad_jax.data.movie import Movie, as_movie, list_movies, open_movie, write_movie
+from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
+                                    refuse_to_overwrite, write_movie)
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import UNet3D
 from deepcad_jax.progress import Progress
@@ -429,7 +431,7 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
 
   def converted():
     nonlocal clipped
-    with open(std_raw, "wb") if std_raw else _nowhere() as std_file:
+    with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
       for block in den.blocks(movie, stats, progress=progress):
         if std_raw:
           std_file.write(np.ascontiguousarray(block[..., 1], np.float32).tobytes())
@@ -444,14 +446,6 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
     _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
                     stats.seconds, stats.voxels_per_s, clipped)
-
-
-class _nowhere:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def std_path(output: str) -> str:
@@ -496,7 +490,7 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
 
     def assembled():
       nonlocal clipped
-      with open(std_raw, "wb") if std_raw else _nowhere() as std_file:
+      with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
         for q in range(n_proc):
           data = np.memmap(f"{dst}.part{q}", np.float32, "r") if os.path.getsize(
               f"{dst}.part{q}") else np.zeros(0, np.float32)
@@ -540,10 +534,8 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   for src, dst in zip(inputs, outputs):
     if os.path.exists(dst) and os.path.samefile(src, dst):
       raise UserError(f"--output {dst} is the input file; choose another output.")
-    for path in (dst, std_path(dst)) if kwargs.get("uncertainty") else (dst,):
-      if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists; add --overwrite to replace it or choose "
-                        "another --output.")
+    refuse_to_overwrite((dst, std_path(dst)) if kwargs.get("uncertainty") else (dst,),
+                        overwrite)
   movies = [open_movie(p) for p in inputs]
   n_proc = jax.process_count()
   if n_proc > 1:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.movie import write_movie
+from deepcad_jax.data.movie import refuse_to_overwrite, write_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.metrics import snr_db
 
@@ -146,10 +146,7 @@ def write_simulation(folder: str, overwrite: bool = False, **kwargs: Any) -> dic
   """Simulate and write noisy.tif, clean.tif (float32) and info.json into `folder`."""
   paths = {k: os.path.join(folder, f) for k, f in
            (("noisy", "noisy.tif"), ("clean", "clean.tif"), ("info", "info.json"))}
-  existing = [p for p in paths.values() if os.path.exists(p)]
-  if existing and not overwrite:
-    raise UserError(f"{existing[0]} already exists; add --overwrite or choose another "
-                    "--output folder.")
+  refuse_to_overwrite(paths.values(), overwrite)
   noisy, clean, info = simulate(SimulationParams(**kwargs))
   os.makedirs(folder, exist_ok=True)
   write_movie(paths["noisy"], noisy)

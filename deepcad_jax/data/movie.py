@@ -168,6 +168,16 @@ def as_movie(movie, name: str = "<array>") -> Movie:
   return ArrayMovie(movie, name)
 
 
+def refuse_to_overwrite(paths: Iterable[str], overwrite: bool) -> None:
+  """Nothing the user has is replaced unless they asked (`--overwrite`)."""
+  if overwrite:
+    return
+  for path in paths:
+    if os.path.exists(path):
+      raise UserError(f"{path} already exists; add --overwrite to replace it or choose "
+                      "another --output.")
+
+
 def list_movies(path: str) -> list[str]:
   """One TIFF file, or the TIFF files of a folder (sorted)."""
   if not os.path.exists(path):
