@@ -379,6 +379,27 @@ def _paper_figure(r: dict) -> str:
   return ""
 
 
+def _torch_ratios(records: list[dict]) -> list[str]:
+  """'JAX / PyTorch' time ratios for records measured side by side (same patch)."""
+  lines = []
+  for r in records:
+    if "-torch-" not in r["workload"]:
+      continue
+    prefix, kind = r["workload"].split("-torch-")
+    want = (f"{prefix}-ladder-infer" if prefix == "quick" else None, "reference-device") \
+        if kind == "forward" else (f"{prefix}-train-step" if prefix == "quick" else
+                                   "train-step",)
+    for j in records:
+      if j["workload"] in want and j.get("patch") == r.get("patch") and \
+          j.get("features") == r.get("features") and j.get("patches", 1) == 1 and \
+          j["dtype"] == "float32" and j.get("commit") == r.get("commit"):
+        lines.append(f"JAX / PyTorch time, {kind} {'x'.join(map(str, r['patch']))}: "
+                     f"{j['median_s'] / r['median_s']:.2f} ({j['median_s']:.4g} s vs "
+                     f"{r['median_s']:.4g} s, {r.get('framework', 'torch')}).")
+        break
+  return lines + ([""] if lines else [])
+
+
 def markdown_table(records: list[dict]) -> str:
   """Measured records, and the paper's figures where a record used the paper's protocol."""
   rows = ["| workload | shape | device | dtype | batch | median s | compile s | voxels/s | "
@@ -398,6 +419,7 @@ def markdown_table(records: list[dict]) -> str:
                 f"{vps} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
                 f"{_paper_figure(r)} |")
   rows.append("")
+  rows += _torch_ratios(records)
   rows.append(f"Paper (Li et al. 2022): {PAPER['inference_s']} s for the 490x490x300 "
               f"movie (75 patches of 150^3) on one RTX 3090 (PyTorch, batch 1), recorded "
               f"in {PAPER['acquisition_s']} s; {PAPER['train_step_s']} s per 150^3 "

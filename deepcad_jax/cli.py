@@ -376,6 +376,9 @@ def _define_stream(fv):
                     flag_values=fv)
   flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype.", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
+  flags.DEFINE_boolean("live", False, "Show raw and denoised side by side in a window "
+                       "(needs a display and matplotlib; headless: preview images).",
+                       flag_values=fv)
 
 
 def _run_stream(fv):
@@ -399,9 +402,20 @@ def _run_stream(fv):
                           _v(fv, "overlap-frames"), batch_size=_v(fv, "batch-size"),
                           dtype=_v(fv, "dtype"), mean=mean)
   rate = _v(fv, "rate") if isinstance(source, ReplaySource) else 0.0
+  view, preview_every = None, _v(fv, "preview-every")
+  if _v(fv, "live"):
+    from deepcad_jax.stream import LiveView, display_available
+    if display_available():
+      view = LiveView()
+    else:
+      preview_every = preview_every or 5.0
+      print(f"no display: writing preview images every {preview_every:g} s instead of a "
+            "live window.")
   r = run_pipeline(source, stream, output, rate=rate, policy=_v(fv, "policy"),
                    raw_output=raw, output_dtype=_v(fv, "output-dtype"),
-                   preview_every_s=_v(fv, "preview-every"))
+                   preview_every_s=preview_every,
+                   on_output=view.update if view else None,
+                   on_idle=view.draw if view else None)
   print(f"frames: {r.frames_in} in, {r.frames_out} denoised, {r.dropped} dropped "
         f"({r.frame_shape[0]}x{r.frame_shape[1]})")
   print(f"sustained: {r.frames_per_s:.1f} frames/s = {r.voxels_per_s:.3g} voxels/s "
@@ -445,6 +459,8 @@ def _define_bench(fv):
 
 
 def _run_bench(fv):
+  # Peak device memory means the peak allocation: no preallocated pool (GPU).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from deepcad_jax import bench
   records = bench.run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
                                _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),

@@ -285,7 +285,9 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
             yield frames
           else:
             yield frames + np.float32(mean)
-    bar.update(done, force=done == len(plan))
+    elapsed = time.perf_counter() - t_start
+    bar.update(done, force=done == len(plan),
+               **{"voxels/s": f"{done * int(np.prod(eff)) / max(elapsed, 1e-9):.3g}"})
 
   pending = None
   for group in _batches(patches(), batch_size):

@@ -320,13 +320,15 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
                  rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
                  raw_output: str | None = None, output_dtype: Any = "float32",
                  preview_every_s: float = 0.0, preview_dir: str | None = None,
-                 on_output=None, progress: bool = True) -> StreamReport:
+                 on_output=None, on_idle=None, progress: bool = True) -> StreamReport:
   """Acquisition, processing and output in three threads joined by bounded queues.
 
   Writes the raw frames to `raw_output` (default: beside `output`, `*_raw.tif`) and the
   denoised frames to `output` as they come; every `preview_every_s` seconds a PNG of the
   latest raw and denoised frames side by side; `on_output(raw, denoised)` (e.g. a live
-  view) is called from the output stage for every block. A stage that fails stops the
+  view) is called from the output stage for every block, and `on_idle()` from this
+  (the main) thread about every 0.1 s, where GUI toolkits must draw. A stage that fails
+  stops the
   others (a failing source ends the stream: the frames acquired until then are still
   denoised and written); what was written stays readable, and the error is re-raised
   after clean-up.
@@ -452,7 +454,9 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   try:
     for t in threads:
       while t.is_alive():
-        t.join(0.2)
+        t.join(0.1)
+        if on_idle is not None:
+          on_idle()
   except KeyboardInterrupt:
     stop.set()
     for t in threads:
@@ -476,3 +480,50 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
               "written to %s and stay readable.", report.error, report.frames_out, output)
     raise errors[0]
   return report
+
+
+def display_available() -> bool:
+  """Whether a window can be shown (a display on Linux; always on macOS and Windows)."""
+  import sys
+  return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or \
+      sys.platform in ("darwin", "win32")
+
+
+class LiveView:
+  """The latest raw and denoised frames side by side in a matplotlib window.
+
+  `update` (any thread) keeps the latest pair; `draw` (the main thread, via
+  `run_pipeline(on_idle=...)`) shows it.
+  """
+
+  def __init__(self):
+    try:
+      import matplotlib.pyplot as plt
+    except ImportError:
+      raise UserError("the live view needs matplotlib (pip install matplotlib); without "
+                      "it, use the preview images (--preview-every).") from None
+    self.plt = plt
+    self.latest = None
+    self.images = None
+    self.fig, self.axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, title in zip(self.axes, ("raw", "denoised")):
+      ax.set_title(title)
+      ax.axis("off")
+    plt.ion()
+    plt.show()
+
+  def update(self, raw: np.ndarray, denoised: np.ndarray) -> None:
+    self.latest = (raw[-1], denoised[-1])
+
+  def draw(self) -> None:
+    if self.latest is None:
+      return
+    frames, self.latest = self.latest, None
+    if self.images is None:
+      lo, hi = np.percentile(frames[0], [0.5, 99.5])
+      self.images = [ax.imshow(f, cmap="gray", vmin=lo, vmax=hi)
+                     for ax, f in zip(self.axes, frames)]
+    else:
+      for im, f in zip(self.images, frames):
+        im.set_data(f)
+    self.plt.pause(0.001)

@@ -51,3 +51,13 @@ def test_bad_workload_is_a_clear_error(capsys):
   assert "--workload" in capsys.readouterr().err
   with pytest.raises(bench.UserError, match="unknown workload"):
     bench.run_workload("nope")
+
+
+def test_torch_ratio_lines():
+  common = {"device": "cpu", "dtype": "float32", "batch_size": 1, "peak_memory_bytes": 1,
+            "features": 16, "patch": [16, 32, 32], "commit": "abc"}
+  records = [dict(common, workload="quick-train-step", median_s=0.08),
+             dict(common, workload="quick-torch-train-step", median_s=0.16,
+                  framework="torch 2.13")]
+  table = bench.markdown_table(records)
+  assert "JAX / PyTorch time, train-step 16x32x32: 0.50 (0.08 s vs 0.16 s" in table

@@ -147,7 +147,8 @@ def test_folder_source_reads_files_as_they_arrive(tmp_path):
   np.testing.assert_array_equal(np.stack(frames), movie)
 
 
-def test_stream_cli_replays_a_tiff_at_a_fixed_rate(capsys, tmp_path, trained_model):
+def test_stream_cli_replays_a_tiff_at_a_fixed_rate(capsys, tmp_path, trained_model,
+                                                  monkeypatch):
   movie, _ = noisy_movie((48, 16, 16), seed=2)
   src = write_tiff(tmp_path / "movie.tif", movie)
   out = str(tmp_path / "live.tif")
@@ -163,3 +164,12 @@ def test_stream_cli_replays_a_tiff_at_a_fixed_rate(capsys, tmp_path, trained_mod
   code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
                    "--output", out])
   assert code == 2 and "already exists" in capsys.readouterr().err
+  # --live without a display falls back to preview images, and says so.
+  monkeypatch.delenv("DISPLAY", raising=False)
+  monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", out, "--overwrite", "--live", "--preview-every", "0",
+                   "--rate", "0"])
+  text = capsys.readouterr()
+  assert code == 0, text.err
+  assert "no display: writing preview images every 5 s" in text.out
