@@ -384,10 +384,11 @@ def _define_stream(fv):
 def _run_stream(fv):
   from deepcad_jax.checkpoint import load_model
   from deepcad_jax.data.movie import refuse_to_overwrite
-  from deepcad_jax.stream import FolderSource, ReplaySource, StreamDenoiser, run_pipeline
+  from deepcad_jax.stream import (FolderSource, ReplaySource, StreamDenoiser, raw_path,
+                                  run_pipeline)
   _require(fv, "model", "source", "output")
   output = _v(fv, "output")
-  raw = os.path.splitext(output)[0] + "_raw.tif"
+  raw = raw_path(output)
   refuse_to_overwrite((output, raw), _v(fv, "overwrite"))
   src = _v(fv, "source")
   source = FolderSource(src, _v(fv, "idle-timeout")) if os.path.isdir(src) else \

@@ -29,8 +29,8 @@ from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import UNet3D
 from deepcad_jax.progress import Progress
-from deepcad_jax.tiling import (AxisTile, Patch, axis_plan, blend_weights, padded_patch,
-                                patch_plan)
+from deepcad_jax.tiling import (AxisTile, Patch, axis_plan, blend_weights, gap,
+                                padded_patch, patch_plan)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -44,15 +44,7 @@ class DenoiseStats:
   shape: tuple[int, int, int] = (0, 0, 0)
   patch: tuple[int, int, int] = (0, 0, 0)
   patches: int = 0
-  batches: int = 0
-  batch_size: int = 0
   seconds: float = 0.0
-  clipped: int = 0
-  mean: float = 0.0
-
-  @property
-  def network_voxels(self) -> int:
-    return self.patches * int(np.prod(self.patch))
 
   @property
   def voxels_per_s(self) -> float:
@@ -132,7 +124,7 @@ class _Stitcher:
     self.t_tiles = axis_plan(self.T, patch[0], overlap, reference)
     self.yx_tiles = [axis_plan(n, p, overlap, reference) for n, p in
                      zip(shape[1:], patch[1:])]
-    self.gaps = [p - max(1, int(p * (1 - overlap))) for p in patch]
+    self.overlap_lengths = [p - gap(p, overlap) for p in patch]
     self.base = 0           # movie frame at buffer index 0
     self.emitted = 0        # frames already yielded
     extra = (channels,) if channels else ()
@@ -141,7 +133,7 @@ class _Stitcher:
 
   def _weights(self, tiles: Sequence[AxisTile]) -> np.ndarray:
     w = [blend_weights(p, t, n, g) for p, t, n, g in
-         zip(self.patch, tiles, (self.T, self.Y, self.X), self.gaps)]
+         zip(self.patch, tiles, (self.T, self.Y, self.X), self.overlap_lengths)]
     return w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]
 
   def add(self, p: Patch, out: np.ndarray, inp: np.ndarray) -> None:
@@ -181,14 +173,6 @@ class _Stitcher:
     tile = self.t_tiles[k]
     self.base = tile.start
     self.emitted = tile.start if self.blend else tile.keep_lo
-
-  def frame_range(self, a: int, b: int) -> tuple[int, int]:
-    """The frames that slabs a..b-1 finish."""
-    lo = 0 if a == 0 else (self.t_tiles[a].start if self.blend else self.t_tiles[a].keep_lo)
-    last = b == len(self.t_tiles)
-    hi = self.T if last else (self.t_tiles[b].start if self.blend
-                              else self.t_tiles[b - 1].keep_hi)
-    return lo, hi
 
   def finish_slab(self, k: int) -> tuple[int, np.ndarray]:
     """(first frame, frames) that no later slab touches, once slab `k` is complete."""
@@ -253,7 +237,6 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
     stitch.start_at(first)
   plan = plan[first * per_slab:b * per_slab]
   stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
-  stats.mean, stats.batch_size = mean, batch_size
   bar = Progress(len(plan), "patches", enabled=progress)
   t_start = time.perf_counter()
 
@@ -294,7 +277,6 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
     batch = np.zeros((batch_size,) + tuple(eff), np.float32)
     batch[:len(group)] = np.stack([d for _, d in group])
     out = net(batch)  # dispatched asynchronously: the device works while we stitch
-    stats.batches += 1
     if pending is not None:
       yield from absorb(*pending)
     pending = (group, out)
@@ -428,26 +410,29 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
                ) -> FileReport:
   """Denoise one movie into `dst`, written as it is produced."""
   stats = DenoiseStats()
-  clipped = 0
+  clipped = [0]
   std_raw = f"{dst}.std.partial" if den.uncertainty else None
-
-  def converted():
-    nonlocal clipped
-    with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
-      for block in den.blocks(movie, stats, progress=progress):
-        if std_raw:
-          std_file.write(np.ascontiguousarray(block[..., 1], np.float32).tobytes())
-          block = block[..., 0]
-        block, n = to_dtype(block, out_dtype)
-        clipped += n
-        yield block
-
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  write_movie(dst, converted(), movie.shape, out_dtype)
+  write_movie(dst, _converted(den.blocks(movie, stats, progress=progress), out_dtype,
+                              std_raw, clipped), movie.shape, out_dtype)
   if std_raw:
     _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                    stats.seconds, stats.voxels_per_s, clipped)
+                    stats.seconds, stats.voxels_per_s, clipped[0])
+
+
+def _converted(blocks: Iterator[np.ndarray], out_dtype, std_raw: str | None,
+               clipped: list[int]) -> Iterator[np.ndarray]:
+  """The mean channel in `out_dtype` (rounded, clipped; the count added to clipped[0]);
+  with `std_raw`, the std channel goes to that float32 raw file as it passes."""
+  with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
+    for block in blocks:
+      if std_file is not None:
+        std_file.write(np.ascontiguousarray(block[..., 1], np.float32).tobytes())
+        block = block[..., 0]
+      block, n = to_dtype(block, out_dtype)
+      clipped[0] += n
+      yield block
 
 
 def std_path(output: str) -> str:
@@ -486,35 +471,28 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   distributed.barrier(f"parts-{dst}")
   report = None
   if p == 0:
-    clipped = 0
+    clipped = [0]
     frame_shape = movie.shape[1:] + ((channels,) if channels else ())
     std_raw = f"{dst}.std.partial" if channels else None
 
-    def assembled():
-      nonlocal clipped
-      with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
-        for q in range(n_proc):
-          data = np.memmap(f"{dst}.part{q}", np.float32, "r") if os.path.getsize(
-              f"{dst}.part{q}") else np.zeros(0, np.float32)
-          frames = data.reshape((-1,) + frame_shape)
-          for t in range(0, len(frames), 64):
-            block = np.asarray(frames[t:t + 64])
-            if std_raw:
-              std_file.write(np.ascontiguousarray(block[..., 1]).tobytes())
-              block = block[..., 0]
-            block, n = to_dtype(block, out_dtype)
-            clipped += n
-            yield block
-          del data, frames
+    def parts():  # every process's frames, in order, 64 at a time
+      for q in range(n_proc):
+        data = np.memmap(f"{dst}.part{q}", np.float32, "r") if os.path.getsize(
+            f"{dst}.part{q}") else np.zeros(0, np.float32)
+        frames = data.reshape((-1,) + frame_shape)
+        for t in range(0, len(frames), 64):
+          yield np.asarray(frames[t:t + 64])
+        del data, frames
 
-    write_movie(dst, assembled(), movie.shape, out_dtype)
+    write_movie(dst, _converted(parts(), out_dtype, std_raw, clipped), movie.shape,
+                out_dtype)
     if std_raw:
       _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
     for q in range(n_proc):
       os.remove(f"{dst}.part{q}")
     seconds = time.perf_counter() - t0
     report = FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                        seconds, float(np.prod(movie.shape)) / seconds, clipped)
+                        seconds, float(np.prod(movie.shape)) / seconds, clipped[0])
   distributed.barrier(f"assembled-{dst}")
   return report
 

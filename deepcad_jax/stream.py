@@ -33,6 +33,7 @@ import tifffile
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise_blocks, to_dtype
+from deepcad_jax.tiling import gap
 
 log = logging.getLogger("deepcad_jax")
 
@@ -55,7 +56,7 @@ class StreamDenoiser:
     pt, py, px = den.patch
     self.B = int(batch_frames or pt)
     self.overlap_frames = int(overlap_frames if overlap_frames is not None
-                              else self.B - max(1, int(self.B * (1 - den.overlap))))
+                              else self.B - gap(self.B, den.overlap))
     if self.B < 2 or not 0 <= self.overlap_frames < self.B:
       raise UserError(f"need batch_frames >= 2 and 0 <= overlap_frames < batch_frames; "
                       f"got {self.B} and {self.overlap_frames}.")
@@ -298,6 +299,11 @@ class StreamReport:
 _END = object()
 
 
+def raw_path(output: str) -> str:
+  """Where the raw frames of a stream written to `output` go: beside it, `*_raw.tif`."""
+  return os.path.splitext(output)[0] + "_raw.tif"
+
+
 def write_png(path: str, image: np.ndarray) -> None:
   """A grayscale 8-bit PNG (no dependencies): the image scaled to its 0.5-99.5% range."""
   import struct
@@ -338,7 +344,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   for path in (output, raw_output):
     if path and not path.lower().endswith(TIFF_SUFFIXES):
       raise UserError(f"{path} must end in .tif or .tiff.")
-  raw_output = raw_output or os.path.splitext(output)[0] + "_raw.tif"
+  raw_output = raw_output or raw_path(output)
   acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
   denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
   stop = threading.Event()

@@ -31,17 +31,22 @@ class AxisTile:
                               # later patch overwrote part of it (the rescale uses it)
 
 
+def gap(p: int, overlap: float) -> int:
+  """The reference's step between patch starts: int(p * (1 - overlap)), at least 1."""
+  return max(1, int(p * (1 - overlap)))
+
+
 def axis_plan(n: int, p: int, overlap: float, reference: bool = False) -> list[AxisTile]:
   """Tiles of one axis of length `n` with patch length `p`."""
   if n <= p:
     return [AxisTile(0, 0, n)]
-  gap = max(1, int(p * (1 - overlap)))
-  count = math.ceil((n - p) / gap) + 1
-  starts = [i * gap for i in range(count - 1)] + [n - p]
-  cut = (p - gap) // 2
+  step = gap(p, overlap)
+  count = math.ceil((n - p) / step) + 1
+  starts = [i * step for i in range(count - 1)] + [n - p]
+  cut = (p - step) // 2
   tiles, lo = [], 0
   for i, s in enumerate(starts):
-    hi = n if i == count - 1 else s + cut + gap
+    hi = n if i == count - 1 else s + cut + step
     tiles.append(AxisTile(s, lo, hi))
     lo = hi
   if reference and count > 1:
