@@ -110,3 +110,17 @@ def test_two_process_denoise_of_a_folder_splits_the_files(data, trained_model):
     expected = denoise(open_movie(str(folder / f"m{i}.tif")), trained_model)
     np.testing.assert_array_equal(open_movie(str(root / "many_out" / f"m{i}.tif")).read(0, 16),
                                   expected)
+
+
+def test_incomplete_multi_process_flags_get_one_clear_sentence(capsys, monkeypatch):
+  from deepcad_jax import cli, distributed
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+               "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize(auto=True) is False  # no cluster: one process
+  with pytest.raises(distributed.UserError, match="--process-id must be in"):
+    distributed.initialize("127.0.0.1:1", 2, 5)
+  code = cli.main(["deepcad-jax", "train", "--data", "x.tif", "--workdir", "w",
+                   "--coordinator", "127.0.0.1:1234"])
+  err = capsys.readouterr().err
+  assert code == 2 and "needs --coordinator HOST:PORT, --num-processes N" in err
