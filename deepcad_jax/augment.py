@@ -34,23 +34,33 @@ def symmetries_for(shape) -> tuple[int, ...]:
   return tuple(range(N_SYMMETRIES)) if shape[-1] == shape[-2] else SHAPE_PRESERVING
 
 
-def variant(x: jax.Array, y: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Variant `v` (traced int in [0, 2 * n_symmetries)) of one pair."""
+def variant(x: jax.Array, y: jax.Array, v: jax.Array, prior: jax.Array | None = None
+            ) -> tuple[jax.Array, ...]:
+  """Variant `v` (traced int in [0, 2 * n_symmetries)) of one pair; a mean-image
+  `prior` (Y, X) gets the same symmetry (the swap does not concern it)."""
   syms = symmetries_for(x.shape)
   s_index = v % len(syms)
   swap = v >= len(syms)
   branches = [lambda a, s=s: apply_symmetry(a, s) for s in syms]
   x, y = (jax.lax.switch(s_index, branches, a) for a in (x, y))
-  return jnp.where(swap, y, x), jnp.where(swap, x, y)
+  x, y = jnp.where(swap, y, x), jnp.where(swap, x, y)
+  if prior is None:
+    return x, y
+  return x, y, jax.lax.switch(s_index, branches, prior)
 
 
-def augment_pair(key: jax.Array, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One random variant of the pair (x, y): (T, Y, X) each."""
+def augment_pair(key: jax.Array, x: jax.Array, y: jax.Array,
+                 prior: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """One random variant of the pair (x, y): (T, Y, X) each (and of its prior)."""
   v = jax.random.randint(key, (), 0, 2 * len(symmetries_for(x.shape)))
-  return variant(x, y, v)
+  return variant(x, y, v, prior)
 
 
-def augment_batch(key: jax.Array, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """An independent random variant for every pair of a (B, T, Y, X) batch."""
+def augment_batch(key: jax.Array, x: jax.Array, y: jax.Array,
+                  prior: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """An independent random variant for every pair of a (B, T, Y, X) batch (and of
+  its (B, Y, X) priors)."""
   keys = jax.random.split(key, x.shape[0])
-  return jax.vmap(augment_pair)(keys, x, y)
+  if prior is None:
+    return jax.vmap(augment_pair)(keys, x, y)
+  return jax.vmap(augment_pair)(keys, x, y, prior)

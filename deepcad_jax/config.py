@@ -24,6 +24,15 @@ Patch = tuple[int, int, int]
 class ModelConfig:
   features: int = 16           # f: widths f, 2f, 4f, 8f (16 = DeepCAD-RT, 64 = DeepCAD)
   dtype: str = "float32"       # compute dtype: float32 or bfloat16 (params stay float32)
+  mean_prior: bool = False     # second input channel: the recording's temporal mean image
+  ensemble: int = 1            # members trained together (different seeds); >1 stacks
+                               # their parameters on a leading axis
+  ensemble_impl: str = "loop"  # how members run in one compiled step: "loop" (one after
+                               # another) or "vmap" (batched; grouped convolutions)
+
+  @property
+  def in_channels(self) -> int:
+    return 2 if self.mean_prior else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "infer": InferConfig, "parallel": ParallelConfig}
 DTYPES = ("float32", "bfloat16")
+ENSEMBLE_IMPLS = ("loop", "vmap")
 
 
 def validate_patch(patch: Patch, what: str = "patch") -> None:
@@ -93,6 +103,11 @@ def validate(cfg: Config) -> None:
     raise UserError(f"model.features must be at least 1; got {cfg.model.features}.")
   if cfg.model.dtype not in DTYPES:
     raise UserError(f"model.dtype must be one of {DTYPES}; got {cfg.model.dtype!r}.")
+  if cfg.model.ensemble < 1:
+    raise UserError(f"model.ensemble must be at least 1; got {cfg.model.ensemble}.")
+  if cfg.model.ensemble_impl not in ENSEMBLE_IMPLS:
+    raise UserError(f"model.ensemble_impl must be one of {ENSEMBLE_IMPLS}; got "
+                    f"{cfg.model.ensemble_impl!r}.")
   validate_patch(cfg.data.patch, "data.patch")
   if cfg.infer.patch is not None and (len(cfg.infer.patch) != 3 or
                                       min(cfg.infer.patch) < 8):

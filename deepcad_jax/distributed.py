@@ -72,9 +72,13 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def global_batch(local: Any, sharding: jax.sharding.Sharding) -> Any:
-  """The global batch from this process's share (a pytree of numpy arrays)."""
+def global_batch(local: Any, sharding: Any) -> Any:
+  """The global batch from this process's share (a pytree of numpy arrays); `sharding`
+  is one sharding for every leaf or a matching pytree of them."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree_util.tree_map(lambda _: sharding, local)
   if jax.process_count() == 1:
     return jax.device_put(local, sharding)
   return jax.tree_util.tree_map(
-      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local)
+      lambda a, s: jax.make_array_from_process_local_data(s, np.asarray(a)), local,
+      sharding)

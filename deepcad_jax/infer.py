@@ -27,14 +27,14 @@ from deepcad_jax.checkpoint import Model, load_model
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite, write_movie)
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import UNet3D
+from deepcad_jax.model import UNet3D, network_input, over_members
 from deepcad_jax.progress import Progress
 from deepcad_jax.tiling import (AxisTile, Patch, axis_plan, blend_weights, gap,
                                 padded_patch, patch_plan)
 
 log = logging.getLogger("deepcad_jax")
 
-NetworkFn = Callable[[jax.Array], jax.Array]  # (B, T, Y, X) -> (B, T, Y, X)
+NetworkFn = Callable[..., jax.Array]  # (B, T, Y, X)[, prior (B, Y, X)] -> (B, T, Y, X[, C])
 
 
 @dataclasses.dataclass
@@ -58,48 +58,67 @@ def resolve_model(model: Model | str | os.PathLike) -> Model:
 
 
 def network_fn(model: Model, dtype: str = "float32", devices=None, spatial: int = 1,
-               samples: int = 0) -> tuple[NetworkFn, Any]:
+               samples: int = 0, keep_samples: bool = False) -> tuple[NetworkFn, Any]:
   """The jit-compiled patch network (batch sharded over a mesh of `devices`; with
   `spatial > 1`, each patch's Y axis split over that many devices too).
 
-  With `samples` = K >= 2 it predicts each patch under K symmetries of the (y, x) plane
-  (each inverted back) and returns (B, T, Y, X, 2): their mean and standard deviation
-  (the latter times the model's calibration factor, if it has one).
+  `run(batch, prior=None)` takes normalised (B, T, Y, X) patches (and, for a model with
+  the mean-image prior, their (B, Y, X) prior). An ensemble's members are averaged.
+  With `samples` = K >= 1 it predicts each patch under K symmetries of the (y, x) plane
+  with every member (K x M samples, each brought back to the patch's orientation) and
+  returns (B, T, Y, X, 2): their mean and standard deviation (the latter times the
+  model's calibration factor, if it has one), followed by the samples themselves when
+  `keep_samples`.
   """
   mesh = parallel.data_mesh(devices, spatial)
   net = UNet3D(features=model.features, dtype=jnp.dtype(dtype))
   params = jax.device_put(model.params, parallel.replicated(mesh))
-  data = parallel.batch_sharding(mesh)
+  data, images = parallel.batch_sharding(mesh), parallel.image_sharding(mesh)
   scale = float(model.config.data.scale)  # DeepCAD-RT's scale_factor
   std_scale = float(model.meta.get("calibration", {}).get("std_scale", 1.0))
+  members, impl = model.config.model.ensemble, model.config.model.ensemble_impl
 
-  def predict(params, batch):
-    return net.apply({"params": params}, (batch / scale)[..., None])[..., 0] * scale
+  def predict(params, batch, prior):  # -> (members, B, T, Y, X)
+    def one(p):
+      x = network_input(batch / scale, None if prior is None else prior / scale)
+      return net.apply({"params": p}, x)[..., 0] * scale
+    return one(params)[None] if members == 1 else over_members(one, members, impl, params)
 
-  @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh), data),
-                     out_shardings=data)
-  def apply(params, batch):
+  def apply(params, batch, prior):
+    outs = symmetry_samples(functools.partial(predict, params), batch, max(1, samples),
+                            prior)
     if not samples:
-      return predict(params, batch)
-    out = symmetry_samples(functools.partial(predict, params), batch, samples)
-    return out.at[..., 1].multiply(std_scale)
+      return outs.mean(0)
+    stats = [outs.mean(0), outs.std(0, ddof=1) * std_scale]
+    return jnp.stack(stats + (list(outs) if keep_samples else []), axis=-1)
 
-  def run(batch):  # explicit placement: required for numpy inputs on several processes
-    return apply(params, jax.device_put(batch, data))
+  jitted = {
+      False: jax.jit(lambda p, b: apply(p, b, None), out_shardings=data,
+                     in_shardings=(parallel.replicated(mesh), data)),
+      True: jax.jit(apply, out_shardings=data,
+                    in_shardings=(parallel.replicated(mesh), data, images))}
+
+  def run(batch, prior=None):  # explicit placement: numpy inputs on several processes
+    if prior is None:
+      return jitted[False](params, jax.device_put(batch, data))
+    return jitted[True](params, jax.device_put(batch, data), jax.device_put(prior, images))
 
   return run, mesh
 
 
-def symmetry_samples(predict: Callable[[jax.Array], jax.Array], batch: jax.Array,
-                     samples: int) -> jax.Array:
-  """Mean and std of `predict` over the first `samples` symmetries of the (y, x) plane.
+def symmetry_samples(predict: Callable[..., jax.Array], batch: jax.Array, samples: int,
+                     prior: jax.Array | None = None) -> jax.Array:
+  """`predict(batch, prior)` -> (M, B, T, Y, X) under the first `samples` symmetries of
+  the (y, x) plane, each inverted back: (samples * M, B, T, Y, X).
 
-  Each symmetry is applied to the (B, T, Y, X) batch and inverted on the prediction, so
-  an exactly equivariant network gives std 0. Returns (B, T, Y, X, 2): [mean, std].
+  The symmetry is applied to the batch and its prior alike; an exactly equivariant
+  network gives identical samples.
   """
-  syms = symmetries_for(batch.shape)[:samples]
-  outs = jnp.stack([invert_symmetry(predict(apply_symmetry(batch, s)), s) for s in syms])
-  return jnp.stack([outs.mean(0), outs.std(0, ddof=1)], axis=-1)
+  outs = []
+  for s in symmetries_for(batch.shape)[:samples]:
+    p = None if prior is None else apply_symmetry(prior, s)
+    outs.append(invert_symmetry(predict(apply_symmetry(batch, s), p), s))
+  return jnp.concatenate(outs)
 
 
 def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -211,14 +230,17 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
                    batch_size: int, *, blend: bool = False, reference: bool = False,
                    mean: float | None = None, stats: DenoiseStats | None = None,
                    progress: bool = False, slabs: tuple[int, int] | None = None,
-                   channels: int = 0) -> Iterator[np.ndarray]:
+                   channels: int = 0, prior: np.ndarray | None = None
+                   ) -> Iterator[np.ndarray]:
   """Yield the denoised movie (float32, mean added back) as blocks of whole frames.
 
   `reference` reproduces DeepCAD-RT's stitching (its kept regions and per-patch
   intensity rescale) instead of ours. `slabs=(a, b)` denoises only the frames that
   temporal slabs a..b-1 finish (`slab_ranges` splits a movie between processes).
-  `channels`: the network returns that many values per voxel (e.g. mean and std); the
-  blocks are then (n, Y, X, channels) and the mean is added to channel 0 only.
+  `channels`: the network returns that many values per voxel ([mean, std, samples...]);
+  the blocks are then (n, Y, X, channels) and the movie's mean is added back to every
+  channel but the std (1). `prior`: the (Y, X) mean image given to a model trained with
+  the mean-image prior (normalised and tiled as the frames are).
   """
   if blend and reference:
     raise UserError("--blend and --reference-stitching exclude each other; pick one.")
@@ -236,6 +258,12 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   if first > 0:
     stitch.start_at(first)
   plan = plan[first * per_slab:b * per_slab]
+  if prior is not None:
+    if tuple(prior.shape) != tuple(shape[1:]):
+      raise UserError(f"the mean image is {tuple(prior.shape)} but {movie.name} has "
+                      f"frames of {shape[1]}x{shape[2]}; give the mean image of this "
+                      "recording.")
+    prior = _pad_reflect(np.asarray(prior, np.float32) - np.float32(mean), padded[1:])
   stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
   bar = Progress(len(plan), "patches", enabled=progress)
   t_start = time.perf_counter()
@@ -265,6 +293,7 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
         if len(frames) and k >= a:  # a halo slab's frames belong to another process
           if channels:
             frames[..., 0] += np.float32(mean)
+            frames[..., 2:] += np.float32(mean)
             yield frames
           else:
             yield frames + np.float32(mean)
@@ -276,7 +305,13 @@ def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: 
   for group in _batches(patches(), batch_size):
     batch = np.zeros((batch_size,) + tuple(eff), np.float32)
     batch[:len(group)] = np.stack([d for _, d in group])
-    out = net(batch)  # dispatched asynchronously: the device works while we stitch
+    if prior is None:
+      out = net(batch)  # dispatched asynchronously: the device works while we stitch
+    else:
+      images = np.zeros((batch_size,) + tuple(eff[1:]), np.float32)
+      images[:len(group)] = np.stack([prior[y0:y0 + eff[1], x0:x0 + eff[2]]
+                                      for _, y0, x0 in (p.start for p, _ in group)])
+      out = net(batch, images)
     if pending is not None:
       yield from absorb(*pending)
     pending = (group, out)
@@ -304,7 +339,13 @@ def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
 
 @dataclasses.dataclass
 class Denoiser:
-  """A model ready to denoise: compiled once per patch shape, reused for every movie."""
+  """A model ready to denoise: compiled once per patch shape, reused for every movie.
+
+  `uncertainty` = K: predict under K test-time symmetries (with every member of an
+  ensemble): the output is their mean, with their std beside it; `save_samples` keeps
+  every sample too. A model trained with the mean-image prior gets each movie's
+  temporal mean image (or the one given to `blocks`).
+  """
 
   model: Model
   patch: tuple[int, int, int] | None = None
@@ -315,7 +356,8 @@ class Denoiser:
   devices: Any = None
   reference_stitching: bool = False
   spatial: int = 1
-  uncertainty: int = 0  # K >= 2: mean and std over K test-time symmetries
+  uncertainty: int = 0
+  save_samples: bool = False
 
   def __post_init__(self):
     self.model = resolve_model(self.model)
@@ -328,12 +370,19 @@ class Denoiser:
     if self.dtype not in ("float32", "bfloat16"):
       raise UserError(f"compute dtype must be float32 or bfloat16; got {self.dtype!r}.")
     n_sym = len(symmetries_for(self.patch))
-    if self.uncertainty and not 2 <= self.uncertainty <= n_sym:
-      raise UserError(f"--uncertainty takes 2 to {n_sym} samples for a "
+    members = self.model.config.model.ensemble
+    lowest = 1 if members > 1 else 2
+    if self.uncertainty and not lowest <= self.uncertainty <= n_sym:
+      raise UserError(f"--uncertainty takes {lowest} to {n_sym} samples for a "
                       f"{self.patch[1]}x{self.patch[2]} patch (the symmetries of the "
-                      f"{'square' if n_sym == 8 else 'rectangle'}); got {self.uncertainty}.")
+                      f"{'square' if n_sym == 8 else 'rectangle'}"
+                      f"{', times the ' + str(members) + ' members' if members > 1 else ''}"
+                      f"); got {self.uncertainty}.")
+    if self.save_samples and not self.uncertainty:
+      raise UserError("--save-samples keeps the samples of --uncertainty K; add it.")
+    self.samples = self.uncertainty * members
     self.net, mesh = network_fn(self.model, self.dtype, self.devices, self.spatial,
-                                self.uncertainty)
+                                self.uncertainty, self.save_samples)
     n_dev = parallel.device_count(mesh)
     self.batch_size = self.batch_size or n_dev
     if self.batch_size % n_dev:
@@ -341,44 +390,70 @@ class Denoiser:
                       "devices; use a multiple.")
     parallel.check_spatial(self.patch[1], self.spatial)
 
+  @property
+  def channels(self) -> int:
+    """Values per voxel of `blocks`: 0 (plain frames), 2 (mean, std) or 2 + samples."""
+    if not self.uncertainty:
+      return 0
+    return 2 + (self.samples if self.save_samples else 0)
+
+  def extra_outputs(self, output: str) -> list[str]:
+    """The files written beside `output`, one per channel after the first."""
+    if not self.uncertainty:
+      return []
+    return [std_path(output)] + [sample_path(output, i) for i in range(
+        self.samples if self.save_samples else 0)]
+
+  def prior_for(self, movie: Movie, prior: np.ndarray | None = None) -> np.ndarray | None:
+    """The mean image a mean-prior model is given: `prior`, or the movie's own."""
+    if not self.model.config.model.mean_prior:
+      return None
+    return movie.mean_image() if prior is None else np.asarray(prior, np.float32)
+
   def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
-             progress: bool = False) -> Iterator[np.ndarray]:
-    """Denoised float32 blocks of frames, in order."""
+             progress: bool = False, prior: np.ndarray | None = None,
+             slabs: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """Denoised float32 blocks of frames, in order ((n, Y, X, channels) with
+    uncertainty)."""
     return denoise_blocks(movie, self.net, self.patch, self.overlap, self.batch_size,
                           blend=self.blend, reference=self.reference_stitching, mean=mean,
-                          stats=stats, progress=progress,
-                          channels=2 if self.uncertainty else 0)
+                          stats=stats, progress=progress, channels=self.channels,
+                          prior=self.prior_for(movie, prior), slabs=slabs)
 
 
 def denoise(movie: Any, model: Model | str, *, patch: Sequence[int] | None = None,
             overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
             blend: bool = False, output_dtype: Any = None, devices=None,
             reference_stitching: bool = False, uncertainty: int = 0,
-            progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+            save_samples: bool = False, progress: bool = False
+            ) -> np.ndarray | tuple[np.ndarray, ...]:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
-  `model` is a `Model` or a model directory. Defaults come from the model: its training
-  patch and overlap. The result has the input's shape and, unless `output_dtype` is
-  given ('float32' for the raw network output), the input's dtype (rounded, clipped).
-  `reference_stitching` reproduces DeepCAD-RT's output (see README). With
-  `uncertainty` = K >= 2 the result is (mean, std) over K test-time symmetries; std is
-  float32.
+  `model` is a `Model`, a model directory or a `Denoiser`. Defaults come from the model:
+  its training patch and overlap. The result has the input's shape and, unless
+  `output_dtype` is given ('float32' for the raw network output), the input's dtype
+  (rounded, clipped). `reference_stitching` reproduces DeepCAD-RT's output (see
+  README). With `uncertainty` = K the result is (mean, std) over K test-time symmetries
+  (times the ensemble's members); std is float32; `save_samples` adds a third item,
+  the float32 samples (S, T, Y, X).
   """
   movie = as_movie(movie)
   den = model if isinstance(model, Denoiser) else Denoiser(
       model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching,
-      uncertainty=uncertainty)
+      uncertainty=uncertainty, save_samples=save_samples)
   out_dtype = np.dtype(output_dtype or movie.dtype)
   out = np.empty(movie.shape, out_dtype)
-  std = np.empty(movie.shape, np.float32) if den.uncertainty else None
+  extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
   t = 0
   for block in den.blocks(movie, progress=progress):
-    if std is not None:
-      std[t:t + len(block)] = block[..., 1]
+    if extra is not None:
+      extra[:, t:t + len(block)] = np.moveaxis(block[..., 1:], -1, 0)
       block = block[..., 0]
     out[t:t + len(block)], _ = to_dtype(block, out_dtype)
     t += len(block)
-  return (out, std) if std is not None else out
+  if extra is None:
+    return out
+  return (out, extra[0]) if len(extra) == 1 else (out, extra[0], extra[1:])
 
 
 @dataclasses.dataclass
@@ -408,27 +483,35 @@ def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
 
 def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
                ) -> FileReport:
-  """Denoise one movie into `dst`, written as it is produced."""
+  """Denoise one movie into `dst` (and its std and samples beside it), written as it
+  is produced."""
   stats = DenoiseStats()
   clipped = [0]
-  std_raw = f"{dst}.std.partial" if den.uncertainty else None
+  extras = den.extra_outputs(dst)
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
   write_movie(dst, _converted(den.blocks(movie, stats, progress=progress), out_dtype,
-                              std_raw, clipped), movie.shape, out_dtype)
-  if std_raw:
-    _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
+                              extras, clipped), movie.shape, out_dtype)
+  for path in extras:
+    _write_raw_as_tiff(_partial(path), path, movie.shape)
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
                     stats.seconds, stats.voxels_per_s, clipped[0])
 
 
-def _converted(blocks: Iterator[np.ndarray], out_dtype, std_raw: str | None,
+def _partial(path: str) -> str:
+  """The float32 raw file an extra output collects in before it becomes a TIFF."""
+  return f"{path}.raw-partial"
+
+
+def _converted(blocks: Iterator[np.ndarray], out_dtype, extras: Sequence[str],
                clipped: list[int]) -> Iterator[np.ndarray]:
   """The mean channel in `out_dtype` (rounded, clipped; the count added to clipped[0]);
-  with `std_raw`, the std channel goes to that float32 raw file as it passes."""
-  with open(std_raw, "wb") if std_raw else contextlib.nullcontext() as std_file:
+  channel i >= 1 goes, float32, to the raw file `_partial(extras[i - 1])` as it passes."""
+  with contextlib.ExitStack() as stack:
+    files = [stack.enter_context(open(_partial(p), "wb")) for p in extras]
     for block in blocks:
-      if std_file is not None:
-        std_file.write(np.ascontiguousarray(block[..., 1], np.float32).tobytes())
+      if files:
+        for i, f in enumerate(files, 1):
+          f.write(np.ascontiguousarray(block[..., i], np.float32).tobytes())
         block = block[..., 0]
       block, n = to_dtype(block, out_dtype)
       clipped[0] += n
@@ -439,6 +522,12 @@ def std_path(output: str) -> str:
   """Where the uncertainty (std) movie of `output` goes: beside it, `*_std.tif`."""
   stem, ext = os.path.splitext(output)
   return f"{stem}_std{ext}"
+
+
+def sample_path(output: str, i: int) -> str:
+  """Where sample `i` of `output` goes with --save-samples: `*_sample00.tif`, ..."""
+  stem, ext = os.path.splitext(output)
+  return f"{stem}_sample{i:02d}{ext}"
 
 
 def _write_raw_as_tiff(raw: str, dst: str, shape) -> None:
@@ -455,25 +544,23 @@ def _write_raw_as_tiff(raw: str, dst: str, shape) -> None:
 def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
                   ) -> FileReport | None:
   """One movie denoised by every process: each does a contiguous range of temporal
-  slabs into a part file; process 0 assembles `dst` (and its std movie) from the parts."""
+  slabs into a part file; process 0 assembles `dst` (and its std and samples) from the
+  parts."""
   p, n_proc = jax.process_index(), jax.process_count()
   a, b = slab_ranges(movie.shape, den.patch, den.overlap, n_proc)[p]
-  channels = 2 if den.uncertainty else 0
+  channels = den.channels
   stats = DenoiseStats()
   t0 = time.perf_counter()
   with open(f"{dst}.part{p}", "wb") as f:
     if b > a:
-      for block in denoise_blocks(movie, den.net, den.patch, den.overlap, den.batch_size,
-                                  blend=den.blend, reference=den.reference_stitching,
-                                  stats=stats, progress=progress, slabs=(a, b),
-                                  channels=channels):
+      for block in den.blocks(movie, stats, progress=progress, slabs=(a, b)):
         f.write(np.ascontiguousarray(block, np.float32).tobytes())
   distributed.barrier(f"parts-{dst}")
   report = None
   if p == 0:
     clipped = [0]
     frame_shape = movie.shape[1:] + ((channels,) if channels else ())
-    std_raw = f"{dst}.std.partial" if channels else None
+    extras = den.extra_outputs(dst)
 
     def parts():  # every process's frames, in order, 64 at a time
       for q in range(n_proc):
@@ -484,10 +571,10 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
           yield np.asarray(frames[t:t + 64])
         del data, frames
 
-    write_movie(dst, _converted(parts(), out_dtype, std_raw, clipped), movie.shape,
+    write_movie(dst, _converted(parts(), out_dtype, extras, clipped), movie.shape,
                 out_dtype)
-    if std_raw:
-      _write_raw_as_tiff(std_raw, std_path(dst), movie.shape)
+    for path in extras:
+      _write_raw_as_tiff(_partial(path), path, movie.shape)
     for q in range(n_proc):
       os.remove(f"{dst}.part{q}")
     seconds = time.perf_counter() - t0
@@ -504,23 +591,23 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
 
   Refuses to overwrite an existing output unless `overwrite`, and never writes over
   an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices,
-  reference_stitching, spatial, uncertainty; with uncertainty the std movie is written
-  beside each output as `*_std.tif`). On several processes (`jax.distributed`), the files of a folder
-  are split between them, and a single movie's temporal slabs are; each process uses
-  its own devices.
+  reference_stitching, spatial, uncertainty, save_samples; with uncertainty the std
+  movie is written beside each output as `*_std.tif`, and with save_samples each
+  sample as `*_sample00.tif`, ...). On several processes (`jax.distributed`), the files
+  of a folder are split between them, and a single movie's temporal slabs are; each
+  process uses its own devices.
   """
   inputs = list_movies(os.fspath(input))
   outputs = _output_paths(inputs, os.fspath(input), os.fspath(output))
-  for src, dst in zip(inputs, outputs):
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-      raise UserError(f"--output {dst} is the input file; choose another output.")
-    refuse_to_overwrite((dst, std_path(dst)) if kwargs.get("uncertainty") else (dst,),
-                        overwrite)
-  movies = [open_movie(p) for p in inputs]
   n_proc = jax.process_count()
   if n_proc > 1:
     kwargs.setdefault("devices", jax.local_devices())
   den = Denoiser(model, **kwargs)
+  for src, dst in zip(inputs, outputs):
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+      raise UserError(f"--output {dst} is the input file; choose another output.")
+    refuse_to_overwrite([dst] + den.extra_outputs(dst), overwrite)
+  movies = [open_movie(p) for p in inputs]
   if os.path.isdir(input):
     os.makedirs(output, exist_ok=True)
   distributed.barrier("denoise-checked")  # every process has checked before any writes

@@ -48,6 +48,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def image_sharding(mesh: Mesh) -> NamedSharding:
+  """(B, Y, X) images (the mean-image prior) placed as the batch they go with."""
+  if SPACE in mesh.axis_names:
+    return NamedSharding(mesh, P(DATA, SPACE))
+  return NamedSharding(mesh, P(DATA))
+
+
+def pair_shardings(mesh: Mesh, prior: bool = False) -> dict[str, NamedSharding]:
+  """Shardings of a training batch {'input', 'target'[, 'prior']}."""
+  data = batch_sharding(mesh)
+  out = {"input": data, "target": data}
+  if prior:
+    out["prior"] = image_sharding(mesh)
+  return out
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

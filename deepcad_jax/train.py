@@ -31,7 +31,7 @@ from deepcad_jax.augment import augment_batch
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import UNet3D, init_params
+from deepcad_jax.model import UNet3D, ensemble_params, network_input, over_members
 from deepcad_jax.progress import Progress, format_duration
 
 log = logging.getLogger("deepcad_jax")
@@ -54,31 +54,58 @@ def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
 
 
 def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
-  """A fresh train state (random params from the seed, or the given params)."""
+  """A fresh train state (random params from the seed, or the given params); an
+  ensemble's members are stacked on a leading axis, and Adam, being elementwise,
+  updates each on its own."""
   if params is None:
-    params = init_params(cfg.model.features, cfg.train.seed)
+    params = ensemble_params(cfg.model.features, cfg.train.seed, cfg.model.ensemble,
+                             cfg.model.in_channels)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return TrainState.create(apply_fn=make_model(cfg).apply, params=params,
                            tx=make_optimizer(cfg.train))
 
 
+def member_keys(key: jax.Array, members: int) -> jax.Array:
+  """One augmentation key per ensemble member; member 0 keeps `key`, so it sees the
+  variants a single-model run with the same seed would."""
+  return jnp.stack([key] + [jax.random.fold_in(key, 1 << 20 | m) for m in range(1, members)])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-               model: nn.Module) -> tuple[TrainState, dict[str, jax.Array]]:
-  """Augment the batch, compute the loss and its gradient, and apply Adam."""
-  x, y = augment_batch(jax.random.fold_in(key, state.step), batch["input"],
-                       batch["target"])
+               model: nn.Module, members: int = 1, impl: str = "loop"
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Augment the batch, compute the loss and its gradient, and apply Adam.
 
-  def objective(params):
-    return loss_fn(model.apply({"params": params}, x[..., None]), y[..., None])
+  With `members` > 1 the parameters are an ensemble stacked on a leading axis: every
+  member sees the same pairs under its own augmentation, and the objective is the sum
+  of the members' losses, so each member gets exactly its own gradient.
+  """
+  key = jax.random.fold_in(key, state.step)
+  prior = batch.get("prior")
 
-  loss, grads = jax.value_and_grad(objective)(state.params)
+  def member_loss(params, member_key):
+    x, y, *p = augment_batch(member_key, batch["input"], batch["target"], prior)
+    out = model.apply({"params": params}, network_input(x, p[0] if p else None))
+    return loss_fn(out, y[..., None])
+
+  if members == 1:
+    loss, grads = jax.value_and_grad(member_loss)(state.params, key)
+  else:
+    def objective(params):
+      losses = over_members(member_loss, members, impl, params,
+                            member_keys(key, members))
+      return losses.sum(), losses
+
+    (_, losses), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    loss = losses.mean()
   return state.apply_gradients(grads=grads), {"loss": loss}
 
 
-def compile_step(model: nn.Module, mesh) -> Callable:
+def compile_step(model: nn.Module, mesh, members: int = 1, impl: str = "loop",
+                 prior: bool = False) -> Callable:
   """`train_step` jitted over `mesh`: batch sharded on 'data', state replicated."""
-  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(functools.partial(train_step, model=model),
+  repl, data = parallel.replicated(mesh), parallel.pair_shardings(mesh, prior)
+  return jax.jit(functools.partial(train_step, model=model, members=members, impl=impl),
                  in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                  donate_argnums=0)
 
@@ -139,6 +166,12 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
   if old["features"] != cfg.model.features:
     raise UserError(f"{workdir} holds a model with features={old['features']}, but "
                     f"features={cfg.model.features} was asked for; {fix}.")
+  for field in ("mean_prior", "ensemble"):
+    before = old_cfg["model"].get(field, config_lib.ModelConfig.__dataclass_fields__[
+        field].default)
+    if before != getattr(cfg.model, field):
+      raise UserError(f"{workdir} holds a model with model.{field}={before}, but "
+                      f"{getattr(cfg.model, field)} was asked for; {fix}.")
   if tuple(old["patch"]) != tuple(patch):
     raise UserError(f"{workdir} was trained with patch {tuple(old['patch'])}, but this "
                     f"run would use {tuple(patch)}; {fix}.")
@@ -154,6 +187,29 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
         raise UserError(f"{workdir} was trained with {key}.{field}="
                         f"{old_cfg[key][field]}, but this run asks for "
                         f"{getattr(getattr(cfg, key), field)}; {fix}.")
+
+
+def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config, Any]:
+  """The config and initial parameters of a run fine-tuned from `start`: its width,
+  scale, members and prior. A single-channel model given `mean_prior` gets a prior
+  channel whose weights are zero, so training starts from the same function."""
+  members = start.config.model.ensemble
+  if members != cfg.model.ensemble:
+    raise UserError(f"{start.source} has {members} ensemble member(s) but this run asks "
+                    f"for {cfg.model.ensemble}; --init-from needs the same --ensemble.")
+  params = start.params
+  if cfg.model.mean_prior and not start.config.model.mean_prior:
+    log.info("Adding a mean-image prior channel (zero weights) to %s.", start.source)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    first = dict(params["encoder_0"]["conv1"])
+    pad = [(0, 0)] * first["kernel"].ndim
+    pad[-2] = (0, 1)  # the input-channel axis of (..., k, k, k, in, out)
+    first["kernel"] = np.pad(first["kernel"], pad)
+    params = {**params, "encoder_0": {**params["encoder_0"], "conv1": first}}
+  cfg = config_lib.override(cfg, **{
+      "model.features": start.features, "data.scale": start.config.data.scale,
+      "model.mean_prior": cfg.model.mean_prior or start.config.model.mean_prior})
+  return cfg, params
 
 
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
@@ -177,9 +233,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     if start_model.features != cfg.model.features:
       log.info("Using the width of %s: features=%d.", start_model.source,
                start_model.features)
-    cfg = config_lib.override(cfg, **{"model.features": start_model.features,
-                                      "data.scale": start_model.config.data.scale})
-    init_params_from = start_model.params
+    cfg, init_params_from = _adopt(cfg, start_model)
   paths = list_movies(os.fspath(data))
   movies = [open_movie(p) for p in paths]
   patch, notes = fit_patch(cfg.data.patch, [m.shape for m in movies], paths)
@@ -202,10 +256,11 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   total_steps = steps_per_epoch * cfg.train.epochs
 
   source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
-                      scale=cfg.data.scale)
+                      scale=cfg.data.scale, prior=cfg.model.mean_prior)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)
   meta = {"format": ckpt.FORMAT, "config": cfg.to_dict(), "features": cfg.model.features,
+          "mean_prior": cfg.model.mean_prior, "ensemble": cfg.model.ensemble,
           "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
           "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
@@ -239,17 +294,21 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   data_iter = pair_iterator(source, batch_size, cfg.train.seed, cfg.data.workers,
                             start_step=start, process_index=jax.process_index(),
                             process_count=jax.process_count())
-  step_fn = compile_step(make_model(cfg), mesh)
+  step_fn = compile_step(make_model(cfg), mesh, cfg.model.ensemble,
+                         cfg.model.ensemble_impl, cfg.model.mean_prior)
   key = jax.random.key(cfg.train.seed + 1)
-  data_sharding = parallel.batch_sharding(mesh)
+  data_sharding = parallel.pair_shardings(mesh, cfg.model.mean_prior)
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
   step = start
   t0 = time.perf_counter()
-  log.info("Training %s (f=%d) on %d file(s), patch %s, batch %d over %d device(s), "
-           "%d steps per epoch, steps %d..%d.", cfg.name, cfg.model.features, len(paths),
-           patch, batch_size, n_dev, steps_per_epoch, start, total_steps)
+  extras = "".join(
+      [f", {cfg.model.ensemble} members" if cfg.model.ensemble > 1 else "",
+       ", mean-image prior" if cfg.model.mean_prior else ""])
+  log.info("Training %s (f=%d%s) on %d file(s), patch %s, batch %d over %d device(s), "
+           "%d steps per epoch, steps %d..%d.", cfg.name, cfg.model.features, extras,
+           len(paths), patch, batch_size, n_dev, steps_per_epoch, start, total_steps)
   try:
     with _StopFlag() as stop:
       while step < total_steps:

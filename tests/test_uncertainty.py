@@ -7,7 +7,7 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
-from deepcad_jax.augment import apply_symmetry
+from deepcad_jax.augment import apply_symmetry, invert_symmetry
 from deepcad_jax.data import open_movie
 from deepcad_jax.infer import std_path, symmetry_samples
 from deepcad_jax.metrics import uncertainty_calibration
@@ -15,18 +15,25 @@ from deepcad_jax.metrics import uncertainty_calibration
 
 def test_symmetry_samples_invert_exactly():
   batch = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
-  out = symmetry_samples(lambda b: b, batch, 8)  # identity network
-  assert out.shape == (2, 4, 8, 8, 2)
-  np.testing.assert_array_equal(out[..., 0], batch)
-  np.testing.assert_array_equal(out[..., 1], 0)
-  # A network that is not equivariant (it weights X positions) gets a positive spread.
+  out = symmetry_samples(lambda b, p: b[None], batch, 8)  # identity network
+  assert out.shape == (8, 2, 4, 8, 8)
+  for sample in out:
+    np.testing.assert_array_equal(sample, batch)
+  # A network that is not equivariant (it weights X positions) gives different samples,
+  # each its answer for that orientation brought back.
   ramp = jnp.arange(8.0)
-  out = symmetry_samples(lambda b: b * ramp, batch, 8)
-  assert float(out[..., 1].min()) >= 0 and float(out[..., 1].mean()) > 0
-  # Each sample is the network's answer for that orientation, brought back.
-  s3 = apply_symmetry(apply_symmetry(batch, 3) * ramp, 1)  # rot 270, then rot 90 back
-  two = symmetry_samples(lambda b: b * ramp, batch, 4)
-  assert two.shape[-1] == 2 and not np.allclose(s3, batch * ramp)
+  out = symmetry_samples(lambda b, p: (b * ramp)[None], batch, 8)
+  assert float(out.std(0).min()) >= 0 and float(out.std(0).mean()) > 0
+  for s in range(8):
+    np.testing.assert_allclose(out[s], invert_symmetry(apply_symmetry(batch, s) * ramp, s))
+  # The prior gets the same symmetry as the frames.
+  prior = jax.random.normal(jax.random.key(1), (2, 8, 8))
+  out = symmetry_samples(lambda b, p: (b * p[:, None])[None], batch, 8, prior)
+  for sample in out:
+    np.testing.assert_allclose(sample, batch * prior[:, None], rtol=1e-6)
+  # Members come out as separate samples: K symmetries x M members.
+  out = symmetry_samples(lambda b, p: jnp.stack([b, 2 * b, 3 * b]), batch, 4)
+  assert out.shape == (12, 2, 4, 8, 8)
 
 
 def test_uncertainty_maps_have_the_movie_shape_and_are_non_negative(trained_model):

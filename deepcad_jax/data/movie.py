@@ -29,6 +29,7 @@ class Movie:
   shape: tuple[int, int, int]
   dtype: np.dtype
   _mean: float | None = None
+  _mean_image: np.ndarray | None = None
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     raise NotImplementedError
@@ -47,15 +48,27 @@ class Movie:
   def mean(self) -> float:
     """Mean intensity of the whole movie; rejects NaN or infinite values."""
     if self._mean is None:
-      total = 0.0
-      for t0, block in self.chunks():
-        if block.dtype.kind == "f" and not np.isfinite(block).all():
-          bad = int(np.argmax(~np.isfinite(block).reshape(len(block), -1).all(1))) + t0
-          raise UserError(f"{self.name} {self.shape} contains NaN or infinite values "
-                          f"(first in frame {bad}); replace them (e.g. with 0) first.")
-        total += float(block.sum(dtype=np.float64))
-      self._mean = total / float(np.prod(self.shape))
+      self._scan()
     return self._mean
+
+  def mean_image(self) -> np.ndarray:
+    """Temporal mean image (Y, X), float32, of the whole movie (the mean-image prior)."""
+    if self._mean_image is None:
+      self._scan()
+    return self._mean_image
+
+  def _scan(self) -> None:
+    """One pass over the file: the mean and the mean image, NaNs rejected."""
+    total = np.zeros(self.shape[1:], np.float64)
+    for t0, block in self.chunks():
+      if block.dtype.kind == "f" and not np.isfinite(block).all():
+        bad = int(np.argmax(~np.isfinite(block).reshape(len(block), -1).all(1))) + t0
+        raise UserError(f"{self.name} {self.shape} contains NaN or infinite values "
+                        f"(first in frame {bad}); replace them (e.g. with 0) first.")
+      total += block.sum(0, dtype=np.float64)
+    image = total / max(1, self.shape[0])
+    self._mean = float(image.mean()) if image.size else 0.0
+    self._mean_image = image.astype(np.float32)
 
 
 class ArrayMovie(Movie):

@@ -60,9 +60,11 @@ class PairSource(grain.sources.RandomAccessDataSource):
   length: int
   seed: int = 0
   scale: float = 1.0  # intensities divided by this after the mean is subtracted
+  prior: bool = False  # add each file's temporal mean image (normalised) as 'prior'
 
   def __post_init__(self):
     self.means = [float(m.mean()) for m in self.movies]
+    self.priors = [m.mean_image() for m in self.movies] if self.prior else None
     pt, py, px = self.patch
     for m in self.movies:
       t, y, x = m.shape
@@ -87,8 +89,12 @@ class PairSource(grain.sources.RandomAccessDataSource):
     f, t0, y0, x0 = self.position(int(index))
     pt, py, px = self.patch
     window = self.movies[f].read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px]
-    window = (window.astype(np.float32) - np.float32(self.means[f])) / np.float32(self.scale)
-    return {"input": window[0::2], "target": window[1::2]}
+    mean, scale = np.float32(self.means[f]), np.float32(self.scale)
+    window = (window.astype(np.float32) - mean) / scale
+    pair = {"input": window[0::2], "target": window[1::2]}
+    if self.priors is not None:
+      pair["prior"] = (self.priors[f][y0:y0 + py, x0:x0 + px] - mean) / scale
+    return pair
 
   def __repr__(self) -> str:
     names = ",".join(m.name for m in self.movies)
@@ -112,7 +118,8 @@ class _Slice:
 def pair_iterator(source: PairSource, batch_size: int, seed: int, workers: int = 0,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> grain.DatasetIterator:
-  """Batches {'input', 'target'}: (B / process_count, pt, py, px), from step `start_step`.
+  """Batches {'input', 'target'}: (B / process_count, pt, py, px) (and 'prior':
+  (B / process_count, py, px) when the source has one), from step `start_step`.
 
   The pairs are a seeded shuffle of the source, reshuffled every epoch; global batch k
   holds pairs k*B .. k*B+B-1 of that stream, and process p reads only its contiguous
