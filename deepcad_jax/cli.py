@@ -101,6 +101,16 @@ def _define_train(fv):
   flags.DEFINE_integer("spatial", None, "Also split each patch's Y axis over this many "
                        "devices (mesh: data x space), for patches too large for one.",
                        flag_values=fv)
+  flags.DEFINE_integer("ensemble", None, "Train this many models at once (seeds seed, "
+                       "seed+1, ...; same pairs, own augmentation); denoise then averages "
+                       "them and --uncertainty adds their spread. M times the memory.",
+                       flag_values=fv)
+  flags.DEFINE_enum("ensemble-impl", None, ["loop", "vmap"], "How members run in the "
+                    "compiled step: one after another (loop) or batched (vmap).",
+                    flag_values=fv)
+  flags.DEFINE_boolean("mean-prior", None, "Give the network the recording's temporal mean "
+                       "image as a second input channel (stored with the model; denoise "
+                       "and stream use it automatically).", flag_values=fv)
   _define_distributed(fv)
 
 
@@ -114,7 +124,9 @@ def _train_config(fv):
       "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
       "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
       "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
-      "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial")})
+      "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial"),
+      "model.ensemble": _v(fv, "ensemble"), "model.ensemble_impl": _v(fv, "ensemble-impl"),
+      "model.mean_prior": _v(fv, "mean-prior")})
 
 
 def _run_train(fv):
@@ -161,9 +173,13 @@ def _define_denoise(fv):
   flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "Also split each patch's Y axis over this many "
                        "devices.", flag_values=fv)
-  flags.DEFINE_integer("uncertainty", 0, "K in 2..8: predict under K symmetries of the "
-                       "(y, x) plane, write their mean as the output and their standard "
-                       "deviation beside it (*_std.tif); K times the compute.",
+  flags.DEFINE_integer("uncertainty", 0, "K in 2..8 (1..8 for an ensemble): predict under "
+                       "K symmetries of the (y, x) plane with every ensemble member, write "
+                       "the samples' mean as the output and their standard deviation "
+                       "beside it (*_std.tif); K x members times the compute.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
+                       "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'.",
                        flag_values=fv)
   _define_distributed(fv)
 
@@ -179,14 +195,20 @@ def _run_denoise(fv):
       output_dtype=_v(fv, "output-dtype"), patch=_triple(_v(fv, "patch")),
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
       blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"),
-      spatial=_v(fv, "spatial"), uncertainty=_v(fv, "uncertainty"))
+      spatial=_v(fv, "spatial"), uncertainty=_v(fv, "uncertainty"),
+      save_samples=_v(fv, "save-samples"))
+  members = model.config.model.ensemble
   for r in reports:
     print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.patches} patches  "
           f"{r.seconds:.2f}s  {r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}")
     if _v(fv, "uncertainty"):
-      from deepcad_jax.infer import std_path
-      print(f"  uncertainty (std over {_v(fv, 'uncertainty')} symmetries): "
-            f"{std_path(r.output)}")
+      from deepcad_jax.infer import sample_path, std_path
+      k = _v(fv, "uncertainty")
+      what = f"{k} symmetries" + (f" x {members} members" if members > 1 else "")
+      print(f"  uncertainty (std over {what}): {std_path(r.output)}")
+      if _v(fv, "save-samples"):
+        print(f"  samples: {sample_path(r.output, 0)} .. "
+              f"{sample_path(r.output, k * members - 1)}")
   return 0
 
 
@@ -367,6 +389,10 @@ def _define_stream(fv):
                     flag_values=fv)
   flags.DEFINE_string("mean", "model", "Normalisation: 'model' (training mean), "
                       "'running', or a number.", flag_values=fv)
+  flags.DEFINE_string("mean-image", None, "For a model trained with --mean-prior: the "
+                      "mean image to give it (a 2-D TIFF, or a movie whose temporal mean is "
+                      "used); default: the running mean of the frames seen so far.",
+                      flag_values=fv)
   flags.DEFINE_float("preview-every", 5.0, "Seconds between preview PNGs (0 = none).",
                      flag_values=fv)
   flags.DEFINE_float("idle-timeout", 10.0, "Folder source: end after this many seconds "
@@ -399,9 +425,12 @@ def _run_stream(fv):
       mean = float(mean)
     except ValueError:
       raise UserError(f"--mean takes 'model', 'running' or a number; got {mean!r}.") from None
+  from deepcad_jax.data.movie import read_mean_image
+  image = _v(fv, "mean-image")
   stream = StreamDenoiser(load_model(_v(fv, "model")), _v(fv, "batch-frames"),
                           _v(fv, "overlap-frames"), batch_size=_v(fv, "batch-size"),
-                          dtype=_v(fv, "dtype"), mean=mean)
+                          dtype=_v(fv, "dtype"), mean=mean,
+                          mean_image=read_mean_image(image) if image else None)
   rate = _v(fv, "rate") if isinstance(source, ReplaySource) else 0.0
   view, preview_every = None, _v(fv, "preview-every")
   if _v(fv, "live"):

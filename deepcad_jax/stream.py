@@ -44,12 +44,16 @@ class StreamDenoiser:
   `batch_frames` (a multiple of 8 is fastest) and `overlap_frames` set the temporal
   partition. `mean`: 'model' (the training mean stored with the model; the default),
   'running' (the mean of the frames seen so far, frozen per batch), or a number.
+  A model trained with the mean-image prior gets `mean_image` (Y, X) when given (the
+  same result as offline `denoise` with that image), otherwise the per-pixel mean of
+  the frames seen so far, frozen per batch.
   """
 
   def __init__(self, model: Any, batch_frames: int | None = None,
                overlap_frames: int | None = None, *, patch_yx: tuple[int, int] | None = None,
                overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
-               mean: str | float = "model", devices=None):
+               mean: str | float = "model", devices=None,
+               mean_image: np.ndarray | None = None):
     den = model if isinstance(model, Denoiser) else Denoiser(
         model, None, overlap, batch_size, dtype, devices=devices)
     self.den = den
@@ -69,8 +73,11 @@ class StreamDenoiser:
       raise UserError(f"{den.model.source} stores no training mean (an imported .pth); "
                       "use mean='running' or give a number.")
     self.mean_mode = mean
+    self.mean_image = None if mean_image is None else np.asarray(mean_image, np.float32)
+    self.uses_prior = den.model.config.model.mean_prior
     self._sum = 0.0
     self._count = 0
+    self._pixel_sum: np.ndarray | None = None  # per-pixel sums, for a running mean image
     self.frames: list[np.ndarray] = []  # received frames not yet needed any more
     self.base = 0                       # stream index of frames[0]
     self.received = 0
@@ -102,6 +109,9 @@ class StreamDenoiser:
       self.frames.append(f.astype(np.float32, copy=False))
       self._sum += float(f.sum(dtype=np.float64))
       self._count += f.size
+    if self.uses_prior and self.mean_image is None:
+      block = frames.sum(0, dtype=np.float64)
+      self._pixel_sum = block if self._pixel_sum is None else self._pixel_sum + block
     self.received += len(frames)
     while self.next_start + self.B <= self.received:
       self._process(self.next_start, final=False)
@@ -130,12 +140,19 @@ class StreamDenoiser:
       return self._sum / max(1, self._count)
     return float(self.mean_mode)
 
+  def _prior(self) -> np.ndarray | None:
+    if not self.uses_prior:
+      return None
+    if self.mean_image is not None:
+      return self.mean_image
+    return (self._pixel_sum / self.received).astype(np.float32)
+
   def _process(self, start: int, final: bool) -> None:
     end = min(start + self.B, self.received)
     window = np.stack(self.frames[start - self.base:end - self.base])
     out = np.concatenate(list(denoise_blocks(
         ArrayMovie(window), self.den.net, self.patch, self.den.overlap,
-        self.den.batch_size, mean=self._mean())))
+        self.den.batch_size, mean=self._mean(), prior=self._prior())))
     self.batches += 1
     if final:
       self._emit(out[self.emitted - start:])

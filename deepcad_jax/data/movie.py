@@ -181,6 +181,19 @@ def as_movie(movie, name: str = "<array>") -> Movie:
   return ArrayMovie(movie, name)
 
 
+def read_mean_image(path: str) -> np.ndarray:
+  """A (Y, X) mean image from a 2-D TIFF, or the temporal mean of a TIFF movie."""
+  with _open_tiff(path) as tif:
+    image = np.squeeze(tif.asarray()) if len(tif.series[0].shape) <= 2 or \
+        int(np.prod(tif.series[0].shape[:-2])) == 1 else None
+  if image is not None:
+    if image.ndim != 2:
+      raise UserError(f"{path} holds an image of shape {image.shape}; a mean image must "
+                      "be 2-D (Y, X).")
+    return image.astype(np.float32)
+  return open_movie(path).mean_image()
+
+
 def refuse_to_overwrite(paths: Iterable[str], overwrite: bool) -> None:
   """Nothing the user has is replaced unless they asked (`--overwrite`)."""
   if overwrite:
