@@ -298,6 +298,59 @@ def _run_evaluate(fv):
   return 0
 
 
+# ---------------------------------------------------------------- traces
+
+
+def _define_traces(fv):
+  flags.DEFINE_string("rois", None, "ROIs: a label TIFF (0 = background), a JSON of "
+                      "polygons/masks/pixels, or suite2p's stat.npy.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Folder for traces.csv, traces.json, traces.png.",
+                      flag_values=fv)
+  flags.DEFINE_string("movie", None, "The denoised movie (the samples' mean).",
+                      flag_values=fv)
+  flags.DEFINE_string("samples", None, "Sample movies for the band: comma-separated files "
+                      "or a glob, e.g. 'den_sample*.tif' (from denoise --save-samples).",
+                      flag_values=fv)
+  flags.DEFINE_string("raw", None, "The raw movie (plotted; with --model, denoised here).",
+                      flag_values=fv)
+  flags.DEFINE_string("model", None, "Instead of --movie/--samples: denoise --raw with "
+                      "this model and keep only the samples' traces.", flag_values=fv)
+  flags.DEFINE_integer("uncertainty", 8, "With --model: test-time symmetries K (times the "
+                       "ensemble's members) giving the samples.", flag_values=fv)
+  flags.DEFINE_string("f0", "percentile:8", "Baseline of dF/F: 'percentile:P' or 'mean'.",
+                      flag_values=fv)
+  flags.DEFINE_string("band", "5,95", "Percentiles across samples that bound the band.",
+                      flag_values=fv)
+  flags.DEFINE_integer("plot-rois", 12, "ROIs drawn in traces.png (the first N).",
+                       flag_values=fv)
+  flags.DEFINE_float("frame-rate", None, "Frames per second, for a time axis in seconds.",
+                     flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace existing results.", flag_values=fv)
+
+
+def _run_traces(fv):
+  from deepcad_jax.traces import trace_files
+  _require(fv, "rois", "output")
+  try:
+    band = [float(b) for b in _v(fv, "band").split(",")]
+  except ValueError:
+    band = []
+  if len(band) != 2:
+    raise UserError(f"--band takes two percentiles LO,HI; got {_v(fv, 'band')!r}.")
+  r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_v(fv, "movie"),
+                  samples=_v(fv, "samples") or (), raw=_v(fv, "raw"), model=_v(fv, "model"),
+                  uncertainty=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=band,
+                  plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
+                  overwrite=_v(fv, "overwrite"))
+  s = r.traces.summary()
+  print(f"{s['rois']} ROI(s) x {s['frames']} frames; F0 = {s['f0']}; "
+        + (f"band {band[0]:g}-{band[1]:g}% over {s['samples']} samples, median dF/F width "
+           f"{s['median_dff_band_width']:.3g}" if s["samples"] else "no samples: no band"))
+  print(f"csv: {r.csv}\nsummary: {r.summary}"
+        + (f"\nplot: {r.png} ({len(r.plotted)} ROI(s))" if r.png else ""))
+  return 0
+
+
 # ---------------------------------------------------------------- events
 
 
@@ -523,6 +576,10 @@ COMMANDS = {c.name: c for c in [
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
+    Command("traces", "ROI traces and dF/F with confidence bands from uncertainty samples",
+            _define_traces, _run_traces,
+            "deepcad-jax traces --movie den.tif --samples 'den_sample*.tif' --raw movie.tif "
+            "--rois rois.json --output traces/"),
     Command("events", "find where denoising removed more than noise (rare events)",
             _define_events, _run_events,
             "deepcad-jax events --raw movie.tif --denoised den.tif --output check/"),
