@@ -1,7 +1,6 @@
 """Ensembles (members trained together) and the mean-image prior, end to end."""
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
