@@ -30,7 +30,7 @@ from deepcad_jax import parallel
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise
-from deepcad_jax.model import LADDER, UNet3D, init_params, param_count
+from deepcad_jax.model import LADDER, UNet3D, ensemble_params, init_params, param_count
 from deepcad_jax.tiling import patch_plan
 from deepcad_jax.train import compile_step, create_state, make_model
 
@@ -39,7 +39,8 @@ PAPER = {"movie": (300, 490, 490), "patch": (150, 150, 150), "overlap": 0.4,
          "patches": 75, "inference_s": 8.0, "acquisition_s": 9.6, "train_step_s": 0.37,
          "tensorrt_fp16_memory_bytes": 701 * 2**20}
 QUICK = {"movie": (32, 64, 64), "patch": (16, 32, 32), "overlap": 0.4}
-WORKLOADS = ("quick", "reference", "reference-device", "train-step", "ladder", "scaling")
+WORKLOADS = ("quick", "reference", "reference-device", "train-step", "ladder", "scaling",
+             "uncertainty")
 
 
 @dataclasses.dataclass
@@ -140,10 +141,11 @@ def _record(workload: str, env: dict, dtype: str, batch_size: int, timing: Timin
   return rec
 
 
-def _random_model(features: int, patch, overlap: float) -> Model:
-  cfg = config_lib.from_dict({"name": f"bench-f{features}", "model": {"features": features},
+def _random_model(features: int, patch, overlap: float, members: int = 1) -> Model:
+  cfg = config_lib.from_dict({"name": f"bench-f{features}",
+                              "model": {"features": features, "ensemble": members},
                               "infer": {"patch": list(patch), "overlap": overlap}})
-  return Model(params=init_params(features, 0), features=features,
+  return Model(params=ensemble_params(features, 0, members), features=features,
                patch=cfg.data.patch, mean=0.0, config=cfg, meta={}, source="random")
 
 
@@ -155,18 +157,30 @@ def _patches(n: int, patch, seed: int = 0) -> np.ndarray:
 
 
 def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, repeats,
-               name, devices=None) -> dict:
-  """Host array in, stitched host array out (what a user waits for)."""
+               name, devices=None, uncertainty: int = 0, members: int = 1) -> dict:
+  """Host array in, stitched host array out (what a user waits for); with
+  `uncertainty` = K, the mean and std over K symmetries x `members`."""
   rng = np.random.default_rng(0)
   movie = rng.poisson(200, movie_shape).astype(np.uint16)
-  den = Denoiser(_random_model(features, patch, overlap), patch, overlap, batch_size, dtype,
-                 devices=devices)
+  den = Denoiser(_random_model(features, patch, overlap, members), patch, overlap,
+                 batch_size, dtype, devices=devices, uncertainty=uncertainty)
   n_patches = len(patch_plan(movie_shape, patch, overlap))
   timing = measure(lambda m: denoise(m, den), (movie,), repeats)
+  extra = {"uncertainty": uncertainty, "members": members} if uncertainty or members > 1 \
+      else {}
   return _record(name, env, dtype, den.batch_size, timing, features=features,
                  movie=list(movie_shape), patch=list(patch), overlap=overlap,
                  patches=n_patches, voxels=int(np.prod(movie_shape)),
-                 network_voxels=n_patches * int(np.prod(patch)))
+                 network_voxels=n_patches * int(np.prod(patch)), **extra)
+
+
+def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_size,
+                     repeats, name) -> list[dict]:
+  """What uncertainty costs: plain denoising, K = 2, 4, 8 symmetries, and a 3-member
+  ensemble alone (K = 1) and with K = 8."""
+  return [end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size,
+                     repeats, name, uncertainty=k, members=m)
+          for k, m in ((0, 1), (2, 1), (4, 1), (8, 1), (1, 3), (8, 3))]
 
 
 def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
@@ -338,6 +352,10 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                                  repeats or 5, "train-step")
   elif workload == "ladder":
     recs = ladder(env, P["patch"], dtype, batch_size, repeats or 5, "ladder")
+  elif workload == "uncertainty":
+    q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
+    recs = uncertainty_cost(env, q["movie"], q["patch"], q["overlap"], features, dtype,
+                            batch_size, repeats or 3, "uncertainty")
   else:
     recs = scaling(env, P["patch"], features, dtype, batch_size, repeats or 5, "scaling")
   for rec in recs:
@@ -410,6 +428,8 @@ def markdown_table(records: list[dict]) -> str:
     vps = f"{r['voxels_per_s']:.3g}" if r.get("voxels_per_s") else ""
     name = r["workload"] + (f" f={r['features']}" if "ladder" in r["workload"] else "")
     name += f" ({r['devices_used']} dev)" if "devices_used" in r else ""
+    if "uncertainty" in r:
+      name += f" K={r['uncertainty']} M={r['members']}"
     shape = "x".join(map(str, r["movie"])) + " movie, " if "movie" in r else ""
     shape += ("x".join(map(str, r["patch"])) + " patch") if "patch" in r else ""
     if r.get("patches") and "movie" not in r:

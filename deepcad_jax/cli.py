@@ -252,6 +252,9 @@ def _define_simulate(fv):
   flags.DEFINE_float("tau-rise", 0.05, "Calcium rise time (s).", flag_values=fv)
   flags.DEFINE_float("tau-decay", 0.4, "Calcium decay time (s).", flag_values=fv)
   flags.DEFINE_float("read-noise", 1.0, "Gaussian read noise (photons).", flag_values=fv)
+  flags.DEFINE_float("neuropil-coupling", 0.5, "How much the neuropil follows population "
+                     "activity (0: constant background, for the wobble metric).",
+                     flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace existing files.", flag_values=fv)
 
@@ -265,7 +268,8 @@ def _run_simulate(fv):
       neurons=_v(fv, "neurons"), vessels=_v(fv, "vessels"),
       frame_rate=_v(fv, "frame-rate"), spike_rate=_v(fv, "spike-rate"),
       tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
-      read_noise=_v(fv, "read-noise"), seed=_v(fv, "seed"))
+      read_noise=_v(fv, "read-noise"), neuropil_coupling=_v(fv, "neuropil-coupling"),
+      seed=_v(fv, "seed"))
   print(f"wrote {info['noisy']} and {info['clean']}: {tuple(shape)}, "
         f"SNR {info['snr_db']:.2f} dB, {info['mean_photons']:.3g} photons/voxel")
   return 0

@@ -66,10 +66,39 @@ def summarise(values: np.ndarray) -> dict[str, float]:
           "mean": float(v.mean()), "n": int(v.size)}
 
 
+def static_voxels(reference: np.ndarray, rel_tol: float = 1e-3) -> np.ndarray:
+  """(Y, X) pixels whose ground truth is constant in time: temporal std at most
+  `rel_tol` times their temporal mean (or 0 where the mean is 0)."""
+  ref = np.asarray(reference, np.float64)
+  return ref.std(0) <= rel_tol * np.abs(ref.mean(0))
+
+
+def wobble(movie: np.ndarray, reference: np.ndarray, rel_tol: float = 1e-3
+           ) -> dict[str, float]:
+  """Made-up motion: the temporal standard deviation of `movie` over pixels whose
+  ground truth does not change (a perfect denoiser gives 0 there), averaged over those
+  pixels; also relative to their mean intensity. NaN when no pixel is static."""
+  _check(movie, reference)
+  static = static_voxels(reference, rel_tol)
+  if not static.any():
+    return {"wobble": float("nan"), "wobble_rel": float("nan"), "static_fraction": 0.0}
+  m = np.asarray(movie, np.float64)[:, static]
+  level = float(np.abs(np.asarray(reference, np.float64)[:, static]).mean())
+  w = float(m.std(0).mean())
+  return {"wobble": w, "wobble_rel": w / level if level > 0 else float("nan"),
+          "static_fraction": float(static.mean())}
+
+
 def evaluate(movie: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-  """SNR, PSNR and slice correlations of `movie` against `reference`."""
-  return {"snr_db": snr_db(movie, reference), "psnr_db": psnr_db(movie, reference),
-          **{f"r_{k}": summarise(slice_correlations(movie, reference, k)) for k in SLICES}}
+  """SNR, PSNR and slice correlations of `movie` against `reference`, and its wobble
+  over pixels whose ground truth is constant (when there are any)."""
+  out = {"snr_db": snr_db(movie, reference), "psnr_db": psnr_db(movie, reference),
+         **{f"r_{k}": summarise(slice_correlations(movie, reference, k)) for k in SLICES}}
+  if movie.shape[0] > 1:
+    w = wobble(movie, reference)
+    if w["static_fraction"] > 0:
+      out.update(w)
+  return out
 
 
 GAUSSIAN_COVERAGE = {1: 0.6827, 2: 0.9545}  # what a calibrated std would give
@@ -124,6 +153,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                 f"{r['r_xy']['median']:>8.3f} {r['r_yt']['median']:>8.3f} "
                 f"{r['r_xt']['median']:>8.3f}")
   rows.append("(r: median Pearson correlation of the slices with the reference)")
+  static = [(name, r) for name, r in results.items() if "wobble" in r]
+  if static:
+    rows.append(f"wobble over the {100 * static[0][1]['static_fraction']:.1f}% of pixels "
+                "whose ground truth is constant (temporal std; 0 is perfect): " +
+                ", ".join(f"{name} {r['wobble']:.3g} ({100 * r['wobble_rel']:.2f}% of "
+                          "their mean)" for name, r in static))
   return "\n".join(rows)
 
 

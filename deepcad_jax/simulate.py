@@ -35,6 +35,8 @@ class SimulationParams:
   tau_decay: float = 0.4         # s
   dff_per_spike: float = 1.0     # peak dF/F of one spike
   neuropil: float = 0.3          # neuropil brightness relative to a resting soma
+  neuropil_coupling: float = 0.5  # how much the neuropil follows population activity
+                                  # (0: a constant background, e.g. to measure wobble)
   read_noise: float = 1.0        # Gaussian read noise, in photons
   seed: int = 0
 
@@ -124,7 +126,7 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
 
   neuropil_map = p.neuropil * (0.5 + 0.5 * _smooth_field(rng, (y, x), 12.0))
   population = calcium.mean(0) if n else np.zeros(t)
-  neuropil_trace = 1 + 0.5 * (population - population.mean())
+  neuropil_trace = 1 + p.neuropil_coupling * (population - population.mean())
   vessels = _vessel_mask(rng, p.vessels, (y, x))
 
   clean = (traces.T @ footprints.reshape(n, -1)).reshape(t, y, x)

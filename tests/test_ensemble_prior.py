@@ -27,8 +27,8 @@ def _batch(n=2, shape=(8, 16, 16), seed=0, prior=False):
   return batch
 
 
-def _steps(cfg, batch, devices, n=2):
-  mesh = parallel.data_mesh(devices)
+def _steps(cfg, batch, devices, n=2, spatial=1):
+  mesh = parallel.data_mesh(devices, spatial)
   m = cfg.model
   state = jax.device_put(create_state(cfg), parallel.replicated(mesh))
   step = compile_step(make_model(cfg), mesh, m.ensemble, m.ensemble_impl, m.mean_prior)
@@ -60,6 +60,16 @@ def test_ensemble_vmap_equals_loop(devices):
                            devices[:1])
   assert loss_loop == pytest.approx(loss_vmap, rel=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(loop), jax.tree_util.tree_leaves(vmap)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prior_step_split_over_data_and_space_equals_one_device(devices):
+  batch = _batch(shape=(8, 32, 16), prior=True)
+  cfg = tiny_config(**{"model.mean_prior": True})
+  one, loss_one = _steps(cfg, batch, devices[:1])
+  split, loss_split = _steps(cfg, batch, devices, spatial=2)  # 2 data x 2 space
+  assert loss_one == pytest.approx(loss_split, rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(split)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
