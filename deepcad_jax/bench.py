@@ -166,20 +166,18 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
                  batch_size, dtype, devices=devices, uncertainty=uncertainty)
   n_patches = len(patch_plan(movie_shape, patch, overlap))
   timing = measure(lambda m: denoise(m, den), (movie,), repeats)
-  extra = {"uncertainty": uncertainty, "members": members} if uncertainty or members > 1 \
-      else {}
   return _record(name, env, dtype, den.batch_size, timing, features=features,
                  movie=list(movie_shape), patch=list(patch), overlap=overlap,
                  patches=n_patches, voxels=int(np.prod(movie_shape)),
-                 network_voxels=n_patches * int(np.prod(patch)), **extra)
+                 network_voxels=n_patches * int(np.prod(patch)))
 
 
 def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_size,
                      repeats, name) -> list[dict]:
   """What uncertainty costs: plain denoising, K = 2, 4, 8 symmetries, and a 3-member
   ensemble alone (K = 1) and with K = 8."""
-  return [end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size,
-                     repeats, name, uncertainty=k, members=m)
+  return [dict(end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size,
+                          repeats, name, uncertainty=k, members=m), uncertainty=k, members=m)
           for k, m in ((0, 1), (2, 1), (4, 1), (8, 1), (1, 3), (8, 3))]
 
 

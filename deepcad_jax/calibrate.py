@@ -41,6 +41,7 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
   mean, std = denoise(noisy_movie, den, output_dtype="float32")
   result = uncertainty_calibration(mean, std, clean_movie.read(0, clean_movie.shape[0]))
   record = {"std_scale": result["std_scale"], "samples": samples,
+            "members": model.config.model.ensemble,
             "fitted_on": os.path.abspath(noisy), "ground_truth": os.path.abspath(clean),
             "measured": result}
   with open(os.path.join(model_dir, CALIBRATION), "w") as f:

@@ -209,9 +209,9 @@ def read_rois(path: str, frame_shape: tuple[int, int]) -> list[Roi]:
 
 def block_traces(block: np.ndarray, rois: Sequence[Roi]) -> np.ndarray:
   """(n, Y, X[, C]) frames -> (n, R[, C]) weighted ROI means."""
-  flat = block.reshape((block.shape[0], -1) + block.shape[3:]).astype(np.float64)
-  return np.stack([np.tensordot(flat[:, r.index], r.weight, axes=([1], [0]))
-                   for r in rois], axis=1)
+  flat = block.reshape((block.shape[0], -1) + block.shape[3:])
+  return np.stack([np.tensordot(flat[:, r.index].astype(np.float64), r.weight,
+                                axes=([1], [0])) for r in rois], axis=1)
 
 
 def movie_traces(movie, rois: Sequence[Roi]) -> np.ndarray:
