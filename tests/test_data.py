@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import write_tiff
+from conftest import noisy_movie, write_tiff
 from deepcad_jax import UserError
 from deepcad_jax.data import (PairSource, as_movie, fit_patch, list_movies, open_movie,
                               pair_iterator, write_movie)
@@ -129,3 +129,13 @@ def test_fit_patch_shrinks_to_small_movies_and_says_so():
     fit_patch((8, 8, 8), [(15, 32, 32)], ["short.tif"])
   with pytest.raises(UserError, match="at least 8x8"):
     fit_patch((8, 8, 8), [(40, 6, 32)], ["thin.tif"])
+
+
+def test_read_mean_image_from_an_image_or_a_movie(tmp_path):
+  from deepcad_jax.data.movie import read_mean_image
+  movie, _ = noisy_movie((10, 12, 14))
+  image = movie.mean(0).astype(np.float32)
+  np.testing.assert_allclose(read_mean_image(write_tiff(tmp_path / "img.tif", image)), image)
+  np.testing.assert_allclose(read_mean_image(write_tiff(tmp_path / "m.tif", movie)), image,
+                             rtol=1e-6)
+  assert open_movie(str(tmp_path / "m.tif")).mean() == pytest.approx(movie.mean())

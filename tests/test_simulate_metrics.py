@@ -58,3 +58,28 @@ def test_gcamp_kernel_shape():
   k = gcamp_kernel(30.0, 0.05, 0.4)
   assert k.max() == pytest.approx(1.0) and k[0] == 0 and np.argmax(k) < 10
   assert k[-1] < 0.01
+
+
+def test_wobble_is_the_temporal_std_over_static_pixels():
+  from deepcad_jax.metrics import evaluate, format_table, static_voxels, wobble
+  ref = np.full((6, 2, 2), 10.0)
+  ref[:, 0, 0] = np.arange(6)  # the only changing pixel
+  assert static_voxels(ref).sum() == 3
+  movie = ref.copy()
+  movie[:, 1, 1] += np.array([1, -1, 1, -1, 1, -1])  # flicker where nothing changes
+  w = wobble(movie, ref)
+  assert w["static_fraction"] == 0.75
+  assert w["wobble"] == pytest.approx(1 / 3)  # std 1 on one of the three static pixels
+  assert w["wobble_rel"] == pytest.approx(1 / 30)
+  assert wobble(ref, ref)["wobble"] == 0
+  assert "wobble over the 75.0% of pixels" in format_table({"denoised": evaluate(movie, ref)})
+  moving = ref + np.arange(6)[:, None, None]
+  assert np.isnan(wobble(moving, moving)["wobble"]) and "wobble" not in evaluate(moving, moving)
+
+
+def test_constant_background_simulation():
+  from deepcad_jax.metrics import static_voxels
+  _, clean, _ = simulate(shape=(40, 32, 32), neuropil_coupling=0.0, seed=2)
+  assert 0.2 < static_voxels(clean).mean() < 0.9
+  _, coupled, _ = simulate(shape=(40, 32, 32), seed=2)
+  assert static_voxels(coupled).mean() == 0
