@@ -27,6 +27,7 @@ import tifffile
 
 from deepcad_jax.data.movie import Movie, as_movie
 from deepcad_jax.errors import UserError
+from deepcad_jax.progress import Progress
 
 log = logging.getLogger("deepcad_jax")
 
@@ -308,28 +309,34 @@ def validate_band(band: Sequence[float]) -> tuple[float, float]:
 
 
 def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
-            f0: str = "percentile:8", band: Sequence[float] = (5, 95)) -> Traces:
+            f0: str = "percentile:8", band: Sequence[float] = (5, 95),
+            progress: bool = False) -> Traces:
   """Traces of `movie` (the denoised mean), of each of `samples` (movies of the same
   shape) and of `raw`, for `rois`."""
   movie = as_movie(movie)
   parse_f0(f0)
   band = validate_band(band)
+  if len(samples) == 1:
+    raise UserError("a band needs at least 2 samples; give more --samples.")
+  movies = [as_movie(s) for s in samples]
+  raw = None if raw is None else as_movie(raw)
+  for other in movies + ([raw] if raw is not None else []):
+    if other.shape != movie.shape:
+      raise UserError(f"{other.name} is {other.shape}, but {movie.name} is {movie.shape}; "
+                      "give the samples and raw movie of this denoised movie.")
+  bar = Progress(1 + len(movies) + (raw is not None), "movies read", enabled=progress)
   den = movie_traces(movie, rois)
+  bar.update(1)
   sample_traces = None
-  if len(samples):
-    if len(samples) < 2:
-      raise UserError("a band needs at least 2 samples; give more --samples.")
-    movies = [as_movie(s) for s in samples]
-    for s in movies:
-      if s.shape != movie.shape:
-        raise UserError(f"sample {s.name} is {s.shape}, but {movie.name} is {movie.shape}.")
-    sample_traces = np.stack([movie_traces(s, rois) for s in movies])
+  if movies:
+    sample_traces = np.empty((len(movies),) + den.shape)
+    for i, s in enumerate(movies):
+      sample_traces[i] = movie_traces(s, rois)
+      bar.update(2 + i)
   raw_traces = None
   if raw is not None:
-    raw = as_movie(raw)
-    if raw.shape != movie.shape:
-      raise UserError(f"--raw {raw.name} is {raw.shape}, but {movie.name} is {movie.shape}.")
     raw_traces = movie_traces(raw, rois)
+    bar.update(bar.total)
   return Traces([r.name for r in rois], [r.pixels for r in rois], den, raw_traces,
                 sample_traces, f0, band)
 
@@ -483,7 +490,7 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
     roi_list = read_rois(rois, mean_movie.shape[1:])
     files = sample_files(samples) if samples else []
     traces = extract(mean_movie, roi_list, [open_movie(f) for f in files],
-                     open_movie(raw) if raw else None, f0, band)
+                     open_movie(raw) if raw else None, f0, band, progress)
   os.makedirs(output, exist_ok=True)
   write_csv(traces, paths["csv"])
   with open(paths["json"], "w") as f:
