@@ -688,4 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except BrokenPipeError:  # output piped into a command that stopped reading (head)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
