@@ -172,13 +172,17 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
                  network_voxels=n_patches * int(np.prod(patch)))
 
 
+# (K symmetries, M members) timed by the uncertainty workload; K = 0: plain denoising.
+UNCERTAINTY_CASES = ((0, 1), (2, 1), (4, 1), (8, 1), (1, 3), (8, 3))
+
+
 def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_size,
                      repeats, name) -> list[dict]:
   """What uncertainty costs: plain denoising, K = 2, 4, 8 symmetries, and a 3-member
   ensemble alone (K = 1) and with K = 8."""
   return [dict(end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size,
                           repeats, name, uncertainty=k, members=m), uncertainty=k, members=m)
-          for k, m in ((0, 1), (2, 1), (4, 1), (8, 1), (1, 3), (8, 3))]
+          for k, m in UNCERTAINTY_CASES]
 
 
 def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
