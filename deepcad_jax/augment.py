@@ -61,6 +61,4 @@ def augment_batch(key: jax.Array, x: jax.Array, y: jax.Array,
   """An independent random variant for every pair of a (B, T, Y, X) batch (and of
   its (B, Y, X) priors)."""
   keys = jax.random.split(key, x.shape[0])
-  if prior is None:
-    return jax.vmap(augment_pair)(keys, x, y)
   return jax.vmap(augment_pair)(keys, x, y, prior)

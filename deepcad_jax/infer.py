@@ -92,16 +92,11 @@ def network_fn(model: Model, dtype: str = "float32", devices=None, spatial: int 
     stats = [outs.mean(0), outs.std(0, ddof=1) * std_scale]
     return jnp.stack(stats + (list(outs) if keep_samples else []), axis=-1)
 
-  jitted = {
-      False: jax.jit(lambda p, b: apply(p, b, None), out_shardings=data,
-                     in_shardings=(parallel.replicated(mesh), data)),
-      True: jax.jit(apply, out_shardings=data,
-                    in_shardings=(parallel.replicated(mesh), data, images))}
+  jitted = jax.jit(apply, in_shardings=(parallel.replicated(mesh), data, images),
+                   out_shardings=data)
 
   def run(batch, prior=None):  # explicit placement: numpy inputs on several processes
-    if prior is None:
-      return jitted[False](params, jax.device_put(batch, data))
-    return jitted[True](params, jax.device_put(batch, data), jax.device_put(prior, images))
+    return jitted(params, jax.device_put(batch, data), jax.device_put(prior, images))
 
   return run, mesh
 
@@ -399,10 +394,9 @@ class Denoiser:
 
   def extra_outputs(self, output: str) -> list[str]:
     """The files written beside `output`, one per channel after the first."""
-    if not self.uncertainty:
+    if not self.channels:
       return []
-    return [std_path(output)] + [sample_path(output, i) for i in range(
-        self.samples if self.save_samples else 0)]
+    return [std_path(output)] + [sample_path(output, i) for i in range(self.channels - 2)]
 
   def prior_for(self, movie: Movie, prior: np.ndarray | None = None) -> np.ndarray | None:
     """The mean image a mean-prior model is given: `prior`, or the movie's own."""
@@ -487,14 +481,20 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
   is produced."""
   stats = DenoiseStats()
   clipped = [0]
-  extras = den.extra_outputs(dst)
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  write_movie(dst, _converted(den.blocks(movie, stats, progress=progress), out_dtype,
-                              extras, clipped), movie.shape, out_dtype)
-  for path in extras:
-    _write_raw_as_tiff(_partial(path), path, movie.shape)
+  _write_outputs(dst, den.extra_outputs(dst), den.blocks(movie, stats, progress=progress),
+                 movie.shape, out_dtype, clipped)
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
                     stats.seconds, stats.voxels_per_s, clipped[0])
+
+
+def _write_outputs(dst: str, extras: Sequence[str], blocks: Iterator[np.ndarray], shape,
+                   out_dtype, clipped: list[int]) -> None:
+  """`dst` from channel 0 of the blocks (in `out_dtype`), and each later channel as a
+  float32 TIFF at the matching path of `extras` (the std, the samples)."""
+  write_movie(dst, _converted(blocks, out_dtype, extras, clipped), shape, out_dtype)
+  for path in extras:
+    _write_raw_as_tiff(_partial(path), path, shape)
 
 
 def _partial(path: str) -> str:
@@ -560,7 +560,6 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   if p == 0:
     clipped = [0]
     frame_shape = movie.shape[1:] + ((channels,) if channels else ())
-    extras = den.extra_outputs(dst)
 
     def parts():  # every process's frames, in order, 64 at a time
       for q in range(n_proc):
@@ -571,10 +570,7 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
           yield np.asarray(frames[t:t + 64])
         del data, frames
 
-    write_movie(dst, _converted(parts(), out_dtype, extras, clipped), movie.shape,
-                out_dtype)
-    for path in extras:
-      _write_raw_as_tiff(_partial(path), path, movie.shape)
+    _write_outputs(dst, den.extra_outputs(dst), parts(), movie.shape, out_dtype, clipped)
     for q in range(n_proc):
       os.remove(f"{dst}.part{q}")
     seconds = time.perf_counter() - t0

@@ -167,8 +167,7 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
     raise UserError(f"{workdir} holds a model with features={old['features']}, but "
                     f"features={cfg.model.features} was asked for; {fix}.")
   for field in ("mean_prior", "ensemble"):
-    before = old_cfg["model"].get(field, config_lib.ModelConfig.__dataclass_fields__[
-        field].default)
+    before = old_cfg["model"].get(field, getattr(config_lib.ModelConfig(), field))
     if before != getattr(cfg.model, field):
       raise UserError(f"{workdir} holds a model with model.{field}={before}, but "
                       f"{getattr(cfg.model, field)} was asked for; {fix}.")

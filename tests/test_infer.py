@@ -46,8 +46,7 @@ class CountingMovie(ArrayMovie):
 
 def test_reads_are_bounded_by_one_slab_not_the_movie():
   movie = CountingMovie(np.zeros((200, 16, 16), np.float32))
-  movie._mean = 0.0
-  blocks = list(denoise_blocks(movie, identity, (16, 16, 16), 0.25, 2))
+  blocks = list(denoise_blocks(movie, identity, (16, 16, 16), 0.25, 2, mean=0.0))
   assert movie.largest == 16
   assert max(len(b) for b in blocks) <= 16 and sum(len(b) for b in blocks) == 200
 

@@ -28,8 +28,7 @@ class Movie:
   name: str = "<array>"
   shape: tuple[int, int, int]
   dtype: np.dtype
-  _mean: float | None = None
-  _mean_image: np.ndarray | None = None
+  _mean_image64: np.ndarray | None = None  # temporal mean image, from one pass
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     raise NotImplementedError
@@ -47,18 +46,18 @@ class Movie:
 
   def mean(self) -> float:
     """Mean intensity of the whole movie; rejects NaN or infinite values."""
-    if self._mean is None:
-      self._scan()
-    return self._mean
+    image = self._scan()
+    return float(image.mean()) if image.size else 0.0
 
   def mean_image(self) -> np.ndarray:
     """Temporal mean image (Y, X), float32, of the whole movie (the mean-image prior)."""
-    if self._mean_image is None:
-      self._scan()
-    return self._mean_image
+    return self._scan().astype(np.float32)
 
-  def _scan(self) -> None:
-    """One pass over the file: the mean and the mean image, NaNs rejected."""
+  def _scan(self) -> np.ndarray:
+    """The float64 temporal mean image, from one pass over the file (then cached);
+    rejects NaN or infinite values."""
+    if self._mean_image64 is not None:
+      return self._mean_image64
     total = np.zeros(self.shape[1:], np.float64)
     for t0, block in self.chunks():
       if block.dtype.kind == "f" and not np.isfinite(block).all():
@@ -66,9 +65,8 @@ class Movie:
         raise UserError(f"{self.name} {self.shape} contains NaN or infinite values "
                         f"(first in frame {bad}); replace them (e.g. with 0) first.")
       total += block.sum(0, dtype=np.float64)
-    image = total / max(1, self.shape[0])
-    self._mean = float(image.mean()) if image.size else 0.0
-    self._mean_image = image.astype(np.float32)
+    self._mean_image64 = total / max(1, self.shape[0])
+    return self._mean_image64
 
 
 class ArrayMovie(Movie):
