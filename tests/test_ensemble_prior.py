@@ -224,3 +224,23 @@ def test_cli_trains_an_ensemble_with_prior_and_writes_samples(tmp_path, capsys):
   assert cli.main(["deepcad-jax", "denoise", "--model", run, "--input", src, "--output",
                    out, "--uncertainty", "2", "--save-samples"]) == 2
   assert "_sample00.tif" in capsys.readouterr().err
+
+
+def test_cli_stream_gives_a_prior_model_the_mean_image(prior_ensemble, tmp_path, capsys):
+  from deepcad_jax.data.movie import as_movie
+  movie, _ = noisy_movie((30, 24, 24), seed=12)
+  src = write_tiff(tmp_path / "movie.tif", movie)
+  image = write_tiff(tmp_path / "mean.tif", movie.astype(np.float64).mean(0).astype(
+      np.float32))
+  out = str(tmp_path / "live.tif")
+  mean = float(movie.mean())
+  assert cli.main(["deepcad-jax", "stream", "--model", prior_ensemble, "--source", src,
+                   "--output", out, "--rate", "0", "--preview-every", "0", "--mean",
+                   str(mean), "--mean-image", image]) == 0, capsys.readouterr().err
+  den = Denoiser(load_model(prior_ensemble))
+  offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
+  np.testing.assert_allclose(open_movie(out).read(0, 30), offline, rtol=1e-5, atol=1e-3)
+  assert cli.main(["deepcad-jax", "stream", "--model", prior_ensemble, "--source", src,
+                   "--output", str(tmp_path / "x.tif"), "--mean-image",
+                   str(tmp_path / "missing.tif")]) == 2
+  assert "missing.tif does not exist" in capsys.readouterr().err

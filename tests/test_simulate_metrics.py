@@ -83,3 +83,16 @@ def test_constant_background_simulation():
   assert 0.2 < static_voxels(clean).mean() < 0.9
   _, coupled, _ = simulate(shape=(40, 32, 32), seed=2)
   assert static_voxels(coupled).mean() == 0
+
+
+def test_cli_simulate_with_a_constant_background(tmp_path, capsys):
+  from deepcad_jax import cli
+  from deepcad_jax.data import open_movie
+  from deepcad_jax.metrics import static_voxels
+  assert cli.main(["deepcad-jax", "simulate", "--output", str(tmp_path), "--shape",
+                   "20,32,32", "--neuropil-coupling", "0"]) == 0
+  clean = open_movie(str(tmp_path / "clean.tif")).read(0, 20)
+  assert static_voxels(clean).mean() > 0.2
+  assert cli.main(["deepcad-jax", "evaluate", "--denoised", str(tmp_path / "noisy.tif"),
+                   "--reference", str(tmp_path / "clean.tif")]) == 0
+  assert "wobble over the" in capsys.readouterr().out
