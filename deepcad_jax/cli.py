@@ -159,17 +159,29 @@ def _define_denoise(fv):
   flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
   flags.DEFINE_string("output", None, "Output TIFF (or folder for a folder input).",
                       flag_values=fv)
-  flags.DEFINE_string("patch", None, "Patch T,Y,X (default: the model's).", flag_values=fv)
-  flags.DEFINE_float("overlap", None, "Overlap factor in [0, 1) (default: the model's).",
+  flags.DEFINE_enum("tiling", "auto", ["auto", "exact", "overlap"], "exact: seamless, "
+                    "equal to one pass over the whole movie; overlap: DeepCAD-RT's "
+                    "overlapping patches (--patch, --overlap); auto: exact unless it costs "
+                    "more network voxels than overlap within the memory budget.",
+                    flag_values=fv)
+  flags.DEFINE_string("tile", None, "Exact tiling: the largest tile T,Y,X (multiples of "
+                      "8; default: as large as --memory-budget allows).", flag_values=fv)
+  flags.DEFINE_string("memory-budget", None, "Exact tiling: memory per device for tiles, "
+                      "e.g. 8GB (default: 80%% of an accelerator's memory, 40%% of RAM on "
+                      "a CPU).", flag_values=fv)
+  flags.DEFINE_string("patch", None, "Overlap tiling: patch T,Y,X (default: the model's; "
+                      "selects overlap tiling under --tiling auto).", flag_values=fv)
+  flags.DEFINE_float("overlap", None, "Overlap tiling: overlap factor in [0, 1) (default: "
+                     "the model's; selects overlap tiling under --tiling auto).",
                      flag_values=fv)
-  flags.DEFINE_integer("batch-size", 0, "Patches per device call (0 = one per device).",
+  flags.DEFINE_integer("batch-size", 0, "Tiles per device call (0 = one per device).",
                        flag_values=fv)
   flags.DEFINE_string("output-dtype", None, "Output dtype (default: the input's), e.g. "
                       "float32.", flag_values=fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                     flag_values=fv)
-  flags.DEFINE_boolean("blend", False, "Blend overlaps smoothly instead of cropping.",
-                       flag_values=fv)
+  flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
+                       "instead of cropping.", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "Also split each patch's Y axis over this many "
                        "devices.", flag_values=fv)
@@ -196,11 +208,12 @@ def _run_denoise(fv):
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
       blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"),
       spatial=_v(fv, "spatial"), uncertainty=_v(fv, "uncertainty"),
-      save_samples=_v(fv, "save-samples"))
+      save_samples=_v(fv, "save-samples"), tiling=_v(fv, "tiling"),
+      tile=_triple(_v(fv, "tile"), "--tile"), memory_budget=_v(fv, "memory-budget"))
   members = model.config.model.ensemble
   for r in reports:
-    print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.patches} patches  "
-          f"{r.seconds:.2f}s  {r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}")
+    print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.seconds:.2f}s  "
+          f"{r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}\n  tiling: {r.tiling}")
     if _v(fv, "uncertainty"):
       from deepcad_jax.infer import sample_path, std_path
       k = _v(fv, "uncertainty")
@@ -437,10 +450,20 @@ def _define_stream(fv):
                       flag_values=fv)
   flags.DEFINE_float("rate", 30.0, "Replay rate in frames/s (0 = as fast as possible).",
                      flag_values=fv)
-  flags.DEFINE_integer("batch-frames", None, "Frames per temporal batch (default: the "
-                       "model's patch T).", flag_values=fv)
-  flags.DEFINE_integer("overlap-frames", None, "Frames shared by consecutive batches "
-                       "(default: from the model's overlap).", flag_values=fv)
+  flags.DEFINE_enum("tiling", None, ["exact", "overlap"], "exact (default): every frame "
+                    "equals offline exact denoising; overlap: DeepCAD-RT's batches "
+                    "(--batch-frames, --overlap-frames; chosen when either is given).",
+                    flag_values=fv)
+  flags.DEFINE_integer("core-frames", None, "Exact: frames completed per device call (a "
+                       "multiple of 8; default 32). Fewer: lower latency, more compute.",
+                       flag_values=fv)
+  flags.DEFINE_integer("lookahead", None, "Exact: future frames each frame waits for (a "
+                       "multiple of 8, default 48 = the network's halo: exact). Less lowers "
+                       "the latency and is no longer exact.", flag_values=fv)
+  flags.DEFINE_integer("batch-frames", None, "Overlap: frames per temporal batch (default: "
+                       "the model's patch T).", flag_values=fv)
+  flags.DEFINE_integer("overlap-frames", None, "Overlap: frames shared by consecutive "
+                       "batches (default: from the model's overlap).", flag_values=fv)
   flags.DEFINE_enum("policy", "block", ["block", "drop"], "When processing falls behind: "
                     "block acquisition (no frame lost) or drop frames (counted).",
                     flag_values=fv)
@@ -485,9 +508,10 @@ def _run_stream(fv):
   from deepcad_jax.data.movie import read_mean_image
   image = _v(fv, "mean-image")
   stream = StreamDenoiser(load_model(_v(fv, "model")), _v(fv, "batch-frames"),
-                          _v(fv, "overlap-frames"), batch_size=_v(fv, "batch-size"),
-                          dtype=_v(fv, "dtype"), mean=mean,
-                          mean_image=read_mean_image(image) if image else None)
+                          _v(fv, "overlap-frames"), tiling=_v(fv, "tiling"),
+                          core_frames=_v(fv, "core-frames"), lookahead=_v(fv, "lookahead"),
+                          batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
+                          mean=mean, mean_image=read_mean_image(image) if image else None)
   rate = _v(fv, "rate") if isinstance(source, ReplaySource) else 0.0
   view, preview_every = None, _v(fv, "preview-every")
   if _v(fv, "live"):
@@ -511,9 +535,11 @@ def _run_stream(fv):
         f"99th percentile {r.latency_p99_s:.3f} s")
   kept = ("n/a (replayed as fast as possible; the sustained rate is the most it keeps up "
           "with)" if not rate else ("yes" if r.kept_up else "no"))
-  print(f"kept up: {kept}; batches of {stream.B} frames, "
-        f"overlap {stream.overlap_frames}; {r.clipped} voxels clipped to "
-        f"{_v(fv, 'output-dtype')}")
+  lo, hi = stream.latency_frames()
+  print(f"kept up: {kept}; {r.clipped} voxels clipped to {_v(fv, 'output-dtype')}")
+  print(f"tiling: {stream.describe()}; a frame waits for {lo} to {hi} later frames"
+        + (f" ({lo / rate:.2f} to {hi / rate:.2f} s at {rate:g} Hz) plus compute"
+           if rate else " plus compute"))
   print(f"raw: {r.raw}\ndenoised: {r.denoised}"
         + (f"\npreviews: {len(r.previews)} PNG(s), last {r.previews[-1]}" if r.previews
            else ""))
@@ -543,6 +569,20 @@ def _define_bench(fv):
                       "workloads).", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "reference-device / train-step: also split each "
                        "patch's Y axis over this many devices.", flag_values=fv)
+  flags.DEFINE_string("widths", None, "ladder: network widths f to measure, e.g. 16,8 "
+                      "(default: the paper's 64,48,32,24,16,12,8).", flag_values=fv)
+
+
+def _widths(text: str | None):
+  if text is None:
+    return None
+  try:
+    widths = [int(w) for w in text.split(",")]
+  except ValueError:
+    widths = []
+  if not widths or min(widths) < 1:
+    raise UserError(f"--widths takes positive integers such as 16,8; got {text!r}.")
+  return widths
 
 
 def _run_bench(fv):
@@ -552,7 +592,7 @@ def _run_bench(fv):
   records = bench.run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
                                _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
                                _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")),
-                               _v(fv, "spatial"))
+                               _v(fv, "spatial"), _widths(_v(fv, "widths")))
   path = _v(fv, "output") or bench.results_path(os.path.join("benchmarks", "results"),
                                                 records[0]["environment"])
   bench.save_records(records, path)

@@ -1,40 +1,53 @@
-"""Tiled, batched, sharded inference over whole recordings, in bounded memory.
+"""Denoising whole recordings: choose a tile plan, run it on the devices, write frames.
 
-The movie is processed in temporal slabs (one row of patches in T at a time): a slab is
-read (memory map or page range), normalised and padded; its patches go through one
-jit-compiled network call per fixed-shape batch, sharded over all devices; the host
-stitches batch i-1 while the device runs batch i; finished frames are yielded as soon as
-no later patch can touch them. Peak host memory is a few slabs, not the movie.
+A `Denoiser` holds a model compiled for inference. For each movie it picks a
+`tiling.TilePlan` (exact by default where that is not more compute than DeepCAD-RT's
+overlap scheme; see `Denoiser.plan`) and an `Engine` runs it: the movie is read one
+window of frames at a time (a temporal slab, or a few when several devices share the
+work), each window goes to the device once in its own dtype, and the compiled
+`predict.predict_step` does everything else there (normalisation, tiles, network,
+stitching, dtype conversion). While the device computes window k, the host reads window
+k+1 and writes window k-1's frames, so memory holds a few windows, never the movie.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deepcad_jax import distributed, parallel
-from deepcad_jax.augment import apply_symmetry, invert_symmetry, symmetries_for
+from deepcad_jax.augment import N_SYMMETRIES
 from deepcad_jax.checkpoint import Model, load_model
+from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite, write_movie)
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import UNet3D, network_input, over_members
+from deepcad_jax.predict import (StepLayout, TileFn, compile_predict_step, frame_padding,
+                                 reflect_index, symmetry_samples, tile_network)
 from deepcad_jax.progress import Progress
-from deepcad_jax.tiling import (AxisTile, Patch, axis_plan, blend_weights, gap,
-                                padded_patch, patch_plan)
+from deepcad_jax.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
+                                overlap_plan)
+
+__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "denoise", "denoise_files",
+           "denoise_with", "memory_budget", "symmetry_samples", "to_dtype",
+           "whole_movie_forward"]
 
 log = logging.getLogger("deepcad_jax")
 
-NetworkFn = Callable[..., jax.Array]  # (B, T, Y, X)[, prior (B, Y, X)] -> (B, T, Y, X[, C])
+TILINGS = ("auto", "exact", "overlap")
+# Share of memory a tile plan may use when no --memory-budget is given: of each
+# accelerator's memory (what XLA's allocator may hold), or of the machine's RAM on CPUs.
+DEVICE_MEMORY_SHARE = 0.8
+HOST_MEMORY_SHARE = 0.4
 
 
 @dataclasses.dataclass
@@ -42,280 +55,33 @@ class DenoiseStats:
   """What one denoising pass did (filled in as it runs)."""
 
   shape: tuple[int, int, int] = (0, 0, 0)
-  patch: tuple[int, int, int] = (0, 0, 0)
-  patches: int = 0
+  tile: tuple[int, int, int] = (0, 0, 0)
+  tiles: int = 0
+  tiling: str = ""            # the plan, in words
+  recompute: float = 0.0      # network voxels / movie voxels
   seconds: float = 0.0
+  compile_s: float = 0.0
+  clipped: int = 0
+  rescale_skipped: int = 0    # reference stitching: patches whose sums were not positive
 
   @property
   def voxels_per_s(self) -> float:
     return float(np.prod(self.shape)) / self.seconds if self.seconds else 0.0
 
 
-def resolve_model(model: Model | str | os.PathLike) -> Model:
-  if isinstance(model, Model):
-    return model
-  return load_model(os.fspath(model))
+@dataclasses.dataclass
+class Frames:
+  """Consecutive output frames of a movie.
 
-
-def network_fn(model: Model, dtype: str = "float32", devices=None, spatial: int = 1,
-               samples: int = 0, keep_samples: bool = False) -> tuple[NetworkFn, Any]:
-  """The jit-compiled patch network (batch sharded over a mesh of `devices`; with
-  `spatial > 1`, each patch's Y axis split over that many devices too).
-
-  `run(batch, prior=None)` takes normalised (B, T, Y, X) patches (and, for a model with
-  the mean-image prior, their (B, Y, X) prior). An ensemble's members are averaged.
-  With `samples` = K >= 1 it predicts each patch under K symmetries of the (y, x) plane
-  with every member (K x M samples, each brought back to the patch's orientation) and
-  returns (B, T, Y, X, 2): their mean and standard deviation (the latter times the
-  model's calibration factor, if it has one), followed by the samples themselves when
-  `keep_samples`.
+  `data` (n, Y, X) is the denoised movie in the output dtype. With uncertainty,
+  `extras` (n, Y, X, C) float32 holds the other channels: the standard deviation, then
+  each sample (with --save-samples).
   """
-  mesh = parallel.data_mesh(devices, spatial)
-  net = UNet3D(features=model.features, dtype=jnp.dtype(dtype))
-  params = jax.device_put(model.params, parallel.replicated(mesh))
-  data, images = parallel.batch_sharding(mesh), parallel.image_sharding(mesh)
-  scale = float(model.config.data.scale)  # DeepCAD-RT's scale_factor
-  std_scale = float(model.meta.get("calibration", {}).get("std_scale", 1.0))
-  members, impl = model.config.model.ensemble, model.config.model.ensemble_impl
 
-  def predict(params, batch, prior):  # -> (members, B, T, Y, X)
-    def one(p):
-      x = network_input(batch / scale, None if prior is None else prior / scale)
-      return net.apply({"params": p}, x)[..., 0] * scale
-    return one(params)[None] if members == 1 else over_members(one, members, impl, params)
-
-  def apply(params, batch, prior):
-    outs = symmetry_samples(functools.partial(predict, params), batch, max(1, samples),
-                            prior)
-    if not samples:
-      return outs.mean(0)
-    stats = [outs.mean(0), outs.std(0, ddof=1) * std_scale]
-    return jnp.stack(stats + (list(outs) if keep_samples else []), axis=-1)
-
-  jitted = jax.jit(apply, in_shardings=(parallel.replicated(mesh), data, images),
-                   out_shardings=data)
-
-  def run(batch, prior=None):  # explicit placement: numpy inputs on several processes
-    return jitted(params, jax.device_put(batch, data), jax.device_put(prior, images))
-
-  return run, mesh
-
-
-def symmetry_samples(predict: Callable[..., jax.Array], batch: jax.Array, samples: int,
-                     prior: jax.Array | None = None) -> jax.Array:
-  """`predict(batch, prior)` -> (M, B, T, Y, X) under the first `samples` symmetries of
-  the (y, x) plane, each inverted back: (samples * M, B, T, Y, X).
-
-  The symmetry is applied to the batch and its prior alike; an exactly equivariant
-  network gives identical samples.
-  """
-  outs = []
-  for s in symmetries_for(batch.shape)[:samples]:
-    p = None if prior is None else apply_symmetry(prior, s)
-    outs.append(invert_symmetry(predict(apply_symmetry(batch, s), p), s))
-  return jnp.concatenate(outs)
-
-
-def _pad_reflect(block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-  pads = [(0, s - n) for n, s in zip(block.shape, shape)]
-  if not any(p for _, p in pads):
-    return block
-  mode = "reflect" if all(n > 1 or p == 0 for n, (_, p) in zip(block.shape, pads)) \
-      else "edge"
-  return np.pad(block, pads, mode=mode)
-
-
-class _Stitcher:
-  """Accumulates patch outputs for the current and the next temporal slab."""
-
-  def __init__(self, shape, patch, overlap, blend, reference=False, mean=0.0, channels=0):
-    self.T, self.Y, self.X = shape
-    self.patch = patch
-    self.blend = blend
-    self.reference = reference  # reference kept regions and per-patch rescale
-    self.mean = np.float32(mean)
-    self.rescale_skipped = 0
-    self.t_tiles = axis_plan(self.T, patch[0], overlap, reference)
-    self.yx_tiles = [axis_plan(n, p, overlap, reference) for n, p in
-                     zip(shape[1:], patch[1:])]
-    self.overlap_lengths = [p - gap(p, overlap) for p in patch]
-    self.base = 0           # movie frame at buffer index 0
-    self.emitted = 0        # frames already yielded
-    extra = (channels,) if channels else ()
-    self.acc = np.zeros((patch[0],) + tuple(shape[1:]) + extra, np.float32)
-    self.wsum = np.zeros((patch[0],) + tuple(shape[1:]), np.float32) if blend else None
-
-  def _weights(self, tiles: Sequence[AxisTile]) -> np.ndarray:
-    w = [blend_weights(p, t, n, g) for p, t, n, g in
-         zip(self.patch, tiles, (self.T, self.Y, self.X), self.overlap_lengths)]
-    return w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]
-
-  def add(self, p: Patch, out: np.ndarray, inp: np.ndarray) -> None:
-    t0, y0, x0 = p.start
-    if self.blend:
-      tiles = [self.t_tiles[p.index[0]], self.yx_tiles[0][p.index[1]],
-               self.yx_tiles[1][p.index[2]]]
-      w = self._weights(tiles)
-      wo = w[..., None] if out.ndim == 4 else w
-      tt = min(self.patch[0], self.T - t0)
-      yy, xx = min(self.patch[1], self.Y - y0), min(self.patch[2], self.X - x0)
-      sl = (slice(t0 - self.base, t0 - self.base + tt), slice(y0, y0 + yy),
-            slice(x0, x0 + xx))
-      self.acc[sl] += (wo * out)[:tt, :yy, :xx]
-      self.wsum[sl] += w[:tt, :yy, :xx]
-    else:
-      (ta, tb), (ya, yb), (xa, xb) = p.keep
-      local = (slice(ta - t0, tb - t0), slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
-      kept = out[local]
-      if self.reference:
-        full = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(p.full, p.start))
-        kept = (kept + self.mean) * self._rescale(out[full], inp[full]) - self.mean
-      self.acc[ta - self.base:tb - self.base, ya:yb, xa:xb] = kept
-
-  def _rescale(self, out: np.ndarray, raw: np.ndarray) -> np.float32:
-    """The reference's intensity factor sqrt(sum(raw) / sum(out)) over a patch's kept
-    region, both with the mean added back (1, and counted, where it is not positive)."""
-    ratio = (np.sum(raw + self.mean, dtype=np.float64) /
-             np.sum(out + self.mean, dtype=np.float64))
-    if not np.isfinite(ratio) or ratio <= 0:
-      self.rescale_skipped += 1
-      return np.float32(1)
-    return np.float32(np.sqrt(ratio))
-
-  def start_at(self, k: int) -> None:
-    """Begin at temporal slab `k` (a process's share of a movie)."""
-    tile = self.t_tiles[k]
-    self.base = tile.start
-    self.emitted = tile.start if self.blend else tile.keep_lo
-
-  def finish_slab(self, k: int) -> tuple[int, np.ndarray]:
-    """(first frame, frames) that no later slab touches, once slab `k` is complete."""
-    last = k == len(self.t_tiles) - 1
-    until = self.T if last else (self.t_tiles[k + 1].start if self.blend
-                                 else self.t_tiles[k].keep_hi)
-    first = self.emitted
-    a, b = first - self.base, until - self.base
-    if self.blend:
-      w = self.wsum[a:b]
-      frames = self.acc[a:b] / (w[..., None] if self.acc.ndim == 4 else w)
-    else:
-      frames = self.acc[a:b].copy()
-    self.emitted = until
-    if not last:  # move the buffer to the next slab's start
-      shift = self.t_tiles[k + 1].start - self.base
-      for buf in (self.acc, self.wsum) if self.blend else (self.acc,):
-        buf[:buf.shape[0] - shift] = buf[shift:].copy()
-        buf[buf.shape[0] - shift:] = 0
-      self.base += shift
-    return first, frames
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-  group = []
-  for item in items:
-    group.append(item)
-    if len(group) == size:
-      yield group
-      group = []
-  if group:
-    yield group
-
-
-def denoise_blocks(movie: Movie, net: NetworkFn, patch: Sequence[int], overlap: float,
-                   batch_size: int, *, blend: bool = False, reference: bool = False,
-                   mean: float | None = None, stats: DenoiseStats | None = None,
-                   progress: bool = False, slabs: tuple[int, int] | None = None,
-                   channels: int = 0, prior: np.ndarray | None = None
-                   ) -> Iterator[np.ndarray]:
-  """Yield the denoised movie (float32, mean added back) as blocks of whole frames.
-
-  `reference` reproduces DeepCAD-RT's stitching (its kept regions and per-patch
-  intensity rescale) instead of ours. `slabs=(a, b)` denoises only the frames that
-  temporal slabs a..b-1 finish (`slab_ranges` splits a movie between processes).
-  `channels`: the network returns that many values per voxel ([mean, std, samples...]);
-  the blocks are then (n, Y, X, channels) and the movie's mean is added back to every
-  channel but the std (1). `prior`: the (Y, X) mean image given to a model trained with
-  the mean-image prior (normalised and tiled as the frames are).
-  """
-  if blend and reference:
-    raise UserError("--blend and --reference-stitching exclude each other; pick one.")
-  stats = stats if stats is not None else DenoiseStats()
-  shape = movie.shape
-  eff, padded = padded_patch(shape, patch)
-  mean = movie.mean() if mean is None else float(mean)
-  plan = patch_plan(padded, eff, overlap, reference)
-  if channels and reference:
-    raise UserError("--reference-stitching and --uncertainty exclude each other.")
-  stitch = _Stitcher(padded, eff, overlap, blend, reference, mean, channels)
-  per_slab = len(plan) // len(stitch.t_tiles)
-  a, b = slabs or (0, len(stitch.t_tiles))
-  first = a - 1 if blend and a > 0 else a  # blending needs the slab before as a halo
-  if first > 0:
-    stitch.start_at(first)
-  plan = plan[first * per_slab:b * per_slab]
-  if prior is not None:
-    if tuple(prior.shape) != tuple(shape[1:]):
-      raise UserError(f"the mean image is {tuple(prior.shape)} but {movie.name} has "
-                      f"frames of {shape[1]}x{shape[2]}; give the mean image of this "
-                      "recording.")
-    prior = _pad_reflect(np.asarray(prior, np.float32) - np.float32(mean), padded[1:])
-  stats.shape, stats.patch, stats.patches = shape, tuple(eff), len(plan)
-  bar = Progress(len(plan), "patches", enabled=progress)
-  t_start = time.perf_counter()
-
-  def patches() -> Iterator[tuple[Patch, np.ndarray]]:
-    for k in range(first, b):
-      tile = stitch.t_tiles[k]
-      t1 = min(tile.start + eff[0], shape[0])
-      slab = movie.read(tile.start, t1).astype(np.float32) - np.float32(mean)
-      slab = _pad_reflect(slab, (eff[0],) + padded[1:])
-      for p in plan[(k - first) * per_slab:(k - first + 1) * per_slab]:
-        _, y0, x0 = p.start
-        yield p, slab[:, y0:y0 + eff[1], x0:x0 + eff[2]]
-
-  done = 0
-
-  def absorb(group, out) -> Iterator[np.ndarray]:
-    nonlocal done
-    out = np.asarray(out)
-    for i, (p, inp) in enumerate(group):
-      stitch.add(p, out[i], inp)
-      done += 1
-      if done % per_slab == 0:
-        k = first + done // per_slab - 1
-        t0, frames = stitch.finish_slab(k)
-        frames = frames[:max(0, shape[0] - t0), :shape[1], :shape[2]]
-        if len(frames) and k >= a:  # a halo slab's frames belong to another process
-          if channels:
-            frames[..., 0] += np.float32(mean)
-            frames[..., 2:] += np.float32(mean)
-            yield frames
-          else:
-            yield frames + np.float32(mean)
-    elapsed = time.perf_counter() - t_start
-    bar.update(done, force=done == len(plan),
-               **{"voxels/s": f"{done * int(np.prod(eff)) / max(elapsed, 1e-9):.3g}"})
-
-  pending = None
-  for group in _batches(patches(), batch_size):
-    batch = np.zeros((batch_size,) + tuple(eff), np.float32)
-    batch[:len(group)] = np.stack([d for _, d in group])
-    if prior is None:
-      out = net(batch)  # dispatched asynchronously: the device works while we stitch
-    else:
-      images = np.zeros((batch_size,) + tuple(eff[1:]), np.float32)
-      images[:len(group)] = np.stack([prior[y0:y0 + eff[1], x0:x0 + eff[2]]
-                                      for _, y0, x0 in (p.start for p, _ in group)])
-      out = net(batch, images)
-    if pending is not None:
-      yield from absorb(*pending)
-    pending = (group, out)
-  if pending is not None:
-    yield from absorb(*pending)
-  stats.seconds = time.perf_counter() - t_start
-  if stitch.rescale_skipped:
-    log.warning("reference rescale skipped for %d patches whose sums were not positive.",
-                stitch.rescale_skipped)
+  start: int
+  data: np.ndarray
+  extras: np.ndarray | None = None
+  clipped: int = 0
 
 
 def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
@@ -332,17 +98,417 @@ def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
   return np.clip(rounded, info.min, info.max).astype(dtype), clipped
 
 
-@dataclasses.dataclass
-class Denoiser:
-  """A model ready to denoise: compiled once per patch shape, reused for every movie.
+def _device_dtype(dtype) -> np.dtype:
+  """The dtype the device converts to: the output's where that is exact (floats, 8- and
+  16-bit integers), else float32 and the host converts."""
+  dtype = np.dtype(dtype)
+  if dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize <= 2):
+    return dtype
+  if dtype.kind not in "iu":
+    raise UserError(f"output dtype {dtype} is not supported; use an integer type "
+                    "or float32.")
+  return np.dtype(np.float32)
 
-  `uncertainty` = K: predict under K test-time symmetries (with every member of an
-  ensemble): the output is their mean, with their std beside it; `save_samples` keeps
-  every sample too. A model trained with the mean-image prior gets each movie's
-  temporal mean image (or the one given to `blocks`).
+
+# ------------------------------------------------------------------ memory
+
+
+def parse_bytes(text: str | float | int | None) -> float | None:
+  """'8GB', '512MiB', '2e9' or a number of bytes -> bytes (None stays None)."""
+  if text is None or isinstance(text, (int, float)):
+    return None if text is None else float(text)
+  units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6,
+           "MIB": 2**20, "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12,
+           "TIB": 2**40}
+  s = str(text).strip().upper().replace(" ", "")
+  number = s.rstrip("KMGTIB")
+  try:
+    value = float(number) * units[s[len(number):]]
+  except (ValueError, KeyError):
+    value = -1
+  if value <= 0:
+    raise UserError(f"--memory-budget takes a size such as 8GB, 512MiB or 2e9 bytes; "
+                    f"got {text!r}.")
+  return value
+
+
+def memory_budget(devices: Sequence[jax.Device], override: float | None = None) -> float:
+  """Bytes one device may use for inference: `override`, else DEVICE_MEMORY_SHARE of an
+  accelerator's memory, else HOST_MEMORY_SHARE of the machine's RAM split over the
+  local CPU devices."""
+  if override:
+    return float(override)
+  device = devices[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return DEVICE_MEMORY_SHARE * float(stats["bytes_limit"])
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    ram = 8 * 2**30
+  local = max(1, sum(1 for d in devices if d.process_index == jax.process_index()))
+  return HOST_MEMORY_SHARE * ram / local
+
+
+def compiled_bytes(compiled: Any) -> int | None:
+  """Device memory an executable needs by XLA's own analysis (temporaries, arguments
+  and outputs, less what they share), or None where the backend does not say."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if m is None:
+    return None
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def bytes_per_voxel(features: int, dtype: str, channels_in: int = 1, samples: int = 1,
+                    channels_out: int = 0) -> float:
+  """Estimated peak bytes per tile voxel of the network's forward pass (measured with
+  XLA's memory analysis: about 17 f bytes natively, 49 f with the CPU's 2-D convolution
+  path, in float32), plus the per-sample outputs; the compiled step's own analysis
+  checks it (`Engine.prepare`)."""
+  per_f = 49.0 if jax.default_backend() == "cpu" else 17.0
+  act = per_f * features * (0.6 if dtype == "bfloat16" else 1.0) * (1 + 0.1 * (channels_in - 1))
+  return act + 4.0 * (samples + channels_out + 4)
+
+
+# ------------------------------------------------------------------ engine
+
+
+@dataclasses.dataclass
+class Window:
+  """One call of the predict step: a window of frames and the slabs cut from it."""
+
+  start: int                                   # first frame (padded coordinates)
+  slabs: list[tuple[int, np.ndarray, np.ndarray | None]]  # (start in window, T weights,
+                                                          # T full-region mask)
+  emit: tuple[int, int]                        # frames it completes [lo, hi)
+  keep: tuple[int, int]                        # of those, the frames to hand back
+  next_start: int | None = None                # the next window's start (blending)
+
+
+class Engine:
+  """Runs tile plans through the compiled predict step on a mesh of devices.
+
+  Args:
+    tile_fn: the network on normalised tiles (`predict.tile_network`, or a stand-in).
+    params: its parameters (host arrays; put on the devices once, replicated).
+    mesh: the devices (`parallel.data_mesh`).
+    batch_size: tiles per network call; a multiple of the mesh's data axis (0: one per
+      device).
   """
 
-  model: Model
+  def __init__(self, tile_fn: TileFn, params: Any, mesh: jax.sharding.Mesh,
+               batch_size: int = 0):
+    self.tile_fn = tile_fn
+    self.mesh = mesh
+    n_dev = parallel.device_count(mesh)
+    self.default_batch = not batch_size
+    self.batch_size = batch_size or n_dev
+    if self.batch_size % n_dev:
+      raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
+                      "devices; use a multiple.")
+    self.host_params = params
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    self._steps: dict[StepLayout, Any] = {}
+    self._compiled: dict[tuple, Any] = {}
+    self._fewer: dict[int, Engine] = {}
+    self.compile_s = 0.0
+
+  def for_tiles(self, tiles: int) -> Engine:
+    """This engine, or one over fewer of its devices when a plan has fewer tiles than
+    devices (rather than computing empty tiles); only with the default batch and a
+    data-only mesh."""
+    n = parallel.device_count(self.mesh)
+    if not self.default_batch or tiles >= n or parallel.SPACE in self.mesh.axis_names:
+      return self
+    if tiles not in self._fewer:
+      devices = list(self.mesh.devices.flat)[:tiles]
+      self._fewer[tiles] = Engine(self.tile_fn, self.host_params,
+                                  parallel.data_mesh(devices))
+    return self._fewer[tiles]
+
+  # -- windows ------------------------------------------------------------------
+
+  def windows(self, plan: TilePlan, first: int, last: int, keep: tuple[int, int]
+              ) -> list[Window]:
+    """Windows over slabs [first, last) of `plan`: enough slabs per window that every
+    device has a tile (one slab when a slab has as many tiles as the batch)."""
+    per = max(1, -(-self.batch_size // plan.tiles_per_slab))
+    out = []
+    for a in range(first, last, per):
+      ks = list(range(a, min(last, a + per)))
+      start = plan.slabs[ks[0]].start
+      slabs = [(plan.slabs[k].start - start, plan.t_weights(k),
+                plan.t_full(k) if plan.mode == "reference" else None) for k in ks]
+      out.append(Window(start, slabs, (plan.final_after(ks[0] - 1),
+                                       plan.final_after(ks[-1])), keep))
+    for w, nxt in zip(out, out[1:]):
+      w.next_start = nxt.start
+    return out
+
+  def layout(self, plan: TilePlan, windows: Sequence[Window], out_dtype, channels: int,
+             emit: int | None = None) -> StepLayout:
+    """The static layout that fits every window (`emit`: frames returned per call,
+    default the most any window completes)."""
+    length = max(w.slabs[-1][0] + plan.tile[0] for w in windows)
+    if emit is None:
+      emit = max(w.emit[1] - w.emit[0] for w in windows)
+    per = max(len(w.slabs) for w in windows) * plan.tiles_per_slab
+    tiles = -(-per // self.batch_size) * self.batch_size
+    return StepLayout(length, tuple(plan.shape[1:]), tuple(plan.padded[1:]), plan.tile,
+                      tiles, self.batch_size, min(length, emit), channels, plan.blend,
+                      plan.mode == "reference", _device_dtype(out_dtype).name)
+
+  def consts(self, plan: TilePlan, prior: np.ndarray | None, mean: float,
+             put: bool = True) -> dict:
+    """The per-movie arrays of a plan (and its normalised, padded mean image), on the
+    devices (`put`)."""
+    c = {"yx_starts": np.array([[ty.start, tx.start] for ty, tx in plan.yx_tiles],
+                               np.int32),
+         "yx_weight": plan.yx_weights(), **frame_padding(plan.shape[1:], plan.padded[1:])}
+    if plan.mode == "reference":
+      c["yx_full"] = plan.yx_full()
+    if plan.blend:
+      c["yx_norm"] = plan.yx_norm()
+    if prior is not None:
+      p = np.asarray(prior, np.float32) - np.float32(mean)
+      c["prior"] = p[c["pad_y"]][:, c["pad_x"]]
+    return jax.device_put(c, parallel.replicated(self.mesh)) if put else c
+
+  @staticmethod
+  def window_arrays(layout: StepLayout, w: Window, per_slab: int, mean: float,
+                    t_norm: np.ndarray | None = None) -> tuple[dict, tuple[int, int]]:
+    """The per-call arrays of window `w`, and the rows of its output to keep."""
+    n, lt = layout.tiles, layout.tile[0]
+    t_starts = np.zeros(n, np.int32)
+    yx_index = np.zeros(n, np.int32)
+    t_weight = np.zeros((n, lt), np.float32)
+    t_full = np.zeros((n, lt), np.float32) if layout.reference else None
+    i = 0
+    for start, weights, full in w.slabs:
+      for j in range(per_slab):
+        t_starts[i], yx_index[i], t_weight[i] = start, j, weights
+        if t_full is not None:
+          t_full[i] = full
+        i += 1
+    lo, hi = w.emit
+    emit_start = lo - w.start
+    first = max(0, min(emit_start, layout.window - layout.emit))
+    a, b = max(lo, w.keep[0]), min(hi, w.keep[1])
+    r0 = emit_start - first + max(0, a - lo)
+    rows = (r0, max(r0, emit_start - first + (b - lo)))
+    arrays = {"mean": np.float32(mean), "t_starts": t_starts, "yx_index": yx_index,
+              "t_weight": t_weight, "emit_start": np.int32(first),
+              "shift": np.int32(0 if w.next_start is None else w.next_start - w.start),
+              "valid": np.array(rows, np.int32)}
+    if t_full is not None:
+      arrays["t_full"] = t_full
+    if layout.blend:
+      norm = np.ones(layout.emit, np.float32)
+      seg = t_norm[w.start + first:w.start + first + layout.emit]
+      norm[:len(seg)] = seg
+      arrays["t_norm"] = norm
+    return arrays, rows
+
+  @staticmethod
+  def read_window(movie: Movie, padded_t: int, start: int, length: int) -> np.ndarray:
+    """Frames [start, start + length) of the movie padded (reflected) to `padded_t`
+    frames, in the movie's dtype (frames past the padded end repeat its last one; no
+    tile reads them)."""
+    t = movie.shape[0]
+    index = reflect_index(np.minimum(np.arange(start, start + length), padded_t - 1), t)
+    lo, hi = int(index.min()), int(index.max()) + 1
+    frames = movie.read(lo, hi)
+    if hi - lo == length and np.all(np.diff(index) == 1):
+      return np.ascontiguousarray(frames)
+    return np.ascontiguousarray(frames[index - lo])
+
+  # -- running ------------------------------------------------------------------
+
+  def compile(self, layout: StepLayout, args: tuple) -> Any:
+    """The step for `layout`, compiled ahead of time for `args`' shapes (cached; the
+    seconds spent are added to `compile_s` and logged)."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = (layout, tree) + tuple((a.shape, str(a.dtype)) for a in leaves)
+    if key not in self._compiled:
+      if layout not in self._steps:
+        self._steps[layout] = compile_predict_step(
+            layout, self.tile_fn, self.mesh, parallel.batch_sharding(self.mesh))
+      t0 = time.perf_counter()
+      self._compiled[key] = self._steps[layout].lower(self.params, *args).compile()
+      seconds = time.perf_counter() - t0
+      self.compile_s += seconds
+      log.info("compiled the predict step for %d tile(s) of %s per call in %.1f s",
+               layout.tiles, "x".join(map(str, layout.tile)), seconds)
+    return self._compiled[key]
+
+  def submit(self, layout: StepLayout, w: Window, window: np.ndarray, consts: Any,
+             mean: float, per_slab: int, carry: Any = None,
+             t_norm: np.ndarray | None = None) -> tuple[Window, dict, tuple[int, int]]:
+    """Start one call (asynchronously): (window, device outputs, rows to keep)."""
+    rep = parallel.replicated(self.mesh)
+    arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm)
+    args = (carry, jax.device_put(window, rep), jax.device_put(arrays, rep), consts)
+    out = self.compile(layout, args)(self.params, *args)
+    for name in ("frames", "extras"):
+      if out[name] is not None:
+        out[name].copy_to_host_async()
+    return w, out, rows
+
+  @staticmethod
+  def fetch(submitted: tuple[Window, dict, tuple[int, int]], host_dtype) -> Frames:
+    """The frames of a submitted call (waits for the device)."""
+    w, out, (r0, r1) = submitted
+    data = np.asarray(out["frames"])[r0:r1]
+    extras = None if out["extras"] is None else np.asarray(out["extras"])[r0:r1]
+    clipped = int(out["clipped"])
+    if data.dtype != host_dtype:
+      data, n = to_dtype(data, host_dtype)
+      clipped += n
+    return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped)
+
+  def prepare(self, plan: TilePlan, movie_dtype: Any, *, out_dtype: Any = np.float32,
+              channels: int = 0, prior: bool = False,
+              slabs: tuple[int, int] | None = None) -> tuple[Engine, Any]:
+    """Compile the step that `run` will use for `plan` (ahead of time, cached) and
+    return (the engine that runs it, the executable), so that its memory can be checked
+    before any frame is read."""
+    a, b = slabs or (0, len(plan.slabs))
+    engine = self.for_tiles((b - plan.warmup(a)) * plan.tiles_per_slab)
+    keep = (plan.final_after(a - 1), min(plan.final_after(b - 1), plan.shape[0]))
+    windows = engine.windows(plan, plan.warmup(a), b, keep)
+    layout = engine.layout(plan, windows, out_dtype, channels)
+    rep = parallel.replicated(engine.mesh)
+
+    def abstract(x):
+      x = np.asarray(x)
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+
+    carry = None
+    if plan.blend:
+      carry = jax.ShapeDtypeStruct((layout.window,) + layout.padded_frame + (
+          (channels,) if channels else ()), np.float32, sharding=rep)
+    window = jax.ShapeDtypeStruct((layout.window,) + tuple(plan.shape[1:]),
+                                  np.dtype(movie_dtype), sharding=rep)
+    arrays, _ = engine.window_arrays(layout, windows[0], plan.tiles_per_slab, 0.0,
+                                     plan.t_norm() if plan.blend else None)
+    consts = engine.consts(plan, np.zeros(plan.shape[1:], np.float32) if prior else None,
+                           0.0, put=False)
+    args = (carry, window, jax.tree_util.tree_map(abstract, arrays),
+            jax.tree_util.tree_map(abstract, consts))
+    return engine, engine.compile(layout, args)
+
+  def run(self, movie: Movie, plan: TilePlan, *, mean: float, prior: np.ndarray | None = None,
+          out_dtype: Any = np.float32, channels: int = 0,
+          slabs: tuple[int, int] | None = None, stats: DenoiseStats | None = None,
+          progress: bool = False) -> Iterator[Frames]:
+    """The movie denoised by `plan`, as consecutive `Frames` (slabs [a, b) only with
+    `slabs`: `TilePlan.split` shares a movie between processes)."""
+    stats = stats if stats is not None else DenoiseStats()
+    a, b = slabs or (0, len(plan.slabs))
+    if b <= a:
+      return
+    fewer = self.for_tiles((b - plan.warmup(a)) * plan.tiles_per_slab)
+    if fewer is not self:
+      yield from fewer.run(movie, plan, mean=mean, prior=prior, out_dtype=out_dtype,
+                           channels=channels, slabs=slabs, stats=stats, progress=progress)
+      return
+    keep = (plan.final_after(a - 1), min(plan.final_after(b - 1), plan.shape[0]))
+    windows = self.windows(plan, plan.warmup(a), b, keep)
+    layout = self.layout(plan, windows, out_dtype, channels)
+    consts = self.consts(plan, prior, mean)
+    t_norm = plan.t_norm() if plan.blend else None
+    stats.shape, stats.tile, stats.tiles = plan.shape, plan.tile, plan.tile_count
+    stats.tiling, stats.recompute = plan.describe(), plan.recompute
+    host_dtype = np.dtype(out_dtype)
+    total = sum(len(w.slabs) for w in windows) * plan.tiles_per_slab
+    bar = Progress(total, "tiles" if plan.mode == "exact" else "patches", enabled=progress)
+    tile_voxels = int(np.prod(plan.tile))
+    t_start = time.perf_counter()
+    compile_before = self.compile_s
+    carry = None
+    if plan.blend:
+      shape = (layout.window,) + layout.padded_frame + ((channels,) if channels else ())
+      carry = jax.device_put(np.zeros(shape, np.float32), parallel.replicated(self.mesh))
+    pending: collections.deque = collections.deque()
+    done = 0
+
+    def collect(submitted) -> Frames:
+      nonlocal done
+      frames = self.fetch(submitted, host_dtype)
+      done += len(submitted[0].slabs) * plan.tiles_per_slab
+      elapsed = time.perf_counter() - t_start - (self.compile_s - compile_before)
+      bar.update(done, force=done == total, **{
+          "movie voxels/s": f"{done * tile_voxels / plan.recompute / max(elapsed, 1e-9):.3g}"})
+      stats.clipped += frames.clipped
+      stats.rescale_skipped += int(submitted[1]["rescale_skipped"])
+      return frames
+
+    window = self.read_window(movie, plan.padded[0], windows[0].start, layout.window)
+    for i, w in enumerate(windows):
+      submitted = self.submit(layout, w, window, consts, mean, plan.tiles_per_slab, carry,
+                              t_norm)
+      carry = submitted[1]["carry"]
+      pending.append(submitted)
+      if i + 1 < len(windows):  # read the next window while the device works
+        window = self.read_window(movie, plan.padded[0], windows[i + 1].start,
+                                  layout.window)
+      while len(pending) > (1 if i + 1 < len(windows) else 0):
+        frames = collect(pending.popleft())
+        if len(frames.data):
+          yield frames
+    stats.seconds = time.perf_counter() - t_start
+    stats.compile_s = self.compile_s - compile_before
+    if stats.rescale_skipped:
+      log.warning("reference rescale skipped for %d patches whose sums were not positive.",
+                  stats.rescale_skipped)
+
+
+# ------------------------------------------------------------------ the denoiser
+
+
+def resolve_model(model: Model | str | os.PathLike) -> Model:
+  if isinstance(model, Model):
+    return model
+  if isinstance(model, Denoiser):
+    raise UserError("a Denoiser was given where a model is expected; pass it as the "
+                    "model argument of denoise() instead.")
+  return load_model(os.fspath(model))
+
+
+@dataclasses.dataclass
+class Denoiser:
+  """A model ready to denoise: compiled once per tile layout, reused for every movie.
+
+  Args:
+    model: a `Model`, a model directory or a DeepCAD-RT .pth.
+    patch: the overlap scheme's patch (T, Y, X) (default: the model's inference or
+      training patch). Giving it (or `overlap`) selects the overlap scheme under
+      tiling 'auto'.
+    overlap: the overlap scheme's overlap factor (default: the model's).
+    batch_size: tiles per network call, a multiple of the devices (0: one per device).
+    dtype: compute dtype, 'float32' or 'bfloat16'.
+    blend: blend the overlap scheme's patches with linear weights instead of cropping.
+    devices: the devices to use (default: all).
+    reference_stitching: reproduce DeepCAD-RT's stitching (overlap layout, its kept
+      regions and per-patch rescale).
+    spatial: also split each tile's Y axis over this many devices.
+    uncertainty: K test-time symmetries of the (y, x) plane (x ensemble members): the
+      output is their mean with their std beside it.
+    save_samples: keep every sample too.
+    tiling: 'exact' (seamless: equal to one pass over the whole movie), 'overlap'
+      (DeepCAD-RT's scheme) or 'auto' (exact unless it needs more network voxels than
+      the overlap scheme, or the overlap scheme's patch/overlap/blend was asked for).
+    tile: exact tiling's largest tile (T, Y, X) (default: from the memory budget).
+    memory_budget: bytes per device for exact tiles (default: DEVICE_MEMORY_SHARE of an
+      accelerator's memory, HOST_MEMORY_SHARE of RAM on CPUs).
+    network: a stand-in for the model's network on tiles (tests, benchmarks).
+  """
+
+  model: Any
   patch: tuple[int, int, int] | None = None
   overlap: float | None = None
   batch_size: int = 0
@@ -353,41 +519,62 @@ class Denoiser:
   spatial: int = 1
   uncertainty: int = 0
   save_samples: bool = False
+  tiling: str = "auto"
+  tile: tuple[int, int, int] | None = None
+  memory_budget: Any = None
+  network: TileFn | None = None
 
   def __post_init__(self):
     self.model = resolve_model(self.model)
+    self.explicit_overlap = self.patch is not None or self.overlap is not None
     self.patch = tuple(self.patch or self.model.config.infer.patch or self.model.patch)
     if len(self.patch) != 3 or min(self.patch) < 8:
       raise UserError(f"patch must be three sizes of at least 8 (T,Y,X); got {self.patch}.")
     self.overlap = self.model.overlap if self.overlap is None else float(self.overlap)
     if not 0 <= self.overlap < 1:
       raise UserError(f"overlap must be in [0, 1); got {self.overlap}.")
-    if self.dtype not in ("float32", "bfloat16"):
+    if self.dtype not in DTYPES:
       raise UserError(f"compute dtype must be float32 or bfloat16; got {self.dtype!r}.")
-    n_sym = len(symmetries_for(self.patch))
+    if self.tiling not in TILINGS:
+      raise UserError(f"--tiling must be one of {', '.join(TILINGS)}; got {self.tiling!r}.")
+    if self.tiling == "exact" and (self.blend or self.reference_stitching):
+      raise UserError("--blend and --reference-stitching belong to the overlap scheme; "
+                      "exact tiles need neither (drop them or use --tiling overlap).")
+    if self.tile is not None:
+      self.tile = tuple(int(t) for t in self.tile)
+      if len(self.tile) != 3 or any(t < GRID or t % GRID for t in self.tile):
+        raise UserError(f"--tile must be three multiples of 8 as T,Y,X; got {self.tile}.")
+    self.memory_budget = parse_bytes(self.memory_budget)
     members = self.model.config.model.ensemble
     lowest = 1 if members > 1 else 2
-    if self.uncertainty and not lowest <= self.uncertainty <= n_sym:
-      raise UserError(f"--uncertainty takes {lowest} to {n_sym} samples for a "
-                      f"{self.patch[1]}x{self.patch[2]} patch (the symmetries of the "
-                      f"{'square' if n_sym == 8 else 'rectangle'}"
-                      f"{', times the ' + str(members) + ' members' if members > 1 else ''}"
-                      f"); got {self.uncertainty}.")
+    if self.uncertainty and not lowest <= self.uncertainty <= N_SYMMETRIES:
+      raise UserError(f"--uncertainty takes {lowest} to {N_SYMMETRIES} (symmetries of the "
+                      "(y, x) plane" + (f", times the {members} members" if members > 1
+                                        else "") + f"); got {self.uncertainty}.")
     if self.save_samples and not self.uncertainty:
       raise UserError("--save-samples keeps the samples of --uncertainty K; add it.")
-    self.samples = self.uncertainty * members
-    self.net, mesh = network_fn(self.model, self.dtype, self.devices, self.spatial,
-                                self.uncertainty, self.save_samples)
-    n_dev = parallel.device_count(mesh)
-    self.batch_size = self.batch_size or n_dev
-    if self.batch_size % n_dev:
-      raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
-                      "devices; use a multiple.")
-    parallel.check_spatial(self.patch[1], self.spatial)
+    self.mesh = parallel.data_mesh(self.devices, self.spatial)
+    if self.network is None:
+      std_scale = float(self.model.meta.get("calibration", {}).get("std_scale", 1.0))
+      self.network = tile_network(
+          self.model.features, self.dtype, scale=float(self.model.config.data.scale),
+          members=members, ensemble_impl=self.model.config.model.ensemble_impl,
+          symmetries=self.uncertainty, keep_samples=self.save_samples,
+          std_scale=std_scale)
+    self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size)
+    self.batch_size = self.engine.batch_size
+    if self.tiling == "overlap" or self.reference_stitching:
+      parallel.check_spatial(self.patch[1], self.spatial)
+    self._plans: dict[tuple, TilePlan] = {}
+
+  @property
+  def samples(self) -> int:
+    """Samples per voxel with uncertainty: K symmetries x M ensemble members."""
+    return self.uncertainty * self.model.config.model.ensemble
 
   @property
   def channels(self) -> int:
-    """Values per voxel of `blocks`: 0 (plain frames), 2 (mean, std) or 2 + samples."""
+    """Values per output voxel: 0 (plain frames), 2 (mean, std) or 2 + samples."""
     if not self.uncertainty:
       return 0
     return 2 + (self.samples if self.save_samples else 0)
@@ -398,56 +585,172 @@ class Denoiser:
       return []
     return [std_path(output)] + [sample_path(output, i) for i in range(self.channels - 2)]
 
+  # -- plans --------------------------------------------------------------------
+
+  def overlap_plan(self, shape: Sequence[int]) -> TilePlan:
+    return overlap_plan(shape, self.patch, self.overlap, self.reference_stitching,
+                        self.blend)
+
+  def exact_plan(self, shape: Sequence[int], budget_scale: float = 1.0) -> TilePlan:
+    y_multiple = GRID * self.spatial
+    tile = self.tile
+    if tile is None:
+      tile = choose_exact_tile(shape, self._voxel_budget() * budget_scale, HALO,
+                               y_multiple, self._window_cost(shape))
+    return exact_plan(shape, tile, HALO, y_multiple)
+
+  def _voxel_budget(self) -> float:
+    """Tile voxels one device call may hold within the memory budget."""
+    budget = memory_budget(list(self.mesh.devices.flat), self.memory_budget)
+    params = sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(
+        self.model.params))
+    n_data = parallel.device_count(self.mesh)
+    per_device_tiles = max(1, self.batch_size // n_data) / self.spatial
+    cfg = self.model.config.model
+    bpv = bytes_per_voxel(self.model.features, self.dtype, cfg.in_channels,
+                          max(1, self.samples), self.channels)
+    return max(0.0, budget - 2 * params) / (bpv * per_device_tiles)
+
+  def _window_cost(self, shape: Sequence[int]):
+    """Voxel-equivalents of the buffers that scale with the window, not the tile: the
+    raw and normalised window and the output window."""
+    cfg = self.model.config.model
+    bpv = bytes_per_voxel(self.model.features, self.dtype, cfg.in_channels,
+                          max(1, self.samples), self.channels)
+    padded = [-(-n // GRID) * GRID for n in shape]
+    per_frame = padded[1] * padded[2] * (16 + 8 * max(1, self.channels))
+
+    def cost(tile):
+      return tile[0] * per_frame / bpv
+    return cost
+
+  def plan(self, shape: Sequence[int], movie_dtype: Any = np.float32,
+           out_dtype: Any = np.float32) -> TilePlan:
+    """The tile plan for a movie of `shape` (see `tiling` and the class docstring).
+
+    Exact tiles sized from the memory budget are checked against XLA's analysis of the
+    compiled step (compiled here for `movie_dtype` and `out_dtype`, the run reuses it)
+    and shrunk until they fit.
+    """
+    shape = tuple(int(n) for n in shape)
+    key = (shape, np.dtype(movie_dtype).name, np.dtype(out_dtype).name)
+    if key in self._plans:
+      return self._plans[key]
+    overlap = None
+    if self.reference_stitching or self.tiling == "overlap" or (
+        self.tiling == "auto" and (self.blend or self.explicit_overlap)):
+      plan = self.overlap_plan(shape)
+    else:
+      overlap = self.overlap_plan(shape) if self.tiling == "auto" else None
+      try:
+        plan = self._fitted_exact_plan(shape, movie_dtype, out_dtype)
+      except UserError as e:
+        if overlap is None:
+          raise
+        log.info("overlap tiling for %s: %s", "x".join(map(str, shape)), e)
+        plan = overlap
+      if overlap is not None and plan.network_voxels > overlap.network_voxels:
+        log.info("overlap tiling for %s: exact tiling would put %.2fx the movie through "
+                 "the network within the memory budget, the overlap scheme %.2fx "
+                 "(--tiling exact forces it; --memory-budget raises the budget).",
+                 "x".join(map(str, shape)), plan.recompute, overlap.recompute)
+        plan = overlap
+    parallel.check_spatial(plan.tile[1], self.spatial)
+    self._plans[key] = plan
+    return plan
+
+  def _fitted_exact_plan(self, shape, movie_dtype, out_dtype) -> TilePlan:
+    """The exact plan; with tiles from the budget, shrunk until the compiled step fits."""
+    scale = 1.0
+    for _ in range(4):
+      plan = self.exact_plan(shape, scale)
+      if self.tile is not None:
+        return plan
+      _, compiled = self.engine.prepare(plan, movie_dtype, out_dtype=out_dtype,
+                                        channels=self.channels,
+                                        prior=self.model.config.model.mean_prior)
+      need = compiled_bytes(compiled)
+      budget = memory_budget(list(self.mesh.devices.flat), self.memory_budget)
+      if need is None or need <= budget:
+        return plan
+      log.info("exact tiles of %s need %.2f GB per device by XLA's analysis, over the "
+               "%.2f GB budget; using smaller tiles.", "x".join(map(str, plan.tile)),
+               need / 1e9, budget / 1e9)
+      scale *= 0.9 * budget / need
+    raise UserError(f"exact tiles for a {'x'.join(map(str, shape))} movie do not fit the "
+                    f"memory budget of {budget / 1e9:.2f} GB per device; raise "
+                    "--memory-budget or use --tiling overlap.")
+
   def prior_for(self, movie: Movie, prior: np.ndarray | None = None) -> np.ndarray | None:
     """The mean image a mean-prior model is given: `prior`, or the movie's own."""
     if not self.model.config.model.mean_prior:
       return None
-    return movie.mean_image() if prior is None else np.asarray(prior, np.float32)
+    image = movie.mean_image() if prior is None else np.asarray(prior, np.float32)
+    if tuple(image.shape) != tuple(movie.shape[1:]):
+      raise UserError(f"the mean image is {tuple(image.shape)} but {movie.name} has "
+                      f"frames of {movie.shape[1]}x{movie.shape[2]}; give the mean image "
+                      "of this recording.")
+    return image
+
+  # -- running ------------------------------------------------------------------
+
+  def frames(self, movie: Movie, *, out_dtype: Any = np.float32,
+             stats: DenoiseStats | None = None, mean: float | None = None,
+             progress: bool = False, prior: np.ndarray | None = None,
+             slabs: tuple[int, int] | None = None) -> Iterator[Frames]:
+    """The denoised movie as consecutive `Frames` in `out_dtype` (rounded, clipped)."""
+    movie = as_movie(movie)
+    mean = movie.mean() if mean is None else float(mean)
+    plan = self.plan(movie.shape, movie.dtype, out_dtype)
+    return self.engine.run(movie, plan, mean=mean, prior=self.prior_for(movie, prior),
+                           out_dtype=out_dtype, channels=self.channels, slabs=slabs,
+                           stats=stats, progress=progress)
 
   def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
              progress: bool = False, prior: np.ndarray | None = None,
              slabs: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
     """Denoised float32 blocks of frames, in order ((n, Y, X, channels) with
-    uncertainty)."""
-    return denoise_blocks(movie, self.net, self.patch, self.overlap, self.batch_size,
-                          blend=self.blend, reference=self.reference_stitching, mean=mean,
-                          stats=stats, progress=progress, channels=self.channels,
-                          prior=self.prior_for(movie, prior), slabs=slabs)
+    uncertainty: [mean, std, samples...])."""
+    for f in self.frames(movie, stats=stats, mean=mean, progress=progress, prior=prior,
+                         slabs=slabs):
+      yield f.data if f.extras is None else np.concatenate([f.data[..., None], f.extras],
+                                                           axis=-1)
 
 
-def denoise(movie: Any, model: Model | str, *, patch: Sequence[int] | None = None,
-            overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
-            blend: bool = False, output_dtype: Any = None, devices=None,
-            reference_stitching: bool = False, uncertainty: int = 0,
-            save_samples: bool = False, progress: bool = False
-            ) -> np.ndarray | tuple[np.ndarray, ...]:
+def denoise(movie: Any, model: Model | str | Denoiser, *,
+            patch: Sequence[int] | None = None, overlap: float | None = None,
+            batch_size: int = 0, dtype: str = "float32", blend: bool = False,
+            output_dtype: Any = None, devices=None, reference_stitching: bool = False,
+            uncertainty: int = 0, save_samples: bool = False, progress: bool = False,
+            tiling: str = "auto", tile: Sequence[int] | None = None,
+            memory_budget: Any = None) -> np.ndarray | tuple[np.ndarray, ...]:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
-  `model` is a `Model`, a model directory or a `Denoiser`. Defaults come from the model:
-  its training patch and overlap. The result has the input's shape and, unless
-  `output_dtype` is given ('float32' for the raw network output), the input's dtype
-  (rounded, clipped). `reference_stitching` reproduces DeepCAD-RT's output (see
-  README). With `uncertainty` = K the result is (mean, std) over K test-time symmetries
-  (times the ensemble's members); std is float32; `save_samples` adds a third item,
-  the float32 samples (S, T, Y, X).
+  `model` is a `Model`, a model directory or a `Denoiser` (then the other settings are
+  the Denoiser's). The result has the input's shape and, unless `output_dtype` is given
+  ('float32' for the raw network output), the input's dtype (rounded, clipped). With
+  `uncertainty` = K the result is (mean, std) over K test-time symmetries (times the
+  ensemble's members); std is float32; `save_samples` adds a third item, the float32
+  samples (S, T, Y, X). See `Denoiser` for the other arguments.
   """
   movie = as_movie(movie)
   den = model if isinstance(model, Denoiser) else Denoiser(
       model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching,
-      uncertainty=uncertainty, save_samples=save_samples)
+      uncertainty=uncertainty, save_samples=save_samples, tiling=tiling, tile=tile,
+      memory_budget=memory_budget)
   out_dtype = np.dtype(output_dtype or movie.dtype)
   out = np.empty(movie.shape, out_dtype)
   extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
-  t = 0
-  for block in den.blocks(movie, progress=progress):
+  for f in den.frames(movie, out_dtype=out_dtype, progress=progress):
+    out[f.start:f.start + len(f.data)] = f.data
     if extra is not None:
-      extra[:, t:t + len(block)] = np.moveaxis(block[..., 1:], -1, 0)
-      block = block[..., 0]
-    out[t:t + len(block)], _ = to_dtype(block, out_dtype)
-    t += len(block)
+      extra[:, f.start:f.start + len(f.data)] = np.moveaxis(f.extras, -1, 0)
   if extra is None:
     return out
   return (out, extra[0]) if len(extra) == 1 else (out, extra[0], extra[1:])
+
+
+# ------------------------------------------------------------------ files
 
 
 @dataclasses.dataclass
@@ -456,7 +759,9 @@ class FileReport:
   output: str
   shape: tuple[int, int, int]
   dtype: str
-  patches: int
+  tiles: int
+  tiling: str
+  recompute: float
   seconds: float
   voxels_per_s: float
   clipped: int
@@ -475,24 +780,32 @@ def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
   return [output]
 
 
+def _report(movie: Movie, dst: str, out_dtype, stats: DenoiseStats,
+            seconds: float | None = None) -> FileReport:
+  seconds = stats.seconds if seconds is None else seconds
+  return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.tiles,
+                    stats.tiling, stats.recompute, seconds,
+                    float(np.prod(movie.shape)) / seconds if seconds else 0.0,
+                    stats.clipped)
+
+
 def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
                ) -> FileReport:
   """Denoise one movie into `dst` (and its std and samples beside it), written as it
   is produced."""
   stats = DenoiseStats()
-  clipped = [0]
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  _write_outputs(dst, den.extra_outputs(dst), den.blocks(movie, stats, progress=progress),
-                 movie.shape, out_dtype, clipped)
-  return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                    stats.seconds, stats.voxels_per_s, clipped[0])
+  _write_outputs(dst, den.extra_outputs(dst),
+                 den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
+                 movie.shape, out_dtype)
+  return _report(movie, dst, out_dtype, stats)
 
 
-def _write_outputs(dst: str, extras: Sequence[str], blocks: Iterator[np.ndarray], shape,
-                   out_dtype, clipped: list[int]) -> None:
-  """`dst` from channel 0 of the blocks (in `out_dtype`), and each later channel as a
-  float32 TIFF at the matching path of `extras` (the std, the samples)."""
-  write_movie(dst, _converted(blocks, out_dtype, extras, clipped), shape, out_dtype)
+def _write_outputs(dst: str, extras: Sequence[str], frames: Iterator[Frames], shape,
+                   out_dtype) -> None:
+  """`dst` from the frames' data, and each extra channel as a float32 TIFF at the
+  matching path of `extras` (the std, the samples)."""
+  write_movie(dst, _split_extras(frames, extras), shape, out_dtype)
   for path in extras:
     _write_raw_as_tiff(_partial(path), path, shape)
 
@@ -502,20 +815,15 @@ def _partial(path: str) -> str:
   return f"{path}.raw-partial"
 
 
-def _converted(blocks: Iterator[np.ndarray], out_dtype, extras: Sequence[str],
-               clipped: list[int]) -> Iterator[np.ndarray]:
-  """The mean channel in `out_dtype` (rounded, clipped; the count added to clipped[0]);
-  channel i >= 1 goes, float32, to the raw file `_partial(extras[i - 1])` as it passes."""
+def _split_extras(frames: Iterator[Frames], extras: Sequence[str]) -> Iterator[np.ndarray]:
+  """The frames' data; extra channel i goes, float32, to `_partial(extras[i])` as it
+  passes."""
   with contextlib.ExitStack() as stack:
     files = [stack.enter_context(open(_partial(p), "wb")) for p in extras]
-    for block in blocks:
-      if files:
-        for i, f in enumerate(files, 1):
-          f.write(np.ascontiguousarray(block[..., i], np.float32).tobytes())
-        block = block[..., 0]
-      block, n = to_dtype(block, out_dtype)
-      clipped[0] += n
-      yield block
+    for f in frames:
+      for i, file in enumerate(files):
+        file.write(np.ascontiguousarray(f.extras[..., i], np.float32).tobytes())
+      yield f.data
 
 
 def std_path(output: str) -> str:
@@ -547,7 +855,8 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   slabs into a part file; process 0 assembles `dst` (and its std and samples) from the
   parts."""
   p, n_proc = jax.process_index(), jax.process_count()
-  a, b = slab_ranges(movie.shape, den.patch, den.overlap, n_proc)[p]
+  plan = den.plan(movie.shape, movie.dtype)
+  a, b = plan.split(n_proc)[p]
   channels = den.channels
   stats = DenoiseStats()
   t0 = time.perf_counter()
@@ -558,7 +867,6 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   distributed.barrier(f"parts-{dst}")
   report = None
   if p == 0:
-    clipped = [0]
     frame_shape = movie.shape[1:] + ((channels,) if channels else ())
 
     def parts():  # every process's frames, in order, 64 at a time
@@ -567,15 +875,17 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
             f"{dst}.part{q}") else np.zeros(0, np.float32)
         frames = data.reshape((-1,) + frame_shape)
         for t in range(0, len(frames), 64):
-          yield np.asarray(frames[t:t + 64])
+          block = np.asarray(frames[t:t + 64])
+          main, clipped = to_dtype(block[..., 0] if channels else block, out_dtype)
+          stats.clipped += clipped
+          yield Frames(0, main, block[..., 1:] if channels else None, clipped)
         del data, frames
 
-    _write_outputs(dst, den.extra_outputs(dst), parts(), movie.shape, out_dtype, clipped)
+    stats.clipped = 0
+    _write_outputs(dst, den.extra_outputs(dst), parts(), movie.shape, out_dtype)
     for q in range(n_proc):
       os.remove(f"{dst}.part{q}")
-    seconds = time.perf_counter() - t0
-    report = FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.patches,
-                        seconds, float(np.prod(movie.shape)) / seconds, clipped[0])
+    report = _report(movie, dst, out_dtype, stats, time.perf_counter() - t0)
   distributed.barrier(f"assembled-{dst}")
   return report
 
@@ -587,11 +897,11 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
 
   Refuses to overwrite an existing output unless `overwrite`, and never writes over
   an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices,
-  reference_stitching, spatial, uncertainty, save_samples; with uncertainty the std
-  movie is written beside each output as `*_std.tif`, and with save_samples each
-  sample as `*_sample00.tif`, ...). On several processes (`jax.distributed`), the files
-  of a folder are split between them, and a single movie's temporal slabs are; each
-  process uses its own devices.
+  reference_stitching, spatial, uncertainty, save_samples, tiling, tile,
+  memory_budget; with uncertainty the std movie is written beside each output as
+  `*_std.tif`, and with save_samples each sample as `*_sample00.tif`, ...). On several
+  processes (`jax.distributed`), the files of a folder are split between them, and a
+  single movie's temporal slabs are; each process uses its own devices.
   """
   inputs = list_movies(os.fspath(input))
   outputs = _output_paths(inputs, os.fspath(input), os.fspath(output))
@@ -628,10 +938,43 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   return reports
 
 
-def slab_ranges(movie_shape: Sequence[int], patch: Sequence[int], overlap: float,
-                parts: int) -> list[tuple[int, int]]:
-  """Split a movie's temporal slabs into `parts` contiguous ranges (some may be empty)."""
-  eff, padded = padded_patch(movie_shape, patch)
-  n = len(axis_plan(padded[0], eff[0], overlap))
-  bounds = [round(i * n / parts) for i in range(parts + 1)]
-  return list(zip(bounds[:-1], bounds[1:]))
+def denoise_with(movie: Any, tile_fn: TileFn, plan: TilePlan, *, params: Any = None,
+                 mean: float | None = None, batch_size: int = 0, devices=None,
+                 channels: int = 0, out_dtype: Any = np.float32) -> np.ndarray:
+  """Any network on normalised tiles (`tile_fn(params, tiles, prior)`) applied to a
+  movie with `plan`: the inference engine without a model (tests, research on tiling).
+  Returns the float32 movie (with `channels`, (T, Y, X, channels))."""
+  movie = as_movie(movie)
+  mean = movie.mean() if mean is None else float(mean)
+  engine = Engine(tile_fn, params, parallel.data_mesh(devices), batch_size)
+  parts = [f.data if f.extras is None else np.concatenate([f.data[..., None], f.extras], -1)
+           for f in engine.run(movie, plan, mean=mean, channels=channels,
+                               out_dtype=out_dtype)]
+  return np.concatenate(parts)
+
+
+def whole_movie_forward(movie: np.ndarray, den: Denoiser, mean: float | None = None,
+                        prior: np.ndarray | None = None) -> np.ndarray:
+  """The denoiser's network applied once to the whole movie, padded (reflected) to a
+  multiple of 8 on every axis and cropped back: what exact tiling must reproduce.
+  float32, mean added back; for tests and the seam measurement (needs the whole movie
+  in memory)."""
+  movie = np.asarray(movie, np.float32)
+  mean = float(movie.mean()) if mean is None else float(mean)
+  shape = movie.shape
+  padded = tuple(-(-n // GRID) * GRID for n in shape)
+  idx = [reflect_index(np.arange(p), n) for p, n in zip(padded, shape)]
+  x = (movie - np.float32(mean))[idx[0]][:, idx[1]][:, :, idx[2]]
+  p = None
+  image = den.prior_for(as_movie(movie), prior)
+  if image is not None:
+    p = (image - np.float32(mean))[idx[1]][:, idx[2]][None]
+  out = jax.jit(den.network)(den.engine.params, jnp.asarray(x[None]),
+                             None if p is None else jnp.asarray(p))
+  out = np.asarray(out)[0, :shape[0], :shape[1], :shape[2]]
+  if out.ndim == 3:
+    return out + np.float32(mean)
+  out = out.copy()
+  out[..., 0] += np.float32(mean)
+  out[..., 2:] += np.float32(mean)
+  return out

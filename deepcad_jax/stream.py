@@ -1,12 +1,21 @@
 """Live denoising of a frame stream, as DeepCAD-RT's real-time mode, on any JAX device.
 
-`StreamDenoiser` takes frames as they arrive (`push`), cuts them into overlapping
-temporal batches exactly as offline inference cuts a movie (batch k starts at
-k * (batch_frames - overlap_frames); half the overlap is dropped on each interior side;
-the last batch is aligned to the end of the stream on `close()`), tiles each batch in
-space as offline inference does, and hands back denoised frames in order (`pull`).
-Every pushed frame comes out exactly once. With the same mean and the same temporal
-partition, the result equals offline `denoise`.
+`StreamDenoiser` takes frames as they arrive (`push`) and hands back denoised frames in
+order (`pull`). It cuts time with the same `tiling.AxisTiling` and (y, x) with the same
+`tiling.TilePlan` as offline denoising, and runs each temporal tile through the same
+`infer.Engine` and compiled predict step. Every pushed frame comes out exactly once.
+
+- exact (default): tiles of `halo + core_frames + lookahead` frames every `core_frames`
+  frames, each keeping its `core_frames` (the first keeps its halo too), and at the end
+  one tile aligned to the end of the stream padded to a multiple of 8. With
+  `lookahead` = the halo (48 frames, the default) every frame equals one forward pass
+  over the whole recording, so the stream equals offline `denoise` exactly; a frame
+  leaves `core_frames + lookahead` frames after it arrived at the latest, plus compute.
+  A shorter `lookahead` (a multiple of 8) lowers that latency and gives up exactness
+  near the end of each core (measured in the README).
+- overlap: DeepCAD-RT's batches of `batch_frames` every `batch_frames - overlap_frames`
+  frames, the centre kept, tiled in (y, x) with the model's patch and overlap; equal to
+  offline `denoise` with the overlap scheme.
 
 `run_pipeline` runs the paper's three stages in parallel threads joined by bounded
 queues: acquisition (a `FrameSource`), processing (the device), and output (writing raw
@@ -32,41 +41,74 @@ import tifffile
 
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, denoise_blocks, to_dtype
-from deepcad_jax.tiling import gap
+from deepcad_jax.infer import Denoiser, Window, to_dtype
+from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
+                                choose_exact_tile, exact_plan, gap, overlap_axis,
+                                overlap_plan)
 
 log = logging.getLogger("deepcad_jax")
+
+STREAM_TILINGS = ("exact", "overlap")
+CORE_FRAMES = 32   # exact streams: frames completed per device call, by default
 
 
 class StreamDenoiser:
   """Denoise frames pushed one at a time or in blocks; pull them back in order.
 
-  `batch_frames` (a multiple of 8 is fastest) and `overlap_frames` set the temporal
-  partition. `mean`: 'model' (the training mean stored with the model; the default),
-  'running' (the mean of the frames seen so far, frozen per batch), or a number.
-  A model trained with the mean-image prior gets `mean_image` (Y, X) when given (the
-  same result as offline `denoise` with that image), otherwise the per-pixel mean of
-  the frames seen so far, frozen per batch.
+  Args:
+    model: a `Model`, model directory, .pth, or a `Denoiser` (whose network, devices,
+      batch size, dtype and memory budget are used).
+    batch_frames, overlap_frames: the overlap scheme's temporal batches (giving either
+      selects it unless `tiling` says otherwise); default the model's patch T and
+      overlap.
+    tiling: 'exact' (default) or 'overlap'.
+    core_frames: exact streams: frames completed per call (a multiple of 8).
+    lookahead: exact streams: future frames of context (a multiple of 8, at most the
+      halo, 48); below the halo the output is no longer exact.
+    patch_yx, overlap, batch_size, dtype, devices: the Denoiser's, when a model is given.
+    mean: 'model' (the training mean stored with the model; the default), 'running'
+      (the mean of the frames seen so far, frozen per call), or a number.
+    mean_image: for a model trained with the mean-image prior, the (Y, X) image to give
+      it (the same result as offline `denoise` with that image); default the per-pixel
+      mean of the frames seen so far, frozen per call.
   """
 
   def __init__(self, model: Any, batch_frames: int | None = None,
-               overlap_frames: int | None = None, *, patch_yx: tuple[int, int] | None = None,
-               overlap: float | None = None, batch_size: int = 0, dtype: str = "float32",
-               mean: str | float = "model", devices=None,
-               mean_image: np.ndarray | None = None):
+               overlap_frames: int | None = None, *, tiling: str | None = None,
+               core_frames: int | None = None, lookahead: int | None = None,
+               patch_yx: tuple[int, int] | None = None, overlap: float | None = None,
+               batch_size: int = 0, dtype: str = "float32", mean: str | float = "model",
+               devices=None, mean_image: np.ndarray | None = None):
     den = model if isinstance(model, Denoiser) else Denoiser(
         model, None, overlap, batch_size, dtype, devices=devices)
     self.den = den
+    if tiling is None:  # as the Denoiser would tile a movie, or as the flags ask
+      tiling = "overlap" if (batch_frames is not None or overlap_frames is not None or
+                             den.tiling == "overlap" or den.explicit_overlap) else "exact"
+    if tiling not in STREAM_TILINGS:
+      raise UserError(f"stream tiling must be one of {', '.join(STREAM_TILINGS)}; got "
+                      f"{tiling!r}.")
+    self.tiling = tiling
     pt, py, px = den.patch
-    self.B = int(batch_frames or pt)
-    self.overlap_frames = int(overlap_frames if overlap_frames is not None
-                              else self.B - gap(self.B, den.overlap))
-    if self.B < 2 or not 0 <= self.overlap_frames < self.B:
-      raise UserError(f"need batch_frames >= 2 and 0 <= overlap_frames < batch_frames; "
-                      f"got {self.B} and {self.overlap_frames}.")
-    self.gap = self.B - self.overlap_frames
-    self.cut = self.overlap_frames // 2
-    self.patch = (self.B,) + tuple(patch_yx or (py, px))
+    self.patch_yx = tuple(patch_yx or (py, px))
+    if tiling == "overlap":
+      b = int(batch_frames or pt)
+      o = int(overlap_frames if overlap_frames is not None else b - gap(b, den.overlap))
+      if b < 2 or not 0 <= o < b:
+        raise UserError(f"need batch_frames >= 2 and 0 <= overlap_frames < batch_frames; "
+                        f"got {b} and {o}.")
+      self.time = AxisTiling(b, b - o, o // 2)
+      self.lookahead = b - (b - o) - o // 2
+    else:
+      core = int(core_frames or CORE_FRAMES)
+      ahead = HALO if lookahead is None else int(lookahead)
+      if core < GRID or core % GRID:
+        raise UserError(f"core_frames must be a positive multiple of {GRID}; got {core}.")
+      if not 0 <= ahead <= HALO or ahead % GRID:
+        raise UserError(f"lookahead must be a multiple of {GRID} from 0 to {HALO} (the "
+                        f"halo that makes the stream exact); got {ahead}.")
+      self.time = AxisTiling(HALO + core + ahead, core, HALO)
+      self.lookahead = ahead
     if isinstance(mean, str) and mean not in ("model", "running"):
       raise UserError(f"mean must be 'model', 'running' or a number; got {mean!r}.")
     if mean == "model" and den.model.mean is None:
@@ -78,21 +120,47 @@ class StreamDenoiser:
     self._sum = 0.0
     self._count = 0
     self._pixel_sum: np.ndarray | None = None  # per-pixel sums, for a running mean image
-    self.frames: list[np.ndarray] = []  # received frames not yet needed any more
+    self.frames: list[np.ndarray] = []  # received frames later tiles may still read
     self.base = 0                       # stream index of frames[0]
     self.received = 0
     self.emitted = 0
-    self.next_start = 0                 # start of the next regular batch
-    self.last: tuple[int, np.ndarray] | None = None  # (start, output) of the last batch
+    self.next_tile = 0                  # index of the next regular temporal tile
     self.ready: collections.deque[np.ndarray] = collections.deque()
     self.closed = False
     self.frame_shape: tuple[int, int] | None = None
     self.batches = 0
+    self._plans: dict[int, TilePlan] = {}
+
+  @property
+  def exact(self) -> bool:
+    """Whether every frame equals one forward pass over the whole recording."""
+    return self.tiling == "exact" and self.lookahead >= HALO
+
+  @property
+  def B(self) -> int:
+    """Frames per temporal tile."""
+    return self.time.tile
+
+  @property
+  def overlap_frames(self) -> int:
+    """Frames shared by consecutive temporal tiles."""
+    return self.time.tile - self.time.core
+
+  def latency_frames(self) -> tuple[int, int]:
+    """(fewest, most) frames a frame waits for before its tile can run."""
+    return self.lookahead, self.time.core + self.lookahead
+
+  def describe(self) -> str:
+    if self.tiling == "overlap":
+      return (f"overlap batches of {self.B} frames overlapping by {self.overlap_frames}")
+    what = "exact" if self.exact else f"approximate (lookahead {self.lookahead} < halo {HALO})"
+    return (f"{what}: tiles of {self.B} frames completing {self.time.core} each "
+            f"(halo {HALO}, lookahead {self.lookahead})")
 
   # -- input ------------------------------------------------------------------
 
   def push(self, frames: np.ndarray) -> None:
-    """Add one frame (Y, X) or a block (n, Y, X); denoises every batch completed."""
+    """Add one frame (Y, X) or a block (n, Y, X); denoises every tile completed."""
     if self.closed:
       raise UserError("this stream is closed; start a new StreamDenoiser.")
     frames = np.asarray(frames)
@@ -102,20 +170,21 @@ class StreamDenoiser:
       raise UserError(f"push() takes a frame (Y, X) or frames (n, Y, X); got shape "
                       f"{frames.shape}.")
     if self.frame_shape is None:
-      self.frame_shape = frames.shape[1:]
-    elif frames.shape[1:] != self.frame_shape:
+      self.frame_shape = tuple(frames.shape[1:])
+    elif tuple(frames.shape[1:]) != self.frame_shape:
       raise UserError(f"frame shape changed from {self.frame_shape} to {frames.shape[1:]}.")
     for f in frames:
-      self.frames.append(f.astype(np.float32, copy=False))
+      self.frames.append(f)
       self._sum += float(f.sum(dtype=np.float64))
       self._count += f.size
     if self.uses_prior and self.mean_image is None:
       block = frames.sum(0, dtype=np.float64)
       self._pixel_sum = block if self._pixel_sum is None else self._pixel_sum + block
     self.received += len(frames)
-    while self.next_start + self.B <= self.received:
-      self._process(self.next_start, final=False)
-      self.next_start += self.gap
+    while self.time.regular(self.next_tile).start + self.B <= self.received:
+      tile = self.time.regular(self.next_tile)
+      self._process(tile, padded=None)
+      self.next_tile += 1
 
   def close(self) -> None:
     """The stream ended: denoise the tail so every pushed frame comes out."""
@@ -123,15 +192,14 @@ class StreamDenoiser:
       return
     self.closed = True
     n = self.received
-    if n == 0:
+    if n == 0 or self.emitted >= n:
       return
-    if self.last is not None and self.last[0] + self.B == n:
-      start, out = self.last          # the end-aligned batch is the last one done
-      self._emit(out[self.emitted - start:n - start])
-    elif n <= self.B:
-      self._process(0, final=True)
+    # Pad as offline denoising pads a movie of n frames.
+    if self.tiling == "exact" or n < self.B:
+      padded = ceil_to(n)
     else:
-      self._process(n - self.B, final=True)
+      padded = n
+    self._process(self.time.last(self.next_tile, padded), padded)
 
   def _mean(self) -> float:
     if self.mean_mode == "model":
@@ -147,22 +215,50 @@ class StreamDenoiser:
       return self.mean_image
     return (self._pixel_sum / self.received).astype(np.float32)
 
-  def _process(self, start: int, final: bool) -> None:
-    end = min(start + self.B, self.received)
-    window = np.stack(self.frames[start - self.base:end - self.base])
-    out = np.concatenate(list(denoise_blocks(
-        ArrayMovie(window), self.den.net, self.patch, self.den.overlap,
-        self.den.batch_size, mean=self._mean(), prior=self._prior())))
+  def frame_plan(self, tile_t: int) -> TilePlan:
+    """The (y, x) tiling of this stream's frames, for temporal tiles of `tile_t` frames
+    (the same as offline denoising chooses)."""
+    if tile_t not in self._plans:
+      shape = (tile_t,) + tuple(self.frame_shape)
+      if self.tiling == "overlap":
+        plan = overlap_plan(shape, (tile_t,) + self.patch_yx, self.den.overlap)
+      else:
+        den = self.den
+        tile = den.tile or choose_exact_tile(shape, den._voxel_budget(), HALO,
+                                             GRID * den.spatial, den._window_cost(shape))
+        plan = exact_plan(shape, (tile_t,) + tuple(tile[1:]), HALO, GRID * den.spatial)
+      self._plans[tile_t] = plan
+    return self._plans[tile_t]
+
+  def _process(self, tile, padded: int | None) -> None:
+    """Denoise the temporal tile `tile` (stream coordinates); `padded`: the stream's
+    padded length, for the last tile."""
+    length = self.B if padded is None or padded >= self.B else padded
+    plan = self.frame_plan(length)
+    engine = self.den.engine.for_tiles(plan.tiles_per_slab)
+    hi = self.received if padded is not None else tile.start + length
+    keep = (self.emitted, min(tile.keep_hi, self.received))
+    weights = np.zeros(length, np.float32)
+    weights[max(0, keep[0] - tile.start):keep[1] - tile.start] = 1
+    w = Window(tile.start, [(0, weights, None)], keep, keep)
+    movie = _Buffered(self, hi)
+    window = engine.read_window(movie, padded or hi, tile.start, length)
+    # Frames per call: a regular tile completes at most halo + core, the end-aligned
+    # last one at most its length - halo, or all of it when it is the only one.
+    emit = length if tile.start == 0 and padded is not None else max(
+        length - self.time.halo, self.time.core + self.time.halo)
+    layout = engine.layout(plan, [w], np.float32, self.den.channels, emit=emit)
+    mean = self._mean()
+    consts = engine.consts(plan, self._prior(), mean)
+    frames = engine.fetch(engine.submit(layout, w, window, consts, mean,
+                                        plan.tiles_per_slab), np.float32)
     self.batches += 1
-    if final:
-      self._emit(out[self.emitted - start:])
-    else:
-      keep_hi = start + self.cut + self.gap
-      self._emit(out[self.emitted - start:keep_hi - start])
-      self.last = (start, out)
-    # Later batches start at or after this one (the end-aligned last one too).
-    drop = min(start, self.emitted) - self.base
-    if drop > 0:  # frames no later batch needs
+    out = frames.data if frames.extras is None else np.concatenate(
+        [frames.data[..., None], frames.extras], axis=-1)
+    self._emit(out)
+    # Later tiles start at or after this one (the end-aligned last one too).
+    drop = tile.start - self.base
+    if padded is None and drop > 0:
       del self.frames[:drop]
       self.base += drop
 
@@ -185,6 +281,21 @@ class StreamDenoiser:
   def __iter__(self) -> Iterator[np.ndarray]:
     while self.ready:
       yield from self.ready.popleft()
+
+
+class _Buffered(ArrayMovie):
+  """The frames a stream still holds, read in stream coordinates (up to `end`)."""
+
+  def __init__(self, stream: StreamDenoiser, end: int):
+    self.stream, self.name = stream, "<stream>"
+    self.shape = (end,) + tuple(stream.frame_shape)
+    self.dtype = np.dtype(stream.frames[0].dtype) if stream.frames else np.dtype(np.float32)
+
+  def read(self, t0: int, t1: int) -> np.ndarray:
+    s = self.stream
+    if t0 < s.base:
+      raise RuntimeError(f"stream frame {t0} was already released (kept from {s.base}).")
+    return np.stack(s.frames[t0 - s.base:t1 - s.base])
 
 
 # ------------------------------------------------------------------ sources

@@ -5,6 +5,12 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same small programs (new Denoisers, worker processes): a
+# compilation cache shared by the session and its subprocesses compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"deepcad-jax-test-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -17,6 +23,8 @@ from deepcad_jax import config as config_lib  # noqa: E402
 @pytest.fixture(scope="session")
 def devices():
   devs = jax.devices()
+  if jax.default_backend() != "cpu" and len(devs) < 4:
+    pytest.skip(f"needs 4 devices; this {devs[0].platform} machine has {len(devs)}")
   assert len(devs) == 4, "conftest must set 4 simulated devices before jax is imported"
   return devs
 

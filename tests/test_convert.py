@@ -3,6 +3,7 @@ import pickle
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,7 +11,8 @@ from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UNet3D, UserError, cli, denoise, load_model, train
 from deepcad_jax.convert import read_para, read_state_dict, to_flax_params
 from deepcad_jax.data import as_movie
-from deepcad_jax.infer import denoise_blocks
+from deepcad_jax.infer import denoise_with
+from deepcad_jax.tiling import overlap_plan
 from deepcad_jax.model import param_count
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch "
@@ -176,11 +178,16 @@ def test_reference_stitching_reproduces_the_reference_loop(shape, patch, overlap
     b = np.asarray(batch)
     return 0.5 * b + 0.01 * np.cumsum(b, axis=-1)
 
+  def tile_fn(params, tiles, prior):  # the same on the device
+    return 0.5 * tiles + 0.01 * jnp.cumsum(tiles, axis=-1)
+
   expected = _reference_stitch(movie, net, patch, overlap)
-  got = np.concatenate(list(denoise_blocks(as_movie(movie), net, patch, overlap, 2,
-                                           reference=True)))
+  one = jax.devices()[:1]
+  got = denoise_with(movie, tile_fn, overlap_plan(shape, patch, overlap, reference=True),
+                     batch_size=2, devices=one)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
-  plain = np.concatenate(list(denoise_blocks(as_movie(movie), net, patch, overlap, 2)))
+  plain = denoise_with(movie, tile_fn, overlap_plan(shape, patch, overlap), batch_size=2,
+                       devices=one)
   assert not np.allclose(plain, expected, atol=1e-2)  # the default does not rescale
 
 

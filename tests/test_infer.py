@@ -1,20 +1,20 @@
+import jax
 import numpy as np
 import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, denoise, denoise_files, load_model
 from deepcad_jax.data import ArrayMovie, as_movie, open_movie
-from deepcad_jax.infer import denoise_blocks, to_dtype
-
-
-def identity(batch):
-  return batch
+from deepcad_jax.infer import Engine, denoise_with, to_dtype
+from deepcad_jax.parallel import data_mesh
+from deepcad_jax.predict import identity_tiles
+from deepcad_jax.tiling import overlap_plan
 
 
 def _run(movie, patch, overlap, batch_size=3, blend=False, mean=None):
-  blocks = list(denoise_blocks(as_movie(movie), identity, patch, overlap, batch_size,
-                               blend=blend, mean=mean))
-  return np.concatenate(blocks)
+  plan = overlap_plan(movie.shape, patch, overlap, blend=blend)
+  return denoise_with(movie, identity_tiles(), plan, mean=mean, batch_size=batch_size,
+                      devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize("shape", [(7, 33, 150), (8, 8, 8), (1, 9, 9), (45, 20, 70),
@@ -46,9 +46,16 @@ class CountingMovie(ArrayMovie):
 
 def test_reads_are_bounded_by_one_slab_not_the_movie():
   movie = CountingMovie(np.zeros((200, 16, 16), np.float32))
-  blocks = list(denoise_blocks(movie, identity, (16, 16, 16), 0.25, 2, mean=0.0))
+  plan = overlap_plan(movie.shape, (16, 16, 16), 0.25)
+  engine = Engine(identity_tiles(), None, data_mesh(jax.devices()[:1]), 1)
+  blocks = [f.data for f in engine.run(movie, plan, mean=0.0)]
   assert movie.largest == 16
   assert max(len(b) for b in blocks) <= 16 and sum(len(b) for b in blocks) == 200
+  # With two tiles per call, a window holds two slabs (the second starts 12 frames on).
+  movie = CountingMovie(np.zeros((200, 16, 16), np.float32))
+  engine = Engine(identity_tiles(), None, data_mesh(jax.devices()[:1]), 2)
+  assert sum(len(f.data) for f in engine.run(movie, plan, mean=0.0)) == 200
+  assert movie.largest == 28
 
 
 def test_to_dtype_rounds_and_clips_instead_of_wrapping():
@@ -140,4 +147,5 @@ def test_spatial_sharding_gives_the_same_denoised_movie(trained_model, devices):
   with pytest.raises(UserError, match="--spatial 3 does not divide"):
     Denoiser(trained_model, devices=devices, spatial=3)
   with pytest.raises(UserError, match="must be a multiple of 16 and at least 32"):
-    Denoiser(trained_model, devices=devices, spatial=2)  # the model's 16-row patch
+    Denoiser(trained_model, devices=devices, spatial=2,
+             tiling="overlap")  # the model's 16-row patch

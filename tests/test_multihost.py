@@ -12,7 +12,7 @@ import pytest
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import load_model, train
 from deepcad_jax.data import open_movie
-from deepcad_jax.infer import Denoiser, denoise
+from deepcad_jax.infer import Denoiser, denoise, whole_movie_forward
 
 WORKER = """
 import os, sys
@@ -83,19 +83,27 @@ def test_two_process_training_equals_one_process_and_resumes(data, devices):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("blend", [False, True])
-def test_two_process_denoise_equals_one_process(data, trained_model, blend):
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_two_process_denoise_equals_one_process(data, trained_model, mode):
   root, _ = data
-  movie, _ = noisy_movie((61, 20, 28), seed=9)
-  src = write_tiff(root / f"long{blend}.tif", movie)
-  out = str(root / f"den2_{blend}.tif")
-  args = ["denoise", "--model", trained_model, "--input", src, "--output", out,
-          "--output-dtype", "float32"] + (["--blend"] if blend else [])
-  run_two_processes(args)
-  expected = denoise(movie, Denoiser(trained_model, blend=blend), output_dtype="float32")
-  got = open_movie(out).read(0, 61)
+  # Exact: five temporal tiles shared by the processes, equal to the whole movie.
+  frames, flags = (130, ["--tiling", "exact", "--tile", "104,24,32"]) if mode == "exact" \
+      else (61, ["--blend"])
+  movie, _ = noisy_movie((frames, 20, 28), seed=9)
+  src = write_tiff(root / f"long{mode}.tif", movie)
+  out = str(root / f"den2_{mode}.tif")
+  run_two_processes(["denoise", "--model", trained_model, "--input", src, "--output", out,
+                     "--output-dtype", "float32"] + flags)
+  den = Denoiser(trained_model, blend=mode == "blend", tiling="exact" if mode == "exact"
+                 else "auto", tile=(104, 24, 32) if mode == "exact" else None)
+  expected = denoise(movie, den, output_dtype="float32")
+  got = open_movie(out).read(0, frames)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
-  assert not list(root.glob(f"den2_{blend}.tif.part*"))  # parts cleaned up
+  if mode == "exact":
+    assert den.plan(movie.shape, movie.dtype, np.float32).tile_count == 5
+    whole = whole_movie_forward(movie, den)
+    assert np.sqrt(np.mean((got - whole) ** 2)) / np.std(whole) <= 1e-5
+  assert not list(root.glob(f"den2_{mode}.tif.part*"))  # parts cleaned up
 
 
 def test_two_process_denoise_of_a_folder_splits_the_files(data, trained_model):

@@ -8,14 +8,14 @@ import tifffile
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, cli
 from deepcad_jax.data import as_movie, open_movie
+from deepcad_jax.predict import identity_tiles
 from deepcad_jax.stream import FolderSource, StreamDenoiser, run_pipeline
 
 
 @pytest.fixture(scope="module")
 def identity_denoiser(trained_model):
-  den = Denoiser(trained_model)
-  den.net = lambda batch: batch  # exact: shows what the partition alone does
-  return den
+  # The identity network shows what the partition alone does.
+  return Denoiser(trained_model, network=identity_tiles())
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -40,8 +40,9 @@ def test_every_frame_comes_out_once_in_order(identity_denoiser, seed):
 
 def test_stream_equals_offline_denoise(trained_model):
   movie, _ = noisy_movie((53, 24, 30), seed=7)
-  den = Denoiser(trained_model)  # patch (8, 16, 16), overlap 0.25
   mean = float(movie.mean())
+  # The overlap scheme: the model's patch (8, 16, 16) and overlap 0.25.
+  den = Denoiser(trained_model, tiling="overlap")
   offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
   stream = StreamDenoiser(den, mean=mean)  # batch 8, overlap from the model: 2 frames
   assert (stream.B, stream.overlap_frames) == (8, 2)
@@ -49,6 +50,16 @@ def test_stream_equals_offline_denoise(trained_model):
     stream.push(movie[t:t + 3])
   stream.close()
   np.testing.assert_allclose(stream.pull(), offline, rtol=1e-5, atol=1e-3)
+  # Exact (the default): equal to offline exact denoising, whatever the core size.
+  den = Denoiser(trained_model)
+  offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
+  for core in (8, 16):
+    stream = StreamDenoiser(den, mean=mean, core_frames=core)
+    assert stream.exact and stream.B == 96 + core
+    for t in range(0, 53, 5):
+      stream.push(movie[t:t + 5])
+    stream.close()
+    np.testing.assert_allclose(stream.pull(), offline, rtol=1e-5, atol=1e-3)
 
 
 def test_mean_options(trained_model, identity_denoiser):
