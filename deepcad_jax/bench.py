@@ -29,8 +29,9 @@ from deepcad_jax import config as config_lib
 from deepcad_jax import parallel
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, denoise
+from deepcad_jax.infer import Denoiser, compiled_bytes, denoise
 from deepcad_jax.model import LADDER, UNet3D, ensemble_params, init_params, param_count
+from deepcad_jax.predict import identity_tiles
 from deepcad_jax.tiling import patch_plan
 from deepcad_jax.train import compile_step, create_state, make_model
 
@@ -39,8 +40,10 @@ PAPER = {"movie": (300, 490, 490), "patch": (150, 150, 150), "overlap": 0.4,
          "patches": 75, "inference_s": 8.0, "acquisition_s": 9.6, "train_step_s": 0.37,
          "tensorrt_fp16_memory_bytes": 701 * 2**20}
 QUICK = {"movie": (32, 64, 64), "patch": (16, 32, 32), "overlap": 0.4}
+STREAM = {"movie": (600, 512, 512)}  # frames replayed by the stream workload
 WORKLOADS = ("quick", "reference", "reference-device", "train-step", "ladder", "scaling",
-             "uncertainty")
+             "uncertainty", "overhead", "stream")
+TILINGS = ("overlap", "exact")  # what `reference` and `overhead` put side by side
 
 
 @dataclasses.dataclass
@@ -97,14 +100,7 @@ def _flops(compiled) -> float | None:
 
 
 def _compiled_memory(compiled) -> int | None:
-  try:
-    m = compiled.memory_analysis()
-  except Exception:
-    return None
-  if m is None:
-    return None
-  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-             - m.alias_size_in_bytes)
+  return compiled_bytes(compiled)
 
 
 def environment() -> dict[str, Any]:
@@ -157,19 +153,75 @@ def _patches(n: int, patch, seed: int = 0) -> np.ndarray:
 
 
 def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, repeats,
-               name, devices=None, uncertainty: int = 0, members: int = 1) -> dict:
-  """Host array in, stitched host array out (what a user waits for); with
-  `uncertainty` = K, the mean and std over K symmetries x `members`."""
+               name, devices=None, uncertainty: int = 0, members: int = 1,
+               tiling: str = "overlap", identity: bool = False) -> dict:
+  """Host array in, stitched host array out (what a user waits for).
+
+  `tiling` 'overlap' is DeepCAD-RT's protocol (`patch`, `overlap`); 'exact' sizes tiles
+  from the memory budget. With `uncertainty` = K, the mean and std over K symmetries x
+  `members`; with `identity`, the network is replaced by the identity (what the rest
+  costs).
+  """
   rng = np.random.default_rng(0)
   movie = rng.poisson(200, movie_shape).astype(np.uint16)
-  den = Denoiser(_random_model(features, patch, overlap, members), patch, overlap,
-                 batch_size, dtype, devices=devices, uncertainty=uncertainty)
-  n_patches = len(patch_plan(movie_shape, patch, overlap))
+  den = Denoiser(_random_model(features, patch, overlap, members),
+                 patch if tiling == "overlap" else None,
+                 overlap if tiling == "overlap" else None, batch_size, dtype,
+                 devices=devices, uncertainty=uncertainty, tiling=tiling,
+                 network=identity_tiles(2 if uncertainty else 0) if identity else None)
+  plan = den.plan(movie.shape, movie.dtype, movie.dtype)
   timing = measure(lambda m: denoise(m, den), (movie,), repeats)
+  steps = [c for e in (den.engine, *den.engine._fewer.values()) for c in e._compiled.values()]
+  memory = [m for m in (compiled_bytes(c) for c in steps) if m]
   return _record(name, env, dtype, den.batch_size, timing, features=features,
-                 movie=list(movie_shape), patch=list(patch), overlap=overlap,
-                 patches=n_patches, voxels=int(np.prod(movie_shape)),
-                 network_voxels=n_patches * int(np.prod(patch)))
+                 movie=list(movie_shape), patch=list(plan.tile), overlap=plan.overlap,
+                 tiling=plan.mode, plan=plan.describe(), patches=plan.tile_count,
+                 voxels=int(np.prod(movie_shape)), network_voxels=plan.network_voxels,
+                 recompute=plan.recompute, network="identity" if identity else "unet",
+                 step_memory_bytes=max(memory) if memory else None)
+
+
+def stream_throughput(env, movie_shape, features, dtype, batch_size, name, rate=0.0,
+                      core_frames=None, lookahead=None) -> dict:
+  """A movie replayed through the live pipeline (acquisition, device, writing):
+  sustained voxels/s and the latency from a frame's arrival to its denoised output."""
+  import tempfile
+  from deepcad_jax.stream import StreamDenoiser, run_pipeline
+  movie = np.random.default_rng(0).poisson(200, movie_shape).astype(np.uint16)
+
+  class Source:
+    dtype = np.dtype(np.uint16)
+
+    def frames(self, stop):
+      t0 = time.perf_counter()
+      for i, frame in enumerate(movie):
+        if stop.is_set():
+          return
+        if rate > 0:
+          delay = t0 + i / rate - time.perf_counter()
+          if delay > 0:
+            time.sleep(delay)
+        yield frame
+
+  model = _random_model(features, (16, 32, 32), 0.4)
+  den = Denoiser(model, batch_size=batch_size, dtype=dtype)
+  warm = StreamDenoiser(den, mean=200.0, core_frames=core_frames, lookahead=lookahead)
+  warm.push(movie[:warm.B])  # compiles the regular tile
+  stream = StreamDenoiser(den, mean=200.0, core_frames=core_frames, lookahead=lookahead)
+  with tempfile.TemporaryDirectory() as tmp:
+    report = run_pipeline(Source(), stream, os.path.join(tmp, "live.tif"), rate=rate,
+                          output_dtype="float32", progress=False)
+  lo, hi = stream.latency_frames()
+  rec = _record(name, env, dtype, den.batch_size, None, features=features,
+                movie=list(movie_shape), frames=report.frames_out, seconds=report.seconds,
+                median_s=report.seconds, voxels=report.frames_out * int(
+                    np.prod(movie_shape[1:])), latency_median_s=report.latency_median_s,
+                latency_p99_s=report.latency_p99_s, rate_hz=rate, plan=stream.describe(),
+                tile_frames=stream.B, core_frames=stream.time.core,
+                lookahead=stream.lookahead, wait_frames=[lo, hi],
+                patch=list(stream.frame_plan(stream.B).tile), dropped=report.dropped)
+  rec["runs"] = 1
+  return rec
 
 
 # (K symmetries, M members) timed by the uncertainty workload; K = 0: plain denoising.
@@ -282,9 +334,9 @@ def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[
   return records
 
 
-def ladder(env, patch, dtype, batch_size, repeats, name) -> list[dict]:
+def ladder(env, patch, dtype, batch_size, repeats, name, widths=None) -> list[dict]:
   records = []
-  for f in LADDER:
+  for f in widths or LADDER:
     inf = network_only(env, 1, patch, f, dtype, batch_size, repeats, f"{name}-infer")
     trn = train_step(env, patch, f, dtype, batch_size, repeats, f"{name}-train")
     for rec in (inf, trn):
@@ -317,9 +369,11 @@ def scaling(env, patch, features, dtype, batch_per_device, repeats, name) -> lis
 def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                  repeats: int | None = None, features: int = 16,
                  with_torch: bool = True, movie: Sequence[int] | None = None,
-                 patch: Sequence[int] | None = None, spatial: int = 1) -> list[dict]:
+                 patch: Sequence[int] | None = None, spatial: int = 1,
+                 widths: Sequence[int] | None = None) -> list[dict]:
   """Run one named workload; returns its records. `movie` and `patch` replace the
-  workload's shapes (e.g. the paper's protocol on a smaller movie)."""
+  workload's shapes (e.g. the paper's protocol on a smaller movie); `widths` the
+  ladder's (default the paper's 64 ... 8)."""
   if workload not in WORKLOADS:
     raise UserError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
   if dtype not in config_lib.DTYPES:
@@ -332,8 +386,8 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
     q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
     n_patches = len(patch_plan(q["movie"], q["patch"], q["overlap"]))
     recs = [end_to_end(env, q["movie"], q["patch"], q["overlap"], features, dtype,
-                       batch_size, r, "quick-reference"),
-            network_only(env, n_patches, q["patch"], features, dtype, batch_size, r,
+                       batch_size, r, "quick-reference", tiling=t) for t in TILINGS]
+    recs += [network_only(env, n_patches, q["patch"], features, dtype, batch_size, r,
                          "quick-reference-device"),
             train_step(env, q["patch"], features, dtype, batch_size, r, "quick-train-step")]
     recs += ladder(env, q["patch"], dtype, batch_size, r, "quick-ladder")
@@ -342,10 +396,25 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
       recs += torch_side_by_side(env, q["patch"], features, batch_size or 1, r, "quick")
   elif workload == "reference":
     recs = [end_to_end(env, P["movie"], P["patch"], P["overlap"], features, dtype,
-                       batch_size, repeats or 5, "reference")]
+                       batch_size, repeats or 5, "reference", tiling=t) for t in TILINGS]
+  elif workload == "overhead":
+    recs = [end_to_end(env, P["movie"], P["patch"], P["overlap"], features, dtype,
+                       batch_size, repeats or 5, "overhead", tiling=t, identity=True)
+            for t in TILINGS]
+  elif workload == "stream":
+    shape = tuple(movie) if movie else STREAM["movie"]
+    recs = [stream_throughput(env, shape, features, dtype, batch_size, "stream")]
   elif workload == "reference-device":
     recs = [network_only(env, P["patches"], P["patch"], features, dtype, batch_size,
                          repeats or 10, "reference-device", spatial=spatial)]
+    recs[0].update(tiling="overlap", recompute=recs[0]["voxels"] / np.prod(P["movie"]))
+    exact = Denoiser(_random_model(features, P["patch"], P["overlap"]), batch_size=batch_size,
+                     dtype=dtype, spatial=spatial, tiling="exact").plan(
+                         P["movie"], np.uint16, np.uint16)
+    rec = network_only(env, exact.tile_count, exact.tile, features, dtype, batch_size,
+                       repeats or 10, "reference-device", spatial=spatial)
+    rec.update(tiling="exact", recompute=exact.recompute, plan=exact.describe())
+    recs.append(rec)
   elif workload == "train-step":
     recs = [train_step(env, P["patch"], features, dtype, batch_size, repeats or 10,
                        "train-step", spatial=spatial)]
@@ -353,7 +422,7 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
       recs += torch_side_by_side(env, P["patch"], features, batch_size or 1,
                                  repeats or 5, "train-step")
   elif workload == "ladder":
-    recs = ladder(env, P["patch"], dtype, batch_size, repeats or 5, "ladder")
+    recs = ladder(env, P["patch"], dtype, batch_size, repeats or 5, "ladder", widths)
   elif workload == "uncertainty":
     q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
     recs = uncertainty_cost(env, q["movie"], q["patch"], q["overlap"], features, dtype,
@@ -387,8 +456,8 @@ def save_records(records: list[dict], path: str) -> None:
 def _paper_figure(r: dict) -> str:
   """The paper's figure for a record measured at the paper's protocol, else ''."""
   p150 = list(PAPER["patch"])
-  if r["workload"] == "reference" and r.get("movie") == list(PAPER["movie"]) and \
-      r.get("patch") == p150:
+  if r["workload"] == "reference" and r.get("movie") == list(PAPER["movie"]) and (
+      r.get("patch") == p150 or r.get("tiling") == "exact"):
     return (f"{PAPER['inference_s']} s on an RTX 3090 (recorded in "
             f"{PAPER['acquisition_s']} s)")
   if r["workload"] == "reference-device" and r.get("patch") == p150 and \
@@ -423,8 +492,8 @@ def _torch_ratios(records: list[dict]) -> list[str]:
 def markdown_table(records: list[dict]) -> str:
   """Measured records, and the paper's figures where a record used the paper's protocol."""
   rows = ["| workload | shape | device | dtype | batch | median s | compile s | voxels/s | "
-          "TFLOP/s | peak memory MB | paper |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "recompute | TFLOP/s | peak memory MB | paper |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in records:
     tflops = f"{r['flop_per_s'] / 1e12:.3g}" if r.get("flop_per_s") else ""
     vps = f"{r['voxels_per_s']:.3g}" if r.get("voxels_per_s") else ""
@@ -432,13 +501,19 @@ def markdown_table(records: list[dict]) -> str:
     name += f" ({r['devices_used']} dev)" if "devices_used" in r else ""
     if "uncertainty" in r:
       name += f" K={r['uncertainty']} M={r['members']}"
+    if r.get("tiling"):
+      name += f" ({r['tiling']})"
     shape = "x".join(map(str, r["movie"])) + " movie, " if "movie" in r else ""
-    shape += ("x".join(map(str, r["patch"])) + " patch") if "patch" in r else ""
-    if r.get("patches") and "movie" not in r:
+    shape += ("x".join(map(str, r["patch"])) + " tiles") if "patch" in r else ""
+    if r.get("patches"):
       shape += f" x{r['patches']}"
+    if "latency_p99_s" in r:
+      shape += (f"; latency median {r['latency_median_s']:.3g} s, p99 "
+                f"{r['latency_p99_s']:.3g} s")
+    recompute = f"{r['recompute']:.2f}" if r.get("recompute") else ""
     rows.append(f"| {name} | {shape} | {r['device']} | {r['dtype']} | {r['batch_size']} | "
                 f"{r.get('median_s', float('nan')):.4g} | {r.get('compile_s', 0):.3g} | "
-                f"{vps} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                f"{vps} | {recompute} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
                 f"{_paper_figure(r)} |")
   rows.append("")
   rows += _torch_ratios(records)
@@ -448,7 +523,10 @@ def markdown_table(records: list[dict]) -> str:
               "training step; 701 MB GPU memory for the TensorRT float16 deployment. "
               "Shapes are T x Y x X. Peak memory is the device's peak allocation on GPUs "
               "and the process's peak RSS on CPUs (cumulative over the run). Voxels/s "
-              "counts output voxels for end-to-end rows and network voxels otherwise.")
+              "counts movie voxels for end-to-end and stream rows and network voxels "
+              "otherwise; recompute is network voxels / movie voxels (overlap: "
+              "DeepCAD-RT's overlapping patches; exact: seamless tiles as large as the "
+              "memory budget allows). A stream row's median s is the whole replay.")
   return "\n".join(rows)
 
 

@@ -25,7 +25,10 @@ def test_quick_workload_records_and_files(tmp_path, capsys, monkeypatch):
   assert code == 0, capsys.readouterr().err
   records = json.loads(out.read_text())
   names = [r["workload"] for r in records]
-  assert names[:3] == ["quick-reference", "quick-reference-device", "quick-train-step"]
+  assert names[:4] == ["quick-reference", "quick-reference", "quick-reference-device",
+                       "quick-train-step"]
+  assert [records[0]["tiling"], records[1]["tiling"]] == ["overlap", "exact"]
+  assert records[1]["recompute"] == 24 * 24 * 24 / (16 * 24 * 24)  # one padded tile
   assert names.count("quick-ladder-infer") == 1 and "quick-scaling-train" in names
   for r in records:
     assert REQUIRED <= set(r), REQUIRED - set(r)
@@ -34,9 +37,10 @@ def test_quick_workload_records_and_files(tmp_path, capsys, monkeypatch):
   e2e = records[0]
   assert e2e["voxels"] == 16 * 24 * 24 and e2e["patches"] == len(
       patch_plan((16, 24, 24), (8, 16, 16), 0.4))
-  assert records[1]["flops"] > 0 and records[1]["flop_per_s"] > 0
+  assert records[2]["flops"] > 0 and records[2]["flop_per_s"] > 0
   table = (tmp_path / "results.md").read_text()
-  assert "| quick-reference |" in table and "RTX 3090" in table
+  assert "| quick-reference (overlap) |" in table and "RTX 3090" in table
+  assert "| quick-reference (exact) |" in table
   # A second run appends to the same file.
   code = cli.main(["deepcad-jax", "bench", "--workload", "reference-device", "--movie",
                    "16,24,24", "--patch", "8,16,16", "--repeats", "1", "--features", "4",
