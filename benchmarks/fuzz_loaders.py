@@ -1192,18 +1192,15 @@ class Runner:
 
 
 def worker(args) -> None:
-  folder = tempfile.mkdtemp(prefix="fuzz_loaders_")
-  try:
-    runner = Runner(args.seed, folder, args.pth_reader)
-    _limit_memory(args.memory_gib)
-    print(json.dumps({"canary": runner.canary_hits}), flush=True)
-    formats = args.formats.split(",")
-    for i in range(args.start, args.stop):
-      fmt = formats[i % len(formats)]
-      print(f"S {i}", flush=True)
-      print(json.dumps(runner.case(fmt, i)), flush=True)
-  finally:
-    shutil.rmtree(folder, ignore_errors=True)
+  """Runs cases start..stop in `args.folder` (the driver's; it cleans up after a crash)."""
+  runner = Runner(args.seed, tempfile.mkdtemp(dir=args.folder), args.pth_reader)
+  _limit_memory(args.memory_gib)
+  print(json.dumps({"canary": runner.canary_hits}), flush=True)
+  formats = args.formats.split(",")
+  for i in range(args.start, args.stop):
+    fmt = formats[i % len(formats)]
+    print(f"S {i}", flush=True)
+    print(json.dumps(runner.case(fmt, i)), flush=True)
 
 
 def _limit_memory(gib: float) -> None:
@@ -1223,40 +1220,60 @@ def _limit_memory(gib: float) -> None:
 FAILURES = ("crash", "oob", "code", "hang", "bad_message")
 
 
-def _spawn(args, start: int) -> subprocess.Popen:
+def _spawn(args, start: int, folder: str, err) -> subprocess.Popen:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(args.seed),
          "--start", str(start), "--stop", str(args.cases), "--formats", args.formats,
-         "--pth-reader", args.pth_reader, "--memory-gib", str(args.memory_gib)]
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL, text=True)
+         "--pth-reader", args.pth_reader, "--memory-gib", str(args.memory_gib),
+         "--folder", folder]
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+
+
+def _tail(path: str, size: int = 2000) -> str:
+  with open(path, "rb") as f:
+    f.seek(max(0, os.path.getsize(path) - size))
+    return f.read().decode("utf-8", "replace")
 
 
 def drive(args) -> dict:
+  folder = tempfile.mkdtemp(prefix="fuzz_loaders_")
+  try:
+    return _drive(args, folder)
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _drive(args, folder: str) -> dict:
   records: list[dict] = []
   canary = None
   start, t0, restarts = 0, time.time(), 0
   formats = args.formats.split(",")
+  err_path = os.path.join(folder, "worker.err")
   while start < args.cases:
-    proc = _spawn(args, start)
+    with open(err_path, "w") as err:  # a file, not a pipe: warnings never block a worker
+      proc = _spawn(args, start, folder, err)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
-    current, buffer = None, ""
+    current, pending, lines = None, b"", collections.deque()
     timeout = args.case_timeout + 120  # the first line waits for imports
     while True:
-      if not sel.select(timeout):
-        os.kill(proc.pid, signal.SIGKILL)  # the worker we started, by its id
+      if not lines:  # unbuffered reads, so that select() sees every line the worker wrote
+        if not sel.select(timeout):
+          os.kill(proc.pid, signal.SIGKILL)  # the worker we started, by its id
+          proc.wait()
+          if current is not None:
+            fmt = formats[current % len(formats)]
+            records.append({"i": current, "fmt": fmt, "kind": kind_of(fmt, args.seed, current),
+                            "outcome": "hang",
+                            "detail": f"no answer in {args.case_timeout} s"})
+          break
+        chunk = os.read(proc.stdout.fileno(), 1 << 16)
+        if chunk:
+          *done, pending = (pending + chunk).split(b"\n")
+          lines.extend(done)
+          continue
         proc.wait()
         if current is not None:
-          fmt = formats[current % len(formats)]
-          records.append({"i": current, "fmt": fmt, "kind": kind_of(fmt, args.seed, current),
-                          "outcome": "hang",
-                          "detail": f"no answer in {args.case_timeout} s"})
-        break
-      line = proc.stdout.readline()
-      if not line:
-        proc.wait()
-        if current is not None:
-          err = proc.stderr.read()[-300:]
+          err = _tail(err_path, 300)
           sig = -proc.returncode if proc.returncode and proc.returncode < 0 else None
           fmt = formats[current % len(formats)]
           records.append({"i": current, "fmt": fmt, "kind": kind_of(fmt, args.seed, current),
@@ -1264,8 +1281,9 @@ def drive(args) -> dict:
                           "detail": (f"worker killed by signal {signal.Signals(sig).name}"
                                      if sig else f"worker exited {proc.returncode}: {err}")})
         elif proc.returncode:
-          raise SystemExit(f"the fuzz worker failed to start:\n{proc.stderr.read()}")
+          raise SystemExit(f"the fuzz worker failed to start:\n{_tail(err_path)}")
         break
+      line = lines.popleft().decode()
       timeout = args.case_timeout
       if line.startswith("S "):
         current = int(line.split()[1])
@@ -1280,7 +1298,6 @@ def drive(args) -> dict:
           print(f"  {len(records)} cases, {time.time() - t0:.0f} s", flush=True)
     sel.close()
     proc.stdout.close()
-    proc.stderr.close()
     start = (records[-1]["i"] + 1) if records else args.cases
     if start < args.cases:
       restarts += 1
@@ -1337,6 +1354,7 @@ def main(argv=None) -> int:
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--folder", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
     worker(args)
