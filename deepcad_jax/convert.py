@@ -2,24 +2,25 @@
 
 A `.pth` written by `torch.save` (PyTorch >= 1.6) is a zip holding `data.pkl` (a pickle of
 the state_dict whose tensors point at raw storages by key) and `data/<key>` files with
-the raw bytes. The pickle is read with a restricted unpickler that resolves only the few
-globals a state_dict needs (OrderedDict, tensor rebuilding, storage types) and refuses
-anything else, so a malicious checkpoint cannot run code. Tensors become numpy arrays,
-and the DeepCAD-RT keys are mapped onto the Flax `UNet3D` parameters.
+the raw bytes. The pickle is read by `safe_pickle`'s restricted unpickler, which resolves
+only the few globals a state_dict needs (OrderedDict, tensor rebuilding, storage types)
+and refuses anything else, so a malicious checkpoint cannot run code; each tensor's
+offset, shape and strides are checked against its storage before its elements are copied
+(never viewed). Tensors become numpy arrays, and the DeepCAD-RT keys are mapped onto the
+Flax `UNet3D` parameters.
 """
 
 from __future__ import annotations
 
-import collections
-import io
+import math
 import os
-import pickle
 import re
 import zipfile
 from typing import Any
 
 import numpy as np
 
+from deepcad_jax import safe_pickle
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS
 
@@ -29,82 +30,162 @@ _STORAGE_DTYPES = {
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+_FIX = "copy the .pth again, or re-save it with torch.save(model.state_dict(), path)"
+_MAX_ZIP_RATIO = 200  # deflated entries above 1 MiB may expand at most this much
 
 
-class _StorageType:
+class _StorageType(safe_pickle.Stub):
+  """torch.<Name>Storage, named by a checkpoint: only its numpy dtype is used."""
+
+  __slots__ = ("name",)
+  kind = "storage type"
+
   def __init__(self, name: str):
     self.name = name
-    dtype = _STORAGE_DTYPES[name]
+
+  @property
+  def dtype(self) -> np.dtype:
+    dtype = _STORAGE_DTYPES[self.name]
     if dtype == "bfloat16":
       import ml_dtypes
       dtype = ml_dtypes.bfloat16
-    self.dtype = np.dtype(dtype)
+    return np.dtype(dtype)
 
 
+_STORAGE_TYPES = {name: _StorageType(name) for name in _STORAGE_DTYPES}
+
+
+class _Storage(safe_pickle.Stub):
+  """One storage's elements, copied out of the zip; tensors are bounds-checked copies."""
+
+  __slots__ = ("key", "data", "budget")
+  kind = "storage"
+
+  def __init__(self, key: str, data: np.ndarray):
+    self.key, self.data = key, data
+    self.budget = 8 * data.size + 4096  # tensors may share a storage, but not endlessly
+
+
+@safe_pickle.checked
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """Stand-in for torch._utils._rebuild_tensor_v2: a numpy copy of the view."""
-  if not size:
-    return storage[offset].copy()
-  itemsize = storage.dtype.itemsize
-  needed = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
-  if needed > storage.size:
-    raise UserError("a tensor in the checkpoint points past the end of its storage; the "
-                    "file is damaged.")
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                         strides=tuple(st * itemsize for st in stride))
-  return np.array(view)
+  """Stand-in for torch._utils._rebuild_tensor_v2: a copy of the elements the tensor
+  names, after checking its offset, shape and strides against its storage."""
+  if not isinstance(storage, _Storage) or len(unused) > 3:
+    raise safe_pickle.Refused("rebuilds a tensor from something that is not a storage")
+  offset = safe_pickle.as_int(offset, "a tensor offset")
+  size = safe_pickle.as_shape(size, "a tensor of shape")
+  stride = safe_pickle.as_shape(stride, "a tensor with strides")
+  if len(size) != len(stride):
+    raise safe_pickle.Refused(f"has a tensor of shape {size} with strides {stride}")
+  data, count = storage.data, math.prod(size)
+  safe_pickle.check_extent(size, data.dtype.itemsize, "a tensor")
+  if count == 0:
+    if offset > data.size:
+      raise safe_pickle.Refused(f"has an empty tensor at offset {offset} past the end of "
+                                f"storage {storage.key}")
+    return safe_pickle.Value(np.zeros(size, data.dtype))
+  extent = 0  # sorted by stride, each stride must step past all the smaller ones
+  for st, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
+    if st <= extent:
+      raise safe_pickle.Refused(f"has a tensor of shape {size} whose strides {stride} "
+                                "overlap or interleave, which torch never saves for a "
+                                "parameter")
+    extent += st * (n - 1)
+  if offset + extent >= data.size:
+    raise safe_pickle.Refused(f"has a tensor of shape {size} (offset {offset}, strides "
+                              f"{stride}) that reaches past the {data.size} elements of "
+                              f"storage {storage.key}")
+  storage.budget -= count
+  if storage.budget < 0:
+    raise safe_pickle.Refused(f"rebuilds storage {storage.key} into far more tensors than "
+                              "it holds")
+  if stride == tuple(math.prod(size[i + 1:]) for i in range(len(size))):
+    return safe_pickle.Value(data[offset:offset + count].reshape(size).copy())
+  index = np.array(offset, np.int64)  # every index is checked above: < data.size
+  for n, st in zip(size, stride):
+    index = index[..., None] + np.arange(n, dtype=np.int64) * st
+  return safe_pickle.Value(data[index])
 
 
-def _rebuild_parameter(data, requires_grad, hooks, *unused):
+@safe_pickle.checked
+def _rebuild_parameter(data, requires_grad=False, hooks=None, *unused):
+  if not (isinstance(data, safe_pickle.Value) and isinstance(data.value, np.ndarray)):
+    raise safe_pickle.Refused("rebuilds a parameter from something that is not a tensor")
   return data
 
 
 _ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): safe_pickle.Dict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): kind for name, kind in _STORAGE_TYPES.items()},
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Resolves only what a state_dict of tensors needs; refuses every other global."""
+def _read_entry(zf: zipfile.ZipFile, name: str) -> bytes:
+  """One zip entry's bytes, refusing what torch never writes (other compressions, a
+  deflated entry that would expand like a zip bomb)."""
+  try:
+    info = zf.getinfo(name)
+  except KeyError:
+    raise safe_pickle.Refused(f"is missing {name} (the file is damaged or truncated)") \
+        from None
+  if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or (
+      info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 2**20 and
+      info.file_size > _MAX_ZIP_RATIO * max(info.compress_size, 1)):
+    raise safe_pickle.Refused(f"stores {name} compressed in a way torch never writes")
+  try:
+    with zf.open(info) as f:  # at most the declared size, which is checked above
+      return f.read(info.file_size)
+  except Exception as e:  # zipfile on untrusted bytes: any error is damage
+    raise safe_pickle.Refused(f"is damaged ({safe_pickle.why(e)})") from None
 
-  def __init__(self, file, zf: zipfile.ZipFile, prefix: str, path: str):
-    super().__init__(file)
-    self.zf, self.prefix, self.path = zf, prefix, path
 
-  def find_class(self, module: str, name: str):
-    if (module, name) in _ALLOWED:
-      return _ALLOWED[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    raise UserError(f"{self.path} asks to load {module}.{name}, which a state_dict does "
-                    "not need; refusing it (a checkpoint is untrusted input and pickle "
-                    "can run code). Save only model.state_dict().")
+class _Storages:
+  """persistent_load: ('storage', type, key, location, numel) -> the copied elements of
+  <prefix>data/<key>, each read once."""
 
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise UserError(f"{self.path} holds an unexpected persistent reference {pid!r}.")
-    _, storage_type, key, _location, numel = pid[:5]
-    if isinstance(storage_type, str):  # newer writers name the dtype directly
-      storage_type = _StorageType(storage_type)
-    name = f"{self.prefix}data/{key}"
-    try:
-      raw = self.zf.read(name)
-    except KeyError:
-      raise UserError(f"{self.path} is missing storage {name}; the file is damaged.") from None
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-      raise UserError(f"{self.path} is damaged ({e}).") from None
-    array = np.frombuffer(raw, dtype=storage_type.dtype.newbyteorder("<"))
-    if array.size < int(numel):
-      raise UserError(f"{self.path}: storage {key} is shorter than it claims; the file is "
-                      "damaged or truncated.")
-    return array.astype(storage_type.dtype)
+  def __init__(self, zf: zipfile.ZipFile, prefix: str):
+    self.zf, self.prefix, self.loaded = zf, prefix, {}
+
+  @safe_pickle.checked
+  def __call__(self, pid):
+    if type(pid) is not tuple or len(pid) < 5 or pid[0] != "storage":
+      raise safe_pickle.Refused(f"holds an unexpected persistent reference "
+                                f"{safe_pickle.show(pid)}")
+    _, kind, key, _location, numel = pid[:5]
+    if type(kind) is str:  # some writers name the storage type instead of pickling it
+      kind = _STORAGE_TYPES.get(kind, kind)
+    if not isinstance(kind, _StorageType):
+      raise safe_pickle.Refused(f"uses the storage type {safe_pickle.show(kind)}, which "
+                                "is not a tensor type deepcad-jax reads")
+    if type(key) is not str or not 0 < len(key) <= 100:
+      raise safe_pickle.Refused(f"names a storage {safe_pickle.show(key)}, which torch "
+                                "never writes")
+    numel = safe_pickle.as_int(numel, f"a storage {key} of size")
+    if key in self.loaded:
+      storage = self.loaded[key]
+      if storage.data.dtype != kind.dtype or storage.data.size != numel:
+        raise safe_pickle.Refused(f"describes storage {key} in two different ways")
+      return storage
+    dtype = kind.dtype
+    raw = _read_entry(self.zf, f"{self.prefix}data/{key}")
+    if len(raw) < numel * dtype.itemsize:
+      raise safe_pickle.Refused(f"has storage {key} shorter than it claims (the file is "
+                                "damaged or truncated)")
+    if dtype.kind == "b":  # any non-zero byte is True; numpy expects 0 or 1
+      data = np.frombuffer(raw, np.uint8, count=numel) != 0
+    else:
+      data = np.frombuffer(raw, dtype.newbyteorder("<"), count=numel).astype(dtype)
+    self.loaded[key] = storage = _Storage(key, data)
+    return storage
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The tensors of a PyTorch `.pth` state_dict as numpy arrays, without torch."""
+  """The tensors of a PyTorch `.pth` state_dict as numpy arrays, without torch. The file
+  is untrusted: the pickle goes through `safe_pickle`, and every tensor's offset, shape
+  and strides are checked against its storage before its elements are copied."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise UserError(f"{path} does not exist; give the DeepCAD-RT .pth file.")
@@ -123,23 +204,27 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise UserError(f"{path} holds no data.pkl; it is not a PyTorch checkpoint.")
       prefix = pickles[0][:-len("data.pkl")]
       byteorder = f"{prefix}byteorder"
-      if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
+      if byteorder in zf.namelist() and _read_entry(zf, byteorder).strip() != b"little":
         raise UserError(f"{path} was saved on a big-endian machine; re-save it on a "
                         "little-endian one.")
-      data = io.BytesIO(zf.read(pickles[0]))
-      state = _RestrictedUnpickler(data, zf, prefix, path).load()
-  except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError) as e:
-    if isinstance(e, UserError):
-      raise
-    raise UserError(f"{path} is damaged or truncated ({e}); copy the .pth again.") from None
+      state = safe_pickle.loads(_read_entry(zf, pickles[0]), path, _ALLOWED,
+                                what="a state_dict", fix=_FIX,
+                                persistent_load=_Storages(zf, prefix))
+  except safe_pickle.Refused as e:
+    raise safe_pickle.user_error(path, str(e), _FIX) from None
+  except UserError:
+    raise
+  except Exception as e:  # zipfile on untrusted bytes: any error is damage
+    raise safe_pickle.user_error(path, f"is damaged or truncated ({safe_pickle.why(e)})",
+                                 _FIX) from None
   if isinstance(state, dict) and "state_dict" in state and isinstance(
       state["state_dict"], dict):
     state = state["state_dict"]
   if not isinstance(state, dict) or not all(
-      isinstance(v, np.ndarray) for v in state.values()):
+      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
     raise UserError(f"{path} does not hold a state_dict of tensors; save "
                     "model.state_dict().")
-  return {k: v for k, v in state.items()}
+  return dict(state)
 
 
 # ------------------------------------------------------------------ key mapping

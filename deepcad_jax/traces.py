@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import json
 import logging
 import os
-import pickle
 from typing import Sequence
 
 import numpy as np
 import tifffile
 
+from deepcad_jax import safe_pickle
 from deepcad_jax.data.movie import Movie, as_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.progress import Progress
@@ -117,48 +116,57 @@ def rois_from_json(spec, shape: tuple[int, int], where: str = "") -> list[Roi]:
   return rois
 
 
-def _numpy_global(module: str, name: str):
-  for real in ("numpy._core.multiarray", "numpy.core.multiarray"):
-    try:
-      return getattr(importlib.import_module(real), name)
-    except (ImportError, AttributeError):
-      continue
-  raise UserError(f"cannot resolve {module}.{name}.")
+_STAT = "suite2p's stat.npy (an array of dicts)"
+_STAT_FIX = "give the stat.npy that suite2p wrote"
+_OPS = "suite2p's ops.npy (a pickled dict)"
+_OPS_FIX = "give the ops.npy that suite2p wrote for one plane"
 
 
-class _StatUnpickler(pickle.Unpickler):
-  """Only what an object array of dicts of numpy arrays needs: stat.npy is untrusted."""
-
-  NUMPY = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-  def find_class(self, module: str, name: str):
-    if (module, name) in self.NUMPY:
-      return self.NUMPY[(module, name)]
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and \
-        name in ("_reconstruct", "scalar"):
-      return _numpy_global(module, name)
-    raise UserError(f"stat.npy asks to load {module}.{name}, which suite2p's ROI list does "
-                    "not need; refusing it (pickle can run code).")
+def _stat_field(path: str, i: int, entry: dict, key: str, kinds: str,
+                size: int | None) -> int:
+  """Checks that stat[i][key] is a 1-D array (or list) of the given dtype kinds and size;
+  returns its size."""
+  try:
+    value = np.asarray(entry[key])
+  except (TypeError, ValueError, OverflowError):
+    value = None
+  if value is None or value.ndim != 1 or value.dtype.kind not in kinds or (
+      size is not None and value.size != size) or (
+      value.dtype.kind == "f" and not np.isfinite(value).all()):
+    raise UserError(f"{path}: ROI {i} has a malformed {key!r} (suite2p writes one "
+                    f"number per pixel); {_STAT_FIX}.")
+  return int(value.size)
 
 
 def read_suite2p_stat(path: str) -> list[dict]:
-  """suite2p's stat.npy (an object array of dicts), read without running arbitrary
-  pickle code."""
-  with open(path, "rb") as f:
-    version = np.lib.format.read_magic(f)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read_header is None:
-      raise UserError(f"{path}: unsupported .npy version {version}.")
-    _, _, dtype = read_header(f)
-    if dtype != np.dtype(object):
-      raise UserError(f"{path} is not suite2p's stat.npy (an array of dicts); it holds "
-                      f"{dtype}.")
-    stat = _StatUnpickler(f).load()
-  stat = list(np.asarray(stat, dtype=object).ravel())
+  """suite2p's stat.npy (an object array of dicts), read without running pickle code
+  (`safe_pickle`: numpy arrays and scalars only, rebuilt by copying); each ROI's pixel
+  lists are checked."""
+  stat = list(safe_pickle.load_npy(path, safe_pickle.NUMPY, what=_STAT,
+                                   fix=_STAT_FIX).ravel())
   if not all(isinstance(s, dict) and "ypix" in s and "xpix" in s for s in stat):
-    raise UserError(f"{path} is not suite2p's stat.npy: entries need 'ypix' and 'xpix'.")
+    raise UserError(f"{path} is not suite2p's stat.npy: entries need 'ypix' and 'xpix'; "
+                    f"{_STAT_FIX}.")
+  for i, s in enumerate(stat):
+    n = _stat_field(path, i, s, "ypix", "iuf", None)
+    _stat_field(path, i, s, "xpix", "iuf", n)
+    if "lam" in s:
+      _stat_field(path, i, s, "lam", "iuf", n)
+    if "overlap" in s:
+      _stat_field(path, i, s, "overlap", "biu", n)
   return stat
+
+
+def load_ops(path: str) -> dict:
+  """suite2p's ops.npy (one plane's dict of settings and results: numbers, strings,
+  lists, dicts, numpy arrays, the processing date), read without running pickle code."""
+  root = safe_pickle.load_npy(path, {**safe_pickle.NUMPY, **safe_pickle.DATETIME},
+                              what=_OPS, fix=_OPS_FIX)
+  ops = root.item() if root.size == 1 else None
+  if not isinstance(ops, dict) or not all(isinstance(k, str) for k in ops):
+    raise UserError(f"{path} is not {_OPS}: it holds {root.size} item(s) that are not "
+                    f"one dict with string keys; {_OPS_FIX}.")
+  return ops
 
 
 def rois_from_suite2p(stat: list[dict], shape: tuple[int, int], where: str = "") -> list[Roi]:
