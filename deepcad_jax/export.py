@@ -17,6 +17,7 @@ Every file appears under its final name only once complete and checked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import struct
@@ -150,17 +151,21 @@ def network(model: Model, fmt: str, member: int | None = None) -> Network:
                  scale=float(model.config.data.scale), model=model, member=member)
 
 
-def forward(net: Network, x: np.ndarray) -> np.ndarray:
-  """The JAX network on an (N, 1, T, Y, X) float32 array, as DeepCAD-RT lays it out."""
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(features: int):
   import jax
-  import jax.numpy as jnp
 
   from deepcad_jax.model import UNet3D
+  return jax.jit(lambda p, a: UNet3D(features).apply({"params": p}, a[:, 0, ..., None]))
+
+
+def forward(net: Network, x: np.ndarray) -> np.ndarray:
+  """The JAX network on an (N, 1, T, Y, X) float32 array, as DeepCAD-RT lays it out."""
   if not net.uniform:
     raise UserError("the JAX network has uniform widths only; this model cannot be "
                     "run for a parity check.")
-  fn = jax.jit(lambda p, a: UNet3D(net.features).apply({"params": p}, a[:, 0, ..., None]))
-  return np.asarray(fn(net.params, jnp.asarray(x, jnp.float32)))[:, None, ..., 0]
+  out = _jitted_apply(net.features)(net.params, np.asarray(x, np.float32))
+  return np.asarray(out)[:, None, ..., 0]
 
 
 def relative_rms(got: np.ndarray, expected: np.ndarray) -> float:
