@@ -109,8 +109,8 @@ def _check_structure(params: dict, source: str) -> None:
     cin = out[(f"decoder_{level}", "conv2")]
   check("final", "", cin)
   if out[("final", "")] != 1:
-    raise UserError(f"{source} has {out[('final', '')]} output channels; DeepCAD-RT's "
-                    "network has one.")
+    raise UserError(f"{source} has {out[('final', '')]} output channels where "
+                    "DeepCAD-RT's network has one; export a denoising model.")
 
 
 def network(model: Model, fmt: str, member: int | None = None) -> Network:
@@ -123,8 +123,8 @@ def network(model: Model, fmt: str, member: int | None = None) -> Network:
   what, source, cfg = _WHAT[fmt], model.source, model.config.model
   if cfg.mean_prior:
     raise UserError(f"{source} was trained with the mean-image prior (a second input "
-                    f"channel), which {what} cannot express; export a model trained "
-                    "without --mean-prior.")
+                    f"channel), but {what} has DeepCAD-RT's single input channel; export "
+                    "a model trained without --mean-prior.")
   params = model.params
   if cfg.ensemble > 1:
     if member is None:
@@ -207,7 +207,7 @@ def torch_state_dict(params: dict) -> dict[str, np.ndarray]:
     value = np.asarray(_get(params, module, conv, name), np.float32)
     if name == "kernel":
       value = np.transpose(value, (4, 3, 0, 1, 2))
-    state[key] = np.ascontiguousarray(value)
+    state[key] = np.array(value, np.float32, order="C")  # an own, writable copy
   return state
 
 

@@ -202,7 +202,7 @@ def test_refusals_are_one_sentence(tmp_path):
   ens_params = _stack([_model(4, seed=s).params for s in (0, 1)])
   ensemble = dataclasses.replace(_model(4, **{"model.ensemble": 2}), params=ens_params)
   cases = [
-      (prior, {}, "mean-image prior.*cannot express"),
+      (prior, {}, "mean-image prior.*single input channel"),
       (ensemble, {}, "ensemble of 2 networks.*--member K \\(0 to 1\\)"),
       (ensemble, {"member": 2}, "--member 2 is out of range"),
       (_model(4), {"member": 0}, "single network; leave --member out"),
