@@ -286,6 +286,12 @@ def test_bioimageio_package_passes_bioimageio_core(tmp_path, capsys, trained_mod
                    "bioimageio", "--output", str(out), "--author", "A. Tester"]) == 0
   printed = capsys.readouterr().out
   assert "parity: onnxruntime vs JAX" in printed
+  assert os.listdir(out.parent) == ["deepcad.zip"]  # no temporary files left
+  before = out.stat().st_mtime_ns
+  assert cli.main(["deepcad-jax", "export", "--model", trained_model, "--format",
+                   "bioimageio", "--output", str(out)]) == 2
+  assert "already exists; add --overwrite" in capsys.readouterr().err
+  assert out.stat().st_mtime_ns == before
   names = set(zipfile.ZipFile(out).namelist())
   assert {"rdf.yaml", "deepcad_rt.onnx", "deepcad_rt.pth", "deepcad_rt_network.py",
           "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= names
