@@ -613,11 +613,6 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
     overwrite: replace an existing `output`.
   """
   refuse_to_overwrite([output], overwrite)
-  spec = _need("bioimageio.spec", "bioimage.io export")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  from bioimageio.spec.model import v0_5 as bm
-  from bioimageio.spec.model.v0_5 import AxisId, TensorId
-  model_onnx = onnx_model(net, opset)
   if mean is None:
     mean = net.model.mean
   if mean is None and sample is not None:
@@ -627,6 +622,11 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
     raise UserError(f"{net.model.source} does not record the mean intensity of its "
                     "training data (a converted DeepCAD-RT .pth); give it with --mean, "
                     "or give --sample with a typical recording.")
+  spec = _need("bioimageio.spec", "bioimage.io export")
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  from bioimageio.spec.model import v0_5 as bm
+  from bioimageio.spec.model.v0_5 import AxisId, TensorId
+  model_onnx = onnx_model(net, opset)
   mean, s, size = float(mean), net.scale, BIOIMAGEIO_MIN
   raw, what_input = _test_movie(sample, mean, size)
   x = raw[None, None]

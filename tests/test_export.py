@@ -212,12 +212,15 @@ def test_refusals_are_one_sentence(tmp_path):
       with pytest.raises(UserError, match=message) as e:
         export(model, out + (".zip" if fmt == "bioimageio" else ""), fmt, **kwargs)
       _one_sentence(str(e.value))
-  for kwargs, fmt, message in [({"opset": 9}, "onnx", "--opset 9 is not supported"),
-                               ({}, "bioimageio", "ending in .zip"),
-                               ({}, "tflite", "unknown export format")]:
-    if fmt != "onnx" or HAS_ONNX:
+  for kwargs, fmt, message, onnx_first in [
+      ({"opset": 9}, "onnx", "--opset 9 is not supported", True),
+      ({}, "bioimageio", "ending in .zip", False),
+      ({"output": out + ".zip"}, "bioimageio", "does not record the mean intensity.*--mean",
+       True),  # a converted .pth without --mean or --sample
+      ({}, "tflite", "unknown export format", False)]:
+    if HAS_ONNX or not onnx_first:
       with pytest.raises(UserError, match=message) as e:
-        export(_model(4), out, fmt, **kwargs)
+        export(_model(4), kwargs.pop("output", out), fmt, **kwargs)
       _one_sentence(str(e.value))
   assert not os.listdir(tmp_path)
 
