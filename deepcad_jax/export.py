@@ -520,16 +520,20 @@ def cover_image(raw: np.ndarray, denoised: np.ndarray, zoom: int = 2) -> bytes:
   return _png(np.repeat(np.repeat(image, zoom, 0), zoom, 1))
 
 
+def _sample_movie(sample: str, size: int):
+  from deepcad_jax.data.movie import as_movie
+  movie = as_movie(sample)
+  if min(movie.shape) < size:
+    raise UserError(f"{sample} is {movie.shape}; a bioimage.io test input needs at least "
+                    f"{size} frames of {size}x{size} pixels, so give a larger --sample.")
+  return movie
+
+
 def _test_movie(sample: str | None, mean: float, size: int) -> tuple[np.ndarray, str]:
   """A (size, size, size) block: the centre of `sample`, or a simulated calcium movie
   brought to the normalisation mean; with a sentence saying which."""
-  from deepcad_jax.data.movie import as_movie
   if sample is not None:
-    movie = as_movie(sample)
-    if min(movie.shape) < size:
-      raise UserError(f"{sample} is {movie.shape}; a bioimage.io test input needs at "
-                      f"least {size} frames of {size}x{size} pixels, so give a larger "
-                      "--sample.")
+    movie = _sample_movie(sample, size)
     t0, y0, x0 = ((n - size) // 2 for n in movie.shape)
     block = movie.read(t0, t0 + size)[:, y0:y0 + size, x0:x0 + size]
     return block.astype(np.float32), f"the centre of {os.path.basename(sample)}"
@@ -546,8 +550,8 @@ def _package_readme(net: Network, mean: float, what_input: str, parity: float | 
                     weights: Sequence[str]) -> str:
   f, s = net.features, net.scale
   member = f" (member {net.member} of an ensemble)" if net.member is not None else ""
-  measured = (f"ONNX Runtime reproduced the JAX network's test output with a relative RMS "
-              f"difference of {parity:.1e}." if parity is not None else "")
+  measured = (f"ONNX Runtime reproduced that output with a relative RMS difference of "
+              f"{parity:.1e}." if parity is not None else "")
   return f"""# DeepCAD-RT denoiser (f={f}), exported by deepcad-jax
 
 A DeepCAD-RT 3D U-Net{member} for self-supervised denoising of fluorescence
@@ -576,10 +580,13 @@ differs much from {mean:g} are best denoised there.
 ## Validation
 
 The package's test input is {what_input}; the test output is what the JAX network
-(deepcad-jax) computes from it. {measured} The model was trained
-self-supervised on noisy recordings, without ground truth: check its results on a
-movie of the kind it was trained on, for example against a simulated movie with known
-ground truth (`deepcad-jax simulate` and `deepcad-jax evaluate`), before relying on it.
+(deepcad-jax) computes from it.
+{measured}
+
+The model was trained self-supervised on noisy recordings, without ground truth: check
+its results on a movie of the kind it was trained on, for example against a simulated
+movie with known ground truth (`deepcad-jax simulate` and `deepcad-jax evaluate`),
+before relying on it.
 
 ## Citation
 
@@ -615,9 +622,9 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
   refuse_to_overwrite([output], overwrite)
   if mean is None:
     mean = net.model.mean
-  if mean is None and sample is not None:
-    from deepcad_jax.data.movie import as_movie
-    mean = as_movie(sample).mean()
+  if sample is not None:
+    movie = _sample_movie(sample, BIOIMAGEIO_MIN)
+    mean = movie.mean() if mean is None else mean
   if mean is None:
     raise UserError(f"{net.model.source} does not record the mean intensity of its "
                     "training data (a converted DeepCAD-RT .pth); give it with --mean, "

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import noisy_movie, write_tiff
 from deepcad_jax import UserError, cli, config as config_lib, load_model
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.convert import pth_config, read_para, read_state_dict, to_flax_params
@@ -196,6 +197,7 @@ def _pruned(model):
 
 def test_refusals_are_one_sentence(tmp_path):
   out = str(tmp_path / "x.pth")
+  small = write_tiff(tmp_path / "small.tif", noisy_movie((40, 24, 24))[0])
   prior = dataclasses.replace(
       _model(4, **{"model.mean_prior": True}),
       params=_params(4, 0, in_channels=2))
@@ -217,12 +219,14 @@ def test_refusals_are_one_sentence(tmp_path):
       ({}, "bioimageio", "ending in .zip", False),
       ({"output": out + ".zip"}, "bioimageio", "does not record the mean intensity.*--mean",
        True),  # a converted .pth without --mean or --sample
+      ({"output": out + ".zip", "sample": small}, "bioimageio",
+       r"is \(40, 24, 24\); a bioimage.io test input needs at least 120 frames", True),
       ({}, "tflite", "unknown export format", False)]:
     if HAS_ONNX or not onnx_first:
       with pytest.raises(UserError, match=message) as e:
         export(_model(4), kwargs.pop("output", out), fmt, **kwargs)
       _one_sentence(str(e.value))
-  assert not os.listdir(tmp_path)
+  assert os.listdir(tmp_path) == ["small.tif"]
 
 
 def test_ensemble_member_is_exported(tmp_path):
