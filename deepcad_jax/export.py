@@ -539,8 +539,9 @@ def _test_movie(sample: str | None, mean: float, size: int) -> tuple[np.ndarray,
     return block.astype(np.float32), f"the centre of {os.path.basename(sample)}"
   from deepcad_jax.simulate import simulate
   noisy, _, _ = simulate(shape=(size, size, size), seed=0)
-  if mean > 0:  # whole counts at the model's intensity (they also compress better)
-    noisy = np.round(noisy * np.float32(mean / max(float(noisy.mean()), 1e-12)))
+  if mean > 0:  # at the model's intensity; whole counts where that is bright enough
+    noisy = noisy * np.float32(mean / max(float(noisy.mean()), 1e-12))
+    noisy = np.round(noisy) if mean >= 10 else noisy  # (whole counts compress better)
   else:
     noisy = noisy - np.float32(noisy.mean() - mean)
   return noisy.astype(np.float32), "a simulated calcium-imaging movie (deepcad-jax simulate)"
