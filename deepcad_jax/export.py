@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import io
 import os
 import struct
 import tempfile
 import zipfile
+import zlib
+from importlib import metadata
 from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
+import tifffile
 
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.convert import key_map
@@ -311,7 +315,6 @@ def export_pth(net: Network, output: str, overwrite: bool = False) -> ExportRepo
 
 
 def _need(module: str, what: str):
-  import importlib
   try:
     return importlib.import_module(module)
   except ImportError:
@@ -497,7 +500,6 @@ _CITATIONS = (
 
 def _png(image: np.ndarray) -> bytes:
   """An 8-bit grayscale PNG of a 2-D uint8 array."""
-  import zlib
   h, w = image.shape
   rows = b"".join(b"\x00" + np.ascontiguousarray(image[y], np.uint8).tobytes()
                   for y in range(h))
@@ -529,14 +531,14 @@ def _sample_movie(sample: str, size: int):
   return movie
 
 
-def _test_movie(sample: str | None, mean: float, size: int) -> tuple[np.ndarray, str]:
-  """A (size, size, size) block: the centre of `sample`, or a simulated calcium movie
-  brought to the normalisation mean; with a sentence saying which."""
-  if sample is not None:
-    movie = _sample_movie(sample, size)
+def _test_movie(movie, mean: float, size: int) -> tuple[np.ndarray, str]:
+  """A (size, size, size) block: the centre of `movie` (a sample Movie), or without one
+  a simulated calcium movie brought to the normalisation mean; with a sentence saying
+  which."""
+  if movie is not None:
     t0, y0, x0 = ((n - size) // 2 for n in movie.shape)
     block = movie.read(t0, t0 + size)[:, y0:y0 + size, x0:x0 + size]
-    return block.astype(np.float32), f"the centre of {os.path.basename(sample)}"
+    return block.astype(np.float32), f"the centre of {os.path.basename(movie.name)}"
   from deepcad_jax.simulate import simulate
   noisy, _, _ = simulate(shape=(size, size, size), seed=0)
   if mean > 0:  # at the model's intensity; whole counts where that is bright enough
@@ -623,9 +625,9 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
   refuse_to_overwrite([output], overwrite)
   if mean is None:
     mean = net.model.mean
-  if sample is not None:
-    movie = _sample_movie(sample, BIOIMAGEIO_MIN)
-    mean = movie.mean() if mean is None else mean
+  movie = None if sample is None else _sample_movie(sample, BIOIMAGEIO_MIN)
+  if mean is None and movie is not None:
+    mean = movie.mean()
   if mean is None:
     raise UserError(f"{net.model.source} does not record the mean intensity of its "
                     "training data (a converted DeepCAD-RT .pth); give it with --mean, "
@@ -636,7 +638,7 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
   from bioimageio.spec.model.v0_5 import AxisId, TensorId
   model_onnx = onnx_model(net, opset)
   mean, s, size = float(mean), net.scale, BIOIMAGEIO_MIN
-  raw, what_input = _test_movie(sample, mean, size)
+  raw, what_input = _test_movie(movie, mean, size)
   x = raw[None, None]
   gain, offset = np.float32(1 / s), np.float32(-mean / s)
   normalised = x * gain + offset
@@ -665,7 +667,6 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
       return path(name, buffer.getvalue())
 
     def tiff(name: str, frames: np.ndarray) -> str:
-      import tifffile
       full = os.path.join(tmp, name)
       tifffile.imwrite(full, frames, photometric="minisblack", compression="zlib",
                        metadata={"axes": "TYX"})
@@ -773,7 +774,6 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
 def _torch_version() -> str:
   """The installed PyTorch's version (for the package's metadata), else 1.6 (the
   oldest that reads the zip format the state dict is written in)."""
-  from importlib import metadata
   try:
     return metadata.version("torch").split("+")[0]
   except metadata.PackageNotFoundError:
