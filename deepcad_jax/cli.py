@@ -249,6 +249,75 @@ def _run_convert(fv):
   return 0
 
 
+# ---------------------------------------------------------------- export
+
+
+def _define_export(fv):
+  flags.DEFINE_string("model", None, "Model: a training run directory, a converted model "
+                      "or a DeepCAD-RT .pth.", flag_values=fv)
+  flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one beside "
+                      "it).", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the last).",
+                       flag_values=fv)
+  flags.DEFINE_enum("format", None, ["pth", "onnx", "bioimageio"], "pth: DeepCAD-RT's "
+                    "state_dict (+ para.yaml beside it); onnx: the network as an ONNX "
+                    "graph; bioimageio: a BioImage Model Zoo package (.zip).",
+                    flag_values=fv)
+  flags.DEFINE_string("output", None, "File to write.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace existing files.", flag_values=fv)
+  flags.DEFINE_integer("member", None, "The ensemble member to export (an ensemble "
+                       "needs one: the formats hold a single network).", flag_values=fv)
+  flags.DEFINE_integer("opset", 11, "ONNX opset (onnx, bioimageio); 11 is what "
+                       "DeepCAD-RT writes and its TensorRT GUI reads.", flag_values=fv)
+  flags.DEFINE_string("patch", None, "onnx: fix the input to (1, 1, T, Y, X), as "
+                      "DeepCAD-RT exports for its GUI (default: dynamic N, T, Y, X).",
+                      flag_values=fv)
+  flags.DEFINE_boolean("verify", True, "onnx: compare ONNX Runtime with JAX before "
+                       "writing (--noverify skips it).", flag_values=fv)
+  flags.DEFINE_float("mean", None, "bioimageio: intensity subtracted before the network "
+                     "(default: the training data's mean).", flag_values=fv)
+  flags.DEFINE_string("sample", None, "bioimageio: a TIFF movie (at least 120^3) whose "
+                      "centre becomes the test input and cover (default: simulated).",
+                      flag_values=fv)
+  flags.DEFINE_string("name", None, "bioimageio: the model's name.", flag_values=fv)
+  flags.DEFINE_string("author", None, "bioimageio: author name(s), separated by ';'.",
+                      flag_values=fv)
+  flags.DEFINE_string("license", "CC-BY-4.0", "bioimageio: SPDX license id of the "
+                      "weights.", flag_values=fv)
+
+
+_EXPORT_ONLY = {"patch": ("onnx",), "verify": ("onnx",), "opset": ("onnx", "bioimageio"),
+                "mean": ("bioimageio",), "sample": ("bioimageio",),
+                "name": ("bioimageio",), "author": ("bioimageio",),
+                "license": ("bioimageio",)}
+
+
+def _run_export(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.export import export
+  _require(fv, "model", "format", "output")
+  fmt = _v(fv, "format")
+  for name, formats in _EXPORT_ONLY.items():
+    if fv[name].present and fmt not in formats:
+      raise UserError(f"--{name} applies to --format {' or '.join(formats)}, not {fmt}; "
+                      "leave it out.")
+  model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
+  authors = [a.strip() for a in (_v(fv, "author") or "").split(";") if a.strip()]
+  report = export(model, _v(fv, "output"), fmt, member=_v(fv, "member"),
+                  opset=_v(fv, "opset"), patch=_triple(_v(fv, "patch")),
+                  verify=_v(fv, "verify"), mean=_v(fv, "mean"), sample=_v(fv, "sample"),
+                  name=_v(fv, "name"), authors=authors, license=_v(fv, "license"),
+                  overwrite=_v(fv, "overwrite"))
+  extra = "".join(f" and {p}" for p in report.files[1:])
+  print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {fmt}, f={report.features})"
+        f"{extra}")
+  for what, value in report.parity.items():
+    print(f"  parity: {what}: {value:.1e}")
+  for note in report.notes:
+    print(f"  {note}")
+  return 0
+
+
 # ---------------------------------------------------------------- simulate
 
 
@@ -634,6 +703,9 @@ COMMANDS = {c.name: c for c in [
     Command("convert", "import a DeepCAD-RT PyTorch model (.pth) as a model directory",
             _define_convert, _run_convert,
             "deepcad-jax convert --pth E_10_Iter_6000.pth --output models/rt"),
+    Command("export", "write a model for DeepCAD-RT (.pth), ONNX Runtime/TensorRT (.onnx) "
+            "or the BioImage Model Zoo (.zip)", _define_export, _run_export,
+            "deepcad-jax export --model runs/rt --format onnx --output rt.onnx"),
     Command("stream", "denoise a live frame stream (replayed TIFF or watched folder)",
             _define_stream, _run_stream,
             "deepcad-jax stream --model runs/rt --source movie.tif --output live.tif "

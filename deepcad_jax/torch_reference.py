@@ -1,12 +1,12 @@
 """A PyTorch twin of the network, with DeepCAD-RT's architecture and state_dict keys.
 
-Used by the parity tests and by the benchmark's side-by-side timing; it needs torch,
-which deepcad-jax itself never does. Keys: Generator.encoders.{i}.basic_module.
-SingleConv{1,2}.conv.{weight,bias}, Generator.decoders.{i}..., Generator.final_conv.
-{weight,bias}; tensors (N, C, T, H, W).
+Used by the parity tests and by the benchmark's side-by-side timing, and shipped as the
+architecture file of exported bioimage.io packages (so it imports nothing but torch at
+module level); it needs torch, which deepcad-jax itself never does. Keys:
+Generator.encoders.{i}.basic_module.SingleConv{1,2}.conv.{weight,bias},
+Generator.decoders.{i}..., Generator.final_conv.{weight,bias}; tensors (N, C, T, H, W).
 """
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -82,13 +82,8 @@ class Network_3D_Unet(nn.Module):
 def from_flax_params(params, features: int) -> Network_3D_Unet:
   """A PyTorch twin loaded with the same weights as Flax `params` (the inverse of
   `deepcad_jax.convert.to_flax_params`)."""
-  from deepcad_jax.convert import key_map
-  state = {}
-  for key, (module, conv, name) in key_map().items():
-    value = np.asarray(params[module][conv][name] if conv else params[module][name])
-    if name == "kernel":
-      value = np.transpose(value, (4, 3, 0, 1, 2))
-    state[key] = torch.from_numpy(np.array(value, np.float32))
+  from deepcad_jax.export import torch_state_dict
+  state = {k: torch.from_numpy(v) for k, v in torch_state_dict(params).items()}
   net = Network_3D_Unet(features)
   net.load_state_dict(state)
   return net
