@@ -601,7 +601,9 @@ def _run_stream(fv):
   print(f"sustained: {r.frames_per_s:.1f} frames/s = {r.voxels_per_s:.3g} voxels/s "
         f"over {r.seconds:.1f} s" + (f" (source rate {rate:g} Hz)" if rate else ""))
   print(f"latency (arrival to denoised output): median {r.latency_median_s:.3f} s, "
-        f"99th percentile {r.latency_p99_s:.3f} s")
+        f"99th percentile {r.latency_p99_s:.3f} s; after the first {r.startup_frames} "
+        f"frames (which wait for the first tile): median {r.steady_latency_median_s:.3f} "
+        f"s, 99th percentile {r.steady_latency_p99_s:.3f} s")
   kept = ("n/a (replayed as fast as possible; the sustained rate is the most it keeps up "
           "with)" if not rate else ("yes" if r.kept_up else "no"))
   lo, hi = stream.latency_frames()

@@ -381,25 +381,30 @@ class Engine:
     keep = (plan.final_after(a - 1), min(plan.final_after(b - 1), plan.shape[0]))
     windows = engine.windows(plan, plan.warmup(a), b, keep)
     layout = engine.layout(plan, windows, out_dtype, channels)
-    rep = parallel.replicated(engine.mesh)
+    return engine, engine.compile_for(layout, plan, windows[0], movie_dtype, prior)
+
+  def compile_for(self, layout: StepLayout, plan: TilePlan, w: Window, movie_dtype: Any,
+                  prior: bool = False) -> Any:
+    """The step for `layout` compiled from the shapes of window `w` alone (no data)."""
+    rep = parallel.replicated(self.mesh)
 
     def abstract(x):
       x = np.asarray(x)
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
 
     carry = None
-    if plan.blend:
+    if layout.blend:
       carry = jax.ShapeDtypeStruct((layout.window,) + layout.padded_frame + (
-          (channels,) if channels else ()), np.float32, sharding=rep)
+          (layout.channels,) if layout.channels else ()), np.float32, sharding=rep)
     window = jax.ShapeDtypeStruct((layout.window,) + tuple(plan.shape[1:]),
                                   np.dtype(movie_dtype), sharding=rep)
-    arrays, _ = engine.window_arrays(layout, windows[0], plan.tiles_per_slab, 0.0,
-                                     plan.t_norm() if plan.blend else None)
-    consts = engine.consts(plan, np.zeros(plan.shape[1:], np.float32) if prior else None,
-                           0.0, put=False)
+    arrays, _ = self.window_arrays(layout, w, plan.tiles_per_slab, 0.0,
+                                   plan.t_norm() if layout.blend else None)
+    consts = self.consts(plan, np.zeros(plan.shape[1:], np.float32) if prior else None,
+                         0.0, put=False)
     args = (carry, window, jax.tree_util.tree_map(abstract, arrays),
             jax.tree_util.tree_map(abstract, consts))
-    return engine, engine.compile(layout, args)
+    return self.compile(layout, args)
 
   def run(self, movie: Movie, plan: TilePlan, *, mean: float, prior: np.ndarray | None = None,
           out_dtype: Any = np.float32, channels: int = 0,

@@ -130,6 +130,7 @@ class StreamDenoiser:
     self.frame_shape: tuple[int, int] | None = None
     self.batches = 0
     self._plans: dict[int, TilePlan] = {}
+    self._consts: dict[tuple, Any] = {}
 
   @property
   def exact(self) -> bool:
@@ -147,8 +148,14 @@ class StreamDenoiser:
     return self.time.tile - self.time.core
 
   def latency_frames(self) -> tuple[int, int]:
-    """(fewest, most) frames a frame waits for before its tile can run."""
+    """(fewest, most) frames a frame waits for before its tile can run, once the
+    stream is past its first `startup_frames` (those wait for the whole first tile)."""
     return self.lookahead, self.time.core + self.lookahead
+
+  @property
+  def startup_frames(self) -> int:
+    """Frames the first tile completes: they wait until it is full (up to its length)."""
+    return self.time.regular(0).keep_hi
 
   def describe(self) -> str:
     if self.tiling == "overlap":
@@ -230,26 +237,45 @@ class StreamDenoiser:
       self._plans[tile_t] = plan
     return self._plans[tile_t]
 
-  def _process(self, tile, padded: int | None) -> None:
-    """Denoise the temporal tile `tile` (stream coordinates); `padded`: the stream's
-    padded length, for the last tile."""
+  def prepare(self, frame_shape: tuple[int, int], dtype: Any = np.float32) -> None:
+    """Compile the step for regular tiles of (Y, X) = `frame_shape` frames of `dtype`
+    now, before frames arrive; otherwise the first tile waits for the compilation
+    (`run_pipeline` calls this when the source knows its frame shape)."""
+    if self.frame_shape is None:
+      self.frame_shape = tuple(int(n) for n in frame_shape)
+    tile = self.time.regular(0)
+    engine, layout, plan, w = self._call(tile, None, keep=(0, tile.keep_hi))
+    engine.compile_for(layout, plan, w, dtype, self.uses_prior)
+
+  def _call(self, tile, padded: int | None, keep: tuple[int, int]):
+    """(engine, layout, frame plan, window) of one call for temporal tile `tile`."""
     length = self.B if padded is None or padded >= self.B else padded
     plan = self.frame_plan(length)
     engine = self.den.engine.for_tiles(plan.tiles_per_slab)
-    hi = self.received if padded is not None else tile.start + length
-    keep = (self.emitted, min(tile.keep_hi, self.received))
     weights = np.zeros(length, np.float32)
     weights[max(0, keep[0] - tile.start):keep[1] - tile.start] = 1
     w = Window(tile.start, [(0, weights, None)], keep, keep)
-    movie = _Buffered(self, hi)
-    window = engine.read_window(movie, padded or hi, tile.start, length)
     # Frames per call: a regular tile completes at most halo + core, the end-aligned
     # last one at most its length - halo, or all of it when it is the only one.
     emit = length if tile.start == 0 and padded is not None else max(
         length - self.time.halo, self.time.core + self.time.halo)
     layout = engine.layout(plan, [w], np.float32, self.den.channels, emit=emit)
+    return engine, layout, plan, w
+
+  def _process(self, tile, padded: int | None) -> None:
+    """Denoise the temporal tile `tile` (stream coordinates); `padded`: the stream's
+    padded length, for the last tile."""
+    keep = (self.emitted, min(tile.keep_hi, self.received))
+    engine, layout, plan, w = self._call(tile, padded, keep)
+    hi = self.received if padded is not None else tile.start + layout.window
+    window = engine.read_window(_Buffered(self, hi), padded or hi, tile.start,
+                                layout.window)
     mean = self._mean()
-    consts = engine.consts(plan, self._prior(), mean)
+    prior = self._prior()
+    key = (layout.window, id(engine))
+    if prior is not None or key not in self._consts:  # the same for every tile otherwise
+      self._consts[key] = engine.consts(plan, prior, mean)
+    consts = self._consts[key]
     frames = engine.fetch(engine.submit(layout, w, window, consts, mean,
                                         plan.tiles_per_slab), np.float32)
     self.batches += 1
@@ -316,6 +342,7 @@ class ReplaySource(FrameSource):
     self.rate = float(rate)
     self.name = path
     self.dtype = self.movie.dtype
+    self.frame_shape = self.movie.shape[1:]
 
   def frames(self, stop):
     t0 = time.perf_counter()
@@ -408,6 +435,9 @@ class StreamReport:
   frame_shape: tuple[int, int] = (0, 0)
   latency_median_s: float = float("nan")
   latency_p99_s: float = float("nan")
+  startup_frames: int = 0                       # frames completed by the first tile
+  steady_latency_median_s: float = float("nan")  # over the frames after those
+  steady_latency_p99_s: float = float("nan")
   kept_up: bool = False
   raw: str = ""
   denoised: str = ""
@@ -479,9 +509,14 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   errors: list[BaseException] = []
   report = StreamReport(rate_hz=rate, raw=raw_output, denoised=output)
   arrival: dict[int, float] = {}
+  if getattr(source, "frame_shape", None) and stream.received == 0:
+    log.info("compiling for %s frames before the stream starts",
+             "x".join(map(str, source.frame_shape)))
+    stream.prepare(source.frame_shape, getattr(source, "dtype", np.float32))
   raw_writer = _AppendWriter(raw_output, getattr(source, "dtype", np.float32))
   den_writer = _AppendWriter(output, output_dtype)
   latencies: list[float] = []
+  acquisition_s = [0.0]
   t_start = time.perf_counter()
 
   def put(q, item):
@@ -513,6 +548,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
       errors.append(e)  # the frames acquired so far are still denoised and written
     finally:
       report.frames_in = index
+      acquisition_s[0] = time.perf_counter() - t_start
       put(acquired, _END)
 
   def processing():
@@ -605,7 +641,14 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   if latencies:
     report.latency_median_s = float(np.median(latencies))
     report.latency_p99_s = float(np.percentile(latencies, 99))
-  achieved = report.frames_in / report.seconds if report.seconds else 0.0
+    report.startup_frames = stream.startup_frames
+    steady = latencies[stream.startup_frames:]
+    if steady:
+      report.steady_latency_median_s = float(np.median(steady))
+      report.steady_latency_p99_s = float(np.percentile(steady, 99))
+  # The source's own pace: back-pressure that slowed acquisition shows here (the time
+  # after the last frame arrived, the last tile and the writing, does not count).
+  achieved = max(0, report.frames_in - 1) / acquisition_s[0] if acquisition_s[0] else 0.0
   report.kept_up = (report.dropped == 0 and (rate <= 0 or achieved >= 0.98 * rate)
                     and report.frames_out == report.frames_in)
   if errors:
