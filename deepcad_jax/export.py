@@ -36,11 +36,14 @@ from deepcad_jax.convert import key_map
 from deepcad_jax.data.movie import refuse_to_overwrite
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS, MIN_SIZE
+from deepcad_jax.tiling import ceil_to, reach_by_residue
 
 FORMATS = ("pth", "onnx", "bioimageio")
 ONNX_OPSET = 11          # what DeepCAD-RT writes and its TensorRT GUI reads
 INPUT_NAME, OUTPUT_NAME = "input", "output"  # DeepCAD-RT's torch.onnx.export names
-HALO = 56                # receptive field +-51 voxels, rounded up to a multiple of 8
+# bioimage.io tools may cut tiles anywhere (not on the pooling grid), so the halo is the
+# network's whole reach (51 voxels), rounded up to a multiple of 8: 56.
+HALO = ceil_to(max(max(r) for r in reach_by_residue()))
 _WHAT = {"pth": "DeepCAD-RT's Network_3D_Unet (a .pth)", "onnx": "the ONNX export",
          "bioimageio": "a bioimage.io package"}
 _EXTRAS = "pip install 'deepcad-jax[export]'"
@@ -487,7 +490,8 @@ def export_onnx(net: Network, output: str, opset: int = ONNX_OPSET,
 
 # ------------------------------------------------------------------ bioimage.io
 
-BIOIMAGEIO_MIN = 120     # smallest input size per axis: a multiple of 8 above 2 x HALO
+BIOIMAGEIO_MIN = ceil_to(2 * HALO + 1)  # smallest input per axis: a multiple of 8 above
+                                        # 2 x HALO (120)
 _CITATIONS = (
     ("Li, X., Li, Y., Zhou, Y. et al. Real-time denoising enables high-sensitivity "
      "fluorescence time-lapse imaging beyond the shot-noise limit. Nat. Biotechnol. "
