@@ -172,6 +172,11 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None,
     return m.read(0, m.shape[0]).astype(np.float32)
 
   ref = load(reference)
+  for name, path in (("--denoised", denoised), ("--raw", raw), ("--std", std)):
+    if path and open_movie(path).shape != ref.shape:
+      raise UserError(f"{name} {path} {open_movie(path).shape} and --reference {reference} "
+                      f"{ref.shape} differ in shape; compare a movie with its own "
+                      "reference.")
   results = {}
   if raw:
     results["raw"] = evaluate(load(raw), ref)

@@ -28,7 +28,8 @@ def test_quick_workload_records_and_files(tmp_path, capsys, monkeypatch):
   assert names[:4] == ["quick-reference", "quick-reference", "quick-reference-device",
                        "quick-train-step"]
   assert [records[0]["tiling"], records[1]["tiling"]] == ["overlap", "exact"]
-  assert records[1]["recompute"] == 24 * 24 * 24 / (16 * 24 * 24)  # one padded tile
+  assert records[1]["recompute"] == 1.0 and records[1]["patches"] == 1  # one whole tile
+  assert records[0]["recompute"] == records[0]["network_voxels"] / (16 * 24 * 24) > 2
   assert names.count("quick-ladder-infer") == 1 and "quick-scaling-train" in names
   for r in records:
     assert REQUIRED <= set(r), REQUIRED - set(r)
@@ -77,3 +78,31 @@ def test_torch_ratio_lines():
                   framework="torch 2.13")]
   table = bench.markdown_table(records)
   assert "JAX / PyTorch time, train-step 16x32x32: 0.50 (0.08 s vs 0.16 s" in table
+
+
+def test_the_gpu_suite_runs_every_step_at_small_shapes(tmp_path):
+  """benchmarks/gpu_suite.sh --small: what a GPU machine runs, at CPU-sized shapes."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)  # one device, as on a GPU machine
+  done = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_suite.sh"),
+                         str(tmp_path), "--small"], capture_output=True, text=True,
+                        env=env, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  summary = (tmp_path / "summary.txt").read_text()
+  steps = [line.split()[0] for line in summary.splitlines()]
+  assert steps == ["tests", "reference_fp32", "reference_bf16", "reference_device_fp32",
+                   "reference_device_bf16", "train_step", "ladder", "overhead",
+                   "stream_512"], summary
+  assert summary.count("rc=0") == len(steps), summary
+  reference = json.loads((tmp_path / "reference_fp32.json").read_text())
+  assert [r["tiling"] for r in reference] == ["overlap", "exact"]
+  assert all(r["recompute"] >= 1 and r["voxels_per_s"] > 0 for r in reference)
+  overhead = json.loads((tmp_path / "overhead.json").read_text())
+  assert {r["network"] for r in overhead} == {"identity"}
+  stream = json.loads((tmp_path / "stream_512.json").read_text())[0]
+  assert stream["frames"] == 96 and stream["latency_p99_s"] > 0
+  assert json.loads((tmp_path / "device.json").read_text())["platform"] == "cpu"

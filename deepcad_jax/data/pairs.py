@@ -1,7 +1,7 @@
 """Training pairs and the grain pipeline that batches them.
 
 A pair is a window of 2*pt consecutive frames at (t0, y0, x0) of size (2*pt, py, px);
-the input is frames t0, t0+2, ... and the target t0+1, t0+3, ... (DESIGN.md). Pair `i` of
+the input is frames t0, t0+2, ... and the target t0+1, t0+3, ... . Pair `i` of
 an epoch comes from file `i % n_files` at a position drawn from `(seed, i)`, so every
 record is reproducible by index and the set is spread evenly over the files, as the
 reference spreads its patches. Grain shuffles the pairs (a new order each epoch), batches
