@@ -115,7 +115,12 @@ FAULTS: list[Fault] = [
     Fault("stream: missing source", "stream",
           lambda f: ["--model", f.model, "--source", str(f.root / "nope.tif"),
                      "--output", f.output(f.root / "live.tif")], r"nope\.tif does not exist"),
-    # -- rows added with their fixes go below ---------------------------------------
+    # -- outputs: writing, disks, metadata, precision ---------------------------------
+
+    # -- inputs: damaged files, odd TIFFs, honest numbers -----------------------------
+
+    # -- processes: locks, signals, kills, checkpoints --------------------------------
+
 ]
 
 
