@@ -617,6 +617,74 @@ def _run_stream(fv):
   return 0
 
 
+# ---------------------------------------------------------------- prune
+
+
+def _define_prune(fv):
+  flags.DEFINE_string("model", None, "The trained model to prune (a model directory or "
+                      ".pth).", flag_values=fv)
+  flags.DEFINE_float("keep", None, "Fraction of the parameters to keep, in (0, 1].",
+                     flag_values=fv)
+  flags.DEFINE_enum("criterion", "l1", ["l1", "taylor"], "Channel importance: l1 (kernel "
+                    "magnitude, no data) or taylor (activation x gradient of the training "
+                    "loss on pairs from --data).", flag_values=fv)
+  flags.DEFINE_string("data", None, "A movie for --criterion taylor.", flag_values=fv)
+  flags.DEFINE_integer("batches", 8, "Training pairs the Taylor criterion averages over.",
+                       flag_values=fv)
+  flags.DEFINE_string("output", None, "Model directory to write (fine-tune it with train "
+                      "--init-from).", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace a model already there.", flag_values=fv)
+
+
+def _run_prune(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.convert import save_model
+  from deepcad_jax.prune import prune
+  _require(fv, "model", "keep", "output")
+  model = load_model(_v(fv, "model"))
+  pruned, r = prune(model, _v(fv, "keep"), _v(fv, "criterion"), _v(fv, "data"),
+                    _v(fv, "batches"))
+  out = save_model(pruned, _v(fv, "output"), _v(fv, "overwrite"))
+  print(f"pruned {r.source} ({r.criterion}, keep {r.keep:g}): {r.parameters_before:,} -> "
+        f"{r.parameters_after:,} parameters ({r.parameters_after / r.parameters_before:.1%}),"
+        f" {r.flops_before:,.0f} -> {r.flops_after:,.0f} FLOPs per voxel")
+  print(f"widths (encoder 0..3, then decoder 2..0, two convs each): "
+        f"{list(r.widths_before)} -> {list(r.widths_after)}")
+  print(f"wrote {out}; fine-tune it: deepcad-jax train --init-from {out} --data ... "
+        "--workdir ...")
+  return 0
+
+
+# ---------------------------------------------------------------- score
+
+
+def _define_score(fv):
+  flags.DEFINE_string("model", None, "Model directory or .pth.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the last).",
+                       flag_values=fv)
+  flags.DEFINE_string("movie", None, "A movie (TIFF).", flag_values=fv)
+  flags.DEFINE_string("frames", None, "Frames a:b to score (frames training never saw; "
+                      "e.g. -100: for the last 100; default all).", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                    flag_values=fv)
+
+
+def _run_score(fv):
+  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.data.movie import open_movie
+  from deepcad_jax.infer import Denoiser
+  from deepcad_jax.score import parse_frames, score
+  _require(fv, "model", "movie")
+  movie = open_movie(_v(fv, "movie"))
+  frames = parse_frames(_v(fv, "frames"), movie.shape[0], movie.name)
+  den = Denoiser(load_model(_v(fv, "model"), _v(fv, "step")), dtype=_v(fv, "dtype"))
+  s = score(den, movie, frames)
+  print(f"held-out score of {den.model.source} on {movie.name} frames {frames[0]}:"
+        f"{frames[1]}: {s.score:.6g} (even -> odd {s.even_to_odd:.6g}, odd -> even "
+        f"{s.odd_to_even:.6g}); lower is closer to the truth, for this movie only")
+  return 0
+
+
 # ---------------------------------------------------------------- bench
 
 
@@ -715,6 +783,12 @@ COMMANDS = {c.name: c for c in [
     Command("bench", "measure throughput and memory (the paper's 490x490x300 protocol "
             "and more)", _define_bench, _run_bench,
             "deepcad-jax bench --workload quick"),
+    Command("prune", "remove whole channels from a trained network (structured pruning)",
+            _define_prune, _run_prune,
+            "deepcad-jax prune --model runs/rt --keep 0.25 --output runs/rt_pruned"),
+    Command("score", "held-out self-supervised score of a model on frames it never saw",
+            _define_score, _run_score,
+            "deepcad-jax score --model runs/rt --movie movie.tif --frames -300:"),
     Command("simulate", "write a synthetic calcium movie with its ground truth",
             _define_simulate, _run_simulate,
             "deepcad-jax simulate --output sim/ --shape 300,128,128 --snr -2"),

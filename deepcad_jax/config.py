@@ -29,6 +29,9 @@ class ModelConfig:
                                # their parameters on a leading axis
   ensemble_impl: str = "loop"  # how members run in one compiled step: "loop" (one after
                                # another) or "vmap" (batched; grouped convolutions)
+  widths: tuple[int, ...] | None = None  # output channels of each 3x3x3 conv (14, in
+                               # model.LAYERS order), e.g. after pruning; None: those of
+                               # `features` (f, 2f, 4f, 8f)
 
   @property
   def in_channels(self) -> int:
@@ -87,6 +90,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "infer": InferConfig, "parallel": ParallelConfig}
 DTYPES = ("float32", "bfloat16")
+CONV_LAYERS = 14  # 3x3x3 convolutions of the 4-level U-Net (model.LAYERS)
 ENSEMBLE_IMPLS = ("loop", "vmap")
 
 
@@ -105,6 +109,11 @@ def validate(cfg: Config) -> None:
     raise UserError(f"model.dtype must be one of {DTYPES}; got {cfg.model.dtype!r}.")
   if cfg.model.ensemble < 1:
     raise UserError(f"model.ensemble must be at least 1; got {cfg.model.ensemble}.")
+  if cfg.model.widths is not None and (
+      len(cfg.model.widths) != CONV_LAYERS or any(int(w) != w or w < 1
+                                                  for w in cfg.model.widths)):
+    raise UserError(f"model.widths must be {CONV_LAYERS} positive integers (one per 3x3x3 "
+                    f"convolution) or None; got {cfg.model.widths}.")
   if cfg.model.ensemble_impl not in ENSEMBLE_IMPLS:
     raise UserError(f"model.ensemble_impl must be one of {ENSEMBLE_IMPLS}; got "
                     f"{cfg.model.ensemble_impl!r}.")
@@ -142,8 +151,9 @@ def _section(cls, values: Mapping[str, Any], where: str):
     raise UserError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
                     f"valid keys: {', '.join(sorted(names))}.")
   values = dict(values)
-  if values.get("patch") is not None:
-    values["patch"] = tuple(int(v) for v in values["patch"])
+  for key in ("patch", "widths"):
+    if values.get(key) is not None:
+      values[key] = tuple(int(v) for v in values[key])
   return cls(**values)
 
 

@@ -372,6 +372,12 @@ def load_pth_model(pth: str, para: str | None = None):
 
 def convert(pth: str, output: str, para: str | None = None, overwrite: bool = False) -> str:
   """Write a deepcad-jax model directory from a DeepCAD-RT .pth; returns its path."""
+  return save_model(load_pth_model(pth, para), output, overwrite)
+
+
+def save_model(model, output: str, overwrite: bool = False) -> str:
+  """Write `model` (a `checkpoint.Model`) as a model directory (step 0, fresh optimizer
+  state) that `load_model`, `denoise` and `train --init-from` read; returns its path."""
   import orbax.checkpoint as ocp
 
   from deepcad_jax import checkpoint as ckpt
@@ -381,7 +387,6 @@ def convert(pth: str, output: str, para: str | None = None, overwrite: bool = Fa
       raise UserError(f"{output} already holds a model; add --overwrite or choose another "
                       "--output.")
     ckpt.clear(output)
-  model = load_pth_model(pth, para)
   state = create_state(model.config, model.params)
   os.makedirs(output, exist_ok=True)
   mgr = ckpt.manager(output, keep=1)

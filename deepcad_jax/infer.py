@@ -31,6 +31,7 @@ from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite, write_movie)
 from deepcad_jax.errors import UserError
+from deepcad_jax.model import uniform_widths
 from deepcad_jax.predict import (StepLayout, TileFn, compile_predict_step, frame_padding,
                                  reflect_index, symmetry_samples, tile_network)
 from deepcad_jax.progress import Progress
@@ -163,7 +164,7 @@ def compiled_bytes(compiled: Any) -> int | None:
              - m.alias_size_in_bytes)
 
 
-def bytes_per_voxel(features: int, dtype: str, channels_in: int = 1, samples: int = 1,
+def bytes_per_voxel(features: float, dtype: str, channels_in: int = 1, samples: int = 1,
                     channels_out: int = 0) -> float:
   """Estimated peak bytes per tile voxel of the network's forward pass (measured with
   XLA's memory analysis: about 17 f bytes natively, 49 f with the CPU's 2-D convolution
@@ -565,7 +566,7 @@ class Denoiser:
           self.model.features, self.dtype, scale=float(self.model.config.data.scale),
           members=members, ensemble_impl=self.model.config.model.ensemble_impl,
           symmetries=self.uncertainty, keep_samples=self.save_samples,
-          std_scale=std_scale)
+          std_scale=std_scale, widths=self.model.config.model.widths)
     self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size)
     self.batch_size = self.engine.batch_size
     if self.tiling == "overlap" or self.reference_stitching:
@@ -611,17 +612,20 @@ class Denoiser:
         self.model.params))
     n_data = parallel.device_count(self.mesh)
     per_device_tiles = max(1, self.batch_size // n_data) / self.spatial
-    cfg = self.model.config.model
-    bpv = bytes_per_voxel(self.model.features, self.dtype, cfg.in_channels,
-                          max(1, self.samples), self.channels)
+    bpv = self._bytes_per_voxel()
     return max(0.0, budget - 2 * params) / (bpv * per_device_tiles)
+
+  def _bytes_per_voxel(self) -> float:
+    cfg = self.model.config.model
+    widths = cfg.widths or uniform_widths(self.model.features, cfg.in_channels)
+    width = max(widths[0], widths[1], widths[-1], widths[-2])  # full resolution
+    return bytes_per_voxel(width, self.dtype, cfg.in_channels, max(1, self.samples),
+                           self.channels)
 
   def _window_cost(self, shape: Sequence[int]):
     """Voxel-equivalents of the buffers that scale with the window, not the tile: the
     raw and normalised window and the output window."""
-    cfg = self.model.config.model
-    bpv = bytes_per_voxel(self.model.features, self.dtype, cfg.in_channels,
-                          max(1, self.samples), self.channels)
+    bpv = self._bytes_per_voxel()
     padded = [-(-n // GRID) * GRID for n in shape]
     per_frame = padded[1] * padded[2] * (16 + 8 * max(1, self.channels))
 

@@ -21,6 +21,48 @@ from deepcad_jax.errors import UserError
 LADDER: tuple[int, ...] = (64, 48, 32, 24, 16, 12, 8)
 LEVELS = 4
 MIN_SIZE = 2 ** (LEVELS - 1)  # smallest T, Y or X that survives the poolings
+# The 3x3x3 convolutions in the order of a `widths` tuple: each encoder level then each
+# decoder level (deepest first), two convolutions each. The final 1x1x1 conv has one.
+LAYERS: tuple[tuple[str, str], ...] = tuple(
+    [(f"encoder_{level}", conv) for level in range(LEVELS) for conv in ("conv1", "conv2")] +
+    [(f"decoder_{level}", conv) for level in range(LEVELS - 2, -1, -1)
+     for conv in ("conv1", "conv2")])
+
+
+def uniform_widths(features: int, in_channels: int = 1) -> tuple[int, ...]:
+  """The output channels of every 3x3x3 conv (`LAYERS` order) of `UNet3D(features)`:
+  level l has f * 2**l; an encoder's first conv has max(half of that, its input)."""
+  widths, cin = [], in_channels
+  for level in range(LEVELS):
+    out = features * 2**level
+    widths += [max(out // 2, cin), out]
+    cin = out
+  for level in range(LEVELS - 2, -1, -1):
+    widths += [features * 2**level] * 2
+  return tuple(widths)
+
+
+def widths_of(params: Any) -> tuple[int, ...]:
+  """The output channels of every 3x3x3 conv of a parameter tree (`LAYERS` order); a
+  stacked ensemble's leading member axis is ignored."""
+  return tuple(int(np.shape(params[m][c]["kernel"])[-1]) for m, c in LAYERS)
+
+
+def flops_per_voxel(widths: Sequence[int], in_channels: int = 1) -> float:
+  """Multiply-adds x 2 per output voxel of the network with these conv widths (the
+  pooled levels count 1/8 per level); bias additions and ReLUs not counted."""
+  w = dict(zip(LAYERS, widths))
+  total, cin = 0.0, in_channels
+  for level in range(LEVELS):
+    mid, out = w[(f"encoder_{level}", "conv1")], w[(f"encoder_{level}", "conv2")]
+    total += 2 * 27 * (cin * mid + mid * out) / 8**level
+    cin = out
+  for level in range(LEVELS - 2, -1, -1):
+    skip = w[(f"encoder_{level}", "conv2")]
+    mid, out = w[(f"decoder_{level}", "conv1")], w[(f"decoder_{level}", "conv2")]
+    total += 2 * 27 * ((skip + cin) * mid + mid * out) / 8**level
+    cin = out
+  return total + 2 * cin
 
 
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -158,6 +200,8 @@ class DoubleConv(nn.Module):
 class UNet3D(nn.Module):
   """DeepCAD-RT network: `UNet3D(features=16)` has 1,020,337 parameters.
 
+  `widths` gives every 3x3x3 conv its own number of output channels (`LAYERS` order,
+  e.g. a pruned network); None means those of `features` (`uniform_widths`).
   `conv_impl` chooses how convolutions are computed ('auto', 'xla', '2d'; see `Conv3D`);
   the parameters and the result are the same either way.
   """
@@ -165,6 +209,7 @@ class UNet3D(nn.Module):
   features: int = 16
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  widths: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,30 +217,31 @@ class UNet3D(nn.Module):
       raise UserError(
           f"UNet3D needs at least {MIN_SIZE} voxels on T, Y and X (three 2x poolings); "
           f"got an input of shape {tuple(x.shape)}: pad it or use a larger patch.")
-    f = self.features
-    widths = [f * 2**i for i in range(LEVELS)]
+    widths = dict(zip(LAYERS, self.widths or uniform_widths(self.features, x.shape[-1])))
     x = x.astype(self.dtype)
     skips = []
-    in_ch = x.shape[-1]
-    for level, width in enumerate(widths):
+    for level in range(LEVELS):
       if level > 0:
         x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
-      x = DoubleConv(max(width // 2, in_ch), width, self.dtype, self.conv_impl,
-                     name=f"encoder_{level}")(x)
+      name = f"encoder_{level}"
+      x = DoubleConv(widths[(name, "conv1")], widths[(name, "conv2")], self.dtype,
+                     self.conv_impl, name=name)(x)
       skips.append(x)
-      in_ch = width
     for level in range(LEVELS - 2, -1, -1):
       skip = skips[level]
       x = upsample_nearest(x, skip.shape[1:4])
       x = jnp.concatenate([skip, x], axis=-1)
-      x = DoubleConv(widths[level], widths[level], self.dtype, self.conv_impl,
-                     name=f"decoder_{level}")(x)
+      name = f"decoder_{level}"
+      x = DoubleConv(widths[(name, "conv1")], widths[(name, "conv2")], self.dtype,
+                     self.conv_impl, name=name)(x)
     x = conv(1, 1, self.dtype, self.conv_impl, "final")(x)
     return x.astype(jnp.float32)
 
 
-def init_params(features: int, key: int | jax.Array, in_channels: int = 1) -> Any:
-  """Initial float32 parameters for `UNet3D(features)` (shape-independent).
+def init_params(features: int, key: int | jax.Array, in_channels: int = 1,
+                widths: Sequence[int] | None = None) -> Any:
+  """Initial float32 parameters for `UNet3D(features, widths=widths)`
+  (shape-independent).
 
   An integer seed uses JAX's 'rbg' generator: XLA:CPU compiles threefry samplers for
   these 30 tensors in ~9 s, rbg in ~2 s.
@@ -203,7 +249,8 @@ def init_params(features: int, key: int | jax.Array, in_channels: int = 1) -> An
   if isinstance(key, int):
     key = jax.random.key(key, impl="rbg")
   dummy = jnp.zeros((1, 8, 8, 8, in_channels), jnp.float32)
-  return jax.jit(UNet3D(features).init)(key, dummy)["params"]
+  net = UNet3D(features, widths=None if widths is None else tuple(widths))
+  return jax.jit(net.init)(key, dummy)["params"]
 
 
 def network_input(frames: jax.Array, prior: jax.Array | None = None) -> jax.Array:
@@ -238,10 +285,10 @@ def over_members(fn: Any, members: int, impl: str, *stacked: Any) -> jax.Array:
 
 
 def ensemble_params(features: int, seed: int, members: int = 1,
-                    in_channels: int = 1) -> Any:
+                    in_channels: int = 1, widths: Sequence[int] | None = None) -> Any:
   """Initial parameters of `members` networks from seeds seed, seed+1, ...: a single
   network's when members == 1, else stacked on a leading member axis."""
-  params = [init_params(features, seed + m, in_channels) for m in range(members)]
+  params = [init_params(features, seed + m, in_channels, widths) for m in range(members)]
   return params[0] if members == 1 else stack_members(params)
 
 

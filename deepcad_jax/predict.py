@@ -50,15 +50,18 @@ def symmetry_samples(predict: Callable[..., jax.Array], batch: jax.Array, sample
 
 def tile_network(features: int, dtype: Any = jnp.float32, *, scale: float = 1.0,
                  members: int = 1, ensemble_impl: str = "loop", symmetries: int = 0,
-                 keep_samples: bool = False, std_scale: float = 1.0) -> TileFn:
+                 keep_samples: bool = False, std_scale: float = 1.0,
+                 widths: Sequence[int] | None = None) -> TileFn:
   """The network applied to normalised tiles (mean subtracted, not yet scaled).
 
+  `features` and `widths` describe the network as `model.UNet3D` does.
   Inputs are divided by `scale` (DeepCAD-RT's scale_factor) and outputs multiplied back.
   An ensemble's `members` are averaged. With `symmetries` = K >= 1 each tile is
   predicted under K symmetries of the (y, x) plane with every member and the result has
   channels [mean, std * std_scale] (+ the K x M samples with `keep_samples`).
   """
-  net = UNet3D(features=features, dtype=jnp.dtype(dtype))
+  net = UNet3D(features=features, dtype=jnp.dtype(dtype),
+               widths=None if widths is None else tuple(widths))
 
   def predict(params, tiles, prior):  # -> (members, B, T, Y, X)
     def one(p):

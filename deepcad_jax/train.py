@@ -46,7 +46,8 @@ def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def make_model(cfg: config_lib.Config) -> UNet3D:
-  return UNet3D(features=cfg.model.features, dtype=jnp.dtype(cfg.model.dtype))
+  return UNet3D(features=cfg.model.features, dtype=jnp.dtype(cfg.model.dtype),
+                widths=cfg.model.widths)
 
 
 def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
@@ -59,7 +60,7 @@ def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
   updates each on its own."""
   if params is None:
     params = ensemble_params(cfg.model.features, cfg.train.seed, cfg.model.ensemble,
-                             cfg.model.in_channels)
+                             cfg.model.in_channels, cfg.model.widths)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return TrainState.create(apply_fn=make_model(cfg).apply, params=params,
                            tx=make_optimizer(cfg.train))
@@ -166,8 +167,9 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
   if old["features"] != cfg.model.features:
     raise UserError(f"{workdir} holds a model with features={old['features']}, but "
                     f"features={cfg.model.features} was asked for; {fix}.")
-  for field in ("mean_prior", "ensemble"):
+  for field in ("mean_prior", "ensemble", "widths"):
     before = old_cfg["model"].get(field, getattr(config_lib.ModelConfig(), field))
+    before = tuple(before) if isinstance(before, list) else before
     if before != getattr(cfg.model, field):
       raise UserError(f"{workdir} holds a model with model.{field}={before}, but "
                       f"{getattr(cfg.model, field)} was asked for; {fix}.")
@@ -208,6 +210,10 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
   cfg = config_lib.override(cfg, **{
       "model.features": start.features, "data.scale": start.config.data.scale,
       "model.mean_prior": cfg.model.mean_prior or start.config.model.mean_prior})
+  # The start's architecture, pruned widths included (a prior channel changes the first
+  # conv's input, not any output width).
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, widths=start.config.model.widths))
   return cfg, params
 
 

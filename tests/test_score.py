@@ -1,0 +1,53 @@
+import jax
+import numpy as np
+import pytest
+
+from conftest import write_tiff
+from deepcad_jax import Denoiser, UserError, cli, load_model
+from deepcad_jax.data.movie import ArrayMovie
+from deepcad_jax.score import holdout_range, parse_frames, score
+from deepcad_jax.simulate import simulate
+
+
+def test_the_score_is_the_error_against_the_truth_plus_the_noise(trained_model):
+  """E[(f(even) - odd)^2] = E[(f(even) - clean odd)^2] + E[noise^2]: the noise of the
+  odd frames is independent of the even frames the network saw."""
+  noisy, clean, _ = simulate(shape=(48, 32, 32), snr_db=-2.0, seed=7)
+  den = Denoiser(load_model(trained_model), devices=jax.devices()[:1])
+  s = score(den, noisy)
+  mean = float(noisy.mean())
+  mse, noise = [], []
+  for src, tgt in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2),
+                                                            slice(0, None, 2))):
+    out = np.concatenate([f.data for f in den.frames(ArrayMovie(noisy[src]), mean=mean)])
+    mse.append(np.mean((out - clean[tgt]) ** 2))
+    noise.append(np.mean((noisy[tgt] - clean[tgt]) ** 2))
+  # Up to the cross term, whose expectation is zero.
+  assert s.score - np.mean(noise) == pytest.approx(np.mean(mse), rel=0.2, abs=1e-3)
+  assert s.score > np.mean(noise)  # a lower score is a model closer to the truth
+
+
+def test_frame_ranges():
+  assert parse_frames(None, 100) == (0, 100)
+  assert parse_frames("-30:", 100) == (70, 100)
+  assert parse_frames("10:50", 100) == (10, 50)
+  with pytest.raises(UserError, match="--frames takes a range a:b"):
+    parse_frames("ten", 100)
+  with pytest.raises(UserError, match="selects 5 frames"):
+    parse_frames("0:5", 100)
+  assert holdout_range(200, 0.1) == (180, 200)
+  assert holdout_range(200, "0:40") == (0, 40)
+  assert holdout_range(200, 0) is None
+  with pytest.raises(UserError, match="needs at least 16"):
+    holdout_range(100, 0.1)
+
+
+def test_score_cli(capsys, tmp_path, trained_model):
+  noisy, _, _ = simulate(shape=(40, 24, 24), snr_db=0.0, seed=1)
+  path = write_tiff(tmp_path / "m.tif", noisy)
+  assert cli.main(["deepcad-jax", "score", "--model", trained_model, "--movie", path,
+                   "--frames", "-20:"]) == 0
+  assert "held-out score" in capsys.readouterr().out
+  assert cli.main(["deepcad-jax", "score", "--model", trained_model, "--movie", path,
+                   "--frames", "0:4"]) == 2
+  assert "needs at least 16" in capsys.readouterr().err
