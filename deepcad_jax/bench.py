@@ -271,9 +271,11 @@ def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, na
 
 
 def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=None,
-               spatial=1) -> dict:
-  """One sharded train step (augmentation, forward, backward, Adam)."""
-  cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype},
+               spatial=1, widths=None) -> dict:
+  """One sharded train step (augmentation, forward, backward, Adam); `widths`: a
+  network with its own width per layer (e.g. pruned)."""
+  cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype,
+                                        "widths": widths},
                               "data": {"patch": [max(8, p // 8 * 8) for p in patch]}})
   mesh = parallel.data_mesh(devices, spatial)
   parallel.check_spatial(patch[1], spatial)

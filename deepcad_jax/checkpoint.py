@@ -33,17 +33,39 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
 
 
+HOLDOUT = "holdout_score"  # the metric a checkpoint may carry; lower is better
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoints: the latest `keep`, and the one with the best held-out score
+  (when steps carry one)."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[HOLDOUT], reverse=True, n=1,
+                                    keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-      create=not read_only, read_only=read_only, enable_async_checkpointing=True)
+      preservation_policy=policy, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Start an asynchronous save; `mgr.wait_until_finished()` before exiting."""
+  """Start an asynchronous save; `mgr.wait_until_finished()` before exiting. A held-out
+  score in `meta` becomes the checkpoint's metric."""
+  metrics = {HOLDOUT: float(meta[HOLDOUT])} if meta.get(HOLDOUT) is not None else None
   mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
+      metrics=metrics)
+
+
+def best_step(mgr: ocp.CheckpointManager, path: str) -> int:
+  """The step whose held-out score is lowest."""
+  scored = [(read_meta(mgr, s).get(HOLDOUT), s) for s in mgr.all_steps()]
+  scored = [(v, s) for v, s in scored if v is not None]
+  if not scored:
+    raise UserError(f"{path} has no checkpoint with a held-out score; train with "
+                    "--holdout (e.g. 0.1) to have one, or give a step number.")
+  return min(scored)[1]
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any):
@@ -81,10 +103,10 @@ class Model:
     return self.config.infer.overlap
 
 
-def load_model(path: str, step: int | None = None, para: str | None = None) -> Model:
-  """Load a trained model: a run directory (its last or a chosen checkpoint), a
-  directory written by `deepcad-jax convert`, or a DeepCAD-RT .pth file (with the
-  para.yaml beside it, or `para`)."""
+def load_model(path: str, step: int | str | None = None, para: str | None = None) -> Model:
+  """Load a trained model: a run directory (its last checkpoint, a chosen step, or
+  'best': the lowest held-out score), a directory written by `deepcad-jax convert`, or
+  a DeepCAD-RT .pth file (with the para.yaml beside it, or `para`)."""
   path = os.fspath(path)
   if path.endswith((".pth", ".pt")):
     from deepcad_jax.convert import load_pth_model
@@ -99,6 +121,13 @@ def load_model(path: str, step: int | None = None, para: str | None = None) -> M
   steps = mgr.all_steps()
   if not steps:
     raise UserError(f"{path} holds no complete checkpoint; train a model there first.")
+  if step == "best":
+    step = best_step(mgr, path)
+  elif isinstance(step, str):
+    try:
+      step = int(step)
+    except ValueError:
+      raise UserError(f"--step takes a checkpoint number or 'best'; got {step!r}.") from None
   if step is None:
     step = max(steps)
   elif step not in steps:

@@ -108,6 +108,9 @@ def _define_train(fv):
   flags.DEFINE_enum("ensemble-impl", None, ["loop", "vmap"], "How members run in the "
                     "compiled step: one after another (loop) or batched (vmap).",
                     flag_values=fv)
+  flags.DEFINE_string("holdout", None, "Frames never trained on, scored every epoch: the "
+                      "last fraction of each movie (e.g. 0.1) or a range a:b.",
+                      flag_values=fv)
   flags.DEFINE_boolean("mean-prior", None, "Give the network the recording's temporal mean "
                        "image as a second input channel (stored with the model; denoise "
                        "and stream use it automatically).", flag_values=fv)
@@ -126,7 +129,8 @@ def _train_config(fv):
       "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
       "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial"),
       "model.ensemble": _v(fv, "ensemble"), "model.ensemble_impl": _v(fv, "ensemble-impl"),
-      "model.mean_prior": _v(fv, "mean-prior")})
+      "model.mean_prior": _v(fv, "mean-prior"),
+      "data.holdout": None if _v(fv, "holdout") is None else _holdout(_v(fv, "holdout"))})
 
 
 def _run_train(fv):
@@ -154,8 +158,9 @@ def _define_denoise(fv):
   flags.DEFINE_boolean("reference-stitching", False, "Reproduce DeepCAD-RT's stitching "
                        "exactly (its kept regions and per-patch intensity rescale).",
                        flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the last).",
-                       flag_values=fv)
+  flags.DEFINE_string("step", None, "Checkpoint step to use: a number, or 'best' (the "
+                      "lowest held-out score of a run trained with --holdout); default: "
+                      "the last.", flag_values=fv)
   flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
   flags.DEFINE_string("output", None, "Output TIFF (or folder for a folder input).",
                       flag_values=fv)
@@ -257,8 +262,9 @@ def _define_export(fv):
                       "or a DeepCAD-RT .pth.", flag_values=fv)
   flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one beside "
                       "it).", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the last).",
-                       flag_values=fv)
+  flags.DEFINE_string("step", None, "Checkpoint step to use: a number, or 'best' (the "
+                      "lowest held-out score of a run trained with --holdout); default: "
+                      "the last.", flag_values=fv)
   flags.DEFINE_enum("format", None, ["pth", "onnx", "bioimageio"], "pth: DeepCAD-RT's "
                     "state_dict (+ para.yaml beside it); onnx: the network as an ONNX "
                     "graph; bioimageio: a BioImage Model Zoo package (.zip).",
@@ -655,13 +661,70 @@ def _run_prune(fv):
   return 0
 
 
+# ---------------------------------------------------------------- ladder
+
+
+def _define_ladder(fv):
+  flags.DEFINE_string("data", None, "The movie (or folder) every rung trains on.",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Folder for the rungs' runs and the results "
+                      "(ladder.json, .csv, .png); rerun to resume.", flag_values=fv)
+  flags.DEFINE_string("widths", "64,48,32,24,16,12,8", "Widths f trained from scratch.",
+                      flag_values=fv)
+  flags.DEFINE_string("config", "demo", "Training config shared by every rung (its width "
+                      "is replaced).", flag_values=fv)
+  flags.DEFINE_integer("epochs", None, "Epochs per rung (default: the config's).",
+                       flag_values=fv)
+  flags.DEFINE_string("clean", None, "Ground truth of --data (one movie): SNR, PSNR and "
+                      "correlations per rung.", flag_values=fv)
+  flags.DEFINE_string("holdout", "0.1", "Frames no rung trains on and every rung is "
+                      "scored on: a fraction from the end, or a:b.", flag_values=fv)
+  flags.DEFINE_string("pruned-from", None, "A trained model, or 'widest' (this ladder's "
+                      "widest rung), pruned to every narrower rung's parameter count and "
+                      "fine-tuned for the same steps.", flag_values=fv)
+  flags.DEFINE_enum("criterion", "l1", ["l1", "taylor"], "Pruning criterion.",
+                    flag_values=fv)
+  flags.DEFINE_boolean("measure", True, "Time inference and a train step per rung.",
+                       flag_values=fv)
+
+
+def _holdout(text: str):
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def _run_ladder(fv):
+  from deepcad_jax import config as config_lib
+  from deepcad_jax.ladder import run_ladder, write_results
+  _require(fv, "data", "workdir")
+  cfg = config_lib.load_config(_v(fv, "config"))
+  if _v(fv, "epochs"):
+    cfg = config_lib.override(cfg, **{"train.epochs": _v(fv, "epochs")})
+  rows = run_ladder(_v(fv, "data"), _v(fv, "workdir"), widths=_widths(_v(fv, "widths")),
+                    config=cfg, clean=_v(fv, "clean"), holdout=_holdout(_v(fv, "holdout")),
+                    pruned_from=_v(fv, "pruned-from"), criterion=_v(fv, "criterion"),
+                    measure=_v(fv, "measure"))
+  print(f"{'rung':<12} {'kind':<8} {'parameters':>11} {'FLOPs/voxel':>12} "
+        f"{'held-out':>10} {'SNR dB':>7} {'voxels/s':>9}")
+  for r in rows:
+    print(f"{r.name:<12} {r.kind:<8} {r.parameters:>11,} {r.flops_per_voxel:>12,.0f} "
+          f"{r.holdout_score:>10.5g} "
+          + (f"{r.snr_db:>7.2f} " if r.snr_db is not None else f"{'':>7} ")
+          + (f"{r.infer_voxels_per_s:>9.3g}" if r.infer_voxels_per_s else ""))
+  paths = write_results(rows, _v(fv, "workdir"))
+  print("results: " + ", ".join(paths.values()))
+  return 0
+
+
 # ---------------------------------------------------------------- score
 
 
 def _define_score(fv):
   flags.DEFINE_string("model", None, "Model directory or .pth.", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the last).",
-                       flag_values=fv)
+  flags.DEFINE_string("step", None, "Checkpoint step: a number or 'best' (default: the "
+                      "last).", flag_values=fv)
   flags.DEFINE_string("movie", None, "A movie (TIFF).", flag_values=fv)
   flags.DEFINE_string("frames", None, "Frames a:b to score (frames training never saw; "
                       "e.g. -100: for the last 100; default all).", flag_values=fv)
@@ -786,6 +849,11 @@ COMMANDS = {c.name: c for c in [
     Command("prune", "remove whole channels from a trained network (structured pruning)",
             _define_prune, _run_prune,
             "deepcad-jax prune --model runs/rt --keep 0.25 --output runs/rt_pruned"),
+    Command("ladder", "train every width on the same data: quality against size "
+            "(the paper's pruning ladder), from scratch and pruned",
+            _define_ladder, _run_ladder,
+            "deepcad-jax ladder --data sim/noisy.tif --clean sim/clean.tif --workdir "
+            "runs/ladder --pruned-from widest"),
     Command("score", "held-out self-supervised score of a model on frames it never saw",
             _define_score, _run_score,
             "deepcad-jax score --model runs/rt --movie movie.tif --frames -300:"),

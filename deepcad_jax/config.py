@@ -45,6 +45,8 @@ class DataConfig:
   workers: int = 2                # grain worker processes (0 = read in this process)
   scale: float = 1.0              # intensities are divided by this before the network
                                   # (DeepCAD-RT's scale_factor) and multiplied after
+  holdout: float | str = 0.0      # frames never trained on, scored every epoch: the last
+                                  # fraction of each movie (0.1), or a range 'a:b'; 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,14 @@ def validate(cfg: Config) -> None:
     raise UserError(f"parallel.spatial must be at least 1; got {cfg.parallel.spatial}.")
   if not cfg.data.scale > 0:
     raise UserError(f"data.scale must be positive; got {cfg.data.scale}.")
+  holdout = cfg.data.holdout
+  if isinstance(holdout, str):
+    if holdout.count(":") != 1:
+      raise UserError(f"data.holdout takes a fraction such as 0.1 or a frame range a:b; "
+                      f"got {holdout!r}.")
+  elif not 0 <= holdout < 1:
+    raise UserError(f"data.holdout must be a fraction in [0, 1) or a range a:b; got "
+                    f"{holdout}.")
   for name, value in (("data.workers", cfg.data.workers),
                       ("train.batch_size", cfg.train.batch_size),
                       ("infer.batch_size", cfg.infer.batch_size)):

@@ -573,6 +573,14 @@ class Denoiser:
       parallel.check_spatial(self.patch[1], self.spatial)
     self._plans: dict[tuple, TilePlan] = {}
 
+  def set_params(self, params: Any) -> None:
+    """Use other parameters of the same network (e.g. a later training step); what is
+    compiled stays compiled."""
+    self.model = dataclasses.replace(self.model, params=params)
+    for engine in (self.engine, *self.engine._fewer.values()):
+      engine.host_params = params
+      engine.params = jax.device_put(params, parallel.replicated(engine.mesh))
+
   @property
   def samples(self) -> int:
     """Samples per voxel with uncertainty: K symmetries x M ensemble members."""

@@ -31,8 +31,10 @@ from deepcad_jax.augment import augment_batch
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
+from deepcad_jax.infer import Denoiser
 from deepcad_jax.model import UNet3D, ensemble_params, network_input, over_members
 from deepcad_jax.progress import Progress, format_duration
+from deepcad_jax.score import holdout_range, scores
 
 log = logging.getLogger("deepcad_jax")
 
@@ -217,6 +219,28 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
   return cfg, params
 
 
+def _holdout_scorer(cfg: config_lib.Config, meta: dict, movies, holdout, means):
+  """params -> the held-out score over every movie's held-out frames (None without
+  held-out frames). The predict step compiles once; each call only swaps parameters."""
+  if all(h is None for h in holdout):
+    return None
+  held = [(m, h, mean) for m, h, mean in zip(movies, holdout, means) if h is not None]
+  model = ckpt.Model(params=None, features=cfg.model.features, patch=cfg.data.patch,
+                     mean=meta["mean"], config=cfg, meta=meta, source="training")
+  den: list[Denoiser] = []
+
+  def score(params) -> float:
+    host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+    if not den:
+      den.append(Denoiser(dataclasses.replace(model, params=host), tiling="exact",
+                          devices=jax.local_devices()))
+    else:
+      den[0].set_params(host)
+    return scores(den[0], [m for m, _, _ in held], [h for _, h, _ in held],
+                  [mean for _, _, mean in held])
+  return score
+
+
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
           fresh: bool = False, init_from: Any = None, devices=None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None
@@ -241,7 +265,12 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     cfg, init_params_from = _adopt(cfg, start_model)
   paths = list_movies(os.fspath(data))
   movies = [open_movie(p) for p in paths]
-  patch, notes = fit_patch(cfg.data.patch, [m.shape for m in movies], paths)
+  holdout = [holdout_range(m.shape[0], cfg.data.holdout) for m in movies]
+  # The patch must fit the frames a pair may come from: the longest part outside the
+  # held-out range.
+  usable = [m.shape if h is None else (max(h[0], m.shape[0] - h[1]),) + m.shape[1:]
+            for m, h in zip(movies, holdout)]
+  patch, notes = fit_patch(cfg.data.patch, usable, paths)
   for note in notes:
     log.warning("%s.", note)
   cfg = config_lib.override(cfg, **{"data.patch": patch})
@@ -261,13 +290,14 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   total_steps = steps_per_epoch * cfg.train.epochs
 
   source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
-                      scale=cfg.data.scale, prior=cfg.model.mean_prior)
+                      scale=cfg.data.scale, prior=cfg.model.mean_prior, holdout=holdout)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)
   meta = {"format": ckpt.FORMAT, "config": cfg.to_dict(), "features": cfg.model.features,
           "mean_prior": cfg.model.mean_prior, "ensemble": cfg.model.ensemble,
           "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
-          "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+          "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+          "holdout": [None if h is None else list(h) for h in holdout]}
 
   main = jax.process_index() == 0
   if fresh and main:
@@ -303,6 +333,9 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
                          cfg.model.ensemble_impl, cfg.model.mean_prior)
   key = jax.random.key(cfg.train.seed + 1)
   data_sharding = parallel.pair_shardings(mesh, cfg.model.mean_prior)
+  scorer = _holdout_scorer(cfg, meta, movies, holdout, source.means)
+  if start and scorer is not None:  # the curve so far, from the checkpoint resumed
+    meta["holdout_curve"] = ckpt.read_meta(mgr, start).get("holdout_curve", [])
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
@@ -335,6 +368,11 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           meta.update(step=step, epoch=step / steps_per_epoch, pairs_consumed=step * batch_size,
                       loss=losses[-1][1] if losses else None,
                       processes=jax.process_count())
+          if scorer is not None:
+            meta[ckpt.HOLDOUT] = scorer(state.params)
+            meta.setdefault("holdout_curve", []).append([step, meta[ckpt.HOLDOUT]])
+            log.info("step %d (epoch %.3g): held-out score %.6g", step,
+                     step / steps_per_epoch, meta[ckpt.HOLDOUT])
           ckpt.save(mgr, step, state, meta)
         if stop.set:
           interrupted = True

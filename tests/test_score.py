@@ -51,3 +51,31 @@ def test_score_cli(capsys, tmp_path, trained_model):
   assert cli.main(["deepcad-jax", "score", "--model", trained_model, "--movie", path,
                    "--frames", "0:4"]) == 2
   assert "needs at least 16" in capsys.readouterr().err
+
+
+def test_held_out_frames_are_never_trained_on_and_scored_every_epoch(tmp_path):
+  from conftest import tiny_config
+  from deepcad_jax import train
+  from deepcad_jax.data.movie import ArrayMovie
+  from deepcad_jax.data.pairs import PairSource
+  movie = simulate(shape=(80, 24, 24), snr_db=0.0, seed=2)[0]
+  src = PairSource([ArrayMovie(movie)], (8, 16, 16), 400, holdout=[(40, 60)])
+  for i in range(400):
+    _, t0, _, _ = src.position(i)
+    assert t0 + 16 <= 40 or t0 >= 60  # a window of 2 x 8 frames never touches 40:60
+  assert {src.position(i)[1] < 40 for i in range(400)} == {True, False}  # both sides
+  # Without a held-out range the positions are what they always were.
+  plain = PairSource([ArrayMovie(movie)], (8, 16, 16), 10)
+  assert PairSource([ArrayMovie(movie)], (8, 16, 16), 10, holdout=[None]).position(3) == \
+      plain.position(3)
+  path = write_tiff(tmp_path / "m.tif", movie)
+  cfg = tiny_config(**{"train.epochs": 3, "data.holdout": 0.25})
+  result = train(path, str(tmp_path / "run"), cfg, devices=jax.devices()[:1],
+                 progress=False)
+  assert result.meta["holdout"] == [[60, 80]]
+  curve = result.meta["holdout_curve"]
+  assert [s for s, _ in curve] == [16, 32, 48] and all(v > 0 for _, v in curve)
+  best = min(curve, key=lambda c: c[1])[0]
+  assert load_model(str(tmp_path / "run"), "best").meta["step"] == best
+  with pytest.raises(UserError, match="--step takes a checkpoint number or 'best'"):
+    load_model(str(tmp_path / "run"), "bestest")

@@ -61,28 +61,45 @@ class PairSource(grain.sources.RandomAccessDataSource):
   seed: int = 0
   scale: float = 1.0  # intensities divided by this after the mean is subtracted
   prior: bool = False  # add each file's temporal mean image (normalised) as 'prior'
+  holdout: Sequence[tuple[int, int] | None] | None = None  # per movie: frames [a, b)
+                                                           # no pair may touch
 
   def __post_init__(self):
     self.means = [float(m.mean()) for m in self.movies]
     self.priors = [m.mean_image() for m in self.movies] if self.prior else None
     pt, py, px = self.patch
-    for m in self.movies:
+    self.holdout = list(self.holdout or [None] * len(self.movies))
+    self.starts = []  # per movie: the ranges [lo, hi) a window may start in
+    for m, held in zip(self.movies, self.holdout):
       t, y, x = m.shape
-      if 2 * pt > t or py > y or px > x:
+      ranges = [(0, t - 2 * pt + 1)] if held is None else \
+          [(0, held[0] - 2 * pt + 1), (held[1], t - 2 * pt + 1)]
+      ranges = [(lo, hi) for lo, hi in ranges if hi > lo]
+      if not ranges or py > y or px > x:
         raise UserError(f"patch {self.patch} (a window of {2 * pt} frames) does not fit "
-                        f"{m.name} {m.shape}; use a smaller --patch.")
+                        f"{m.name} {m.shape}" + (f" outside its held-out frames {held[0]}:"
+                                                 f"{held[1]}" if held else "") +
+                        "; use a smaller --patch.")
+      self.starts.append(ranges)
 
   def __len__(self) -> int:
     return self.length
 
   def position(self, index: int) -> tuple[int, int, int, int]:
-    """(file, t0, y0, x0) of pair `index`."""
+    """(file, t0, y0, x0) of pair `index` (never touching held-out frames)."""
     f = index % len(self.movies)
     t, y, x = self.movies[f].shape
     pt, py, px = self.patch
     rng = np.random.default_rng([self.seed, index])
+    ranges = self.starts[f]
     t0, y0, x0 = (int(rng.integers(0, n - p + 1)) for n, p in
-                  ((t, 2 * pt), (y, py), (x, px)))
+                  ((sum(hi - lo for lo, hi in ranges) + 2 * pt - 1, 2 * pt), (y, py),
+                   (x, px)))
+    for lo, hi in ranges:  # the t0-th allowed start
+      if t0 < hi - lo:
+        t0 += lo
+        break
+      t0 -= hi - lo
     return f, t0, y0, x0
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
