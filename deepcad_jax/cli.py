@@ -176,8 +176,9 @@ def _define_denoise(fv):
                      flag_values=fv)
   flags.DEFINE_integer("batch-size", 0, "Tiles per device call (0 = one per device).",
                        flag_values=fv)
-  flags.DEFINE_string("output-dtype", None, "Output dtype (default: the input's), e.g. "
-                      "float32.", flag_values=fv)
+  flags.DEFINE_string("output-dtype", None, "Output dtype: float32 (default: the "
+                      "network's precision), input (the input's type, rounded), uint16, "
+                      "int16...", flag_values=fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                     flag_values=fv)
   flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
@@ -549,7 +550,8 @@ def _define_stream(fv):
   flags.DEFINE_integer("batch-size", 0, "Patches per device call.", flag_values=fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                     flag_values=fv)
-  flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype.", flag_values=fv)
+  flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype: float32, input "
+                      "(the source's type, rounded), uint16...", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
   flags.DEFINE_boolean("live", False, "Show raw and denoised side by side in a window "
                        "(needs a display and matplotlib; headless: preview images).",

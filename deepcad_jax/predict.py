@@ -120,9 +120,10 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
 
 
 def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLayout):
-  """(main frames in the output dtype, extra channels float32 or None, clipped count):
-  the mean added back to every channel but the std, frames cropped to the movie; only
-  rows [valid[0], valid[1]) (those the host keeps) count as clipped."""
+  """(main frames in the output dtype, extra channels float32 or None, clipped count,
+  sum of squared rounding errors): the mean added back to every channel but the std,
+  frames cropped to the movie; only rows [valid[0], valid[1]) (those the host keeps)
+  count as clipped and in the rounding error (over the voxels not clipped)."""
   y, x = layout.frame
   frames = frames[:, :y, :x]
   extras = None
@@ -134,14 +135,18 @@ def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLa
   frames = frames + mean
   dtype = np.dtype(layout.out_dtype)
   if dtype.kind == "f":
-    return frames.astype(dtype), extras, jnp.zeros((), jnp.int32)
+    return (frames.astype(dtype), extras, jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.float32))
   info = np.iinfo(dtype)
   rounded = jnp.rint(frames)
   outside = (rounded < info.min) | (rounded > info.max)
   rows = jnp.arange(frames.shape[0])
   kept = ((rows >= valid[0]) & (rows < valid[1]))[:, None, None]
   clipped = jnp.sum(outside & kept, dtype=jnp.int32)
-  return jnp.clip(rounded, info.min, info.max).astype(dtype), extras, clipped
+  error = jnp.where(kept & ~outside, rounded - frames, 0.0)
+  rounding_sq = jnp.sum(jnp.sum(error * error, axis=(1, 2)))  # per frame, then frames
+  return (jnp.clip(rounded, info.min, info.max).astype(dtype), extras, clipped,
+          rounding_sq)
 
 
 def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group: dict,
@@ -168,6 +173,7 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
   Returns:
     {'frames': (E, Y, X) output dtype, 'extras': (E, Y, X, C - 1) float32 or None,
      'carry': the next carry (blending) or None, 'clipped': voxels clipped (int32),
+     'rounding_sq': integer outputs: the kept voxels' squared rounding errors, summed,
      'rescale_skipped': tiles whose reference rescale was not positive (int32)}.
   """
   mean = group["mean"].astype(jnp.float32)
@@ -211,13 +217,13 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
   if layout.blend:
     norm = group["t_norm"][:, None, None] * consts["yx_norm"][None]
     emit = emit / (norm[..., None] if layout.channels else norm)
-  frames, extras, clipped = _finish(emit, mean, group["valid"], layout)
+  frames, extras, clipped, rounding_sq = _finish(emit, mean, group["valid"], layout)
   new_carry = None
   if layout.blend:
     padded = jnp.concatenate([acc, jnp.zeros_like(acc)])
     new_carry = jax.lax.dynamic_slice_in_dim(padded, group["shift"], layout.window)
   return {"frames": frames, "extras": extras, "carry": new_carry, "clipped": clipped,
-          "rescale_skipped": jnp.sum(skipped)}
+          "rounding_sq": rounding_sq, "rescale_skipped": jnp.sum(skipped)}
 
 
 def compile_predict_step(layout: StepLayout, tile_fn: TileFn, mesh: jax.sharding.Mesh,
