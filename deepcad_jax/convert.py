@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax import safe_pickle
+from deepcad_jax.data.output import os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS
 
@@ -383,10 +384,13 @@ def convert(pth: str, output: str, para: str | None = None, overwrite: bool = Fa
     ckpt.clear(output)
   model = load_pth_model(pth, para)
   state = create_state(model.config, model.params)
-  os.makedirs(output, exist_ok=True)
-  mgr = ckpt.manager(output, keep=1)
-  mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(model.meta)), force=True)
-  mgr.wait_until_finished()
-  mgr.close()
+  try:  # Orbax writes the step atomically (a temporary folder, renamed when complete)
+    os.makedirs(output, exist_ok=True)
+    mgr = ckpt.manager(output, keep=1)
+    mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(model.meta)), force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+  except OSError as e:
+    raise os_error(e, output) from None
   return os.path.abspath(output)

@@ -432,26 +432,29 @@ class MovieWriter:
 
   Args:
     path: the final name (.tif, .tiff; .ome.tif gives an OME-TIFF).
-    frame_shape: (Y, X).
+    frame_shape: (Y, X), or None: that of the first frames written.
     dtype: the frames' dtype (blocks of another kind are refused, never rounded here).
     frames: the number of frames if known (then BigTIFF only above 4 GB, and `finish`
       checks that all came); None for a stream (BigTIFF, any length).
     metadata: the input's metadata (`data.metadata`), for the description, the
       resolution tags and the format; may also be set before the first write.
     overwrite: replace an existing file.
+    bigtiff: write BigTIFF (default: when `frames` are unknown or above 4 GB).
 
   The file appears under `path` only once `finish()` and `publish()` (or `commit()`)
   succeed; a writer that received no frame leaves no file.
   """
 
-  def __init__(self, path: str, frame_shape: Sequence[int], dtype, *,
+  def __init__(self, path: str, frame_shape: Sequence[int] | None, dtype, *,
                frames: int | None = None, metadata: MovieMetadata | None = None,
-               overwrite: bool = False):
-    self.frame_shape = tuple(int(n) for n in frame_shape)
+               overwrite: bool = False, bigtiff: bool | None = None):
+    self.frame_shape = None if frame_shape is None else tuple(int(n) for n in frame_shape)
     self.dtype = np.dtype(dtype)
     self.expected = None if frames is None else int(frames)
+    self.bigtiff = bigtiff
     self.metadata = metadata
     self.count = 0
+    self.closed = False
     self._tw: tifffile.TiffWriter | None = None
     self._format: Format | None = None
     self.file = AtomicFile(path, overwrite=overwrite)
@@ -462,9 +465,10 @@ class MovieWriter:
 
   def _open(self) -> None:
     self._format = Format.choose(self.path, self.dtype, self.metadata)
-    size = None if self.expected is None else movie_bytes(
-        (self.expected,) + self.frame_shape, self.dtype)
-    big = size is None or size > BIGTIFF_BYTES
+    big = self.bigtiff
+    if big is None:
+      big = self.expected is None or movie_bytes(
+          (self.expected,) + self.frame_shape, self.dtype) > BIGTIFF_BYTES
     self._tw = tifffile.TiffWriter(self.file.open(), bigtiff=big, byteorder="<",
                                    ome=False, imagej=False, shaped=False)
     self._page = {"photometric": "minisblack", "contiguous": True,
@@ -472,9 +476,13 @@ class MovieWriter:
 
   def write(self, frames: np.ndarray) -> None:
     """Append frames (n, Y, X) or one frame (Y, X)."""
+    if self.closed:
+      raise RuntimeError(f"{self.path}: written after it was finished or aborted.")
     frames = np.asarray(frames)
     if frames.ndim == 2:
       frames = frames[None]
+    if self.frame_shape is None:
+      self.frame_shape = tuple(frames.shape[1:])
     if frames.shape[1:] != self.frame_shape:
       self.abort()
       raise ValueError(f"{self.path}: frames of {frames.shape[1:]} given to a movie of "
@@ -506,6 +514,7 @@ class MovieWriter:
 
   def finish(self) -> bool:
     """Write the description, close and fsync; False (no file) if no frame came."""
+    self.closed = True
     if self._tw is None:
       self.file.abort()
       return False
@@ -537,6 +546,7 @@ class MovieWriter:
     return True
 
   def abort(self) -> None:
+    self.closed = True
     if self._tw is not None:
       tw, self._tw = self._tw, None
       with contextlib.suppress(Exception):
