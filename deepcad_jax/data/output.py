@@ -57,14 +57,15 @@ def size_text(n: float) -> str:
 
 def os_error(e: OSError, path: str) -> UserError:
   """One sentence for an OSError met while writing `path`."""
-  folder = os.path.dirname(os.path.abspath(path)) or "."
+  folder = _existing(os.path.dirname(os.path.abspath(path)))
   code = e.errno
   if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
     free = _free_bytes(folder)
     what = "the disk quota" if code != errno.ENOSPC else "the disk"
     return UserError(f"{path} could not be written: {what} is full ("
-                     f"{size_text(free) if free is not None else 'nothing'} free); nothing "
-                     "was kept: free some space or choose an output on another disk.")
+                     f"{size_text(free) if free is not None else 'nothing'} free now); "
+                     "nothing was kept: free some space or choose an output on another "
+                     "disk.")
   if code == errno.EROFS:
     return UserError(f"{path} could not be written: {folder} is on a read-only file "
                      "system; choose a writable output folder.")
@@ -330,7 +331,12 @@ class AtomicFile:
         self._text.detach()
         self._text = None
       self._fh.flush()
-      os.fsync(self._fh.fileno())
+      try:
+        fd = self._fh.fileno()
+      except io.UnsupportedOperation:  # a file object without a descriptor
+        fd = None
+      if fd is not None:
+        os.fsync(fd)
       self._fh.close()
     except OSError as e:
       self.abort()
