@@ -70,6 +70,7 @@ class DenoiseStats:
   rescale_skipped: int = 0    # reference stitching: patches whose sums were not positive
   rounding_sq: float = 0.0    # integer outputs: sum of squared rounding errors
   rounded: int = 0            # voxels that sum is over
+  spread: TemporalSpread | None = None  # integer outputs: the float frames' variation
 
   @property
   def voxels_per_s(self) -> float:
@@ -95,6 +96,7 @@ class Frames:
   extras: np.ndarray | None = None
   clipped: int = 0
   rounding_sq: float = 0.0  # integer data: sum of squared rounding errors (not clipped)
+  moments: np.ndarray | None = None  # integer data: (2, Y, X) sums of x - c, (x - c)^2
 
 
 def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
@@ -379,15 +381,17 @@ class Engine:
     extras = None if out["extras"] is None else np.asarray(out["extras"])[r0:r1]
     clipped = int(out["clipped"])
     rounding_sq = float(out["rounding_sq"])
+    moments = None if out["moments"] is None else np.asarray(out["moments"], np.float64)
     if data.dtype != host_dtype:  # integers wider than 16 bits: converted here
       if np.dtype(host_dtype).kind in "iu":
         info = np.iinfo(host_dtype)
-        inside = (data >= info.min) & (data <= info.max)
-        rounding_sq += float(np.sum(np.where(inside, np.rint(data) - data, 0.0) ** 2,
-                                    dtype=np.float64))
+        x = data.astype(np.float64)
+        inside = (x >= info.min - 0.5) & (x <= info.max + 0.5)
+        rounding_sq += float(np.sum(np.where(inside, np.rint(x) - x, 0.0) ** 2))
+        moments = np.stack([x.sum(0), (x * x).sum(0)])
       data, n = to_dtype(data, host_dtype)
       clipped += n
-    return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped, rounding_sq)
+    return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped, rounding_sq, moments)
 
   def prepare(self, plan: TilePlan, movie_dtype: Any, *, out_dtype: Any = np.float32,
               channels: int = 0, prior: bool = False,
@@ -472,6 +476,10 @@ class Engine:
       if host_dtype.kind in "iu":
         stats.rounding_sq += frames.rounding_sq
         stats.rounded += frames.data.size - frames.clipped
+        if frames.moments is not None:
+          if stats.spread is None:
+            stats.spread = TemporalSpread(frames.data.shape[1:])
+          stats.spread.add_sums(len(frames.data), *frames.moments)
       return frames
 
     window = self.read_window(movie, plan.padded[0], windows[0].start, layout.window)
@@ -819,8 +827,9 @@ def _report(movie: Movie, dst: str, out_dtype, stats: DenoiseStats,
 
 
 class TemporalSpread:
-  """How much a movie varies in time: each pixel's temporal variance (over a strided
-  grid of at most `max_pixels` pixels), accumulated block by block and averaged."""
+  """How much a movie varies in time: each pixel's temporal variance, from per-pixel
+  sums accumulated block by block (`add_sums`, as the device returns them, or `add`:
+  frames, over a strided grid of at most `max_pixels` pixels), averaged over pixels."""
 
   def __init__(self, frame_shape: Sequence[int], max_pixels: int = 2**16):
     self.step = max(1, int(np.ceil(np.sqrt(frame_shape[0] * frame_shape[1] /
@@ -829,13 +838,17 @@ class TemporalSpread:
     self.sum: np.ndarray | None = None
     self.sum_sq: np.ndarray | None = None
 
+  def add_sums(self, n: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+    """n frames' per-pixel sums of x - c and (x - c)^2 (any constant c)."""
+    if self.sum is None:
+      self.sum, self.sum_sq = np.zeros(total.shape), np.zeros(total.shape)
+    self.sum += total
+    self.sum_sq += total_sq
+    self.n += int(n)
+
   def add(self, block: np.ndarray) -> None:
     b = np.asarray(block[:, ::self.step, ::self.step], np.float64)
-    if self.sum is None:
-      self.sum, self.sum_sq = np.zeros(b.shape[1:]), np.zeros(b.shape[1:])
-    self.sum += b.sum(0)
-    self.sum_sq += (b * b).sum(0)
-    self.n += len(b)
+    self.add_sums(len(b), b.sum(0), (b * b).sum(0))
 
   def variance(self) -> float:
     """The mean over pixels of each pixel's temporal variance."""
@@ -845,14 +858,14 @@ class TemporalSpread:
     return float(np.mean(np.maximum(self.sum_sq / self.n - mean * mean, 0.0)))
 
 
-def _quantisation_note(dst: str, out_dtype, stats: DenoiseStats,
-                       spread: TemporalSpread) -> str | None:
+def _quantisation_note(dst: str, out_dtype, stats: DenoiseStats) -> str | None:
   """One line when rounding to an integer `out_dtype` added more than
-  QUANTISATION_NOTE of the denoised movie's temporal variation (both measured)."""
+  QUANTISATION_NOTE of the denoised movie's temporal variation (RMS over pixels of
+  each pixel's temporal std, before rounding; both measured)."""
   q = stats.rounding_rms
-  if not q:
+  if not q or stats.spread is None:
     return None
-  signal = float(np.sqrt(max(spread.variance() - q * q, 0.0)))
+  signal = float(np.sqrt(stats.spread.variance()))
   if q <= QUANTISATION_NOTE * signal:
     return None
   share = f"{100 * q / signal:.0f}%" if signal else "more than all"
@@ -885,14 +898,12 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
   is produced; the files appear together once all are complete."""
   stats = DenoiseStats()
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  spread = TemporalSpread(movie.shape[1:]) if np.dtype(out_dtype).kind in "iu" else None
   with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite) as writers:
     _write_frames(den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
-                  writers, spread)
-  if spread is not None:
-    note = _quantisation_note(dst, out_dtype, stats, spread)
-    if note:
-      log.warning("%s", note)
+                  writers)
+  note = _quantisation_note(dst, out_dtype, stats)
+  if note:
+    log.warning("%s", note)
   return _report(movie, dst, out_dtype, stats)
 
 
@@ -913,15 +924,12 @@ def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
     yield writers
 
 
-def _write_frames(frames: Iterator[Frames], writers: Sequence[MovieWriter],
-                  spread: TemporalSpread | None = None) -> None:
+def _write_frames(frames: Iterator[Frames], writers: Sequence[MovieWriter]) -> None:
   """Each block's data to writers[0], extra channel i (float32) to writers[1 + i]."""
   for f in frames:
     writers[0].write(f.data)
     for i, w in enumerate(writers[1:]):
       w.write(f.extras[..., i])
-    if spread is not None:
-      spread.add(f.data)
 
 
 def std_path(output: str) -> str:

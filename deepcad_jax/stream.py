@@ -424,9 +424,7 @@ class _DenoisedWriter:
   def __init__(self, writer: MovieWriter):
     self.writer, self.dtype = writer, writer.dtype
     self.clipped = 0
-    self.rounding_sq = 0.0
-    self.rounded = 0
-    self.spread: TemporalSpread | None = None
+    self.stats = DenoiseStats()
 
   def write(self, frames: np.ndarray) -> None:
     frames = np.asarray(frames, np.float32)
@@ -434,22 +432,18 @@ class _DenoisedWriter:
       info = np.iinfo(self.dtype)
       inside = (frames >= info.min - 0.5) & (frames <= info.max + 0.5)
       error = np.where(inside, np.rint(frames) - frames, 0.0)
-      self.rounding_sq += float(np.sum(error * error, dtype=np.float64))
-      self.rounded += int(np.count_nonzero(inside))
-      if self.spread is None:
-        self.spread = TemporalSpread(frames.shape[1:])
+      self.stats.rounding_sq += float(np.sum(error * error, dtype=np.float64))
+      self.stats.rounded += int(np.count_nonzero(inside))
+      if self.stats.spread is None:
+        self.stats.spread = TemporalSpread(frames.shape[1:])
+      self.stats.spread.add(frames)
     frames, clipped = to_dtype(frames, self.dtype)  # rounded and clipped
     self.clipped += clipped
-    if self.spread is not None:
-      self.spread.add(frames)
     self.writer.write(frames)
 
   def note(self) -> str | None:
     """The quantisation note of an integer output (see infer)."""
-    if self.spread is None:
-      return None
-    stats = DenoiseStats(rounding_sq=self.rounding_sq, rounded=self.rounded)
-    return _quantisation_note(self.writer.path, self.dtype, stats, self.spread)
+    return _quantisation_note(self.writer.path, self.dtype, self.stats)
 
 
 @dataclasses.dataclass
