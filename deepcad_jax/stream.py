@@ -558,6 +558,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   den_writer = _DenoisedWriter(den_file)
   latencies: list[float] = []
   acquisition_s = [0.0]
+  arrived = [0]  # frames the source delivered
   t_start = time.perf_counter()
 
   def put(q, item):
@@ -586,6 +587,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
           errors.append(e)
           break
         now = time.perf_counter()
+        arrived[0] += 1
         if index == 0:  # a folder source knows its metadata once it read a file
           raw_file.metadata = den_file.metadata = getattr(source, "metadata", None)
         raw_file.write(frame[None])
@@ -718,7 +720,8 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
     kept = " and ".join(p for p in (report.denoised, report.raw) if p)
     log.error("the stream stopped (%s); %s.", report.error,
               f"{report.frames_out} denoised frame(s) were kept in {kept}" if kept else
-              "no frame came, so no file was written")
+              "no frame came, so no file was written" if not arrived[0] else
+              "no file was kept")
     raise errors[0]
   return report
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import socket
@@ -63,6 +64,21 @@ def movie_folder(files, name: str = "in") -> str:
   (files.root / name).mkdir()
   files.movie(f"{name}/a.tif")
   return str(files.root / name)
+
+
+def exported_pth(files) -> str:
+  """The row's model exported as DeepCAD-RT's .pth (with para.yaml), declared inputs."""
+  from deepcad_jax.export import export
+  path = str(files.root / "model.pth")
+  export(files.model, path, "pth")
+  files.input(files.root / "para.yaml")
+  return files.input(path)
+
+
+def rois_json(files, name: str = "rois.json") -> str:
+  """One square ROI for 24x24 frames, declared an input."""
+  spec = {"rois": [{"name": "cell", "polygon": [[4, 4], [4, 10], [10, 10], [10, 4]]}]}
+  return files.raw(name, json.dumps(spec).encode())
 
 
 def read_only_fs(mp: pytest.MonkeyPatch, files) -> None:

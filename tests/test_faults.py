@@ -29,8 +29,9 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
-from outputs_faults import (READ_ONLY, also, disk_full, folder_named, held_lock,
-                            little_space, movie_folder, read_only_fs, readonly_folder)
+from outputs_faults import (READ_ONLY, also, disk_full, exported_pth, folder_named,
+                            held_lock, little_space, movie_folder, read_only_fs,
+                            readonly_folder, rois_json)
 
 
 @dataclasses.dataclass
@@ -181,6 +182,21 @@ FAULTS: list[Fault] = [
                      "--output", f.output(held_lock(f, f.root / "live.tif"))]
           + also(f, f.root / "live_raw.tif"),
           r"live\.tif is being written by another run \(PID \d+\)"),
+    Fault("stream: disk full while writing", "stream",
+          lambda f: ["--model", f.model, "--source", f.movie(), "--rate", "0",
+                     "--output", f.output(f.root / "live.tif")]
+          + also(f, f.root / "live_raw.tif"),
+          r"live(_raw)?\.tif could not be written: the disk is full", patch=disk_full),
+    Fault("convert: read-only file system", "convert",
+          lambda f: ["--pth", exported_pth(f), "--output",
+                     f.output(f.root / READ_ONLY / "conv")],
+          r"conv could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("traces: read-only file system", "traces",
+          lambda f: ["--rois", rois_json(f), "--movie", f.movie(), "--output",
+                     str(f.root / READ_ONLY / "tr")]
+          + also(f, *(f.root / READ_ONLY / "tr" / n
+                      for n in ("traces.csv", "traces.json", "traces.png"))),
+          r"traces\.csv could not be written: .* read-only file system", patch=read_only_fs),
     Fault("export: read-only file system", "export",
           lambda f: ["--model", f.model, "--format", "pth", "--output",
                      f.output(f.root / READ_ONLY / "model.pth")]

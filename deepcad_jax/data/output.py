@@ -262,7 +262,8 @@ class AtomicFile:
     self._fh: io.BufferedWriter | None = None
     self._text: io.TextIOWrapper | None = None
     self._created: list[str] = []
-    self.done = False
+    self.finished = False   # closed and fsynced, waiting for publish()
+    self.done = False       # published
     if os.path.isdir(self.final):
       raise UserError(f"{self.path} is a folder; give a file name for the output "
                       "(or remove that folder).")
@@ -321,7 +322,10 @@ class AtomicFile:
       raise os_error(e, self.path) from None
 
   def finish(self) -> bool:
-    """Close and fsync the temporary file; False (and nothing kept) if none was written."""
+    """Close and fsync the temporary file; False (and nothing kept) if none was written.
+    Once finished, calling it again changes nothing."""
+    if self.finished:
+      return True
     if self._fh is None:
       self.abort()
       return False
@@ -341,10 +345,13 @@ class AtomicFile:
     except OSError as e:
       self.abort()
       raise os_error(e, self.path) from None
+    self.finished = True
     return True
 
   def publish(self) -> None:
     """Rename the finished temporary file to the final name; release the lock."""
+    if self.done:
+      return
     try:
       os.replace(self.temp, self.final)
     except OSError as e:
@@ -520,6 +527,8 @@ class MovieWriter:
 
   def finish(self) -> bool:
     """Write the description, close and fsync; False (no file) if no frame came."""
+    if self.file.finished:
+      return True
     self.closed = True
     if self._tw is None:
       self.file.abort()
