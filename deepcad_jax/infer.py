@@ -39,9 +39,9 @@ from deepcad_jax.progress import Progress
 from deepcad_jax.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
                                 overlap_plan)
 
-__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "denoise", "denoise_files",
-           "denoise_with", "memory_budget", "symmetry_samples", "to_dtype",
-           "whole_movie_forward"]
+__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "TemporalSpread", "denoise",
+           "denoise_files", "denoise_with", "memory_budget", "quantisation_note",
+           "resolve_output_dtype", "symmetry_samples", "to_dtype", "whole_movie_forward"]
 
 log = logging.getLogger("deepcad_jax")
 
@@ -858,7 +858,7 @@ class TemporalSpread:
     return float(np.mean(np.maximum(self.sum_sq / self.n - mean * mean, 0.0)))
 
 
-def _quantisation_note(dst: str, out_dtype, stats: DenoiseStats) -> str | None:
+def quantisation_note(dst: str, out_dtype, stats: DenoiseStats) -> str | None:
   """One line when rounding to an integer `out_dtype` added more than
   QUANTISATION_NOTE of the denoised movie's temporal variation (RMS over pixels of
   each pixel's temporal std, before rounding; both measured)."""
@@ -901,7 +901,7 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
   with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite) as writers:
     _write_frames(den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
                   writers)
-  note = _quantisation_note(dst, out_dtype, stats)
+  note = quantisation_note(dst, out_dtype, stats)
   if note:
     log.warning("%s", note)
   return _report(movie, dst, out_dtype, stats)

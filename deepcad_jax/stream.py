@@ -44,10 +44,10 @@ import tifffile
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
 from deepcad_jax.data.output import (BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes,
-                                     outputs_together, write_bytes)
+                                     write_bytes)
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import (DenoiseStats, Denoiser, TemporalSpread, Window,
-                               _quantisation_note, resolve_output_dtype, to_dtype)
+                               quantisation_note, resolve_output_dtype, to_dtype)
 from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
                                 choose_exact_tile, exact_plan, gap, overlap_axis,
                                 overlap_plan)
@@ -443,7 +443,7 @@ class _DenoisedWriter:
 
   def note(self) -> str | None:
     """The quantisation note of an integer output (see infer)."""
-    return _quantisation_note(self.writer.path, self.dtype, self.stats)
+    return quantisation_note(self.writer.path, self.dtype, self.stats)
 
 
 @dataclasses.dataclass
