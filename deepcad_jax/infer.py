@@ -1071,11 +1071,15 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
       if why is None:
         log.info("skipping %s: %s is already complete (--overwrite redoes it).", src, dst)
         continue
-      raise UserError(f"{dst} already exists but is not a complete output of {src} "
+      existing = next(p for p in paths if os.path.lexists(p))
+      raise UserError(f"{existing} already exists but is not a complete output of {src} "
                       f"({why}); add --overwrite to redo it, or remove it.")
     refuse_to_overwrite(paths, overwrite)
     todo.append((movie, dst, out_dtype))
   if folder:
+    if not todo:
+      log.info("every output in %s is already complete; nothing to do (--overwrite "
+               "redoes them).", output)
     try:
       os.makedirs(output, exist_ok=True)
     except OSError as e:

@@ -178,6 +178,9 @@ def test_folder_rerun_skips_complete_outputs(trained_model, tmp_path, capsys):
                          "--output", out, "--overwrite")  # redoes them all
   assert code == 0 and "skipping" not in err
   assert open_movie(str(out / "c.tif")).shape == (40, 24, 24) and not leftovers(tmp_path)
+  code, _, err = run_cli(capsys, "denoise", "--model", trained_model, "--input", data,
+                         "--output", out)
+  assert code == 0 and f"every output in {out} is already complete; nothing to do" in err
 
 
 def test_integer_outputs_are_measured_and_noted(trained_model, tmp_path, caplog):
