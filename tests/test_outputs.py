@@ -321,9 +321,10 @@ def test_simulated_movies_record_their_frame_interval(tmp_path, capsys):
 
 HOLDER = """
 import sys
-from deepcad_jax.data.output import OutputLock
-lock = OutputLock(sys.argv[1])
-lock.acquire()
+import numpy as np
+from deepcad_jax.data.output import MovieWriter
+writer = MovieWriter(sys.argv[1], (24, 24), np.float32, frames=40)  # locks it
+writer.write(np.zeros((8, 24, 24), np.float32))  # and starts its temporary file
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -348,11 +349,12 @@ def test_an_output_locked_by_a_live_process_then_a_killed_one(trained_model, tmp
   finally:
     holder.kill()  # kill -9: its lock stays behind
     holder.wait()
-  assert os.path.exists(lock_path(out))
+  assert os.path.exists(lock_path(out)) and len(leftovers(tmp_path)) == 2
   code, _, err = run_cli(capsys, "denoise", "--model", trained_model, "--input", src,
                          "--output", out)
   assert code == 0, err
-  assert f"taking over the lock of PID {holder.pid}" in err
+  assert f"taking over the lock of PID {holder.pid}, which no longer runs (its " \
+         f"unfinished .den.tif.{holder.pid}-" in err
   assert open_movie(out).shape == (40, 24, 24) and not leftovers(tmp_path)
 
 

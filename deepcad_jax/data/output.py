@@ -214,8 +214,14 @@ class OutputLock:
     except FileNotFoundError:
       return
     if self._read(aside) == stale:
-      log.info("%s: taking over the lock of PID %d, which no longer runs.", self.path,
-               stale[0])
+      folder, name = os.path.split(self.path)
+      left = [n for n in os.listdir(folder or ".")  # its temporary files: never finished
+              if n.startswith(f".{name}.{stale[0]}-") and n.endswith(PARTIAL_SUFFIX)]
+      for n in left:
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(folder, n))
+      log.info("%s: taking over the lock of PID %d, which no longer runs%s.", self.path,
+               stale[0], f" (its unfinished {', '.join(left)} removed)" if left else "")
       os.remove(aside)
       return
     with contextlib.suppress(OSError):  # a fresh lock: put it back
