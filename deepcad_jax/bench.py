@@ -28,6 +28,7 @@ import numpy as np
 from deepcad_jax import config as config_lib
 from deepcad_jax import parallel
 from deepcad_jax.checkpoint import Model
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, compiled_bytes, denoise
 from deepcad_jax.model import LADDER, UNet3D, ensemble_params, init_params, param_count
@@ -454,9 +455,8 @@ def save_records(records: list[dict], path: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       existing = json.load(f)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(existing + records, f, indent=1)
+  with AtomicFile(path, overwrite=True) as f:
+    json.dump(existing + records, f.text(), indent=1)
 
 
 def _paper_figure(r: dict) -> str:
@@ -562,6 +562,9 @@ def plot_ladder(records: list[dict], path: str) -> str | None:
     ax.legend()
   fig.suptitle(f"Pruning ladder on {rows[0]['device']} ({rows[0]['dtype']})")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  try:
+    with AtomicFile(path, overwrite=True) as f:
+      fig.savefig(f.open(), dpi=120, format="png")
+  finally:
+    plt.close(fig)
   return path

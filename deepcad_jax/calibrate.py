@@ -18,6 +18,7 @@ from typing import Any
 
 from deepcad_jax.checkpoint import CALIBRATION, load_model
 from deepcad_jax.data.movie import open_movie
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise
 from deepcad_jax.metrics import uncertainty_calibration
@@ -44,6 +45,6 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
             "members": model.config.model.ensemble,
             "fitted_on": os.path.abspath(noisy), "ground_truth": os.path.abspath(clean),
             "measured": result}
-  with open(os.path.join(model_dir, CALIBRATION), "w") as f:
-    json.dump(record, f, indent=1)
+  with AtomicFile(os.path.join(model_dir, CALIBRATION), overwrite=True) as f:
+    json.dump(record, f.text(), indent=1)
   return record

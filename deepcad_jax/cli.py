@@ -181,8 +181,9 @@ def _define_denoise(fv):
                      flag_values=fv)
   flags.DEFINE_integer("batch-size", 0, "Tiles per device call (0 = one per device).",
                        flag_values=fv)
-  flags.DEFINE_string("output-dtype", None, "Output dtype (default: the input's), e.g. "
-                      "float32.", flag_values=fv)
+  flags.DEFINE_string("output-dtype", None, "Output dtype: float32 (default: the "
+                      "network's precision), input (the input's type, rounded), uint16, "
+                      "int16...", flag_values=fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                     flag_values=fv)
   flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
@@ -384,8 +385,9 @@ def _run_evaluate(fv):
   if "uncertainty" in results:
     print(format_calibration(results["uncertainty"]))
   if _v(fv, "output"):
-    with open(_v(fv, "output"), "w") as f:
-      json.dump(results, f, indent=1)
+    from deepcad_jax.data.output import AtomicFile
+    with AtomicFile(_v(fv, "output"), overwrite=True) as f:
+      json.dump(results, f.text(), indent=1)
     print(f"results: {_v(fv, 'output')}")
   return 0
 
@@ -555,7 +557,8 @@ def _define_stream(fv):
   flags.DEFINE_integer("batch-size", 0, "Patches per device call.", flag_values=fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
                     flag_values=fv)
-  flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype.", flag_values=fv)
+  flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype: float32, input "
+                      "(the source's type, rounded), uint16...", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
   flags.DEFINE_boolean("live", False, "Show raw and denoised side by side in a window "
                        "(needs a display and matplotlib; headless: preview images).",
@@ -601,7 +604,7 @@ def _run_stream(fv):
                    raw_output=raw, output_dtype=_v(fv, "output-dtype"),
                    preview_every_s=preview_every,
                    on_output=view.update if view else None,
-                   on_idle=view.draw if view else None)
+                   on_idle=view.draw if view else None, overwrite=_v(fv, "overwrite"))
   print(f"frames: {r.frames_in} in, {r.frames_out} denoised, {r.dropped} dropped "
         f"({r.frame_shape[0]}x{r.frame_shape[1]})")
   print(f"sustained: {r.frames_per_s:.1f} frames/s = {r.voxels_per_s:.3g} voxels/s "
@@ -801,8 +804,8 @@ def _run_bench(fv):
   with open(path) as f:
     all_records = json.load(f)
   table = bench.markdown_table(all_records)
-  with open(os.path.splitext(path)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+  from deepcad_jax.data.output import write_bytes
+  write_bytes(os.path.splitext(path)[0] + ".md", (table + "\n").encode())
   plot = bench.plot_ladder(all_records, os.path.splitext(path)[0] + "_ladder.png")
   print(bench.markdown_table(records))
   print(f"\nrecords: {path} (table: {os.path.splitext(path)[0]}.md"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax import safe_pickle
+from deepcad_jax.data.output import os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS
 
@@ -388,10 +389,13 @@ def save_model(model, output: str, overwrite: bool = False) -> str:
                       "--output.")
     ckpt.clear(output)
   state = create_state(model.config, model.params)
-  os.makedirs(output, exist_ok=True)
-  mgr = ckpt.manager(output, keep=1)
-  mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(model.meta)), force=True)
-  mgr.wait_until_finished()
-  mgr.close()
+  try:  # Orbax writes the step atomically (a temporary folder, renamed when complete)
+    os.makedirs(output, exist_ok=True)
+    mgr = ckpt.manager(output, keep=1)
+    mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(model.meta)), force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+  except OSError as e:
+    raise os_error(e, output) from None
   return os.path.abspath(output)

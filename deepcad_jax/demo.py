@@ -10,6 +10,7 @@ import time
 
 from deepcad_jax import checkpoint as ckpt
 from deepcad_jax.config import load_config
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import denoise_files
 from deepcad_jax.metrics import evaluate_files, format_table
@@ -57,8 +58,8 @@ def run_demo(workdir: str = "deepcad-jax-demo", quick: bool = False, seed: int =
              "seconds": time.perf_counter() - t0, "scores": scores,
              "files": {"noisy": info["noisy"], "clean": info["clean"],
                        "model": run_dir, "denoised": denoised, "results": results_path}}
-  with open(results_path, "w") as f:
-    json.dump(summary, f, indent=1)
+  with AtomicFile(results_path, overwrite=True) as f:
+    json.dump(summary, f.text(), indent=1)
   print()
   print(format_table(scores))
   print(f"\nSNR {summary['input_snr_db']:.2f} dB -> {summary['output_snr_db']:.2f} dB "

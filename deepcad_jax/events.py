@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.movie import open_movie, refuse_to_overwrite, write_movie
+from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
+from deepcad_jax.data.output import AtomicFile, MovieWriter, os_error, outputs_together
 from deepcad_jax.errors import UserError
 
 
@@ -120,14 +121,21 @@ def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
   r, d = open_movie(raw), open_movie(denoised)
   report = find_suppressed_events(r.read(0, r.shape[0]), d.read(0, d.shape[0]), threshold,
                                   box)
-  os.makedirs(output, exist_ok=True)
-  write_movie(paths[0], report.z_map[None])
-  with open(paths[1], "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["t", "y", "x", "z", "excess"])
+  try:
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise os_error(e, paths[0]) from None
+  with outputs_together() as files:  # the three appear together, once complete
+    files.append(MovieWriter(paths[0], report.z_map.shape, np.float32, frames=1,
+                             metadata=r.metadata, overwrite=overwrite))
+    files[-1].write(report.z_map)
+    files.append(AtomicFile(paths[1], overwrite=overwrite))
+    w = csv.DictWriter(files[-1].text(newline=""), fieldnames=["t", "y", "x", "z",
+                                                                "excess"])
     w.writeheader()
     w.writerows(report.events)
-  with open(paths[2], "w") as f:
+    files.append(AtomicFile(paths[2], overwrite=overwrite))
     json.dump({"raw": raw, "denoised": denoised, "noise_a": report.noise[0],
                "noise_b": report.noise[1], "threshold": threshold, "box": list(box),
-               "events": report.events}, f, indent=1)
+               "events": report.events}, files[-1].text(), indent=1)
   return report

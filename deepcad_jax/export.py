@@ -34,6 +34,7 @@ import tifffile
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.convert import key_map
 from deepcad_jax.data.movie import refuse_to_overwrite
+from deepcad_jax.data.output import AtomicFile, commit, os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS, MIN_SIZE
 from deepcad_jax.tiling import ceil_to, reach_by_residue
@@ -184,19 +185,26 @@ def relative_rms(got: np.ndarray, expected: np.ndarray) -> float:
 # ------------------------------------------------------------------ writing files
 
 
-def _write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """`write` into `path`.partial beside it, then rename: never a half file at `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.partial"
+def _written(path: str, write: Callable[[BinaryIO], None]) -> AtomicFile:
+  """`write` into a temporary file beside `path` (`data.output.AtomicFile`), finished
+  but not yet renamed: `publish()` (or `commit` with others) makes it appear."""
+  f = AtomicFile(path, overwrite=True)
   try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
+    write(f.open())
+  except OSError as e:
+    f.abort()
+    raise os_error(e, path) from None
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    f.abort()
     raise
+  f.finish()
+  return f
+
+
+def _write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+  """`write` into a temporary file beside `path`, then rename: never a half file at
+  `path`, and never two runs writing it at once."""
+  _written(path, write).publish()
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -263,6 +271,10 @@ def _zip_record(zf: zipfile.ZipFile, f: BinaryIO, name: str, data: bytes) -> Non
 def write_torch_state_dict(state: dict[str, np.ndarray], path: str) -> None:
   """Write a float32 state_dict in PyTorch's zip format (>= 1.6) without torch;
   `torch.load(path, weights_only=True)` reads it."""
+  _written(path, _state_dict_writer(state)).publish()
+
+
+def _state_dict_writer(state: dict[str, np.ndarray]) -> Callable[[BinaryIO], None]:
   def write(f: BinaryIO) -> None:
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
       records = [("data.pkl", _state_dict_pickle([(k, v.shape) for k, v in state.items()])),
@@ -273,7 +285,7 @@ def write_torch_state_dict(state: dict[str, np.ndarray], path: str) -> None:
       records += [("version", b"3\n")]
       for name, data in records:
         _zip_record(zf, f, f"archive/{name}", data)
-  _write_atomic(path, write)
+  return write
 
 
 def _yaml_float(value: float) -> str:
@@ -300,8 +312,15 @@ def export_pth(net: Network, output: str, overwrite: bool = False) -> ExportRepo
   para = os.path.join(os.path.dirname(os.path.abspath(output)), "para.yaml")
   refuse_to_overwrite([output, para], overwrite)
   state = torch_state_dict(net.params)
-  write_torch_state_dict(state, output)
-  _write_bytes(para, para_yaml(net.model, net.features).encode())
+  files = [_written(output, _state_dict_writer(state))]  # both appear, or neither
+  try:
+    text = para_yaml(net.model, net.features).encode()
+    files.append(_written(para, lambda f: f.write(text)))
+  except BaseException:
+    for f in files:
+      f.abort()
+    raise
+  commit(files)
   # Read back with the torch-free reader: every tensor must come back bit for bit.
   from deepcad_jax.convert import read_state_dict
   back = read_state_dict(output)
@@ -755,13 +774,15 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
       if isinstance(e, UserError):
         raise
       raise _bioimageio_error(e) from None
-    partial = f"{output}.partial"
+    package = AtomicFile(output, overwrite=True)
     try:
-      spec.save_bioimageio_package(descr, output_path=partial)
-      os.replace(partial, output)
+      package.open()  # the package is saved over this run's own temporary file
+      spec.save_bioimageio_package(descr, output_path=package.temp)
+      package.commit()
     except BaseException as e:
-      if os.path.exists(partial):
-        os.remove(partial)
+      package.abort()
+      if isinstance(e, OSError):
+        raise os_error(e, output) from None
       if isinstance(e, ValueError) and not isinstance(e, UserError):
         raise _bioimageio_error(e) from None
       raise
@@ -816,10 +837,13 @@ def export(model: Model | str, output: str, format: str, *, member: int | None =
     from deepcad_jax.checkpoint import load_model
     model = load_model(os.fspath(model))
   net = network(model, format, member)
-  if format == "pth":
-    return export_pth(net, output, overwrite)
-  if format == "onnx":
-    return export_onnx(net, output, opset, patch, overwrite, verify)
-  return export_bioimageio(net, output, mean=mean, sample=sample, name=name,
-                           authors=authors, license=license, opset=opset,
-                           overwrite=overwrite)
+  try:
+    if format == "pth":
+      return export_pth(net, output, overwrite)
+    if format == "onnx":
+      return export_onnx(net, output, opset, patch, overwrite, verify)
+    return export_bioimageio(net, output, mean=mean, sample=sample, name=name,
+                             authors=authors, license=license, opset=opset,
+                             overwrite=overwrite)
+  except OSError as e:  # e.g. the package's working folder beside a read-only output
+    raise os_error(e, output) from None

@@ -29,7 +29,9 @@ from deepcad_jax.augment import N_SYMMETRIES
 from deepcad_jax.checkpoint import Model, load_model
 from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
-                                    refuse_to_overwrite, write_movie)
+                                    refuse_to_overwrite)
+from deepcad_jax.data.output import (PARTIAL_SUFFIX, MovieWriter, check_space, movie_bytes,
+                                     os_error, outputs_together)
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import uniform_widths
 from deepcad_jax.predict import (StepLayout, TileFn, compile_predict_step, frame_padding,
@@ -38,9 +40,9 @@ from deepcad_jax.progress import Progress
 from deepcad_jax.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
                                 overlap_plan)
 
-__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "denoise", "denoise_files",
-           "denoise_with", "memory_budget", "symmetry_samples", "to_dtype",
-           "whole_movie_forward"]
+__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "TemporalSpread", "denoise",
+           "denoise_files", "denoise_with", "memory_budget", "quantisation_note",
+           "resolve_output_dtype", "symmetry_samples", "to_dtype", "whole_movie_forward"]
 
 log = logging.getLogger("deepcad_jax")
 
@@ -49,6 +51,9 @@ TILINGS = ("auto", "exact", "overlap")
 # accelerator's memory (what XLA's allocator may hold), or of the machine's RAM on CPUs.
 DEVICE_MEMORY_SHARE = 0.8
 HOST_MEMORY_SHARE = 0.4
+# An integer output gets a note when its rounding noise exceeds this share of the
+# denoised movie's temporal variation (RMS; 0.1 in amplitude is 1% in power).
+QUANTISATION_NOTE = 0.1
 
 
 @dataclasses.dataclass
@@ -64,10 +69,18 @@ class DenoiseStats:
   compile_s: float = 0.0
   clipped: int = 0
   rescale_skipped: int = 0    # reference stitching: patches whose sums were not positive
+  rounding_sq: float = 0.0    # integer outputs: sum of squared rounding errors
+  rounded: int = 0            # voxels that sum is over
+  spread: TemporalSpread | None = None  # integer outputs: the float frames' variation
 
   @property
   def voxels_per_s(self) -> float:
     return float(np.prod(self.shape)) / self.seconds if self.seconds else 0.0
+
+  @property
+  def rounding_rms(self) -> float:
+    """The quantisation noise an integer output added (RMS, in counts); 0 for floats."""
+    return float(np.sqrt(self.rounding_sq / self.rounded)) if self.rounded else 0.0
 
 
 @dataclasses.dataclass
@@ -83,6 +96,8 @@ class Frames:
   data: np.ndarray
   extras: np.ndarray | None = None
   clipped: int = 0
+  rounding_sq: float = 0.0  # integer data: sum of squared rounding errors (not clipped)
+  moments: np.ndarray | None = None  # integer data: (2, Y, X) sums of x - c, (x - c)^2
 
 
 def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:
@@ -366,10 +381,18 @@ class Engine:
     data = np.asarray(out["frames"])[r0:r1]
     extras = None if out["extras"] is None else np.asarray(out["extras"])[r0:r1]
     clipped = int(out["clipped"])
-    if data.dtype != host_dtype:
+    rounding_sq = float(out["rounding_sq"])
+    moments = None if out["moments"] is None else np.asarray(out["moments"], np.float64)
+    if data.dtype != host_dtype:  # integers wider than 16 bits: converted here
+      if np.dtype(host_dtype).kind in "iu":
+        info = np.iinfo(host_dtype)
+        x = data.astype(np.float64)
+        inside = (x >= info.min - 0.5) & (x <= info.max + 0.5)
+        rounding_sq += float(np.sum(np.where(inside, np.rint(x) - x, 0.0) ** 2))
+        moments = np.stack([x.sum(0), (x * x).sum(0)])
       data, n = to_dtype(data, host_dtype)
       clipped += n
-    return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped)
+    return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped, rounding_sq, moments)
 
   def prepare(self, plan: TilePlan, movie_dtype: Any, *, out_dtype: Any = np.float32,
               channels: int = 0, prior: bool = False,
@@ -451,6 +474,13 @@ class Engine:
           "movie voxels/s": f"{done * tile_voxels / plan.recompute / max(elapsed, 1e-9):.3g}"})
       stats.clipped += frames.clipped
       stats.rescale_skipped += int(submitted[1]["rescale_skipped"])
+      if host_dtype.kind in "iu":
+        stats.rounding_sq += frames.rounding_sq
+        stats.rounded += frames.data.size - frames.clipped
+        if frames.moments is not None:
+          if stats.spread is None:
+            stats.spread = TemporalSpread(frames.data.shape[1:])
+          stats.spread.add_sums(len(frames.data), *frames.moments)
       return frames
 
     window = self.read_window(movie, plan.padded[0], windows[0].start, layout.window)
@@ -744,18 +774,19 @@ def denoise(movie: Any, model: Model | str | Denoiser, *,
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
   `model` is a `Model`, a model directory or a `Denoiser` (then the other settings are
-  the Denoiser's). The result has the input's shape and, unless `output_dtype` is given
-  ('float32' for the raw network output), the input's dtype (rounded, clipped). With
-  `uncertainty` = K the result is (mean, std) over K test-time symmetries (times the
-  ensemble's members); std is float32; `save_samples` adds a third item, the float32
-  samples (S, T, Y, X). See `Denoiser` for the other arguments.
+  the Denoiser's). The result has the input's shape and is float32 (the network's
+  precision) unless `output_dtype` asks for another ('input': the input's dtype,
+  rounded and clipped on the device). With `uncertainty` = K the result is (mean, std)
+  over K test-time symmetries (times the ensemble's members); std is float32;
+  `save_samples` adds a third item, the float32 samples (S, T, Y, X). See `Denoiser`
+  for the other arguments.
   """
   movie = as_movie(movie)
   den = model if isinstance(model, Denoiser) else Denoiser(
       model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching,
       uncertainty=uncertainty, save_samples=save_samples, tiling=tiling, tile=tile,
       memory_budget=memory_budget)
-  out_dtype = np.dtype(output_dtype or movie.dtype)
+  out_dtype = resolve_output_dtype(output_dtype, movie.dtype)
   out = np.empty(movie.shape, out_dtype)
   extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
   for f in den.frames(movie, out_dtype=out_dtype, progress=progress):
@@ -782,6 +813,7 @@ class FileReport:
   seconds: float
   voxels_per_s: float
   clipped: int
+  rounding_rms: float = 0.0   # quantisation noise added by an integer output (counts)
 
 
 def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
@@ -803,71 +835,143 @@ def _report(movie: Movie, dst: str, out_dtype, stats: DenoiseStats,
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.tiles,
                     stats.tiling, stats.recompute, seconds,
                     float(np.prod(movie.shape)) / seconds if seconds else 0.0,
-                    stats.clipped)
+                    stats.clipped, stats.rounding_rms)
 
 
-def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
-               ) -> FileReport:
+class TemporalSpread:
+  """How much a movie varies in time: each pixel's temporal variance, from per-pixel
+  sums accumulated block by block (`add_sums`, as the device returns them, or `add`:
+  frames, over a strided grid of at most `max_pixels` pixels), averaged over pixels."""
+
+  def __init__(self, frame_shape: Sequence[int], max_pixels: int = 2**16):
+    self.step = max(1, int(np.ceil(np.sqrt(frame_shape[0] * frame_shape[1] /
+                                           max_pixels))))
+    self.n = 0
+    self.sum: np.ndarray | None = None
+    self.sum_sq: np.ndarray | None = None
+
+  def add_sums(self, n: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+    """n frames' per-pixel sums of x - c and (x - c)^2 (any constant c)."""
+    if self.sum is None:
+      self.sum, self.sum_sq = np.zeros(total.shape), np.zeros(total.shape)
+    self.sum += total
+    self.sum_sq += total_sq
+    self.n += int(n)
+
+  def add(self, block: np.ndarray) -> None:
+    b = np.asarray(block[:, ::self.step, ::self.step], np.float64)
+    self.add_sums(len(b), b.sum(0), (b * b).sum(0))
+
+  def variance(self) -> float:
+    """The mean over pixels of each pixel's temporal variance."""
+    if not self.n:
+      return 0.0
+    mean = self.sum / self.n
+    return float(np.mean(np.maximum(self.sum_sq / self.n - mean * mean, 0.0)))
+
+
+def quantisation_note(dst: str, out_dtype, stats: DenoiseStats) -> str | None:
+  """One line when rounding to an integer `out_dtype` added more than
+  QUANTISATION_NOTE of the denoised movie's temporal variation (RMS over pixels of
+  each pixel's temporal std, before rounding; both measured)."""
+  q = stats.rounding_rms
+  if not q or stats.spread is None:
+    return None
+  signal = float(np.sqrt(stats.spread.variance()))
+  if q <= QUANTISATION_NOTE * signal:
+    return None
+  share = f"{100 * q / signal:.0f}%" if signal else "more than all"
+  return (f"rounding {dst} to {np.dtype(out_dtype).name} added {q:.2f} counts RMS of "
+          f"quantisation noise, {share} of the denoised movie's temporal variation "
+          f"({signal:.2f} counts RMS); the default --output-dtype float32 keeps the "
+          "network's precision.")
+
+
+def resolve_output_dtype(requested: Any, input_dtype: Any) -> np.dtype:
+  """The output dtype: float32 by default (what the network computes), the input's
+  dtype for 'input', else the one named (a float or integer type)."""
+  if requested is None:
+    return np.dtype(np.float32)
+  if isinstance(requested, str) and requested.strip().lower() == "input":
+    return np.dtype(input_dtype)
+  try:
+    dtype = np.dtype(requested)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.kind not in "fiu":
+    raise UserError(f"--output-dtype takes float32 (the default), input (the input's "
+                    f"type), uint16, int16 or another integer type; got {requested!r}.")
+  return dtype
+
+
+def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
+               overwrite: bool = False) -> FileReport:
   """Denoise one movie into `dst` (and its std and samples beside it), written as it
-  is produced."""
+  is produced; the files appear together once all are complete."""
   stats = DenoiseStats()
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  _write_outputs(dst, den.extra_outputs(dst),
-                 den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
-                 movie.shape, out_dtype)
+  with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite) as writers:
+    _write_frames(den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
+                  writers)
+  note = quantisation_note(dst, out_dtype, stats)
+  if note:
+    log.warning("%s", note)
   return _report(movie, dst, out_dtype, stats)
 
 
-def _write_outputs(dst: str, extras: Sequence[str], frames: Iterator[Frames], shape,
-                   out_dtype) -> None:
-  """`dst` from the frames' data, and each extra channel as a float32 TIFF at the
-  matching path of `extras` (the std, the samples)."""
-  write_movie(dst, _split_extras(frames, extras), shape, out_dtype)
-  for path in extras:
-    _write_raw_as_tiff(_partial(path), path, shape)
+@contextlib.contextmanager
+def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
+                   overwrite: bool) -> Iterator[list[MovieWriter]]:
+  """Writers for `dst` and its extra (float32) outputs, with the input's metadata, after
+  checking their disk has room; committed together when the block succeeds, all
+  removed if it fails."""
+  shape = movie.shape
+  check_space([(dst, movie_bytes(shape, out_dtype))] +
+              [(p, movie_bytes(shape, np.float32)) for p in extras])
+  metadata = movie.metadata
+  with outputs_together() as writers:
+    for path, dtype in [(dst, out_dtype)] + [(p, np.float32) for p in extras]:
+      writers.append(MovieWriter(path, shape[1:], dtype, frames=shape[0],
+                                 metadata=metadata, overwrite=overwrite))
+    yield writers
 
 
-def _partial(path: str) -> str:
-  """The float32 raw file an extra output collects in before it becomes a TIFF."""
-  return f"{path}.raw-partial"
-
-
-def _split_extras(frames: Iterator[Frames], extras: Sequence[str]) -> Iterator[np.ndarray]:
-  """The frames' data; extra channel i goes, float32, to `_partial(extras[i])` as it
-  passes."""
-  with contextlib.ExitStack() as stack:
-    files = [stack.enter_context(open(_partial(p), "wb")) for p in extras]
-    for f in frames:
-      for i, file in enumerate(files):
-        file.write(np.ascontiguousarray(f.extras[..., i], np.float32).tobytes())
-      yield f.data
+def _write_frames(frames: Iterator[Frames], writers: Sequence[MovieWriter]) -> None:
+  """Each block's data to writers[0], extra channel i (float32) to writers[1 + i]."""
+  for f in frames:
+    writers[0].write(f.data)
+    for i, w in enumerate(writers[1:]):
+      w.write(f.extras[..., i])
 
 
 def std_path(output: str) -> str:
   """Where the uncertainty (std) movie of `output` goes: beside it, `*_std.tif`."""
-  stem, ext = os.path.splitext(output)
+  stem, ext = _split_ext(output)
   return f"{stem}_std{ext}"
 
 
 def sample_path(output: str, i: int) -> str:
   """Where sample `i` of `output` goes with --save-samples: `*_sample00.tif`, ..."""
-  stem, ext = os.path.splitext(output)
+  stem, ext = _split_ext(output)
   return f"{stem}_sample{i:02d}{ext}"
 
 
-def _write_raw_as_tiff(raw: str, dst: str, shape) -> None:
-  """A float32 raw file of (T, Y, X) frames as a TIFF (in bounded memory); removes raw."""
-  data = np.memmap(raw, np.float32, "r", shape=tuple(shape)) if np.prod(shape) else \
-      np.zeros(shape, np.float32)
-  step = max(1, (64 * 2**20) // max(1, shape[1] * shape[2] * 4))
-  write_movie(dst, (np.asarray(data[t:t + step]) for t in range(0, shape[0], step)),
-              shape, np.float32)
-  del data
-  os.remove(raw)
+def _split_ext(path: str) -> tuple[str, str]:
+  """(stem, extension), keeping '.ome.tif' whole."""
+  for ext in (".ome.tif", ".ome.tiff"):
+    if path.lower().endswith(ext):
+      return path[:-len(ext)], path[-len(ext):]
+  return os.path.splitext(path)
 
 
-def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool
-                  ) -> FileReport | None:
+def _part_path(dst: str, p: int) -> str:
+  """Process p's share of a shared movie: a temporary file beside `dst`."""
+  folder, name = os.path.split(os.path.abspath(dst))
+  return os.path.join(folder, f".{name}.part{p}{PARTIAL_SUFFIX}")
+
+
+def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
+                  overwrite: bool = False) -> FileReport | None:
   """One movie denoised by every process: each does a contiguous range of temporal
   slabs into a part file; process 0 assembles `dst` (and its std and samples) from the
   parts."""
@@ -877,10 +981,22 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   channels = den.channels
   stats = DenoiseStats()
   t0 = time.perf_counter()
-  with open(f"{dst}.part{p}", "wb") as f:
-    if b > a:
-      for block in den.blocks(movie, stats, progress=progress, slabs=(a, b)):
-        f.write(np.ascontiguousarray(block, np.float32).tobytes())
+  part = _part_path(dst, p)
+  try:
+    check_space([(part, movie_bytes(movie.shape, np.float32) * max(1, channels) //
+                  n_proc)])
+    with open(part, "wb") as f:
+      if b > a:
+        for block in den.blocks(movie, stats, progress=progress, slabs=(a, b)):
+          f.write(np.ascontiguousarray(block, np.float32).tobytes())
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(part)
+    raise os_error(e, dst) from None
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(part)
+    raise
   distributed.barrier(f"parts-{dst}")
   report = None
   if p == 0:
@@ -888,8 +1004,8 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
 
     def parts():  # every process's frames, in order, 64 at a time
       for q in range(n_proc):
-        data = np.memmap(f"{dst}.part{q}", np.float32, "r") if os.path.getsize(
-            f"{dst}.part{q}") else np.zeros(0, np.float32)
+        data = np.memmap(_part_path(dst, q), np.float32, "r") if os.path.getsize(
+            _part_path(dst, q)) else np.zeros(0, np.float32)
         frames = data.reshape((-1,) + frame_shape)
         for t in range(0, len(frames), 64):
           block = np.asarray(frames[t:t + 64])
@@ -899,12 +1015,34 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
         del data, frames
 
     stats.clipped = 0
-    _write_outputs(dst, den.extra_outputs(dst), parts(), movie.shape, out_dtype)
-    for q in range(n_proc):
-      os.remove(f"{dst}.part{q}")
+    try:
+      with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype,
+                          overwrite) as writers:
+        _write_frames(parts(), writers)
+    finally:
+      for q in range(n_proc):
+        with contextlib.suppress(OSError):
+          os.remove(_part_path(dst, q))
     report = _report(movie, dst, out_dtype, stats, time.perf_counter() - t0)
   distributed.barrier(f"assembled-{dst}")
   return report
+
+
+def _complete_output(paths: Sequence[str], movie: Movie, out_dtype) -> str | None:
+  """Why the existing outputs `paths` of `movie` are not a complete earlier result
+  (None: they are: all there, readable, of its shape and the dtypes asked for)."""
+  for i, path in enumerate(paths):
+    if not os.path.lexists(path):
+      return f"{path} is missing"
+    try:
+      out = open_movie(path)
+    except UserError:
+      return f"{path} is not a readable movie"
+    want = np.dtype(out_dtype if i == 0 else np.float32)
+    if out.shape != movie.shape or out.dtype != want:
+      return (f"{path} is {'x'.join(map(str, out.shape))} {out.dtype}, not "
+              f"{'x'.join(map(str, movie.shape))} {want.name}")
+  return None
 
 
 def denoise_files(input: str, output: str, model: Model | str, *, overwrite: bool = False,
@@ -912,38 +1050,69 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
                   ) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
-  Refuses to overwrite an existing output unless `overwrite`, and never writes over
-  an input. `kwargs` go to `Denoiser` (patch, overlap, batch_size, dtype, blend, devices,
-  reference_stitching, spatial, uncertainty, save_samples, tiling, tile,
-  memory_budget; with uncertainty the std movie is written beside each output as
-  `*_std.tif`, and with save_samples each sample as `*_sample00.tif`, ...). On several
-  processes (`jax.distributed`), the files of a folder are split between them, and a
-  single movie's temporal slabs are; each process uses its own devices.
+  Each output is float32 (the network's precision) unless `output_dtype` asks for
+  another ('input' for the input's type); it carries the input's metadata and appears
+  only once complete (`data.output`). Refuses to overwrite an existing output unless
+  `overwrite`, and never writes over an input; for a folder, outputs already complete
+  from an earlier run are skipped (a rerun after a failure finishes the rest), and a
+  missing output folder is created. `kwargs` go to `Denoiser` (patch, overlap,
+  batch_size, dtype, blend, devices, reference_stitching, spatial, uncertainty,
+  save_samples, tiling, tile, memory_budget; with uncertainty the std movie is written
+  beside each output as `*_std.tif`, and with save_samples each sample as
+  `*_sample00.tif`, ...). On several processes (`jax.distributed`), the files of a
+  folder are split between them, and a single movie's temporal slabs are; each process
+  uses its own devices.
   """
-  inputs = list_movies(os.fspath(input))
-  outputs = _output_paths(inputs, os.fspath(input), os.fspath(output))
+  input, output = os.fspath(input), os.fspath(output)
+  inputs = list_movies(input)
+  outputs = _output_paths(inputs, input, output)
+  folder = os.path.isdir(input)
   n_proc = jax.process_count()
   if n_proc > 1:
     kwargs.setdefault("devices", jax.local_devices())
   den = Denoiser(model, **kwargs)
-  for src, dst in zip(inputs, outputs):
+  movies = [open_movie(p) for p in inputs]
+  todo = []
+  for src, movie, dst in zip(inputs, movies, outputs):
     if os.path.exists(dst) and os.path.samefile(src, dst):
       raise UserError(f"--output {dst} is the input file; choose another output.")
-    refuse_to_overwrite([dst] + den.extra_outputs(dst), overwrite)
-  movies = [open_movie(p) for p in inputs]
-  if os.path.isdir(input):
-    os.makedirs(output, exist_ok=True)
+    out_dtype = resolve_output_dtype(output_dtype, movie.dtype)
+    paths = [dst] + den.extra_outputs(dst)
+    if folder and not overwrite and any(os.path.lexists(p) for p in paths):
+      why = _complete_output(paths, movie, out_dtype)
+      if why is None:
+        log.info("skipping %s: %s is already complete (--overwrite redoes it).", src, dst)
+        continue
+      existing = next(p for p in paths if os.path.lexists(p))
+      raise UserError(f"{existing} already exists but is not a complete output of {src} "
+                      f"({why}); add --overwrite to redo it, or remove it.")
+    refuse_to_overwrite(paths, overwrite)
+    todo.append((movie, dst, out_dtype))
+  if folder:
+    if not todo:
+      log.info("every output in %s is already complete; nothing to do (--overwrite "
+               "redoes them).", output)
+    try:
+      os.makedirs(output, exist_ok=True)
+    except OSError as e:
+      raise os_error(e, output) from None
   distributed.barrier("denoise-checked")  # every process has checked before any writes
   reports = []
-  shared = n_proc > 1 and len(movies) == 1
-  for i, (movie, dst) in enumerate(zip(movies, outputs)):
-    out_dtype = np.dtype(output_dtype or movie.dtype)
-    if shared:
-      report = _write_shared(movie, dst, den, out_dtype, progress)
-    elif i % n_proc == jax.process_index():
-      report = _write_one(movie, dst, den, out_dtype, progress)
-    else:
-      continue
+  shared = n_proc > 1 and len(todo) == 1
+  for i, (movie, dst, out_dtype) in enumerate(todo):
+    try:
+      if shared:
+        report = _write_shared(movie, dst, den, out_dtype, progress, overwrite)
+      elif i % n_proc == jax.process_index():
+        report = _write_one(movie, dst, den, out_dtype, progress, overwrite)
+      else:
+        continue
+    except UserError:
+      if folder and i:
+        log.info("%d of the %d movies of %s were denoised before this error; run the "
+                 "same command again to do the rest (finished outputs are skipped).", i,
+                 len(todo), input)
+      raise
     if report is None:
       continue
     if report.clipped:

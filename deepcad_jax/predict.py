@@ -123,9 +123,12 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
 
 
 def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLayout):
-  """(main frames in the output dtype, extra channels float32 or None, clipped count):
-  the mean added back to every channel but the std, frames cropped to the movie; only
-  rows [valid[0], valid[1]) (those the host keeps) count as clipped."""
+  """(main frames in the output dtype, extra channels float32 or None, clipped count,
+  sum of squared rounding errors, temporal moments): the mean added back to every
+  channel but the std, frames cropped to the movie. Integer outputs are also measured
+  over rows [valid[0], valid[1]) (those the host keeps): voxels clipped, the squared
+  rounding errors of the others, and per pixel the sums of (x - mean) and (x - mean)^2
+  over those rows ((2, Y, X) float32; None for floats)."""
   y, x = layout.frame
   frames = frames[:, :y, :x]
   extras = None
@@ -137,14 +140,20 @@ def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLa
   frames = frames + mean
   dtype = np.dtype(layout.out_dtype)
   if dtype.kind == "f":
-    return frames.astype(dtype), extras, jnp.zeros((), jnp.int32)
+    return (frames.astype(dtype), extras, jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.float32), None)
   info = np.iinfo(dtype)
   rounded = jnp.rint(frames)
   outside = (rounded < info.min) | (rounded > info.max)
   rows = jnp.arange(frames.shape[0])
   kept = ((rows >= valid[0]) & (rows < valid[1]))[:, None, None]
   clipped = jnp.sum(outside & kept, dtype=jnp.int32)
-  return jnp.clip(rounded, info.min, info.max).astype(dtype), extras, clipped
+  error = jnp.where(kept & ~outside, rounded - frames, 0.0)
+  rounding_sq = jnp.sum(jnp.sum(error * error, axis=(1, 2)))  # per frame, then frames
+  shifted = jnp.where(kept, frames - mean, 0.0)
+  moments = jnp.stack([jnp.sum(shifted, axis=0), jnp.sum(shifted * shifted, axis=0)])
+  return (jnp.clip(rounded, info.min, info.max).astype(dtype), extras, clipped,
+          rounding_sq, moments)
 
 
 def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group: dict,
@@ -171,6 +180,8 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
   Returns:
     {'frames': (E, Y, X) output dtype, 'extras': (E, Y, X, C - 1) float32 or None,
      'carry': the next carry (blending) or None, 'clipped': voxels clipped (int32),
+     'rounding_sq': integer outputs: the kept voxels' squared rounding errors, summed,
+     'moments': integer outputs: (2, Y, X) per-pixel sums of (x - mean), (x - mean)^2,
      'rescale_skipped': tiles whose reference rescale was not positive (int32)}.
   """
   mean = group["mean"].astype(jnp.float32)
@@ -214,12 +225,14 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
   if layout.blend:
     norm = group["t_norm"][:, None, None] * consts["yx_norm"][None]
     emit = emit / (norm[..., None] if layout.channels else norm)
-  frames, extras, clipped = _finish(emit, mean, group["valid"], layout)
+  frames, extras, clipped, rounding_sq, moments = _finish(emit, mean, group["valid"],
+                                                          layout)
   new_carry = None
   if layout.blend:
     padded = jnp.concatenate([acc, jnp.zeros_like(acc)])
     new_carry = jax.lax.dynamic_slice_in_dim(padded, group["shift"], layout.window)
   return {"frames": frames, "extras": extras, "carry": new_carry, "clipped": clipped,
+          "rounding_sq": rounding_sq, "moments": moments,
           "rescale_skipped": jnp.sum(skipped)}
 
 

@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.movie import refuse_to_overwrite, write_movie
+from deepcad_jax.data.metadata import MovieMetadata
+from deepcad_jax.data.movie import refuse_to_overwrite
+from deepcad_jax.data.output import (AtomicFile, MovieWriter, check_space, movie_bytes,
+                                     os_error, outputs_together)
 from deepcad_jax.errors import UserError
 from deepcad_jax.metrics import snr_db
 
@@ -145,15 +148,25 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
 
 
 def write_simulation(folder: str, overwrite: bool = False, **kwargs: Any) -> dict:
-  """Simulate and write noisy.tif, clean.tif (float32) and info.json into `folder`."""
+  """Simulate and write noisy.tif, clean.tif (float32, with the frame interval) and
+  info.json into `folder`; the three appear together, once complete."""
   paths = {k: os.path.join(folder, f) for k, f in
            (("noisy", "noisy.tif"), ("clean", "clean.tif"), ("info", "info.json"))}
   refuse_to_overwrite(paths.values(), overwrite)
-  noisy, clean, info = simulate(SimulationParams(**kwargs))
-  os.makedirs(folder, exist_ok=True)
-  write_movie(paths["noisy"], noisy)
-  write_movie(paths["clean"], clean)
+  params = SimulationParams(**kwargs)
+  check_space([(paths[k], movie_bytes(params.shape, np.float32)) for k in ("noisy", "clean")])
+  noisy, clean, info = simulate(params)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise os_error(e, paths["noisy"]) from None
   info.update(noisy=paths["noisy"], clean=paths["clean"])
-  with open(paths["info"], "w") as f:
-    json.dump(info, f, indent=1)
+  metadata = MovieMetadata(kind="tiff", frame_interval=1.0 / params.frame_rate)
+  with outputs_together() as files:
+    for key, movie in (("noisy", noisy), ("clean", clean)):
+      files.append(MovieWriter(paths[key], movie.shape[1:], np.float32,
+                               frames=len(movie), metadata=metadata, overwrite=overwrite))
+      files[-1].write(movie)
+    files.append(AtomicFile(paths["info"], overwrite=overwrite))
+    json.dump(info, files[-1].text(), indent=1)
   return info

@@ -32,16 +32,22 @@ import dataclasses
 import logging
 import os
 import queue
+import struct
 import threading
 import time
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
 import tifffile
 
+from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
+from deepcad_jax.data.output import (BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes,
+                                     write_bytes)
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, Window, to_dtype
+from deepcad_jax.infer import (DenoiseStats, Denoiser, TemporalSpread, Window,
+                               quantisation_note, resolve_output_dtype, to_dtype)
 from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
                                 choose_exact_tile, exact_plan, gap, overlap_axis,
                                 overlap_plan)
@@ -343,6 +349,8 @@ class ReplaySource(FrameSource):
     self.name = path
     self.dtype = self.movie.dtype
     self.frame_shape = self.movie.shape[1:]
+    self.length = self.movie.shape[0]
+    self.metadata = self.movie.metadata
 
   def frames(self, stop):
     t0 = time.perf_counter()
@@ -370,6 +378,7 @@ class FolderSource(FrameSource):
       raise UserError(f"{folder} is not a folder to watch.")
     self.folder, self.idle_timeout, self.poll = folder, idle_timeout, poll
     self.name = folder
+    self.metadata: MovieMetadata | None = None  # the first file's, once read
 
   def frames(self, stop):
     seen: set[str] = set()
@@ -387,7 +396,10 @@ class FolderSource(FrameSource):
           break
         seen.add(name)
         progressed = True
-        data = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+          data = tif.asarray()
+          if self.metadata is None:
+            self.metadata = read_metadata(tif)
         for frame in data.reshape((-1,) + data.shape[-2:]):
           yield frame
       if progressed:
@@ -405,24 +417,33 @@ class FolderSource(FrameSource):
 # ------------------------------------------------------------------ pipeline
 
 
-class _AppendWriter:
-  """A TIFF written frame by frame (BigTIFF), readable whenever it is closed."""
+class _DenoisedWriter:
+  """The denoised stream's file: frames converted to the output dtype here (rounded and
+  clipped, the rounding error measured) and appended as they come."""
 
-  def __init__(self, path: str, dtype):
-    self.path, self.dtype = path, np.dtype(dtype)
-    self.tw = tifffile.TiffWriter(path, bigtiff=True)
-    self.count = 0
+  def __init__(self, writer: MovieWriter):
+    self.writer, self.dtype = writer, writer.dtype
     self.clipped = 0
+    self.stats = DenoiseStats()
 
   def write(self, frames: np.ndarray) -> None:
-    frames, clipped = to_dtype(np.asarray(frames), self.dtype)  # rounded and clipped
+    frames = np.asarray(frames, np.float32)
+    if self.dtype.kind in "iu":
+      info = np.iinfo(self.dtype)
+      inside = (frames >= info.min - 0.5) & (frames <= info.max + 0.5)
+      error = np.where(inside, np.rint(frames) - frames, 0.0)
+      self.stats.rounding_sq += float(np.sum(error * error, dtype=np.float64))
+      self.stats.rounded += int(np.count_nonzero(inside))
+      if self.stats.spread is None:
+        self.stats.spread = TemporalSpread(frames.shape[1:])
+      self.stats.spread.add(frames)
+    frames, clipped = to_dtype(frames, self.dtype)  # rounded and clipped
     self.clipped += clipped
-    for f in frames:
-      self.tw.write(f, contiguous=True, photometric="minisblack")
-      self.count += 1
+    self.writer.write(frames)
 
-  def close(self) -> None:
-    self.tw.close()
+  def note(self) -> str | None:
+    """The quantisation note of an integer output (see infer)."""
+    return quantisation_note(self.writer.path, self.dtype, self.stats)
 
 
 @dataclasses.dataclass
@@ -439,7 +460,7 @@ class StreamReport:
   steady_latency_median_s: float = float("nan")  # over the frames after those
   steady_latency_p99_s: float = float("nan")
   kept_up: bool = False
-  raw: str = ""
+  raw: str = ""                  # the files written ("" where the stream got no frame)
   denoised: str = ""
   previews: list[str] = dataclasses.field(default_factory=list)
   clipped: int = 0
@@ -463,9 +484,8 @@ def raw_path(output: str) -> str:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-  """A grayscale 8-bit PNG (no dependencies): the image scaled to its 0.5-99.5% range."""
-  import struct
-  import zlib
+  """A grayscale 8-bit PNG (no dependencies): the image scaled to its 0.5-99.5% range;
+  written atomically."""
   lo, hi = np.percentile(image, [0.5, 99.5]) if image.size else (0, 1)
   img = np.clip((image - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
   raw = b"".join(b"\x00" + row.tobytes() for row in img)
@@ -474,28 +494,31 @@ def write_png(path: str, image: np.ndarray) -> None:
     return (struct.pack(">I", len(data)) + tag + data +
             struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
 
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
-        ">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0)) +
-            chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+  write_bytes(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+      ">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0)) +
+      chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
 def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
                  rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
                  raw_output: str | None = None, output_dtype: Any = "float32",
                  preview_every_s: float = 0.0, preview_dir: str | None = None,
-                 on_output=None, on_idle=None, progress: bool = True) -> StreamReport:
+                 on_output=None, on_idle=None, progress: bool = True,
+                 overwrite: bool = False) -> StreamReport:
   """Acquisition, processing and output in three threads joined by bounded queues.
 
   Writes the raw frames to `raw_output` (default: beside `output`, `*_raw.tif`) and the
-  denoised frames to `output` as they come; every `preview_every_s` seconds a PNG of the
+  denoised frames to `output` (float32, or `output_dtype`: 'input' for the source's
+  type) as they come, with the source's metadata, under temporary names that become
+  the final ones when the stream ends; every `preview_every_s` seconds a PNG of the
   latest raw and denoised frames side by side; `on_output(raw, denoised)` (e.g. a live
   view) is called from the output stage for every block, and `on_idle()` from this
   (the main) thread about every 0.1 s, where GUI toolkits must draw. A stage that fails
-  stops the
-  others (a failing source ends the stream: the frames acquired until then are still
-  denoised and written); what was written stays readable, and the error is re-raised
-  after clean-up.
+  stops the others (a failing source ends the stream: the frames acquired until then
+  are still denoised); the frames written until then are still given their final names
+  (a stream that got no frame leaves no file), and the error is raised after that (a
+  failing source as a `UserError` naming it). Existing outputs are refused unless
+  `overwrite`.
   """
   if policy not in ("block", "drop"):
     raise UserError(f"policy must be 'block' or 'drop'; got {policy!r}.")
@@ -503,20 +526,39 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
     if path and not path.lower().endswith(TIFF_SUFFIXES):
       raise UserError(f"{path} must end in .tif or .tiff.")
   raw_output = raw_output or raw_path(output)
+  source_dtype = np.dtype(getattr(source, "dtype", np.float32))
+  out_dtype = resolve_output_dtype(output_dtype, source_dtype)
+  length = getattr(source, "length", None)
+  frame_shape = getattr(source, "frame_shape", None)
+  big = None
+  if length is not None and frame_shape is not None:
+    shape = (length,) + tuple(frame_shape)
+    check_space([(raw_output, movie_bytes(shape, source_dtype)),
+                 (output, movie_bytes(shape, out_dtype))])
+    big = max(movie_bytes(shape, source_dtype), movie_bytes(shape, out_dtype)) > \
+        BIGTIFF_BYTES
   acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
   denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
   stop = threading.Event()
   errors: list[BaseException] = []
-  report = StreamReport(rate_hz=rate, raw=raw_output, denoised=output)
+  report = StreamReport(rate_hz=rate)
   arrival: dict[int, float] = {}
   if getattr(source, "frame_shape", None) and stream.received == 0:
     log.info("compiling for %s frames before the stream starts",
              "x".join(map(str, source.frame_shape)))
     stream.prepare(source.frame_shape, getattr(source, "dtype", np.float32))
-  raw_writer = _AppendWriter(raw_output, getattr(source, "dtype", np.float32))
-  den_writer = _AppendWriter(output, output_dtype)
+  big = True if big is None else big  # a stream of unknown length: BigTIFF
+  raw_file = MovieWriter(raw_output, frame_shape, source_dtype, overwrite=overwrite,
+                         bigtiff=big)  # locked now; the files appear when the stream ends
+  try:
+    den_file = MovieWriter(output, frame_shape, out_dtype, overwrite=overwrite, bigtiff=big)
+  except BaseException:
+    raw_file.abort()
+    raise
+  den_writer = _DenoisedWriter(den_file)
   latencies: list[float] = []
   acquisition_s = [0.0]
+  arrived = [0]  # frames the source delivered
   t_start = time.perf_counter()
 
   def put(q, item):
@@ -530,10 +572,25 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
 
   def acquisition():
     index = 0
+    frames = source.frames(stop)
     try:
-      for frame in source.frames(stop):
+      while True:
+        try:
+          frame = next(frames)
+        except StopIteration:
+          break
+        except Exception as e:  # noqa: BLE001 - the source failed: the stream ends here
+          if not isinstance(e, UserError):
+            e = UserError(f"{getattr(source, 'name', 'the source')} could not be read "
+                          f"after {index} frame(s) ({type(e).__name__}: {e}); the stream "
+                          "ended there: check the source (a truncated or damaged file?).")
+          errors.append(e)
+          break
         now = time.perf_counter()
-        raw_writer.write(frame[None])
+        arrived[0] += 1
+        if index == 0:  # a folder source knows its metadata once it read a file
+          raw_file.metadata = den_file.metadata = getattr(source, "metadata", None)
+        raw_file.write(frame[None])
         if policy == "drop":
           try:
             acquired.put_nowait((index, now, frame))
@@ -627,15 +684,22 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
         t.join(0.1)
         if on_idle is not None:
           on_idle()
-  except KeyboardInterrupt:
+  except BaseException as e:  # Ctrl-C, or SIGTERM raised as an exception
     stop.set()
     for t in threads:
       t.join(5)
-    errors.append(KeyboardInterrupt())
+    errors.append(e)
   finally:
-    raw_writer.close()
-    den_writer.close()
+    for name, w in (("raw", raw_file), ("denoised", den_file)):
+      try:  # what came is kept under the final name; nothing if no frame came
+        if w.commit():
+          setattr(report, name, w.path)
+      except BaseException as e:  # noqa: BLE001 - the first error is raised below
+        errors.append(e)
   report.clipped = den_writer.clipped
+  note = den_writer.note()
+  if note:
+    log.warning("%s", note)
   report.seconds = time.perf_counter() - t_start
   report.frame_shape = tuple(stream.frame_shape or (0, 0))
   if latencies:
@@ -653,8 +717,11 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
                     and report.frames_out == report.frames_in)
   if errors:
     report.error = f"{type(errors[0]).__name__}: {errors[0]}"
-    log.error("stream stopped by an error in a stage (%s); %d denoised frames were "
-              "written to %s and stay readable.", report.error, report.frames_out, output)
+    kept = " and ".join(p for p in (report.denoised, report.raw) if p)
+    log.error("the stream stopped (%s); %s.", report.error,
+              f"{report.frames_out} denoised frame(s) were kept in {kept}" if kept else
+              "no frame came, so no file was written" if not arrived[0] else
+              "no file was kept")
     raise errors[0]
   return report
 

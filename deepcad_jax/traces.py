@@ -25,6 +25,7 @@ import tifffile
 
 from deepcad_jax import safe_pickle
 from deepcad_jax.data.movie import Movie, as_movie
+from deepcad_jax.data.output import AtomicFile, os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.progress import Progress
 
@@ -383,8 +384,8 @@ def write_csv(traces: Traces, path: str) -> None:
   if traces.samples is not None:
     (cols["F_lo"], cols["F_hi"]), (cols["dff_lo"], cols["dff_hi"]) = \
         traces.f_band, traces.dff_band
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+  with AtomicFile(path, overwrite=True) as f:
+    w = csv.writer(f.text(newline=""))
     w.writerow(CSV_COLUMNS)
     for r, name in enumerate(traces.names):
       for t in range(T):
@@ -435,8 +436,11 @@ def plot(traces: Traces, path: str, max_rois: int = 12, frame_rate: float | None
     ax.set_xlabel("time (s)" if frame_rate else "frame")
   axes[0][0].legend(fontsize=7, loc="upper right", ncol=3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  try:
+    with AtomicFile(path, overwrite=True) as f:
+      fig.savefig(f.open(), dpi=110, format="png")
+  finally:
+    plt.close(fig)
   return names
 
 
@@ -499,11 +503,14 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
     files = sample_files(samples) if samples else []
     traces = extract(mean_movie, roi_list, [open_movie(f) for f in files],
                      open_movie(raw) if raw else None, f0, band, progress)
-  os.makedirs(output, exist_ok=True)
+  try:
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise os_error(e, paths["csv"]) from None
   write_csv(traces, paths["csv"])
-  with open(paths["json"], "w") as f:
-    json.dump({**traces.summary(), "names": traces.names, "pixels": traces.pixels}, f,
-              indent=1)
+  with AtomicFile(paths["json"], overwrite=True) as f:
+    json.dump({**traces.summary(), "names": traces.names, "pixels": traces.pixels},
+              f.text(), indent=1)
   png, plotted = paths["png"], []
   try:
     plotted = plot(traces, png, plot_rois, frame_rate)

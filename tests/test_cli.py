@@ -53,7 +53,7 @@ def test_train_then_denoise_end_to_end(capsys, tmp_path):
   assert code == 0, err
   assert "voxels/s" in out and "patches" in err
   den = open_movie(output)
-  assert den.shape == (40, 24, 24) and den.dtype == np.uint16
+  assert den.shape == (40, 24, 24) and den.dtype == np.float32  # the network's precision
   code, _, err = run(capsys, "denoise", "--model", run_dir, "--input", str(data / "a.tif"),
                      "--output", output)
   assert code == 2 and "already exists; add --overwrite" in err

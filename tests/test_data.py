@@ -80,8 +80,8 @@ def test_imagej_hyperstack_singleton_axes_are_squeezed(tmp_path):
 
 
 def test_bigtiff_written_in_blocks_reads_back(tmp_path, monkeypatch):
-  import deepcad_jax.data.movie as movie_mod
-  monkeypatch.setattr(movie_mod, "BIGTIFF_BYTES", 100)  # force BigTIFF for a small file
+  import deepcad_jax.data.output as output_mod
+  monkeypatch.setattr(output_mod, "BIGTIFF_BYTES", 100)  # force BigTIFF for a small file
   movie = np.arange(6 * 4 * 5, dtype=np.float32).reshape(6, 4, 5)
   path = str(tmp_path / "big.tif")
   write_movie(path, iter([movie[:2], movie[2:]]), movie.shape, np.float32)

@@ -29,6 +29,9 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
+from outputs_faults import (READ_ONLY, also, disk_full, exported_pth, folder_named,
+                            held_lock, little_space, movie_folder, read_only_fs,
+                            readonly_folder, rois_json)
 
 
 @dataclasses.dataclass
@@ -69,6 +72,7 @@ class Fault:
   expect: str            # regex the one `error:` line must match
   code: int = 2
   process: bool = False  # run in a fresh process
+  patch: Callable[[pytest.MonkeyPatch, Files], None] | None = None  # in-process faults
 
 
 def _truncated_tiff(files: Files, name="cut.tif") -> str:
@@ -116,6 +120,106 @@ FAULTS: list[Fault] = [
           lambda f: ["--model", f.model, "--source", str(f.root / "nope.tif"),
                      "--output", f.output(f.root / "live.tif")], r"nope\.tif does not exist"),
     # -- outputs: writing, disks, metadata, precision ---------------------------------
+    Fault("denoise: output folder read-only (chmod)", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(readonly_folder(f) / "den.tif")],
+          r"den\.tif could not be written: permission denied"),
+    Fault("denoise: read-only file system", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(f.root / READ_ONLY / "den.tif")],
+          r"den\.tif could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("denoise: disk full while writing", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(f.root / "den.tif")],
+          r"den\.tif could not be written: the disk is full", patch=disk_full),
+    Fault("denoise: disk full while writing the std", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--uncertainty", "2",
+                     "--output-dtype", "input", "--output", f.output(f.root / "den.tif")]
+          + also(f, f.root / "den_std.tif"),
+          r"den(_std)?\.tif could not be written: the disk is full",
+          patch=lambda mp, f: disk_full(mp, f, room=40 * 24 * 24 * 2 + 30000)),
+    Fault("denoise: not enough free space", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(f.root / "den.tif")],
+          r"den\.tif needs 1\d\d kB but only 1 kB is free", patch=little_space),
+    Fault("denoise: output written by another run", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(held_lock(f, f.root / "den.tif"))],
+          r"den\.tif is being written by another run \(PID \d+\)"),
+    Fault("denoise: std output name is a folder", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--uncertainty", "2",
+                     "--overwrite", "--output", f.output(f.root / "den.tif")]
+          + folder_named(f, "den_std.tif"), r"den_std\.tif is a folder"),
+    Fault("denoise: output under a file", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--output",
+                     f.output(Path(f.raw("notes.txt", b"notes")) / "den.tif")],
+          r"den\.tif cannot be written: .*notes\.txt is a file"),
+    Fault("denoise: folder input, output is a file", "denoise",
+          lambda f: ["--model", f.model, "--input", movie_folder(f), "--output",
+                     f.raw("den.tif", b"keep me")],
+          r"den\.tif is a file"),
+    Fault("simulate: read-only file system", "simulate",
+          lambda f: ["--shape", "8,16,16", "--output", str(f.root / READ_ONLY / "sim")]
+          + also(f, *(f.root / READ_ONLY / "sim" / n
+                      for n in ("noisy.tif", "clean.tif", "info.json"))),
+          r"noisy\.tif could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("simulate: disk full while writing", "simulate",
+          lambda f: ["--shape", "8,16,16", "--output", str(f.root / "sim")]
+          + also(f, *(f.root / "sim" / n for n in ("noisy.tif", "clean.tif", "info.json"))),
+          r"(noisy|clean)\.tif could not be written: the disk is full", patch=disk_full),
+    Fault("stream: read-only file system", "stream",
+          lambda f: ["--model", f.model, "--source", f.movie(), "--rate", "0",
+                     "--output", f.output(f.root / READ_ONLY / "live.tif")]
+          + also(f, f.root / READ_ONLY / "live_raw.tif"),
+          r"live(_raw)?\.tif could not be written: .* read-only file system",
+          patch=read_only_fs),
+    Fault("stream: truncated source", "stream",
+          lambda f: ["--model", f.model, "--source", _truncated_tiff(f), "--rate", "0",
+                     "--output", f.output(f.root / "live.tif")]
+          + also(f, f.root / "live_raw.tif"), r"cut\.tif"),
+    Fault("stream: output written by another run", "stream",
+          lambda f: ["--model", f.model, "--source", f.movie(), "--rate", "0",
+                     "--output", f.output(held_lock(f, f.root / "live.tif"))]
+          + also(f, f.root / "live_raw.tif"),
+          r"live\.tif is being written by another run \(PID \d+\)"),
+    Fault("stream: disk full while writing", "stream",
+          lambda f: ["--model", f.model, "--source", f.movie(), "--rate", "0",
+                     "--output", f.output(f.root / "live.tif")]
+          + also(f, f.root / "live_raw.tif"),
+          r"live(_raw)?\.tif could not be written: the disk is full", patch=disk_full),
+    Fault("convert: read-only file system", "convert",
+          lambda f: ["--pth", exported_pth(f), "--output",
+                     f.output(f.root / READ_ONLY / "conv")],
+          r"conv could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("traces: read-only file system", "traces",
+          lambda f: ["--rois", rois_json(f), "--movie", f.movie(), "--output",
+                     str(f.root / READ_ONLY / "tr")]
+          + also(f, *(f.root / READ_ONLY / "tr" / n
+                      for n in ("traces.csv", "traces.json", "traces.png"))),
+          r"traces\.csv could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("export: read-only file system", "export",
+          lambda f: ["--model", f.model, "--format", "pth", "--output",
+                     f.output(f.root / READ_ONLY / "model.pth")]
+          + also(f, f.root / READ_ONLY / "para.yaml"),
+          r"model\.pth could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("events: read-only file system", "events",
+          lambda f: ["--raw", f.movie(), "--denoised", f.movie("den.tif", seed=1),
+                     "--output", str(f.root / READ_ONLY / "check")]
+          + also(f, *(f.root / READ_ONLY / "check" / n
+                      for n in ("z_map.tif", "events.csv", "events.json"))),
+          r"z_map\.tif could not be written: .* read-only file system", patch=read_only_fs),
+    Fault("events: disk full while writing", "events",
+          lambda f: ["--raw", f.movie(), "--denoised", f.movie("den.tif", seed=1),
+                     "--output", str(f.root / "check")]
+          + also(f, *(f.root / "check" / n
+                      for n in ("z_map.tif", "events.csv", "events.json"))),
+          r"z_map\.tif could not be written: the disk is full",
+          patch=lambda mp, f: disk_full(mp, f, room=1000)),
+    Fault("evaluate: read-only file system", "evaluate",
+          lambda f: ["--denoised", f.movie("a.tif"), "--reference", f.movie("b.tif", seed=1),
+                     "--output", f.output(f.root / READ_ONLY / "scores.json")],
+          r"scores\.json could not be written: .* read-only file system",
+          patch=read_only_fs),
 
     # -- inputs: damaged files, odd TIFFs, honest numbers -----------------------------
 
@@ -138,8 +242,18 @@ def _leftovers(files: Files) -> list[str]:
   for folder in folders:
     if os.path.isdir(folder):
       found += [os.path.join(folder, n) for n in os.listdir(folder)
-                if ".partial" in n or n.endswith(".tmp")]
+                if (".partial" in n or n.endswith((".tmp", ".lock")))
+                and os.path.join(folder, n) not in files.inputs]
   return found
+
+
+def _run_in_process(argv: list[str]) -> tuple[int, str, str]:
+  import contextlib
+  import io
+  out_buf, err_buf = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+    code = cli.main(argv)
+  return code, out_buf.getvalue(), err_buf.getvalue()
 
 
 def run_fault(fault: Fault, root: Path, model: str) -> tuple[int, str, str, Files]:
@@ -147,18 +261,17 @@ def run_fault(fault: Fault, root: Path, model: str) -> tuple[int, str, str, File
   args = fault.make(files)
   before = {p: _digest(p) for p in files.inputs}
   argv = ["deepcad-jax", fault.command, *args]
-  if fault.process:
+  if fault.patch is not None:
+    with pytest.MonkeyPatch.context() as mp:
+      fault.patch(mp, files)
+      code, out, err = _run_in_process(argv)
+  elif fault.process:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run([sys.executable, "-m", "deepcad_jax", *argv[1:]],
                           capture_output=True, text=True, env=env, timeout=300)
     code, out, err = done.returncode, done.stdout, done.stderr
   else:
-    import contextlib
-    import io
-    out_buf, err_buf = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
-      code = cli.main(argv)
-    out, err = out_buf.getvalue(), err_buf.getvalue()
+    code, out, err = _run_in_process(argv)
   changed = [p for p, d in before.items() if not os.path.exists(p) or _digest(p) != d]
   assert not changed, f"inputs changed: {changed}"
   return code, out, err, files

@@ -89,11 +89,15 @@ def test_batch_size_and_device_count_do_not_change_the_result(trained_model, dev
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-3)
 
 
-def test_denoise_keeps_shape_and_dtype(trained_model):
+def test_denoise_keeps_shape_and_precision(trained_model):
   movie, _ = noisy_movie((9, 33, 20), seed=4)
   out = denoise(movie, trained_model)
-  assert out.shape == movie.shape and out.dtype == np.uint16
-  out = denoise(movie.astype(np.int16), trained_model, dtype="bfloat16")
+  assert out.shape == movie.shape and out.dtype == np.float32  # the network's precision
+  rounded = denoise(movie, trained_model, output_dtype="input")
+  assert rounded.dtype == np.uint16
+  np.testing.assert_array_equal(rounded, np.clip(np.rint(out), 0, 65535))
+  out = denoise(movie.astype(np.int16), trained_model, dtype="bfloat16",
+                output_dtype="input")
   assert out.dtype == np.int16
 
 

@@ -103,7 +103,8 @@ def test_two_process_denoise_equals_one_process(data, trained_model, mode):
     assert den.plan(movie.shape, movie.dtype, np.float32).tile_count == 5
     whole = whole_movie_forward(movie, den)
     assert np.sqrt(np.mean((got - whole) ** 2)) / np.std(whole) <= 1e-5
-  assert not list(root.glob(f"den2_{mode}.tif.part*"))  # parts cleaned up
+  assert not list(root.glob(f".den2_{mode}.tif.part*"))  # parts cleaned up
+  assert not list(root.glob("*.lock")) and not list(root.glob(".*.partial"))
 
 
 def test_two_process_denoise_of_a_folder_splits_the_files(data, trained_model):
@@ -116,8 +117,8 @@ def test_two_process_denoise_of_a_folder_splits_the_files(data, trained_model):
                      "--output", str(root / "many_out")])
   for i in range(3):
     expected = denoise(open_movie(str(folder / f"m{i}.tif")), trained_model)
-    np.testing.assert_array_equal(open_movie(str(root / "many_out" / f"m{i}.tif")).read(0, 16),
-                                  expected)
+    np.testing.assert_allclose(open_movie(str(root / "many_out" / f"m{i}.tif")).read(0, 16),
+                               expected, rtol=1e-6, atol=1e-4)  # float32: 2 vs 4 devices
 
 
 def test_incomplete_multi_process_flags_get_one_clear_sentence(capsys, monkeypatch):

@@ -1,7 +1,8 @@
-"""Movies (T, Y, X): lazy TIFF readers, in-memory arrays, and a streaming TIFF writer.
+"""Movies (T, Y, X): lazy TIFF readers and in-memory arrays (writing: `data.output`).
 
-A `Movie` exposes `shape`, `dtype`, `read(t0, t1)` (frames as a numpy array) and `mean()`
-(float64, computed chunk by chunk). TIFFs are memory-mapped when tifffile can (plain,
+A `Movie` exposes `shape`, `dtype`, `read(t0, t1)` (frames as a numpy array), `mean()`
+(float64, computed chunk by chunk) and `metadata` (pixel size, frame interval, ImageJ
+and OME fields, carried to the outputs). TIFFs are memory-mapped when tifffile can (plain,
 uncompressed files) and otherwise read page range by page range, so a large recording is
 never loaded whole.
 """
@@ -14,12 +15,13 @@ from typing import Iterable, Iterator
 import numpy as np
 import tifffile
 
+from deepcad_jax.data.metadata import MovieMetadata, read_metadata
+from deepcad_jax.data.output import write_movie  # noqa: F401 (re-exported)
 from deepcad_jax.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
-BIGTIFF_BYTES = 2**32 - 2**25  # above this, write BigTIFF
 
 
 class Movie:
@@ -32,6 +34,11 @@ class Movie:
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     raise NotImplementedError
+
+  @property
+  def metadata(self) -> MovieMetadata:
+    """Acquisition metadata to carry to outputs (none for an array)."""
+    return MovieMetadata()
 
   @property
   def nbytes(self) -> int:
@@ -102,6 +109,14 @@ class TiffMovie(Movie):
   @property
   def memory_mapped(self) -> bool:
     return self._map is not None
+
+  @property
+  def metadata(self) -> MovieMetadata:
+    """Pixel size, frame interval, ImageJ and OME fields of the file (read once)."""
+    if getattr(self, "_metadata", None) is None:
+      with _open_tiff(self.path) as tif:
+        self._metadata = read_metadata(tif, self._frame_axis)
+    return self._metadata
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     if self._map is not None:
@@ -217,33 +232,3 @@ def list_movies(path: str) -> list[str]:
     raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
                     "to TIFF first.")
   return [path]
-
-
-def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],
-                shape: tuple[int, ...] | None = None, dtype=None) -> None:
-  """Write a (T, Y, X) movie, from an array or from blocks of frames as they come.
-
-  The file appears under its name only once complete (written beside it, then renamed);
-  BigTIFF is used when the data exceed 4 GB.
-  """
-  if isinstance(frames, np.ndarray):
-    shape, dtype = frames.shape, frames.dtype
-    frames = [frames]
-  dtype = np.dtype(dtype)
-  big = int(np.prod(shape)) * dtype.itemsize > BIGTIFF_BYTES
-  tmp = f"{path}.partial"
-  try:
-    with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
-      tw.write(_as_frames(frames, dtype), shape=tuple(shape), dtype=dtype,
-               photometric="minisblack", metadata={"axes": "TYX"})
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _as_frames(blocks: Iterable[np.ndarray], dtype) -> Iterator[np.ndarray]:
-  for block in blocks:
-    for frame in np.asarray(block, dtype=dtype).reshape((-1,) + block.shape[-2:]):
-      yield frame

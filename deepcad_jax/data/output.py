@@ -1,0 +1,606 @@
+"""Every file the package writes: atomic, locked, space-checked, explained when it fails.
+
+- An output is written under a temporary name unique to the run, in its own folder
+  (`.NAME.PID-TOKEN.partial`), closed and fsynced, and only then renamed to NAME; on any
+  exception (a full disk, Ctrl-C, SIGTERM turned into an exception, a bug) the temporary
+  file is removed, so a file under its final name is always complete.
+- A lock file beside it (`NAME.lock`, created with O_EXCL, holding the PID and host of
+  the run) keeps two runs from writing the same output: the second is refused with one
+  sentence naming the output and the PID. A lock left by a process of this host that no
+  longer exists is taken over.
+- `check_space` compares what a write will need with the free space of its disk before
+  it starts; a disk that fills up anyway, a read-only or missing folder, a name that is a
+  folder: each is one `UserError` sentence naming the file.
+
+`MovieWriter` writes a TIFF movie frame block by frame block as they are produced (the
+denoised movie, its std and samples, simulated movies, the live stream), with the
+input's metadata (`data.metadata`); `AtomicFile` writes any other file (JSON, CSV, PNG);
+`commit` makes several outputs appear together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import tifffile
+
+from deepcad_jax.data.metadata import Format, MovieMetadata
+from deepcad_jax.errors import UserError
+
+log = logging.getLogger("deepcad_jax")
+
+LOCK_SUFFIX = ".lock"
+PARTIAL_SUFFIX = ".partial"
+BIGTIFF_BYTES = 2**32 - 2**25  # above this, write BigTIFF
+PAGE_BYTES = 512               # TIFF tags per page, at most (for space estimates)
+_PLACEHOLDER = " " * 256       # the description until the movie's length is known
+_LOCK_WAIT_S = 2.0             # how long an empty lock file (being written) is waited for
+
+
+def size_text(n: float) -> str:
+  """Bytes in words: '512 B', '12.3 MB', '1.20 GB'."""
+  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= size:
+      return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
+  return f"{int(n)} B"
+
+
+def os_error(e: OSError, path: str) -> UserError:
+  """One sentence for an OSError met while writing `path`."""
+  folder = _existing(os.path.dirname(os.path.abspath(path)))
+  code = e.errno
+  if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+    free = _free_bytes(folder)
+    what = "the disk quota" if code != errno.ENOSPC else "the disk"
+    return UserError(f"{path} could not be written: {what} is full ("
+                     f"{size_text(free) if free is not None else 'nothing'} free now); "
+                     "nothing was kept: free some space or choose an output on another "
+                     "disk.")
+  if code == errno.EROFS:
+    return UserError(f"{path} could not be written: {folder} is on a read-only file "
+                     "system; choose a writable output folder.")
+  if code in (errno.EACCES, errno.EPERM):
+    return UserError(f"{path} could not be written: permission denied in {folder}; "
+                     "choose a folder you can write to (or change its permissions).")
+  if code == errno.EFBIG:
+    return UserError(f"{path} could not be written: the file system of {folder} does "
+                     "not allow a file this large (FAT32 stops at 4 GB); choose an output "
+                     "on another disk.")
+  if code == errno.ENOTDIR:
+    return UserError(f"{path} could not be written: a part of that path is a file, not "
+                     "a folder; choose another output.")
+  if code == errno.EISDIR:
+    return UserError(f"{path} is a folder; give a file name for the output.")
+  if code == errno.ENAMETOOLONG:
+    return UserError(f"{path} could not be written: the name is too long for the file "
+                     "system; choose a shorter output name.")
+  return UserError(f"{path} could not be written ({e.strerror or e}); check the disk and "
+                   "the folder, or choose another output.")
+
+
+def _free_bytes(folder: str) -> int | None:
+  try:
+    return shutil.disk_usage(_existing(folder)).free
+  except OSError:
+    return None
+
+
+def _existing(folder: str) -> str:
+  """`folder`, or its nearest ancestor that exists."""
+  folder = os.path.abspath(folder)
+  while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  return folder
+
+
+def check_space(needs: Iterable[tuple[str, int]]) -> None:
+  """Refuse, in one sentence, outputs that need more than their disk has free.
+
+  `needs` are (path, bytes) pairs; outputs on the same disk are added up.
+  """
+  disks: dict[int, list] = {}
+  for path, n in needs:
+    folder = _existing(os.path.dirname(os.path.abspath(path)))
+    try:
+      device = os.stat(folder).st_dev
+    except OSError:
+      continue
+    entry = disks.setdefault(device, [folder, 0, path, 0])
+    entry[1] += int(n)
+    entry[3] += 1
+  for folder, total, first, count in disks.values():
+    free = _free_bytes(folder)
+    if free is not None and total > free:
+      others = f" (with {count - 1} other output{'s' if count > 2 else ''})" \
+          if count > 1 else ""
+      raise UserError(f"{first}{others} needs {size_text(total)} but only "
+                      f"{size_text(free)} is free on that disk ({folder}); free some space "
+                      "or choose an output on another disk.")
+
+
+def movie_bytes(shape: Sequence[int], dtype) -> int:
+  """Bytes a (T, Y, X) TIFF movie of `dtype` takes on disk, at most."""
+  t = int(shape[0])
+  return int(np.prod(shape)) * np.dtype(dtype).itemsize + t * PAGE_BYTES + 2**16
+
+
+# ------------------------------------------------------------------ locks
+
+
+def lock_path(path: str) -> str:
+  """The lock file of output `path`."""
+  return path + LOCK_SUFFIX
+
+
+def _alive(pid: int, host: str) -> bool:
+  """Whether process `pid` of `host` may still run (another host's: assumed so)."""
+  if host != socket.gethostname() or os.name == "nt":
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:  # a zombie (exited, not yet reaped) no longer writes anything
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
+
+
+class OutputLock:
+  """`path`.lock, created with O_EXCL and holding 'PID HOST TOKEN': one writer at a time."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.file = lock_path(path)
+    self.token = secrets.token_hex(8)
+    self.held = False
+
+  def _read(self, name: str) -> tuple[int, str, str] | None:
+    try:
+      with open(name) as f:
+        pid, host, token = f.read().split()
+      return int(pid), host, token
+    except (OSError, ValueError):
+      return None
+
+  def acquire(self) -> None:
+    """Take the lock, or raise `UserError` naming the process that holds it."""
+    content = f"{os.getpid()} {socket.gethostname()} {self.token}\n"
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+      try:
+        fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        holder = self._read(self.file)
+        if holder is None:  # being written by its creator, or not a lock of ours
+          if time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
+          raise UserError(f"{self.path} is locked by {self.file}, which does not name a "
+                          "run; if no other run writes it, delete that file.") from None
+        pid, host, _ = holder
+        if _alive(pid, host):
+          where = "" if host == socket.gethostname() else f" on {host}"
+          raise UserError(f"{self.path} is being written by another run (PID {pid}{where}); "
+                          "wait for it to finish or choose another output (if no such run "
+                          f"exists, delete {self.file}).") from None
+        self._break(holder)
+        continue
+      try:
+        os.write(fd, content.encode())
+      finally:
+        os.close(fd)
+      self.held = True
+      return
+
+  def _break(self, stale: tuple[int, str, str]) -> None:
+    """Remove a lock whose process is gone, unless another run replaced it meanwhile."""
+    aside = f"{self.file}.stale-{os.getpid()}-{self.token}"
+    try:
+      os.rename(self.file, aside)
+    except FileNotFoundError:
+      return
+    if self._read(aside) == stale:
+      folder, name = os.path.split(self.path)
+      left = [n for n in os.listdir(folder or ".")  # its temporary files: never finished
+              if n.startswith(f".{name}.{stale[0]}-") and n.endswith(PARTIAL_SUFFIX)]
+      for n in left:
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(folder, n))
+      log.info("%s: taking over the lock of PID %d, which no longer runs%s.", self.path,
+               stale[0], f" (its unfinished {', '.join(left)} removed)" if left else "")
+      os.remove(aside)
+      return
+    with contextlib.suppress(OSError):  # a fresh lock: put it back
+      os.link(aside, self.file)
+    os.remove(aside)
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self.held = False
+    holder = self._read(self.file)
+    if holder is not None and holder[2] == self.token:
+      with contextlib.suppress(OSError):
+        os.remove(self.file)
+
+
+# ------------------------------------------------------------------ files
+
+
+class Output(Protocol):
+  def finish(self) -> bool: ...
+  def publish(self) -> None: ...
+  def abort(self) -> None: ...
+
+
+class AtomicFile:
+  """One output file: its lock, a temporary file unique to this run, and the rename.
+
+  Args:
+    path: the final name.
+    overwrite: replace an existing file (else refused, checked again once locked).
+
+  `open()` (binary) or `text()` gives the temporary file; `finish()` closes and fsyncs
+  it, `publish()` renames it and releases the lock, `abort()` removes it (and folders
+  made for it, if still empty). As a context manager it commits on success and aborts
+  on any exception.
+  """
+
+  def __init__(self, path: str, *, overwrite: bool = False):
+    self.path = os.fspath(path)
+    self.final = os.path.abspath(self.path)
+    self.folder = os.path.dirname(self.final)
+    self.temp: str | None = None
+    self._fh: io.BufferedWriter | None = None
+    self._text: io.TextIOWrapper | None = None
+    self._created: list[str] = []
+    self.finished = False   # closed and fsynced, waiting for publish()
+    self.done = False       # published
+    if os.path.isdir(self.final):
+      raise UserError(f"{self.path} is a folder; give a file name for the output "
+                      "(or remove that folder).")
+    self.lock = OutputLock(self.final)
+    try:
+      self._make_folder()
+      self.lock.acquire()
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+    if not overwrite and os.path.lexists(self.final):
+      self.abort()
+      raise UserError(f"{self.path} already exists; add --overwrite to replace it or "
+                      "choose another output.")
+
+  def _make_folder(self) -> None:
+    missing, folder = [], self.folder
+    while not os.path.isdir(folder):
+      if os.path.lexists(folder):
+        raise UserError(f"{self.path} cannot be written: {folder} is a file, not a "
+                        "folder; choose another output.")
+      missing.append(folder)
+      folder = os.path.dirname(folder)
+    for f in reversed(missing):
+      os.mkdir(f)
+      self._created.append(f)
+
+  def open(self) -> io.BufferedWriter:
+    """The temporary file (created on first use), open for binary writing."""
+    if self._fh is None:
+      name = os.path.basename(self.final)
+      self.temp = os.path.join(self.folder, f".{name}.{os.getpid()}-"
+                               f"{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+      try:
+        self._fh = open(self.temp, "xb")  # O_EXCL: never another run's file
+      except OSError as e:
+        self.temp = None
+        self.abort()
+        raise os_error(e, self.path) from None
+    return self._fh
+
+  def text(self, newline: str | None = None) -> io.TextIOWrapper:
+    """The temporary file, open for UTF-8 text."""
+    if self._text is None:
+      self._text = io.TextIOWrapper(self.open(), encoding="utf-8", newline=newline)
+    return self._text
+
+  def write(self, data: bytes) -> None:
+    try:
+      self.open().write(data)
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+
+  def finish(self) -> bool:
+    """Close and fsync the temporary file; False (and nothing kept) if none was written.
+    Once finished, calling it again changes nothing."""
+    if self.finished:
+      return True
+    if self._fh is None:
+      self.abort()
+      return False
+    try:
+      if self._text is not None:
+        self._text.flush()
+        self._text.detach()
+        self._text = None
+      self._fh.flush()
+      try:
+        fd = self._fh.fileno()
+      except io.UnsupportedOperation:  # a file object without a descriptor
+        fd = None
+      if fd is not None:
+        os.fsync(fd)
+      self._fh.close()
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    self.finished = True
+    return True
+
+  def publish(self) -> None:
+    """Rename the finished temporary file to the final name; release the lock."""
+    if self.done:
+      return
+    try:
+      os.replace(self.temp, self.final)
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    self.temp = None
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut
+      fd = os.open(self.folder, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    self.done = True
+    self.lock.release()
+
+  def commit(self) -> bool:
+    """finish() then publish(); False if nothing was written (no file)."""
+    if not self.finish():
+      return False
+    self.publish()
+    return True
+
+  def abort(self) -> None:
+    """Remove the temporary file and release the lock (idempotent)."""
+    if self._text is not None:
+      with contextlib.suppress(Exception):
+        self._text.detach()
+      self._text = None
+    if self._fh is not None:
+      with contextlib.suppress(Exception):
+        self._fh.close()
+    if self.temp is not None:
+      with contextlib.suppress(OSError):
+        os.remove(self.temp)
+      self.temp = None
+    self.lock.release()
+    for folder in reversed(self._created):  # folders made for it, deepest first
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    self._created = []
+
+  def __enter__(self) -> AtomicFile:
+    return self
+
+  def __exit__(self, kind, value, tb) -> None:
+    if kind is None:
+      self.commit()
+    else:
+      self.abort()
+
+
+def commit(outputs: Sequence[Output]) -> list[Output]:
+  """Make several outputs appear together: all are finished (closed, fsynced) before any
+  is renamed; if one fails, the others are removed too. Returns those that held data."""
+  try:
+    kept = [o for o in outputs if o.finish()]
+    for o in kept:
+      o.publish()
+  except BaseException:
+    for o in outputs:
+      o.abort()
+    raise
+  return kept
+
+
+@contextlib.contextmanager
+def outputs_together(*items: Output) -> Iterator[list[Output]]:
+  """A block whose outputs (more may be appended to the list) are committed together on
+  success and all removed on any exception."""
+  group = list(items)
+  try:
+    yield group
+  except BaseException:
+    for o in group:
+      o.abort()
+    raise
+  commit(group)
+
+
+def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
+  """`data` as `path`, atomically."""
+  with AtomicFile(path, overwrite=overwrite) as f:
+    f.write(data)
+
+
+# ------------------------------------------------------------------ movies
+
+
+class MovieWriter:
+  """A TIFF movie (T, Y, X) written block by block as frames are produced.
+
+  Args:
+    path: the final name (.tif, .tiff; .ome.tif gives an OME-TIFF).
+    frame_shape: (Y, X), or None: that of the first frames written.
+    dtype: the frames' dtype (blocks of another kind are refused, never rounded here).
+    frames: the number of frames if known (then BigTIFF only above 4 GB, and `finish`
+      checks that all came); None for a stream (BigTIFF, any length).
+    metadata: the input's metadata (`data.metadata`), for the description, the
+      resolution tags and the format; may also be set before the first write.
+    overwrite: replace an existing file.
+    bigtiff: write BigTIFF (default: when `frames` are unknown or above 4 GB).
+
+  The file appears under `path` only once `finish()` and `publish()` (or `commit()`)
+  succeed; a writer that received no frame leaves no file.
+  """
+
+  def __init__(self, path: str, frame_shape: Sequence[int] | None, dtype, *,
+               frames: int | None = None, metadata: MovieMetadata | None = None,
+               overwrite: bool = False, bigtiff: bool | None = None):
+    self.frame_shape = None if frame_shape is None else tuple(int(n) for n in frame_shape)
+    self.dtype = np.dtype(dtype)
+    self.expected = None if frames is None else int(frames)
+    self.bigtiff = bigtiff
+    self.metadata = metadata
+    self.count = 0
+    self.closed = False
+    self._tw: tifffile.TiffWriter | None = None
+    self._format: Format | None = None
+    self.file = AtomicFile(path, overwrite=overwrite)
+
+  @property
+  def path(self) -> str:
+    return self.file.path
+
+  def _open(self) -> None:
+    self._format = Format.choose(self.path, self.dtype, self.metadata)
+    big = self.bigtiff
+    if big is None:
+      big = self.expected is None or movie_bytes(
+          (self.expected,) + self.frame_shape, self.dtype) > BIGTIFF_BYTES
+    self._tw = tifffile.TiffWriter(self.file.open(), bigtiff=big, byteorder="<",
+                                   ome=False, imagej=False, shaped=False)
+    self._page = {"photometric": "minisblack", "contiguous": True,
+                  **self._format.page_kwargs()}
+
+  def write(self, frames: np.ndarray) -> None:
+    """Append frames (n, Y, X) or one frame (Y, X)."""
+    if self.closed:
+      raise RuntimeError(f"{self.path}: written after it was finished or aborted.")
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+      frames = frames[None]
+    if self.frame_shape is None:
+      self.frame_shape = tuple(frames.shape[1:])
+    if frames.shape[1:] != self.frame_shape:
+      self.abort()
+      raise ValueError(f"{self.path}: frames of {frames.shape[1:]} given to a movie of "
+                       f"{self.frame_shape} frames.")
+    if frames.dtype != self.dtype:
+      if not np.can_cast(frames.dtype, self.dtype, "same_kind"):
+        self.abort()
+        raise TypeError(f"{self.path}: {frames.dtype} frames given to a {self.dtype} "
+                        "movie (convert them first).")
+      frames = frames.astype(self.dtype)
+    try:
+      first = self._tw is None
+      if first:
+        self._open()
+      for frame in frames:
+        if first:
+          self._tw.write(frame, description=_PLACEHOLDER,
+                         extratags=self._format.extratags(), **self._page)
+          first = False
+        else:
+          self._tw.write(frame, **self._page)
+        self.count += 1
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+
+  def finish(self) -> bool:
+    """Write the description, close and fsync; False (no file) if no frame came."""
+    if self.file.finished:
+      return True
+    self.closed = True
+    if self._tw is None:
+      self.file.abort()
+      return False
+    if self.expected is not None and self.count != self.expected:
+      self.abort()
+      raise RuntimeError(f"{self.path}: {self.count} of {self.expected} frames were "
+                         "written; the file was removed.")
+    shape = (self.count,) + self.frame_shape
+    try:
+      description = self._format.description(shape, self.dtype)
+      self._tw.overwrite_description(description.encode("utf-8"))
+      self._tw.close()
+      self._tw = None
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+    return self.file.finish()
+
+  def publish(self) -> None:
+    self.file.publish()
+
+  def commit(self) -> bool:
+    if not self.finish():
+      return False
+    self.publish()
+    return True
+
+  def abort(self) -> None:
+    self.closed = True
+    if self._tw is not None:
+      tw, self._tw = self._tw, None
+      with contextlib.suppress(Exception):
+        tw.close()
+    self.file.abort()
+
+  def __enter__(self) -> MovieWriter:
+    return self
+
+  def __exit__(self, kind, value, tb) -> None:
+    if kind is None:
+      self.commit()
+    else:
+      self.abort()
+
+
+def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],
+                shape: tuple[int, ...] | None = None, dtype=None, *,
+                metadata: MovieMetadata | None = None, overwrite: bool = True) -> None:
+  """Write a (T, Y, X) movie, from an array or from blocks of frames as they come.
+
+  The file appears under its name only once complete (`MovieWriter`); its disk is
+  checked for space first.
+  """
+  if isinstance(frames, np.ndarray):
+    shape, dtype = frames.shape, frames.dtype
+    frames = [frames]
+  dtype = np.dtype(dtype)
+  shape = tuple(int(n) for n in shape)
+  if len(shape) != 3:
+    raise UserError(f"{path}: a movie is (T, Y, X); got shape {shape}.")
+  check_space([(path, movie_bytes(shape, dtype))])
+  with MovieWriter(path, shape[1:], dtype, frames=shape[0], metadata=metadata,
+                   overwrite=overwrite) as w:
+    for block in frames:
+      w.write(np.asarray(block, dtype=dtype).reshape((-1,) + shape[1:]))
