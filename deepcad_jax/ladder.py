@@ -32,6 +32,7 @@ from deepcad_jax.bench import environment, train_step
 from deepcad_jax.checkpoint import load_model
 from deepcad_jax.convert import save_model
 from deepcad_jax.data.movie import list_movies, open_movie
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, compiled_bytes, denoise
 from deepcad_jax.metrics import evaluate
@@ -190,12 +191,12 @@ def write_results(rows: Sequence[Rung], workdir: str) -> dict[str, str]:
   """ladder.json, ladder.csv and (with matplotlib) ladder.png in `workdir`."""
   paths = {k: os.path.join(workdir, f"ladder.{k}") for k in ("json", "csv", "png")}
   env = {k: v for k, v in environment().items() if k != "xla_flags"}
-  with open(paths["json"], "w") as f:
-    json.dump({"environment": env, "rungs": [dataclasses.asdict(r) for r in rows]}, f,
-              indent=1)
+  with AtomicFile(paths["json"], overwrite=True) as f:
+    json.dump({"environment": env, "rungs": [dataclasses.asdict(r) for r in rows]},
+              f.text(), indent=1)
   fields = [f.name for f in dataclasses.fields(Rung)]
-  with open(paths["csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, fields)
+  with AtomicFile(paths["csv"], overwrite=True) as f:
+    writer = csv.DictWriter(f.text(newline=""), fields)
     writer.writeheader()
     for r in rows:
       writer.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v)
@@ -243,6 +244,7 @@ def plot(rows: Sequence[Rung], path: str) -> str | None:
     ax.legend(fontsize=7)
   fig.suptitle("Quality against cost")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with AtomicFile(path, overwrite=True) as f:
+    fig.savefig(f.open(), format="png", dpi=120)
   plt.close(fig)
   return path
