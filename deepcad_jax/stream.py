@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import tifffile
 
-from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
+from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, Window, to_dtype
 from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
@@ -387,8 +387,7 @@ class FolderSource(FrameSource):
           break
         seen.add(name)
         progressed = True
-        data = tifffile.imread(path)
-        for frame in data.reshape((-1,) + data.shape[-2:]):
+        for frame in read_frames(path):
           yield frame
       if progressed:
         last_new = time.perf_counter()
