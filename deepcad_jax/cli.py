@@ -475,6 +475,11 @@ def _define_calibrate(fv):
   flags.DEFINE_string("clean", None, "Its ground truth (e.g. from simulate).", flag_values=fv)
   flags.DEFINE_integer("uncertainty", 8, "Samples (symmetries), as for denoise.",
                        flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace the model's calibration.json.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("accept-uncorrelated", False, "Store the scale even when the std "
+                       "does not track the error (correlation below 0.1); with a warning.",
+                       flag_values=fv)
 
 
 def _run_calibrate(fv):
@@ -482,7 +487,8 @@ def _run_calibrate(fv):
   from deepcad_jax.metrics import format_calibration
   _require(fv, "model", "noisy", "clean")
   record = calibrate(_v(fv, "model"), _v(fv, "noisy"), _v(fv, "clean"),
-                     _v(fv, "uncertainty"))
+                     _v(fv, "uncertainty"), overwrite=_v(fv, "overwrite"),
+                     accept_uncorrelated=_v(fv, "accept-uncorrelated"))
   print(format_calibration(record["measured"]))
   print(f"stored std scale {record['std_scale']:.4g} in {_v(fv, 'model')}/calibration.json")
   return 0

@@ -181,3 +181,10 @@ def model_bad_calibration(files) -> str:
   model = model_copy(files)
   (model / "calibration.json").write_text('{"std_scale": 3')
   return files.input(model)
+
+
+def model_calibrated(files) -> str:
+  """A model that already holds a calibration.json."""
+  model = model_copy(files)
+  (model / "calibration.json").write_text('{"std_scale": 2.0}')
+  return files.input(model)
