@@ -52,3 +52,21 @@ def test_calibrate_refuses_a_std_that_does_not_track_the_error(tmp_path, trained
   assert record["measured"]["corr_std_error"] > 0.5 and "warning" not in record
   assert "warning" not in json.load(open(tmp_path / "model" / "calibration.json"))
   assert not list((tmp_path / "model").glob("*.tmp"))
+
+
+def test_one_short_file_in_a_folder_is_named_with_its_cost(tmp_path, devices, caplog):
+  from conftest import tiny_config
+  from deepcad_jax import train
+  data = tmp_path / "movies"
+  data.mkdir()
+  write_tiff(data / "a.tif", noisy_movie((40, 24, 24))[0])
+  write_tiff(data / "thin.tif", noisy_movie((40, 12, 24))[0])
+  with caplog.at_level(logging.WARNING, logger="deepcad_jax"):
+    result = train(str(data), str(tmp_path / "run"), tiny_config(**{"train.epochs": 1}),
+                   devices=devices[:1], progress=False)
+  assert result.patch == (8, 8, 16)
+  lines = [r.getMessage() for r in caplog.records if "patch reduced" in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert "for all 2 files because" in lines[0] and "thin.tif (40, 12, 24)" in lines[0]
+  assert "50% of the configured voxels" in lines[0]
+  assert "leave it out of --data to keep (8, 16, 16)" in lines[0]
