@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import tifffile
 
+from deepcad_jax import resources
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, Window, to_dtype
@@ -479,6 +480,7 @@ def write_png(path: str, image: np.ndarray) -> None:
             chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+@resources.device_memory("the stream", "lower --batch-size or --core-frames")
 def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
                  rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
                  raw_output: str | None = None, output_dtype: Any = "float32",

@@ -280,6 +280,15 @@ FAULTS: list[Fault] = [
                                                    noisy_movie((40, 24, 24))[1]))],
           r"std does not track the error on .*movie\.tif .*nothing was stored in "
           r".*model/calibration\.json"),
+    Fault("train: --features 100000 (memory)", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--features", "100000",
+                     "--workdir", f.output(f.root / "run")],
+          r"training .*run with f=100000 .* needs at least [\d.e+]+ [TPE]B; .* has "),
+    Fault("simulate: a shape larger than memory", "simulate",
+          lambda f: ["--output", f.output(f.root / "sim"), "--shape",
+                     "100000,100000,100000"],
+          r"sim: simulating a movie of shape \(100000, 100000, 100000\) .* needs at "
+          r"least .*; this machine has"),
     Fault("export: truncated --sample", "export",
           lambda f: ["--model", f.model, "--format", "bioimageio", "--mean", "50",
                      "--sample", damaged.truncated(f, "sample.tif"),

@@ -3,15 +3,22 @@ file that shrinks the training patch, and the memory checks."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import noisy_movie, write_tiff
-from deepcad_jax import UserError
+from conftest import noisy_movie, tiny_config, write_tiff
+from deepcad_jax import UserError, parallel, resources
 from deepcad_jax import calibrate as calibrate_lib
+from deepcad_jax.infer import compiled_bytes
+
+train_lib = importlib.import_module("deepcad_jax.train")  # the package exports train()
 
 
 def _fake_denoise(error_tracks: bool):
@@ -29,7 +36,6 @@ def _fake_denoise(error_tracks: bool):
 
 def test_calibrate_refuses_a_std_that_does_not_track_the_error(tmp_path, trained_model,
                                                                monkeypatch, caplog):
-  import shutil
   model = str(tmp_path / "model")
   shutil.copytree(trained_model, model)
   noisy, clean = noisy_movie((24, 24, 24), seed=1)
@@ -55,14 +61,12 @@ def test_calibrate_refuses_a_std_that_does_not_track_the_error(tmp_path, trained
 
 
 def test_one_short_file_in_a_folder_is_named_with_its_cost(tmp_path, devices, caplog):
-  from conftest import tiny_config
-  from deepcad_jax import train
   data = tmp_path / "movies"
   data.mkdir()
   write_tiff(data / "a.tif", noisy_movie((40, 24, 24))[0])
   write_tiff(data / "thin.tif", noisy_movie((40, 12, 24))[0])
   with caplog.at_level(logging.WARNING, logger="deepcad_jax"):
-    result = train(str(data), str(tmp_path / "run"), tiny_config(**{"train.epochs": 1}),
+    result = train_lib.train(str(data), str(tmp_path / "run"), tiny_config(**{"train.epochs": 1}),
                    devices=devices[:1], progress=False)
   assert result.patch == (8, 8, 16)
   lines = [r.getMessage() for r in caplog.records if "patch reduced" in r.getMessage()]
@@ -70,3 +74,37 @@ def test_one_short_file_in_a_folder_is_named_with_its_cost(tmp_path, devices, ca
   assert "for all 2 files because" in lines[0] and "thin.tif (40, 12, 24)" in lines[0]
   assert "50% of the configured voxels" in lines[0]
   assert "leave it out of --data to keep (8, 16, 16)" in lines[0]
+
+
+def test_running_out_of_memory_is_one_sentence():
+
+  @resources.device_memory("the test", "ask for less")
+  def greedy():
+    return jnp.zeros((10**7, 10**6))  # 40 TB: XLA refuses at once
+
+  with pytest.raises(UserError, match=r"^the test ran out of device memory "
+                                      r"\(RESOURCE_EXHAUSTED.*\); ask for less\.$"):
+    greedy()
+
+  @resources.device_memory("the test", "ask for less")
+  def other():
+    raise RuntimeError("not memory")
+
+  with pytest.raises(RuntimeError, match="not memory"):
+    other()
+
+
+def test_training_memory_estimate_is_a_lower_bound_of_xla_analysis(devices):
+  """The refusal must never refuse what fits: the estimate stays below what XLA's own
+  analysis of the compiled step says."""
+  for features, patch in ((4, (8, 16, 16)), (8, (16, 32, 32))):
+    cfg = tiny_config(**{"model.features": features, "data.patch": patch})
+    n, state, activations = train_lib.training_bytes(cfg, 1)
+    step = train_lib.compile_step(train_lib.make_model(cfg),
+                                  parallel.data_mesh(devices[:1]))
+    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    batch = {k: jax.ShapeDtypeStruct((1,) + patch, jnp.float32) for k in ("input", "target")}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    measured = compiled_bytes(step.lower(abstract, batch, key).compile())
+    assert n > 0 and measured is not None
+    assert state + activations <= measured, (features, patch, state + activations, measured)
