@@ -456,7 +456,8 @@ def _run_events(fv):
   _require(fv, "raw", "denoised", "output")
   r = check_files(_v(fv, "raw"), _v(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
                   _triple(_v(fv, "box"), "--box"), _v(fv, "overwrite"))
-  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}")
+  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}, at least "
+        f"{r.noise_floor:.4g} (the darkest pixels' noise)")
   print(f"{len(r.events)} candidate event(s) where the raw movie exceeds the denoised one "
         f"beyond the noise (z > {r.threshold:g} over {r.box} boxes); largest z "
         f"{float(r.z_map.max()):.1f}")
