@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -69,6 +70,26 @@ def read_meta(mgr: ocp.CheckpointManager, step: int,
     raise UserError(f"{mgr.directory}/{step}: the checkpoint's metadata is not a JSON "
                     f"object; {fix}.")
   return dict(meta)
+
+
+def _quiet_closed_loop() -> None:
+  """When one array of a checkpoint cannot be read, TensorStore still finishes reading
+  the others and hands each to Orbax's event loop, closed by then; Python prints every
+  one as an 'unraisable' RuntimeError ('Event loop is closed'): dozens of tracebacks
+  around the one-sentence error. Installed before restoring; drops those, and only
+  those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def _brief(e: BaseException) -> str:
@@ -199,6 +220,7 @@ def _load(mgr: ocp.CheckpointManager, path: str, step: int | None
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       jax.eval_shape(lambda: create_state(cfg)))
   _check_arrays(path, step, meta, abstract, fix)
+  _quiet_closed_loop()
   try:
     state = restore(mgr, step, abstract)
   except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
