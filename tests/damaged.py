@@ -16,6 +16,8 @@ import numpy as np
 import tifffile
 
 from conftest import noisy_movie, write_tiff
+from deepcad_jax.checkpoint import load_model
+from deepcad_jax.export import export
 
 SHAPE = (40, 24, 24)
 
@@ -188,3 +190,13 @@ def model_calibrated(files) -> str:
   model = model_copy(files)
   (model / "calibration.json").write_text('{"std_scale": 2.0}')
   return files.input(model)
+
+
+def pth_with_para(files, para: str) -> str:
+  """The row's model exported as a DeepCAD-RT .pth, with `para` as its para.yaml."""
+  folder = files.root / "pth"
+  folder.mkdir()
+  export(load_model(files.model), str(folder / "model.pth"), "pth")
+  (folder / "para.yaml").write_text(para)
+  files.input(folder / "para.yaml")
+  return files.input(folder / "model.pth")
