@@ -15,12 +15,12 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.errors import UserError
@@ -72,26 +72,6 @@ def read_meta(mgr: ocp.CheckpointManager, step: int,
   return dict(meta)
 
 
-def _quiet_closed_loop() -> None:
-  """When one array of a checkpoint cannot be read, TensorStore still finishes reading
-  the others and hands each to Orbax's event loop, closed by then; Python prints every
-  one as an 'unraisable' RuntimeError ('Event loop is closed'): dozens of tracebacks
-  around the one-sentence error. Installed before restoring; drops those, and only
-  those."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_drops_closed_loop", False):
-    return
-
-  def hook(unraisable):
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
-      return
-    previous(unraisable)
-
-  hook._drops_closed_loop = True  # type: ignore[attr-defined]
-  sys.unraisablehook = hook
-
-
 def _brief(e: BaseException) -> str:
   """The first line of an exception, shortened: for one-sentence messages."""
   text = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -109,6 +89,23 @@ def stored_shapes(workdir: str, step: int) -> dict[str, tuple[int, ...]] | None:
             for k, v in jax.tree_util.tree_leaves_with_path(tree) if hasattr(v, "shape")}
   except Exception:  # noqa: BLE001 - a damaged checkpoint: restoring it will say so
     return None
+
+
+def _check_readable(path: str, step: int, fix: str) -> None:
+  """Reads every stored chunk of checkpoint `step` once, one at a time, before Orbax
+  restores it: a cut or damaged data file is found here, with nothing else in flight
+  (Orbax reads all arrays at once, and when one fails the others finish into its closed
+  event loop, printing a traceback each)."""
+  state = os.path.join(checkpoint_dir(path), str(step), "state")
+  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
+    return  # not an OCDBT checkpoint (or no arrays: restoring will say so)
+  try:
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+    for key in kv.list().result():
+      kv.read(key).result()
+  except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError, OSError, ...
+    raise UserError(f"{path}: the arrays of checkpoint {step} cannot be read "
+                    f"({_brief(e)}); {fix}.") from None
 
 
 def _check_arrays(path: str, step: int, meta: dict, expected: Any, fix: str) -> None:
@@ -213,6 +210,7 @@ def _load(mgr: ocp.CheckpointManager, path: str, step: int | None
   except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
     raise UserError(f"{path}: the metadata of checkpoint {step} is invalid "
                     f"({_brief(e)}); {fix}.") from None
+  _check_readable(path, step, fix)
   # Restore onto one local device, whatever topology wrote the checkpoint.
   from deepcad_jax.train import create_state
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -220,7 +218,6 @@ def _load(mgr: ocp.CheckpointManager, path: str, step: int | None
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       jax.eval_shape(lambda: create_state(cfg)))
   _check_arrays(path, step, meta, abstract, fix)
-  _quiet_closed_loop()
   try:
     state = restore(mgr, step, abstract)
   except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
