@@ -1,21 +1,25 @@
 """Inputs and honest numbers beyond the fault matrix: what calibrate stores, the short
-file that shrinks the training patch, and the memory checks."""
+file that shrinks the training patch, the memory checks, good TIFFs still opening on
+both read paths, and a memory-mapped file that shrinks while it is read."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
+import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UserError, parallel, resources
 from deepcad_jax import calibrate as calibrate_lib
+from deepcad_jax.data.movie import open_movie
 from deepcad_jax.infer import compiled_bytes
 
 train_lib = importlib.import_module("deepcad_jax.train")  # the package exports train()
@@ -108,3 +112,28 @@ def test_training_memory_estimate_is_a_lower_bound_of_xla_analysis(devices):
     measured = compiled_bytes(step.lower(abstract, batch, key).compile())
     assert n > 0 and measured is not None
     assert state + activations <= measured, (features, patch, state + activations, measured)
+
+
+def test_good_tiffs_still_open_on_both_paths(tmp_path):
+  """The checks at opening refuse damaged files only: plain (memory-mapped), compressed
+  (page by page), ImageJ, BigTIFF and shaped files open and read back exactly."""
+  movie = noisy_movie((40, 24, 24))[0]
+  variants = {"plain.tif": {}, "zlib.tif": {"compression": "zlib"},
+              "big.tif": {"bigtiff": True}, "pages.tif": {"metadata": None}}
+  for name, kwargs in variants.items():
+    path = write_tiff(tmp_path / name, movie, **kwargs)
+    m = open_movie(path)
+    np.testing.assert_array_equal(m.read(0, 40), movie)
+    assert m.memory_mapped == (name != "zlib.tif"), name
+  tifffile.imwrite(tmp_path / "ij.tif", movie, imagej=True, metadata={"axes": "TYX"})
+  np.testing.assert_array_equal(open_movie(str(tmp_path / "ij.tif")).read(0, 40), movie)
+
+
+def test_a_memory_mapped_file_that_shrinks_is_refused_not_read(tmp_path):
+  path = write_tiff(tmp_path / "m.tif", noisy_movie((40, 24, 24))[0])
+  m = open_movie(path)
+  assert m.memory_mapped
+  size = os.path.getsize(path)
+  os.truncate(path, size // 2)  # e.g. the file is being replaced by a copy in progress
+  with pytest.raises(UserError, match=r"m\.tif shrank to \d+ bytes while being read"):
+    m.read(30, 40)
