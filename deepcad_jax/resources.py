@@ -45,12 +45,13 @@ def host_available_bytes() -> int | None:
 def device_bytes(devices: Sequence[jax.Device]) -> tuple[int | None, str]:
   """(bytes one device may use, its description): an accelerator's limit, or on CPUs
   the host's available memory shared by the local devices used."""
-  device = devices[0]
+  mine = [d for d in devices if d.process_index == jax.process_index()]
+  device = (mine or jax.local_devices())[0]  # only this process's devices report stats
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), f"{device.device_kind} {device.id}"
   available = host_available_bytes()
-  local = max(1, sum(1 for d in devices if d.process_index == jax.process_index()))
+  local = max(1, len(mine))
   if available is None:
     return None, "the host"
   return available // local, ("the host" if local == 1 else
