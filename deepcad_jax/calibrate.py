@@ -6,15 +6,22 @@ error itself, so it is usually too small. `calibrate` denoises a movie whose gro
 truth is known (e.g. from `deepcad-jax simulate`), finds the factor that makes 68.3% of
 the errors fall within one (scaled) std, and writes it to the model directory
 (`calibration.json`); later uncertainty maps from that model are scaled by it.
+
+A scale only helps where the std tracks the error. When the Pearson correlation between
+the std and |error| is below `MIN_CORRELATION` (0.1: the std then explains less than 1%
+of the error's variance, or runs against it), the scale would make the average coverage
+right while pointing at the wrong voxels, so nothing is stored unless the caller accepts
+it (`accept_uncorrelated`, `--accept-uncorrelated`), and then with a warning in the
+record. An existing calibration is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
-
 
 from deepcad_jax.checkpoint import CALIBRATION, load_model
 from deepcad_jax.data.movie import open_movie
@@ -23,14 +30,33 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise
 from deepcad_jax.metrics import uncertainty_calibration
 
+log = logging.getLogger("deepcad_jax")
 
-def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
+MIN_CORRELATION = 0.1  # corr(std, |error|) below which a fitted scale is not stored
+
+
+def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
+              overwrite: bool = False, accept_uncorrelated: bool = False,
               **denoiser: Any) -> dict:
   """Measure the calibration of `model_dir`'s uncertainty on (noisy, clean), store the
-  fitted std scale in the model directory, and return the measurements."""
+  fitted std scale in the model directory, and return the measurements.
+
+  Args:
+    model_dir: a model directory (a training run or a converted model).
+    noisy, clean: a noisy movie and its ground truth (TIFF paths).
+    samples: test-time symmetries K, as for `denoise --uncertainty`.
+    overwrite: replace an existing calibration.json.
+    accept_uncorrelated: store the scale even when corr(std, |error|) is below
+      MIN_CORRELATION (the record then carries a warning).
+    **denoiser: more `Denoiser` options.
+  """
   if not os.path.isdir(model_dir):
     raise UserError(f"{model_dir} is not a model directory; calibration is stored in one "
                     "(convert a .pth first).")
+  path = os.path.join(model_dir, CALIBRATION)
+  if os.path.exists(path) and not overwrite:
+    raise UserError(f"{path} already exists (the model is calibrated); add --overwrite "
+                    "to replace it.")
   model = load_model(model_dir)
   model = dataclasses.replace(model, meta={k: v for k, v in model.meta.items()
                                            if k != "calibration"})
@@ -45,6 +71,19 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
             "members": model.config.model.ensemble,
             "fitted_on": os.path.abspath(noisy), "ground_truth": os.path.abspath(clean),
             "measured": result}
-  with AtomicFile(os.path.join(model_dir, CALIBRATION), overwrite=True) as f:
+  r = result["corr_std_error"]
+  if not r >= MIN_CORRELATION:  # NaN too (a constant std)
+    what = (f"the predicted std does not track the error on {noisy} (corr(std, |error|) "
+            f"= {r:.2f}, below {MIN_CORRELATION})")
+    if not accept_uncorrelated:
+      raise UserError(f"{what}, so a scale fitted here ({result['std_scale']:.3g}) would "
+                      f"fix the average coverage but not point at the errors; nothing was "
+                      f"stored in {path}: calibrate on data closer to the training data, "
+                      "or add --accept-uncorrelated to store it anyway.")
+    record["warning"] = f"{what}; stored on request (--accept-uncorrelated)."
+    log.warning("WARNING: %s; the scale %.3g is stored as asked, but the uncertainty "
+                "maps of this model do not show where its errors are.", what,
+                result["std_scale"])
+  with AtomicFile(path, overwrite=True) as f:
     json.dump(record, f.text(), indent=1)
   return record

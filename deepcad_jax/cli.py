@@ -464,7 +464,8 @@ def _run_events(fv):
   _require(fv, "raw", "denoised", "output")
   r = check_files(_v(fv, "raw"), _v(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
                   _triple(_v(fv, "box"), "--box"), _v(fv, "overwrite"))
-  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}")
+  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}, at least "
+        f"{r.noise_floor:.4g} (the darkest pixels' noise)")
   print(f"{len(r.events)} candidate event(s) where the raw movie exceeds the denoised one "
         f"beyond the noise (z > {r.threshold:g} over {r.box} boxes); largest z "
         f"{float(r.z_map.max()):.1f}")
@@ -483,6 +484,11 @@ def _define_calibrate(fv):
   flags.DEFINE_string("clean", None, "Its ground truth (e.g. from simulate).", flag_values=fv)
   flags.DEFINE_integer("uncertainty", 8, "Samples (symmetries), as for denoise.",
                        flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace the model's calibration.json.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("accept-uncorrelated", False, "Store the scale even when the std "
+                       "does not track the error (correlation below 0.1); with a warning.",
+                       flag_values=fv)
 
 
 def _run_calibrate(fv):
@@ -490,7 +496,8 @@ def _run_calibrate(fv):
   from deepcad_jax.metrics import format_calibration
   _require(fv, "model", "noisy", "clean")
   record = calibrate(_v(fv, "model"), _v(fv, "noisy"), _v(fv, "clean"),
-                     _v(fv, "uncertainty"))
+                     _v(fv, "uncertainty"), overwrite=_v(fv, "overwrite"),
+                     accept_uncorrelated=_v(fv, "accept-uncorrelated"))
   print(format_calibration(record["measured"]))
   print(f"stored std scale {record['std_scale']:.4g} in {_v(fv, 'model')}/calibration.json")
   return 0

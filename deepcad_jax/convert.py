@@ -362,7 +362,12 @@ def load_pth_model(pth: str, para: str | None = None):
   para = para or find_para(pth)
   para_values = read_para(para) if para else {}
   params, features = to_flax_params(read_state_dict(pth), pth)
-  cfg = pth_config(features, para_values)
+  try:
+    cfg = pth_config(features, para_values)
+  except UserError as e:  # name the file the values came from
+    if not para or str(e).startswith(para):
+      raise
+    raise UserError(f"{para}: {e}") from None
   meta = {"format": FORMAT, "config": cfg.to_dict(), "features": features,
           "patch": list(cfg.data.patch), "mean": None, "data": [],
           "converted_from": os.path.abspath(pth), "para": para_values,

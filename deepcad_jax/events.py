@@ -3,13 +3,22 @@
 Networks trained to predict one noisy frame from its neighbours tend to treat rare,
 brief transients as noise. This check compares the denoised movie with the raw one under
 a Poisson-Gaussian noise model estimated from the raw data alone (var = a * mean + b,
-fitted from frame-to-frame differences), so the residual raw - denoised can be
-standardised. Averaged over small space-time boxes (n voxels), unit noise has standard
-deviation 1 / sqrt(n); boxes whose standardised excess z = sqrt(n) * mean exceeds a
-threshold (default 6: about 1e-9 per box for Gaussian noise, so a megavoxel movie gives
-no false alarm from noise alone) are where the raw data hold signal that the denoised
-movie lacks. The result
-is a map (the largest z per pixel) and a list of candidate events (local maxima of z).
+fitted from frame-to-frame differences), so the residual raw - denoised can be judged
+against the noise. Over small space-time boxes of n voxels, the summed excess E has
+variance V (the model's variances summed); boxes whose standardised excess
+z = E / sqrt(V + a E / 3) exceeds a threshold (default 6) are where the raw data hold
+signal that the denoised movie lacks. The a E / 3 term is Bernstein's inequality for
+counts of photons of size a: P(z > 6) < exp(-18) = 1.5e-8 per box whatever the photon
+level, where the Gaussian z alone would flag a few stray photons in a dark movie as
+events. The result is a map (the largest z per pixel) and a list of candidate events
+(local maxima of z).
+
+The noise model keeps a floor: the variance is at least the smallest measured at any
+brightness (the darkest pixels' read and shot noise), so a fit that runs to zero at
+low intensities cannot make single photons look significant; a movie with no
+frame-to-frame variation at all has no noise model and is refused. Both movies are read
+block by block (with a few frames of overlap for the boxes), so memory stays bounded
+whatever the length.
 """
 
 from __future__ import annotations
@@ -22,49 +31,103 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
+from deepcad_jax.data.movie import Movie, as_movie, open_movie, refuse_to_overwrite
 from deepcad_jax.data.output import AtomicFile, MovieWriter, os_error, outputs_together
 from deepcad_jax.errors import UserError
 
+BLOCK_BYTES = 32 * 2**20  # float64 bytes of one block of frames
+MAX_CANDIDATES = 200_000  # boxes above the threshold kept for the event list
 
-def noise_model(raw: np.ndarray, bins: int = 32) -> tuple[float, float]:
-  """(a, b) of var = a * mean + b, from temporal differences of the raw movie.
 
-  Differences of consecutive frames remove slow signal; per pixel their variance / 2
-  estimates the noise variance at that pixel's mean. Pixels are binned by mean and a
-  line is fitted through the bins' medians.
+def _read(movie: Movie, t0: int, t1: int, what: str) -> np.ndarray:
+  """Frames [t0, t1) as float64, checked for NaN or infinite values."""
+  block = movie.read(t0, t1).astype(np.float64)
+  if not np.isfinite(block).all():
+    raise UserError(f"the {what} movie {movie.name} holds NaN or infinite values "
+                    f"(frames {t0} to {t1 - 1}); replace them (e.g. with 0) first.")
+  return block
+
+
+def _block_frames(shape, halo: int = 0) -> int:
+  return max(1 + 2 * halo, BLOCK_BYTES // max(1, 8 * shape[1] * shape[2]))
+
+
+def pixel_statistics(raw, name: str = "the raw movie") -> tuple[np.ndarray, np.ndarray]:
+  """(mean, noise variance) per pixel, (Y, X) float64, in one pass over the frames:
+  differences of consecutive frames remove slow signal, and half their variance
+  estimates the noise variance at that pixel's mean."""
+  movie = as_movie(raw, name)
+  t = movie.shape[0]
+  if t < 3:
+    raise UserError(f"{movie.name}: the noise model needs at least 3 frames; got {t}.")
+  total = np.zeros(movie.shape[1:])
+  d1, d2 = np.zeros(movie.shape[1:]), np.zeros(movie.shape[1:])
+  last = None
+  frames = _block_frames(movie.shape)
+  for t0 in range(0, t, frames):
+    block = _read(movie, t0, min(t, t0 + frames), "raw")
+    total += block.sum(0)
+    d = np.diff(block if last is None else np.concatenate([last[None], block]), axis=0)
+    d1 += d.sum(0)
+    d2 += (d * d).sum(0)
+    last = block[-1]
+  n = t - 1
+  return total / t, np.maximum(d2 / n - (d1 / n)**2, 0.0) / 2
+
+
+def fit_noise(mean: np.ndarray, var: np.ndarray, bins: int = 32, name: str = "the raw movie"
+              ) -> tuple[float, float, float]:
+  """(a, b, floor) of var = max(a * mean + b, floor) from per-pixel statistics.
+
+  Pixels are binned by mean; each bin's variance is its median, or its mean where most
+  pixels saw no change at all (sparse photon counts, where the median is 0 but the mean
+  is the Poisson variance); a line is fitted through the bins. The floor is the smallest
+  positive bin variance: what the darkest pixels show.
   """
-  raw = np.asarray(raw, np.float32)
-  if raw.shape[0] < 3:
-    raise UserError(f"the noise model needs at least 3 frames; got {raw.shape[0]}.")
-  mean = raw.mean(0).ravel()
-  var = (np.diff(raw, axis=0).var(0) / 2).ravel()
+  mean, var = np.ravel(mean), np.ravel(var)
+  if not np.any(var > 0):
+    raise UserError(f"{name} has no frame-to-frame variation, so its noise cannot be "
+                    "estimated; give the raw recording (not a constant or processed "
+                    "movie).")
   edges = np.quantile(mean, np.linspace(0, 1, bins + 1))
   idx = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, bins - 1)
-  mu = np.array([np.median(mean[idx == i]) for i in range(bins) if np.any(idx == i)])
-  vv = np.array([np.median(var[idx == i]) for i in range(bins) if np.any(idx == i)])
+  mu, vv = [], []
+  for i in range(bins):
+    v = var[idx == i]
+    if v.size:
+      med = float(np.median(v))
+      mu.append(float(np.median(mean[idx == i])))
+      vv.append(med if med > 0 else float(v.mean()))
+  mu, vv = np.array(mu), np.array(vv)
+  floor = float(vv[vv > 0].min())
   if len(mu) < 2 or np.ptp(mu) == 0:
-    return 0.0, float(np.median(var))
+    return 0.0, float(np.mean(vv)), floor
   a, b = np.polyfit(mu, vv, 1)
-  return float(max(a, 0.0)), float(max(b, 1e-6))
+  a = max(float(a), 0.0)
+  if a == 0.0:
+    b = float(np.mean(vv))
+  return a, float(b), floor
 
 
-def _box_mean(x: np.ndarray, size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, count) over a centred box at every voxel (the box shrinks at the edges)."""
+def noise_model(raw, bins: int = 32) -> tuple[float, float]:
+  """(a, b) of var = a * mean + b, from temporal differences of the raw movie (an
+  array or a Movie); see `fit_noise` for the floor that goes with it."""
+  a, b, _ = fit_noise(*pixel_statistics(raw), bins=bins)
+  return a, b
+
+
+def _box_sum(x: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+  """The sum over a centred box at every voxel (the box shrinks at the edges)."""
   out = x.astype(np.float64)
-  count = np.ones((1,) * x.ndim)
   for axis, k in enumerate(size):
-    n = out.shape[axis]
-    lo = np.clip(np.arange(n) - k // 2, 0, n)
-    hi = np.clip(np.arange(n) + k - k // 2, 0, n)
-    shape = [1] * out.ndim
-    shape[axis] = n
     if k > 1:
+      n = out.shape[axis]
+      lo = np.clip(np.arange(n) - k // 2, 0, n)
+      hi = np.clip(np.arange(n) + k - k // 2, 0, n)
       c = np.cumsum(out, axis=axis)
       c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)
-      out = (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / (hi - lo).reshape(shape)
-    count = count * (hi - lo).reshape(shape)
-  return out, count
+      out = np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)
+  return out
 
 
 @dataclasses.dataclass
@@ -74,28 +137,26 @@ class EventReport:
   events: list[dict[str, Any]]      # t, y, x, z, excess (raw - denoised, box mean)
   threshold: float
   box: tuple[int, int, int]
+  noise_floor: float = 0.0          # the variance is at least this
 
 
-def find_suppressed_events(raw: np.ndarray, denoised: np.ndarray, threshold: float = 6.0,
-                           box: tuple[int, int, int] = (3, 5, 5),
-                           separation: tuple[int, int, int] = (5, 8, 8),
-                           max_events: int = 1000) -> EventReport:
-  """Candidate events where `raw` exceeds `denoised` beyond what the noise explains."""
-  raw = np.asarray(raw, np.float32)
-  den = np.asarray(denoised, np.float32)
-  if raw.shape != den.shape:
-    raise UserError(f"raw {raw.shape} and denoised {den.shape} differ in shape; give the "
-                    "denoised version of this raw movie.")
-  a, b = noise_model(raw)
-  sigma = np.sqrt(a * np.clip(den, 0, None) + b)
-  r = (raw - den) / sigma
-  mean_r, count = _box_mean(r, box)
-  z = mean_r * np.sqrt(count)  # unit noise averaged over `count` voxels: std 1/sqrt(count)
-  excess, _ = _box_mean(raw - den, box)
-  z_map = z.max(0).astype(np.float32)
-  # Local maxima above the threshold, strongest first, kept apart by `separation`.
-  cand = np.argwhere(z > threshold)
-  order = np.argsort(-z[tuple(cand.T)]) if len(cand) else []
+def box_z(raw: np.ndarray, den: np.ndarray, noise: tuple[float, float, float],
+          box: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(z, excess) of every box of a block of frames: the summed residual E against its
+  variance V with Bernstein's correction, z = E / sqrt(V + a max(E, 0) / 3), and the
+  box mean of raw - den."""
+  a, b, floor = noise
+  var = np.maximum(a * np.clip(den, 0, None) + b, floor)
+  e = _box_sum(raw - den, box)
+  v = _box_sum(var, box)
+  count = _box_sum(np.ones(raw.shape, np.float32), box)
+  return e / np.sqrt(v + a * np.maximum(e, 0) / 3), e / count
+
+
+def _pick(cand: np.ndarray, z: np.ndarray, excess: np.ndarray,
+          separation: tuple[int, int, int], max_events: int) -> list[dict[str, Any]]:
+  """Local maxima: the strongest candidates first, kept apart by `separation`."""
+  order = np.argsort(-z, kind="stable")
   taken: list[np.ndarray] = []
   events = []
   sep = np.array(separation)
@@ -105,27 +166,75 @@ def find_suppressed_events(raw: np.ndarray, denoised: np.ndarray, threshold: flo
       continue
     taken.append(p)
     t, y, x = (int(v) for v in p)
-    events.append({"t": t, "y": y, "x": x, "z": float(z[t, y, x]),
-                   "excess": float(excess[t, y, x])})
+    events.append({"t": t, "y": y, "x": x, "z": float(z[i]), "excess": float(excess[i])})
     if len(events) >= max_events:
       break
-  return EventReport((a, b), z_map, events, threshold, tuple(box))
+  return events
+
+
+def find_suppressed_events(raw, denoised, threshold: float = 6.0,
+                           box: tuple[int, int, int] = (3, 5, 5),
+                           separation: tuple[int, int, int] = (5, 8, 8),
+                           max_events: int = 1000) -> EventReport:
+  """Candidate events where `raw` exceeds `denoised` beyond what the noise explains.
+
+  Args:
+    raw, denoised: movies (arrays, `Movie`s or TIFF paths) of the same shape.
+    threshold: the z above which a box is a candidate.
+    box: the box (T, Y, X) summed over.
+    separation: candidates closer than this (on every axis) to a stronger one are
+      the same event.
+    max_events: the most events listed.
+  """
+  raw_m, den_m = as_movie(raw, "the raw movie"), as_movie(denoised, "the denoised movie")
+  if raw_m.shape != den_m.shape:
+    raise UserError(f"raw {raw_m.name} {raw_m.shape} and denoised {den_m.name} "
+                    f"{den_m.shape} differ in shape; give the denoised version of this raw "
+                    "movie.")
+  a, b, floor = fit_noise(*pixel_statistics(raw_m, raw_m.name), name=raw_m.name)
+  t_all = raw_m.shape[0]
+  halo = max(box[0], 1)
+  step = _block_frames(raw_m.shape, halo) - 2 * halo
+  z_map = np.full(raw_m.shape[1:], -np.inf)
+  found = {"cand": [], "z": [], "excess": []}
+  for c0 in range(0, t_all, step):
+    c1 = min(t_all, c0 + step)
+    e0, e1 = max(0, c0 - halo), min(t_all, c1 + halo)
+    z, excess = box_z(_read(raw_m, e0, e1, "raw"), _read(den_m, e0, e1, "denoised"),
+                      (a, b, floor), box)
+    z, excess = z[c0 - e0:c1 - e0], excess[c0 - e0:c1 - e0]
+    z_map = np.maximum(z_map, z.max(0))
+    cand = np.argwhere(z > threshold)
+    if len(cand):
+      found["z"].append(z[tuple(cand.T)])
+      found["excess"].append(excess[tuple(cand.T)])
+      found["cand"].append(cand + np.array([c0, 0, 0]))
+    if sum(len(v) for v in found["z"]) > MAX_CANDIDATES:  # keep the strongest
+      zs = np.concatenate(found["z"])
+      keep = np.argsort(-zs, kind="stable")[:MAX_CANDIDATES]
+      found = {k: [np.concatenate(v)[keep]] for k, v in found.items()}
+  events = []
+  if found["z"]:
+    events = _pick(np.concatenate(found["cand"]), np.concatenate(found["z"]),
+                   np.concatenate(found["excess"]), separation, max_events)
+  return EventReport((a, b), z_map.astype(np.float32), events, threshold, tuple(box),
+                     floor)
 
 
 def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
                 box: tuple[int, int, int] = (3, 5, 5), overwrite: bool = False
                 ) -> EventReport:
-  """Run the check on two TIFFs; write z_map.tif, events.csv and events.json to `output`."""
+  """Run the check on two TIFFs (read block by block); write z_map.tif, events.csv and
+  events.json to `output`, together once complete."""
   paths = [os.path.join(output, n) for n in ("z_map.tif", "events.csv", "events.json")]
   refuse_to_overwrite(paths, overwrite)
-  r, d = open_movie(raw), open_movie(denoised)
-  report = find_suppressed_events(r.read(0, r.shape[0]), d.read(0, d.shape[0]), threshold,
-                                  box)
+  r = open_movie(raw)
+  report = find_suppressed_events(r, open_movie(denoised), threshold, box)
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise os_error(e, paths[0]) from None
-  with outputs_together() as files:  # the three appear together, once complete
+  with outputs_together() as files:
     files.append(MovieWriter(paths[0], report.z_map.shape, np.float32, frames=1,
                              metadata=r.metadata, overwrite=overwrite))
     files[-1].write(report.z_map)
@@ -136,6 +245,7 @@ def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
     w.writerows(report.events)
     files.append(AtomicFile(paths[2], overwrite=overwrite))
     json.dump({"raw": raw, "denoised": denoised, "noise_a": report.noise[0],
-               "noise_b": report.noise[1], "threshold": threshold, "box": list(box),
-               "events": report.events}, files[-1].text(), indent=1)
+               "noise_b": report.noise[1], "noise_floor": report.noise_floor,
+               "threshold": threshold, "box": list(box), "events": report.events},
+              files[-1].text(), indent=1)
   return report

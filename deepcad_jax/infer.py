@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepcad_jax import distributed, parallel
+from deepcad_jax import distributed, parallel, resources
 from deepcad_jax.augment import N_SYMMETRIES
 from deepcad_jax.checkpoint import Model, load_model
 from deepcad_jax.config import DTYPES
@@ -764,6 +764,11 @@ class Denoiser:
                                                            axis=-1)
 
 
+INFER_FIX = ("lower --memory-budget or --batch-size, give a smaller --tile, or use "
+             "--tiling overlap with a smaller --patch")
+
+
+@resources.device_memory("denoising", INFER_FIX)
 def denoise(movie: Any, model: Model | str | Denoiser, *,
             patch: Sequence[int] | None = None, overlap: float | None = None,
             batch_size: int = 0, dtype: str = "float32", blend: bool = False,
@@ -1045,6 +1050,7 @@ def _complete_output(paths: Sequence[str], movie: Movie, out_dtype) -> str | Non
   return None
 
 
+@resources.device_memory("denoising", INFER_FIX)
 def denoise_files(input: str, output: str, model: Model | str, *, overwrite: bool = False,
                   output_dtype: Any = None, progress: bool = True, **kwargs
                   ) -> list[FileReport]:

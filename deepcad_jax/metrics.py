@@ -21,6 +21,21 @@ def _check(x, y):
   if x.shape != y.shape:
     raise UserError(f"the movies differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}; "
                     "compare a denoised movie with its own reference.")
+  check_finite(x, "the movie")
+  check_finite(y, "the reference")
+
+
+def check_finite(a, name: str) -> None:
+  """Refuses NaN or infinite values: every score of such a movie would be meaningless
+  (a NaN error once read as SNR = inf)."""
+  a = np.asarray(a)
+  if a.dtype.kind in "fc":
+    bad = ~np.isfinite(a)
+    if bad.any():
+      where = np.argwhere(bad)[0]
+      raise UserError(f"{name} holds {int(bad.sum())} NaN or infinite value(s) (the "
+                      f"first at {tuple(int(i) for i in where)}); no score is meaningful: "
+                      "replace them (e.g. with 0) or fix what produced them.")
 
 
 def snr_db(x: np.ndarray, y: np.ndarray) -> float:
@@ -169,7 +184,9 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None,
 
   def load(path):
     m = open_movie(path)
-    return m.read(0, m.shape[0]).astype(np.float32)
+    data = m.read(0, m.shape[0]).astype(np.float32)
+    check_finite(data, path)
+    return data
 
   ref = load(reference)
   for name, path in (("--denoised", denoised), ("--raw", raw), ("--std", std)):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from deepcad_jax import resources
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.movie import refuse_to_overwrite
 from deepcad_jax.data.output import (AtomicFile, MovieWriter, check_space, movie_bytes,
@@ -50,6 +51,23 @@ class SimulationParams:
                       "2 frames of 8x8 pixels.")
     if self.read_noise < 0 or self.tau_rise <= 0 or self.tau_decay <= 0:
       raise UserError("read noise must be >= 0 and rise/decay times positive.")
+
+
+# Peak bytes per voxel while simulating (float32 clean and noisy movies, Poisson counts
+# as int64, float64 read noise, and the float64 copies the SNR takes), plus one float32
+# footprint image per neuron.
+BYTES_PER_VOXEL = 40
+
+
+def check_memory(p: SimulationParams, where: str = "") -> None:
+  """Refuses a simulation that cannot fit the host's available memory."""
+  t, y, x = p.shape
+  n = p.neurons if p.neurons is not None else max(1, (y * x) // 300)
+  need = BYTES_PER_VOXEL * float(t) * y * x + 4.0 * n * y * x
+  resources.check_fits(need, resources.host_available_bytes(), "this machine",
+                       f"{where}simulating a movie of shape {tuple(p.shape)} "
+                       f"({float(t) * y * x:.3g} voxels, {n} neurons)",
+                       "use a smaller --shape (or fewer --neurons)")
 
 
 def gcamp_kernel(frame_rate: float, tau_rise: float, tau_decay: float) -> np.ndarray:
@@ -116,6 +134,7 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
              ) -> tuple[np.ndarray, np.ndarray, dict]:
   """(noisy, clean, info): float32 movies (T, Y, X) in photons, and what was made."""
   p = dataclasses.replace(params or SimulationParams(), **overrides)
+  check_memory(p)
   rng = np.random.default_rng(p.seed)
   t, y, x = p.shape
   n = p.neurons if p.neurons is not None else max(1, (y * x) // 300)
@@ -154,6 +173,7 @@ def write_simulation(folder: str, overwrite: bool = False, **kwargs: Any) -> dic
            (("noisy", "noisy.tif"), ("clean", "clean.tif"), ("info", "info.json"))}
   refuse_to_overwrite(paths.values(), overwrite)
   params = SimulationParams(**kwargs)
+  check_memory(params, f"{folder}: ")
   check_space([(paths[k], movie_bytes(params.shape, np.float32)) for k in ("noisy", "clean")])
   noisy, clean, info = simulate(params)
   try:

@@ -41,8 +41,9 @@ from typing import Any, Iterator
 import numpy as np
 import tifffile
 
+from deepcad_jax import resources
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
-from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie
+from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.data.output import (BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes,
                                      write_bytes)
 from deepcad_jax.errors import UserError
@@ -396,11 +397,11 @@ class FolderSource(FrameSource):
           break
         seen.add(name)
         progressed = True
-        with tifffile.TiffFile(path) as tif:
-          data = tif.asarray()
-          if self.metadata is None:
+        data = read_frames(path)  # checked: a damaged file is one sentence
+        if self.metadata is None:
+          with tifffile.TiffFile(path) as tif:
             self.metadata = read_metadata(tif)
-        for frame in data.reshape((-1,) + data.shape[-2:]):
+        for frame in data:
           yield frame
       if progressed:
         last_new = time.perf_counter()
@@ -499,6 +500,7 @@ def write_png(path: str, image: np.ndarray) -> None:
       chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+@resources.device_memory("the stream", "lower --batch-size or --core-frames")
 def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
                  rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
                  raw_output: str | None = None, output_dtype: Any = "float32",

@@ -21,10 +21,9 @@ import os
 from typing import Sequence
 
 import numpy as np
-import tifffile
 
 from deepcad_jax import safe_pickle
-from deepcad_jax.data.movie import Movie, as_movie
+from deepcad_jax.data.movie import Movie, as_movie, read_frames
 from deepcad_jax.data.output import AtomicFile, os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.progress import Progress
@@ -193,7 +192,7 @@ def read_rois(path: str, frame_shape: tuple[int, int]) -> list[Roi]:
                     "suite2p's stat.npy.")
   lower = path.lower()
   if lower.endswith((".tif", ".tiff")):
-    labels = np.squeeze(tifffile.imread(path))
+    labels = np.squeeze(read_frames(path))
     if labels.shape != tuple(frame_shape):
       raise UserError(f"{where}the label image is {labels.shape} but the frames are "
                       f"{tuple(frame_shape)}.")

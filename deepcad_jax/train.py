@@ -26,7 +26,7 @@ from flax.training import train_state
 
 from deepcad_jax import checkpoint as ckpt
 from deepcad_jax import config as config_lib
-from deepcad_jax import distributed, parallel
+from deepcad_jax import distributed, parallel, resources
 from deepcad_jax.augment import augment_batch
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
@@ -39,6 +39,14 @@ from deepcad_jax.score import holdout_range, scores
 log = logging.getLogger("deepcad_jax")
 
 TrainState = train_state.TrainState
+
+# Lower bounds of a train step's memory per device, to refuse before compiling what
+# cannot fit: parameters, gradients and Adam's two moments (float32 copies of every
+# parameter), and activations kept for the backward pass (XLA's analysis of the step
+# gives about 120 f bytes per patch voxel on the CPU; accelerators need less).
+STATE_COPIES = 4
+ACTIVATION_BYTES_PER_VOXEL_F = 40.0
+TRAIN_FIX = "lower --features, --patch or --batch-size (or add devices)"
 
 
 def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
@@ -241,6 +249,33 @@ def _holdout_scorer(cfg: config_lib.Config, meta: dict, movies, holdout, means):
   return score
 
 
+def training_bytes(cfg: config_lib.Config, per_device_batch: int) -> tuple[int, float, float]:
+  """(parameters, bytes of their state, bytes of activations) of one device's share of
+  a train step: lower bounds (see STATE_COPIES, ACTIVATION_BYTES_PER_VOXEL_F)."""
+  abstract = jax.eval_shape(lambda: create_state(cfg))
+  n = int(sum(np.prod(a.shape, dtype=np.float64)
+              for a in jax.tree_util.tree_leaves(abstract.params)))
+  voxels = float(np.prod(cfg.data.patch, dtype=np.float64)) * per_device_batch / max(
+      1, cfg.parallel.spatial)
+  activations = ACTIVATION_BYTES_PER_VOXEL_F * cfg.model.features * voxels * \
+      cfg.model.ensemble
+  return n, STATE_COPIES * 4.0 * n, activations
+
+
+def check_training_memory(cfg: config_lib.Config, per_device_batch: int, devices,
+                          workdir: str) -> None:
+  """Refuses a run whose step cannot fit one device's memory, before any compiling."""
+  n, state, activations = training_bytes(cfg, per_device_batch)
+  have, where = resources.device_bytes(devices)
+  resources.check_fits(
+      state + activations, have, where,
+      f"training {workdir} with f={cfg.model.features} ({n:.3g} parameters; with "
+      f"gradients and Adam's moments {resources.format_bytes(state)}) on patch "
+      f"{tuple(cfg.data.patch)} x {per_device_batch} pair(s) per device (activations "
+      f"{resources.format_bytes(activations)})", TRAIN_FIX)
+
+
+@resources.device_memory("training", TRAIN_FIX)
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
           fresh: bool = False, init_from: Any = None, devices=None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None
@@ -288,6 +323,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     raise UserError(f"pairs per epoch ({cfg.data.pairs_per_epoch}) is smaller than the "
                     f"batch size ({batch_size}); raise --pairs-per-epoch.")
   total_steps = steps_per_epoch * cfg.train.epochs
+  check_training_memory(cfg, batch_size // n_dev, list(mesh.devices.flat), workdir)
 
   source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
                       scale=cfg.data.scale, prior=cfg.model.mean_prior, holdout=holdout)

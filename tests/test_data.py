@@ -124,7 +124,18 @@ def test_list_movies(tmp_path):
 def test_fit_patch_shrinks_to_small_movies_and_says_so():
   patch, notes = fit_patch((32, 64, 64), [(40, 50, 100)], ["m.tif"])
   assert patch == (16, 48, 64)
-  assert len(notes) == 2 and "T reduced from 32 to 16" in notes[0]
+  assert notes == ["patch reduced from (32, 64, 64) to (16, 48, 64) to fit the data "
+                   "(m.tif (40, 50, 100) allows only (16, 48, 64)); each training pair "
+                   "holds 38% of the configured voxels: record larger movies, or pass "
+                   "--patch 16,48,64 to make it explicit"]
+  # One short file among others: it is named, with what leaving it out keeps.
+  patch, notes = fit_patch((32, 64, 64), [(200, 64, 64), (40, 64, 64), (100, 80, 80)],
+                           ["a.tif", "short.tif", "c.tif"])
+  assert patch == (16, 64, 64) and len(notes) == 1
+  assert ("for all 3 files because short.tif (40, 64, 64) allows only (16, 64, 64); "
+          "each training pair then holds 50% of the configured voxels; leave it out of "
+          "--data to keep (32, 64, 64)") in notes[0]
+  assert fit_patch((32, 64, 64), [(200, 64, 64)], ["a.tif"]) == ((32, 64, 64), [])
   with pytest.raises(UserError, match="at least 16"):
     fit_patch((8, 8, 8), [(15, 32, 32)], ["short.tif"])
   with pytest.raises(UserError, match="at least 8x8"):

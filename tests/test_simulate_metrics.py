@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from deepcad_jax.metrics import evaluate, psnr_db, slice_correlations, snr_db
+from deepcad_jax.errors import UserError
+from deepcad_jax.metrics import (evaluate, psnr_db, slice_correlations, snr_db,
+                                 uncertainty_calibration, wobble)
 from deepcad_jax.simulate import gcamp_kernel, simulate
 
 
@@ -96,3 +98,16 @@ def test_cli_simulate_with_a_constant_background(tmp_path, capsys):
   assert cli.main(["deepcad-jax", "evaluate", "--denoised", str(tmp_path / "noisy.tif"),
                    "--reference", str(tmp_path / "clean.tif")]) == 0
   assert "wobble over the" in capsys.readouterr().out
+
+
+def test_every_metric_refuses_non_finite_values():
+  ref = np.ones((4, 8, 8), np.float32)
+  bad = ref.copy()
+  bad[1, 2, 3] = np.nan
+  for fn in (snr_db, psnr_db, evaluate, wobble,
+             lambda x, y: slice_correlations(x, y, "xy"),
+             lambda x, y: uncertainty_calibration(x, ref, y)):
+    with pytest.raises(UserError, match=r"1 NaN or infinite value\(s\) \(the first at \(1, 2, 3\)\)"):
+      fn(bad, ref)
+    with pytest.raises(UserError, match="NaN or infinite"):
+      fn(ref, np.where(bad == bad, ref, np.inf))

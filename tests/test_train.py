@@ -144,7 +144,7 @@ def test_small_movies_train_with_a_smaller_patch(tmp_path, devices, caplog):
   result = train(path, str(tmp_path / "run"), tiny_config(**{"train.epochs": 1}),
                  devices=devices[:1], progress=False)
   assert result.patch == (8, 8, 16)
-  assert "patch Y reduced from 16 to 8" in caplog.text
+  assert "patch reduced from (8, 16, 16) to (8, 8, 16) to fit the data" in caplog.text
   assert load_model(str(tmp_path / "run")).patch == (8, 8, 16)
 
 

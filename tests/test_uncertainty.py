@@ -82,7 +82,7 @@ def test_cli_uncertainty_evaluate_and_calibrate(capsys, tmp_path, trained_model)
   text = capsys.readouterr().out
   assert "within 1 std" in text and "corr(std, |error|)" in text
   assert cli.main(["deepcad-jax", "calibrate", "--model", model, "--noisy", src,
-                   "--clean", ref]) == 0
+                   "--clean", ref, "--accept-uncorrelated"]) == 0
   record = json.load(open(tmp_path / "model" / "calibration.json"))
   assert load_model(model).meta["calibration"]["std_scale"] == record["std_scale"]
   assert record["measured"]["coverage_1std_rescaled"] == pytest.approx(0.6827, abs=0.01)

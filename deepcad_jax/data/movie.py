@@ -9,6 +9,8 @@ never loaded whole.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Iterable, Iterator
 
@@ -90,16 +92,22 @@ class ArrayMovie(Movie):
 
 
 class TiffMovie(Movie):
-  """A TIFF file read lazily: memory map when possible, page ranges otherwise."""
+  """A TIFF file read lazily: memory map when possible, page ranges otherwise.
+
+  The file is checked when opened (see `_check_series`), so that a truncated or
+  damaged file, a colour image or a file of several series is refused with one sentence
+  before any work; a frame that still cannot be read later raises `UserError` too.
+  """
 
   def __init__(self, path: str):
     self.name = path
     self.path = path
-    with _open_tiff(path) as tif:
-      series = tif.series[0]
+    with _tifffile_problems() as problems, _open_tiff(path) as tif:
+      series = _check_series(path, tif, problems)
       self.shape, self._frame_axis = _movie_shape(path, series.shape, series.axes)
       self.dtype = np.dtype(series.dtype)
       self._pages_are_frames = len(series.pages) == self.shape[0]
+      self._data_end = _data_end(series)
     self._map = None
     try:
       self._map = tifffile.memmap(path, mode="r").reshape(self.shape)
@@ -119,9 +127,29 @@ class TiffMovie(Movie):
     return self._metadata
 
   def read(self, t0: int, t1: int) -> np.ndarray:
+    try:
+      with _tifffile_problems() as problems:
+        frames = self._read(t0, t1)
+      if problems:
+        raise ValueError(problems[0])
+      return frames
+    except UserError:
+      raise
+    except (ValueError, OSError, RuntimeError, tifffile.TiffFileError) as e:
+      raise UserError(f"{self.path}: frames {t0} to {t1 - 1} could not be read ({e}); "
+                      "the file is damaged: copy it again from the original.") from None
+
+  def _read(self, t0: int, t1: int) -> np.ndarray:
     if self._map is not None:
+      # A memory map of a file that shrank since it was opened would crash the process
+      # (SIGBUS) when touched beyond the end: check the size first.
+      size = os.path.getsize(self.path)
+      if size < self._data_end:
+        raise UserError(f"{self.path} shrank to {size} bytes while being read (its "
+                        f"frames end at byte {self._data_end}); let the copy or the "
+                        "recording finish, then run again.")
       return np.asarray(self._map[t0:t1])
-    with _open_tiff(self.path) as tif:
+    with tifffile.TiffFile(self.path) as tif:
       if self._pages_are_frames:
         frames = tif.asarray(series=0, key=slice(t0, t1))
       else:  # frames are not separate pages: read the series once
@@ -141,14 +169,110 @@ class TiffMovie(Movie):
       self._map = None
 
 
+class _Problems(logging.Handler):
+  """Collects what tifffile logs at ERROR level (a broken page chain, a shaped series
+  that does not fit its data) instead of printing it."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    message = record.getMessage()  # without tifffile's '<tifffile.TiffPages @8> '
+    self.messages.append(message.split("> ", 1)[1] if message.startswith("<") and
+                         "> " in message else message)
+
+
+@contextlib.contextmanager
+def _tifffile_problems() -> Iterator[list[str]]:
+  """tifffile's error messages while the block runs, kept from the terminal (warnings,
+  e.g. metadata it ignored, are dropped: the checks below judge the data itself)."""
+  logger = logging.getLogger("tifffile")
+  handler = _Problems()
+  propagate = logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    yield handler.messages
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+
+
 def _open_tiff(path: str) -> tifffile.TiffFile:
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a folder; give one TIFF movie file here.")
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise UserError(f"{path} is empty (0 bytes); the copy or the recording did not "
+                    "finish: copy it again.")
   try:
     return tifffile.TiffFile(path)
   except FileNotFoundError:
     raise UserError(f"{path} does not exist; check the path.") from None
+  except PermissionError:
+    raise UserError(f"{path} cannot be read (permission denied); check its "
+                    "permissions.") from None
   except (tifffile.TiffFileError, ValueError, OSError) as e:
     raise UserError(f"{path} is not a readable TIFF file ({e}); give a .tif movie "
                     "with frames as pages.") from None
+
+
+def _check_series(path: str, tif: tifffile.TiffFile, problems: list[str]):
+  """The one image series of a TIFF, once it is known to be whole: refuses a damaged
+  or truncated file, several series, colour samples, zero frames, and metadata that
+  describes more or fewer frames than the file holds."""
+  damaged = "; copy it again from the original (or re-save it)"
+  try:
+    all_series = tif.series
+    pages = len(tif.pages)  # walks the whole page chain: finds a cut-off file
+  except (tifffile.TiffFileError, ValueError, OSError, IndexError) as e:
+    raise UserError(f"{path} is damaged ({e}){damaged}.") from None
+  if problems:
+    raise UserError(f"{path} is damaged or truncated (tifffile: {problems[0]})"
+                    f"{damaged}.")
+  if not all_series:
+    raise UserError(f"{path} holds no image data{damaged}.")
+  if len(all_series) > 1:
+    shapes = ", ".join(str(tuple(s.shape)) for s in all_series[:4])
+    raise UserError(f"{path} holds {len(all_series)} image series ({shapes}"
+                    f"{', ...' if len(all_series) > 4 else ''}) and only one movie per "
+                    "file is read; save each series as its own TIFF (e.g. "
+                    "tifffile.imwrite(f'part{i}.tif', tifffile.imread(path, series=i))).")
+  series = all_series[0]
+  photometric = getattr(series.keyframe, "photometric", None)
+  samples = dict(zip(series.axes, series.shape)).get("S", 1)
+  if samples > 1 or photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR):
+    raise UserError(f"{path} is a colour image (shape {tuple(series.shape)}, axes "
+                    f"{series.axes}, {samples} samples per pixel); deepcad-jax denoises "
+                    "grayscale movies (T, Y, X): save one channel per file, or convert "
+                    "it to grayscale.")
+  if 0 in tuple(series.shape):
+    raise UserError(f"{path} holds no frames (shape {tuple(series.shape)}); export the "
+                    "recording again.")
+  end, size = _data_end(series), os.path.getsize(path)
+  if end > size:
+    raise UserError(f"{path} is truncated: its header describes {tuple(series.shape)} "
+                    f"{series.dtype} data ending at byte {end}, but the file has {size} "
+                    f"bytes{damaged}.")
+  frames = int(np.prod(series.shape[:-2], dtype=np.int64))
+  if pages > frames:
+    raise UserError(f"{path} holds {pages} pages but its metadata describes "
+                    f"{frames} frame(s) {tuple(series.shape)}, so frames would be lost; "
+                    "re-save it with the right frame count (e.g. ImageJ: Image > "
+                    "Properties; or tifffile.imwrite with every page).")
+  return series
+
+
+def _data_end(series) -> int:
+  """The byte after the last image data a series refers to."""
+  if series.dataoffset is not None:
+    return int(series.dataoffset) + int(series.nbytes)
+  end = 0
+  for page in series.pages:
+    if page is not None:
+      end = max([end] + [int(o) + int(n) for o, n in zip(page.dataoffsets,
+                                                          page.databytecounts)])
+  return end
 
 
 def _movie_shape(path: str, shape, axes: str) -> tuple[tuple[int, int, int], str]:
@@ -170,10 +294,13 @@ def _movie_shape(path: str, shape, axes: str) -> tuple[tuple[int, int, int], str
   return (int(extra[0][1]), int(shape[-2]), int(shape[-1])), extra[0][0]
 
 
+
 def open_movie(path: str) -> TiffMovie:
   """Open one TIFF movie, validating it is (T, Y, X)."""
   if not os.path.exists(path):
     raise UserError(f"{path} does not exist; check the path.")
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a folder; give one TIFF movie file here.")
   if not path.lower().endswith(TIFF_SUFFIXES):
     raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
                     "to TIFF first.")
@@ -194,16 +321,32 @@ def as_movie(movie, name: str = "<array>") -> Movie:
   return ArrayMovie(movie, name)
 
 
+def read_frames(path: str) -> np.ndarray:
+  """A whole TIFF as (N, Y, X) frames: a single 2-D image (N = 1) or a movie, checked
+  as `TiffMovie` checks files (for mean images and the files a watched folder
+  receives, which may hold one frame each)."""
+  with _tifffile_problems() as problems, _open_tiff(path) as tif:
+    series = _check_series(path, tif, problems)
+    shape, axes = tuple(series.shape), series.axes
+  if int(np.prod(shape[:-2], dtype=np.int64)) > 1:
+    shape = _movie_shape(path, shape, axes)[0]
+  try:
+    with _tifffile_problems() as problems:
+      data = tifffile.imread(path)
+    if problems:
+      raise ValueError(problems[0])
+  except (ValueError, OSError, RuntimeError, tifffile.TiffFileError) as e:
+    raise UserError(f"{path} could not be read ({e}); the file is damaged: copy it "
+                    "again from the original.") from None
+  return np.asarray(data).reshape((-1,) + tuple(shape[-2:]))
+
+
 def read_mean_image(path: str) -> np.ndarray:
   """A (Y, X) mean image from a 2-D TIFF, or the temporal mean of a TIFF movie."""
-  with _open_tiff(path) as tif:
-    image = np.squeeze(tif.asarray()) if len(tif.series[0].shape) <= 2 or \
-        int(np.prod(tif.series[0].shape[:-2])) == 1 else None
-  if image is not None:
-    if image.ndim != 2:
-      raise UserError(f"{path} holds an image of shape {image.shape}; a mean image must "
-                      "be 2-D (Y, X).")
-    return image.astype(np.float32)
+  with _tifffile_problems() as problems, _open_tiff(path) as tif:
+    shape = tuple(_check_series(path, tif, problems).shape)
+  if int(np.prod(shape[:-2], dtype=np.int64)) == 1:
+    return read_frames(path)[0].astype(np.float32)
   return open_movie(path).mean_image()
 
 

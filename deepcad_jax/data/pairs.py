@@ -30,10 +30,12 @@ def fit_patch(patch: Sequence[int], shapes: Sequence[tuple[int, int, int]],
               names: Sequence[str]) -> tuple[tuple[int, int, int], list[str]]:
   """The largest patch <= `patch` (multiples of 8) that fits every movie.
 
-  Returns the patch and one note per reduced axis, so the caller can say why.
+  Returns the patch and, when it is smaller than asked, one note saying which files
+  force it, what it costs (the share of the configured voxels a pair keeps) and, when
+  other files would allow the configured patch, that leaving those out keeps it.
   """
-  pt, py, px = patch
-  notes = []
+  configured = tuple(int(p) for p in patch)
+  allowed = []  # the patch each file alone allows
   for shape, name in zip(shapes, names):
     t, y, x = shape
     if t < 2 * MIN_SIZE:
@@ -43,12 +45,24 @@ def fit_patch(patch: Sequence[int], shapes: Sequence[tuple[int, int, int]],
     if y < MIN_SIZE or x < MIN_SIZE:
       raise UserError(f"{name} {shape} has frames of {y}x{x} pixels; training needs at "
                       f"least {MIN_SIZE}x{MIN_SIZE}.")
-    for axis, size, limit in (("T", pt, _floor_to(t // 2, 8)), ("Y", py, _floor_to(y, 8)),
-                              ("X", px, _floor_to(x, 8))):
-      if size > limit:
-        notes.append(f"patch {axis} reduced from {size} to {limit} to fit {name} {shape}")
-    pt, py, px = min(pt, _floor_to(t // 2, 8)), min(py, _floor_to(y, 8)), min(px, _floor_to(x, 8))
-  return (pt, py, px), notes
+    allowed.append(tuple(min(p, lim) for p, lim in zip(
+        configured, (_floor_to(t // 2, 8), _floor_to(y, 8), _floor_to(x, 8)))))
+  final = tuple(min(a[i] for a in allowed) for i in range(3)) if allowed else configured
+  short = [(n, tuple(s), a) for n, s, a in zip(names, shapes, allowed) if a != configured]
+  if not short:
+    return final, []
+  share = np.prod(final) / np.prod(configured)
+  which = ", ".join(f"{n} {s} allows only {a}" for n, s, a in short[:3]) + (
+      f" and {len(short) - 3} more" if len(short) > 3 else "")
+  if len(short) == len(allowed):
+    return final, [f"patch reduced from {configured} to {final} to fit the data "
+                   f"({which}); each training pair holds {share:.0%} of the configured "
+                   f"voxels: record larger movies, or pass --patch "
+                   f"{','.join(map(str, final))} to make it explicit"]
+  them = "it" if len(short) == 1 else f"these {len(short)} files"
+  return final, [f"patch reduced from {configured} to {final} for all {len(allowed)} "
+                 f"files because {which}; each training pair then holds {share:.0%} of "
+                 f"the configured voxels; leave {them} out of --data to keep {configured}"]
 
 
 @dataclasses.dataclass
