@@ -31,6 +31,7 @@ from deepcad_jax.augment import augment_batch
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
+from deepcad_jax.lock import WorkdirLock
 from deepcad_jax.model import UNet3D, ensemble_params, network_input, over_members
 from deepcad_jax.progress import Progress, format_duration
 
@@ -264,6 +265,26 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
   main = jax.process_index() == 0
+  # One run per workdir: process 0 holds its lock (every process may share the folder).
+  lock = WorkdirLock(workdir).acquire() if main else None
+  try:
+    return _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size, steps_per_epoch,
+                total_steps, fresh=fresh, resume_ok=init_from is None,
+                init_params_from=init_params_from, progress=progress and main,
+                on_step=on_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+         patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
+         fresh: bool, resume_ok: bool, init_params_from: Any, progress: bool,
+         on_step: Callable[[int, float], None] | None) -> TrainResult:
+  """The checkpointed loop of `train`, on a workdir this process may use."""
+  n_dev = parallel.device_count(mesh)
+  summary = meta["data"]
+  main = jax.process_index() == 0
   if fresh and main:
     ckpt.clear(workdir)
   distributed.barrier("fresh")
@@ -273,7 +294,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   state = jax.device_put(create_state(cfg, init_params_from), repl)
   start = 0
   if mgr.latest_step() is not None:
-    if init_from is not None:
+    if not resume_ok:
       raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
                       "an empty --workdir or add --fresh.")
     start = mgr.latest_step()

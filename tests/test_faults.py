@@ -29,6 +29,7 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
+from helpers_processes import hold_lock
 
 
 @dataclasses.dataclass
@@ -120,6 +121,10 @@ FAULTS: list[Fault] = [
     # -- inputs: damaged files, odd TIFFs, honest numbers -----------------------------
 
     # -- processes: locks, signals, kills, checkpoints --------------------------------
+    Fault("train: workdir in use by another run", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--fresh", "--workdir",
+                     f.input(hold_lock(f, f.root / "run"))],
+          r"run is in use by another training run \(PID \d+", process=True),
 
 ]
 

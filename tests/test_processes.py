@@ -1,0 +1,81 @@
+"""Processes, signals and progress: the workdir lock, kills, SIGTERM, checkpoint saves
+that fail or come every few minutes, compile-free ETAs, --help defaults, --version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import noisy_movie, tiny_config, write_tiff
+from deepcad_jax import UserError, train
+from deepcad_jax.lock import LOCK_NAME, WorkdirLock
+from helpers_processes import running, start_lock_holder, stop
+
+
+@pytest.fixture
+def movie_path(tmp_path):
+  return write_tiff(tmp_path / "movie.tif", noisy_movie((40, 24, 24))[0])
+
+
+@pytest.fixture
+def logs(caplog):
+  """What deepcad_jax logs at INFO and above (its logger may not propagate: the CLI's)."""
+  logger = logging.getLogger("deepcad_jax")
+  level = logger.level
+  logger.addHandler(caplog.handler)
+  logger.setLevel(logging.INFO)
+  yield caplog
+  logger.removeHandler(caplog.handler)
+  logger.setLevel(level)
+
+
+def _tiny(**changes):
+  return tiny_config(**{"train.epochs": 1, **changes})
+
+
+# ------------------------------------------------------------------ the workdir lock
+
+
+def test_a_held_workdir_names_the_pid_and_is_untouched(tmp_path, movie_path, devices):
+  run = tmp_path / "run"
+  holder = start_lock_holder(run)
+  try:
+    with pytest.raises(UserError, match=rf"run is in use by another training run "
+                       rf"\(PID {holder.pid}, started .*kill {holder.pid}"):
+      train(movie_path, str(run), _tiny(), devices=devices[:1], progress=False, fresh=True)
+    assert os.listdir(run) == [LOCK_NAME]  # --fresh deleted nothing, no checkpoint began
+  finally:
+    stop(holder)
+  result = train(movie_path, str(run), _tiny(), devices=devices[:1], progress=False)
+  assert result.step == 16
+  assert not os.path.exists(run / LOCK_NAME)  # released: the file goes with the lock
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, movie_path, devices, logs):
+  run = tmp_path / "run"
+  holder = start_lock_holder(run)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  stop(holder)
+  assert json.loads((run / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind
+  result = train(movie_path, str(run), _tiny(), devices=devices[:1], progress=False)
+  assert result.step == 16
+  assert f"left by PID {holder.pid}" in logs.text and "no longer running" in logs.text
+
+
+def test_the_lock_within_one_process(tmp_path):
+  with WorkdirLock(str(tmp_path / "a")) as lock:
+    holder = json.loads(open(lock.path).read())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(UserError, match=f"PID {os.getpid()}"):
+      WorkdirLock(str(tmp_path / "a")).acquire()  # a second open file is a second holder
+    with WorkdirLock(str(tmp_path / "b")):
+      pass
+  assert os.listdir(tmp_path / "a") == []
+  WorkdirLock(str(tmp_path / "a")).acquire().release()
