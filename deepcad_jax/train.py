@@ -357,6 +357,8 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
                       "resume.", step)
           break
   finally:
+    if hasattr(data_iter, "close"):
+      data_iter.close()  # stops grain's worker processes now, not at garbage collection
     mgr.wait_until_finished()
     mgr.close()
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))

@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UserError, train
 from deepcad_jax.lock import LOCK_NAME, WorkdirLock
-from helpers_processes import running, start_lock_holder, stop
+from helpers_processes import descendants, running, start_lock_holder, stop
 
 
 @pytest.fixture
@@ -79,3 +80,45 @@ def test_the_lock_within_one_process(tmp_path):
       pass
   assert os.listdir(tmp_path / "a") == []
   WorkdirLock(str(tmp_path / "a")).acquire().release()
+
+
+# ------------------------------------------------------------------ kills and signals
+
+
+def _cli(*args, **kwargs) -> subprocess.Popen:
+  """`deepcad-jax ARGS` in a fresh process (one CPU device), stderr to a file."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.Popen([sys.executable, "-m", "deepcad_jax", *args], env=env,
+                          stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(predicate, timeout=120.0, every=0.1):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(every)
+  return False
+
+
+def test_kill_9_takes_the_grain_workers_along(tmp_path, movie_path):
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    proc = _cli("train", "--config", "tiny", "--data", movie_path, "--workdir",
+                str(tmp_path / "run"), "--workers", "2", "--epochs", "1000", stderr=f)
+  try:
+    assert _wait_for(lambda: "step 1/" in err.read_text() or proc.poll() is not None), \
+        err.read_text()[-2000:]  # training: the workers have started
+    below = descendants(proc.pid)
+    workers = [p for p in below if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2, below  # grain's workers (and multiprocessing's tracker)
+  finally:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+  survivors = lambda: [p for p in below if running(p)]  # noqa: E731
+  try:
+    assert _wait_for(lambda: not survivors(), timeout=10), survivors()
+  finally:
+    for pid in survivors():
+      os.kill(pid, signal.SIGKILL)
