@@ -11,13 +11,15 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
 
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import Terminated, UserError
 
 log = logging.getLogger("deepcad_jax")
 
@@ -136,11 +138,12 @@ def _run_train(fv):
   result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
                  init_from=_v(fv, "init-from"))
   import jax
+  code = 128 + (result.signal or signal.SIGINT) if result.interrupted else 0  # 130, 143
   if jax.process_index() != 0:
-    return 130 if result.interrupted else 0
+    return code
   print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
         + ("  (interrupted; run again to resume)" if result.interrupted else ""))
-  return 130 if result.interrupted else 0
+  return code
 
 
 # ---------------------------------------------------------------- denoise
@@ -762,6 +765,19 @@ def _setup_logging() -> None:
   logger.propagate = False
 
 
+def _terminate(signum, frame):
+  raise Terminated()
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+  """SIGTERM unwinds like Ctrl-C (clean-ups run; exit 143); returns what undoes it."""
+  if threading.current_thread() is not threading.main_thread():
+    return lambda: None
+  previous = signal.signal(signal.SIGTERM, _terminate)
+  return lambda: signal.signal(signal.SIGTERM, previous if previous is not None
+                               else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `deepcad-jax` console script; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
@@ -791,14 +807,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
   _setup_logging()
+  restore_sigterm = _raise_on_sigterm()
   try:
     return int(command.run(fv) or 0)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Terminated:
+    print("terminated (SIGTERM).", file=sys.stderr)
+    return 128 + signal.SIGTERM
   except KeyboardInterrupt:
     print("interrupted.", file=sys.stderr)
-    return 130
+    return 128 + signal.SIGINT
+  finally:
+    restore_sigterm()
 
 
 def entry() -> None:

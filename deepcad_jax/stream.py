@@ -627,11 +627,11 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
         t.join(0.1)
         if on_idle is not None:
           on_idle()
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated) from the CLI
     stop.set()
     for t in threads:
       t.join(5)
-    errors.append(KeyboardInterrupt())
+    errors.append(e)
   finally:
     raw_writer.close()
     den_writer.close()
@@ -651,6 +651,10 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   achieved = max(0, report.frames_in - 1) / acquisition_s[0] if acquisition_s[0] else 0.0
   report.kept_up = (report.dropped == 0 and (rate <= 0 or achieved >= 0.98 * rate)
                     and report.frames_out == report.frames_in)
+  if errors and isinstance(errors[0], KeyboardInterrupt):
+    log.warning("stream stopped; %d denoised frames were written to %s and stay readable.",
+                report.frames_out, output)
+    raise errors[0]
   if errors:
     report.error = f"{type(errors[0]).__name__}: {errors[0]}"
     log.error("stream stopped by an error in a stage (%s); %d denoised frames were "

@@ -123,6 +123,7 @@ class TrainResult:
   interrupted: bool
   patch: tuple[int, int, int]
   meta: dict
+  signal: int | None = None  # the signal that stopped it early (SIGINT, SIGTERM)
 
 
 class _StopFlag:
@@ -133,6 +134,7 @@ class _StopFlag:
 
   def __init__(self):
     self.set = False
+    self.signum: int | None = None
     self._previous = {}
 
   def __enter__(self):
@@ -144,6 +146,7 @@ class _StopFlag:
     if self.set and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.set = True
+    self.signum = self.signum or signum
     log.warning("%s: stopping after this step and saving a checkpoint%s.",
                 signal.Signals(signum).name,
                 " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT
@@ -321,6 +324,7 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
+  stopped_by = None
   step = start
   t0 = time.perf_counter()
   extras = "".join(
@@ -352,7 +356,7 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
                       processes=jax.process_count())
           ckpt.save(mgr, step, state, meta)
         if stop.set:
-          interrupted = True
+          interrupted, stopped_by = True, stop.signum
           log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "
                       "resume.", step)
           break
@@ -363,4 +367,4 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
     mgr.close()
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
   return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
-                     interrupted, patch, meta)
+                     interrupted, patch, meta, stopped_by)

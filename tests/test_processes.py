@@ -122,3 +122,71 @@ def test_kill_9_takes_the_grain_workers_along(tmp_path, movie_path):
   finally:
     for pid in survivors():
       os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_during_train_saves_and_exits_143(tmp_path, movie_path):
+  err = tmp_path / "stderr.txt"
+  run = tmp_path / "run"
+  with open(err, "w") as f:
+    proc = _cli("train", "--config", "tiny", "--data", movie_path, "--workdir", str(run),
+                "--epochs", "1000", stderr=f)
+  try:
+    assert _wait_for(lambda: "step 1/" in err.read_text() or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  text = err.read_text()
+  assert proc.returncode == 143, text[-2000:]
+  assert "Traceback" not in out + text
+  assert "SIGTERM: stopping after this step and saving a checkpoint" in text
+  step = int(out.split("step ")[1].split("/")[0])
+  assert "(interrupted; run again to resume)" in out and step > 0
+  from deepcad_jax import load_model
+  assert load_model(str(run)).meta["step"] == step
+
+
+def test_sigterm_during_stream_unwinds_and_exits_143(tmp_path, movie_path, trained_model):
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    proc = _cli("stream", "--model", trained_model, "--source", movie_path, "--output",
+                str(tmp_path / "live.tif"), "--rate", "2", stderr=f)  # 20 s of frames
+  try:
+    assert _wait_for(lambda: "compiled" in err.read_text() or proc.poll() is not None)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  text = err.read_text()
+  assert proc.returncode == 143, text[-2000:]
+  assert "Traceback" not in out + text
+  assert text.splitlines()[-1] == "terminated (SIGTERM)."
+  assert not [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def test_sigterm_in_any_command_raises_terminated(tmp_path, monkeypatch, capsys):
+  """In-process: a command that gets SIGTERM unwinds (its `finally` runs), prints one
+  line and returns 143; the handler is the previous one again afterwards."""
+  from deepcad_jax import cli, metrics
+  from deepcad_jax.errors import Terminated
+  unwound = []
+
+  def evaluate_files(*args, **kwargs):
+    try:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # the handler raises before this ends
+    finally:
+      unwound.append(sys.exc_info()[0])
+
+  monkeypatch.setattr(metrics, "evaluate_files", evaluate_files)
+  before = signal.getsignal(signal.SIGTERM)
+  code = cli.main(["deepcad-jax", "evaluate", "--denoised", "a.tif", "--reference",
+                   "b.tif"])
+  assert code == 143 and unwound == [Terminated]
+  assert capsys.readouterr().err.strip().splitlines() == ["terminated (SIGTERM)."]
+  assert signal.getsignal(signal.SIGTERM) is before
