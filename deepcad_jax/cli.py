@@ -95,7 +95,11 @@ def _define_train(fv):
   flags.DEFINE_integer("workers", None, "Grain worker processes (0 = none).", flag_values=fv)
   flags.DEFINE_float("scale", None, "Divide intensities by this before the network "
                      "(DeepCAD-RT's scale_factor; default 1).", flag_values=fv)
-  flags.DEFINE_integer("keep", None, "Checkpoints to keep.", flag_values=fv)
+  flags.DEFINE_integer("keep", None, "Epoch checkpoints to keep (the latest checkpoint "
+                       "is always kept too).", flag_values=fv)
+  flags.DEFINE_float("save-every", None, "Minutes between checkpoints within an epoch, so "
+                     "a kill loses at most this much (0 = only at the end of each epoch).",
+                     flag_values=fv)
   flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
@@ -116,19 +120,23 @@ def _define_train(fv):
   _define_distributed(fv)
 
 
+# The flags of `train` that override a field of the config in use.
+TRAIN_CONFIG_FLAGS = {
+    "patch": "data.patch", "epochs": "train.epochs",
+    "pairs-per-epoch": "data.pairs_per_epoch", "batch-size": "train.batch_size",
+    "seed": "train.seed", "features": "model.features", "dtype": "model.dtype",
+    "lr": "train.lr", "b1": "train.b1", "b2": "train.b2", "workers": "data.workers",
+    "keep": "train.keep_checkpoints", "save-every": "train.save_every",
+    "scale": "data.scale", "spatial": "parallel.spatial", "ensemble": "model.ensemble",
+    "ensemble-impl": "model.ensemble_impl", "mean-prior": "model.mean_prior"}
+
+
 def _train_config(fv):
   from deepcad_jax import config as config_lib
   cfg = config_lib.load_config(_v(fv, "config"))
-  return config_lib.override(cfg, **{
-      "data.patch": _triple(_v(fv, "patch")), "train.epochs": _v(fv, "epochs"),
-      "data.pairs_per_epoch": _v(fv, "pairs-per-epoch"),
-      "train.batch_size": _v(fv, "batch-size"), "train.seed": _v(fv, "seed"),
-      "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
-      "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
-      "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
-      "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial"),
-      "model.ensemble": _v(fv, "ensemble"), "model.ensemble_impl": _v(fv, "ensemble-impl"),
-      "model.mean_prior": _v(fv, "mean-prior")})
+  values = {field: _v(fv, flag) for flag, field in TRAIN_CONFIG_FLAGS.items()}
+  values["data.patch"] = _triple(values["data.patch"])
+  return config_lib.override(cfg, **values)
 
 
 def _run_train(fv):
@@ -754,7 +762,11 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
-  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and grain are chatty
+  # Orbax and grain are chatty, and log failures they also raise (a full disk) with
+  # tracebacks, from each of their threads and abandoned asyncio tasks: the command
+  # reports the failure in one line.
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logger = logging.getLogger("deepcad_jax")
   if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
     handler = _StderrHandler()
@@ -823,7 +835,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_sigterm()
 
 
+def _quiet_unraisable(unraisable) -> None:
+  """Errors Python can only ignore (callbacks of a library's threads that outlive a
+  failure, e.g. Orbax's after a failed save) go to the debug log, not the terminal."""
+  log.debug("ignored %s: %s", unraisable.exc_type.__name__, unraisable.exc_value)
+
+
 def entry() -> None:
+  sys.unraisablehook = _quiet_unraisable
   try:
     sys.exit(main())
   except BrokenPipeError:  # output piped into a command that stopped reading (head)

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -38,6 +40,7 @@ from deepcad_jax.progress import Progress, format_duration
 log = logging.getLogger("deepcad_jax")
 
 TrainState = train_state.TrainState
+MEASURE_STEPS = 3  # steps timed after the first (compiling) one, for the pace of a run
 
 
 def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
@@ -285,14 +288,78 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
          fresh: bool, resume_ok: bool, init_params_from: Any, progress: bool,
          on_step: Callable[[int, float], None] | None) -> TrainResult:
   """The checkpointed loop of `train`, on a workdir this process may use."""
-  n_dev = parallel.device_count(mesh)
-  summary = meta["data"]
-  main = jax.process_index() == 0
-  if fresh and main:
+  if fresh and jax.process_index() == 0:
     ckpt.clear(workdir)
   distributed.barrier("fresh")
   os.makedirs(workdir, exist_ok=True)
-  mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints)
+  mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints,
+                     steps_per_epoch=steps_per_epoch)
+  try:
+    return _loop(mgr, workdir, cfg, source, meta, mesh, patch, paths, batch_size,
+                 steps_per_epoch, total_steps, resume_ok=resume_ok,
+                 init_params_from=init_params_from, progress=progress, on_step=on_step)
+  finally:
+    mgr.close()
+    if jax.process_index() == 0:
+      ckpt.discard_partial(workdir)  # what a failed save left, now that none is running
+
+
+def _save(mgr, workdir: str, step: int, state: TrainState, meta: dict) -> None:
+  """Save the checkpoint of `step`; a failure (a full disk) is one sentence, at once."""
+  _check_space(mgr, workdir, step, state)
+  try:
+    ckpt.save(mgr, step, state, meta)
+  except Exception as e:  # noqa: BLE001 - any failed write stops the run the same way
+    kept = [s for s in mgr.all_steps() if s != step]
+    raise UserError(
+        f"could not save the checkpoint of step {step} in {ckpt.checkpoint_dir(workdir)} "
+        f"({_reason(e)}); training stopped, "
+        + (f"the last complete checkpoint is step {max(kept)}" if kept else
+           "no checkpoint was written yet")
+        + ": free some space there (or fix the folder) and run the same command to "
+        "resume.") from None
+
+
+def _reason(error: BaseException) -> str:
+  """The OS's words for a failed write (e.g. 'No space left on device'), else the first
+  line of the error."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.strerror or os.strerror(e.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's write errors
+    if code:
+      return os.strerror(int(code.group(1)))
+    e = e.__cause__ or e.__context__
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _check_space(mgr, workdir: str, step: int, state: TrainState) -> None:
+  """Refuse to start a save the disk cannot hold (a save that fails half-way leaves
+  Orbax's writer threads to fail one by one)."""
+  folder = ckpt.checkpoint_dir(workdir)
+  steps = mgr.all_steps()
+  need = ckpt.size_on_disk(workdir, max(steps)) if steps else sum(
+      a.nbytes for a in jax.tree_util.tree_leaves(state))
+  need = int(need * 1.2) + (1 << 20)
+  free = shutil.disk_usage(folder).free
+  if free < need:
+    raise UserError(
+        f"could not save the checkpoint of step {step} in {folder} (no space left: it "
+        f"needs about {need / 1e6:.0f} MB and {free / 1e6:.0f} MB are free); training "
+        "stopped, " + (f"the last complete checkpoint is step {max(steps)}" if steps else
+                       "no checkpoint was written yet")
+        + ": free some space there and run the same command to resume.")
+
+
+def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+          patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
+          resume_ok: bool, init_params_from: Any, progress: bool,
+          on_step: Callable[[int, float], None] | None) -> TrainResult:
+  n_dev = parallel.device_count(mesh)
+  main = jax.process_index() == 0
   repl = parallel.replicated(mesh)
   state = jax.device_put(create_state(cfg, init_params_from), repl)
   start = 0
@@ -301,7 +368,7 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
       raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
                       "an empty --workdir or add --fresh.")
     start = mgr.latest_step()
-    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, summary)
+    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, meta["data"])
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
     state = ckpt.restore(mgr, start, abstract)
@@ -310,7 +377,6 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
   if start >= total_steps:
     log.info("%s is already trained to step %d (%d epochs); nothing to do. Raise "
              "--epochs to train longer.", workdir, start, start // steps_per_epoch)
-    mgr.close()
     return TrainResult(os.path.abspath(workdir), state, start, total_steps, [], False,
                        patch, meta)
 
@@ -327,18 +393,37 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
   stopped_by = None
   step = start
   t0 = time.perf_counter()
+  # Mid-epoch checkpoints every `save_every` minutes, counted in steps (the same on every
+  # process): measured after the first steps, and again at every save.
+  save_every_s = cfg.train.save_every * 60
+  save_interval: int | None = None
+  last_save = (start, None)  # (step, time) of the last checkpoint, or of the clock start
   extras = "".join(
       [f", {cfg.model.ensemble} members" if cfg.model.ensemble > 1 else "",
        ", mean-image prior" if cfg.model.mean_prior else ""])
   log.info("Training %s (f=%d%s) on %d file(s), patch %s, batch %d over %d device(s), "
            "%d steps per epoch, steps %d..%d.", cfg.name, cfg.model.features, extras,
            len(paths), patch, batch_size, n_dev, steps_per_epoch, start, total_steps)
+
+  def interval_since(since: tuple[int, float | None]) -> int | None:
+    """Steps per `save_every`, at the pace since `since` (decided by process 0)."""
+    steps, seconds = step - since[0], time.perf_counter() - since[1]
+    if save_every_s <= 0 or steps <= 0:
+      return None
+    return distributed.broadcast_int(max(1, int(save_every_s * steps / max(seconds, 1e-9))))
+
   try:
     with _StopFlag() as stop:
       while step < total_steps:
         batch = distributed.global_batch(next(data_iter), data_sharding)
         state, metrics = step_fn(state, batch, key)
         step += 1
+        if step == start + 1:  # compiled and run once: the clock starts now
+          jax.block_until_ready(metrics)
+          last_save = (step, time.perf_counter())
+        elif step == start + 1 + MEASURE_STEPS:
+          jax.block_until_ready(metrics)
+          save_interval = interval_since(last_save)
         if on_step is not None or step % cfg.train.log_every == 0 or \
             step % steps_per_epoch == 0 or step == total_steps or stop.set:
           loss = float(metrics["loss"])
@@ -350,11 +435,15 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
                      loss=f"{loss:.4g}")
           if on_step is not None:
             on_step(step, loss)
-        if step % steps_per_epoch == 0 or step == total_steps or stop.set:
+        timed = save_interval is not None and step - last_save[0] >= save_interval
+        if step % steps_per_epoch == 0 or step == total_steps or stop.set or timed:
           meta.update(step=step, epoch=step / steps_per_epoch, pairs_consumed=step * batch_size,
                       loss=losses[-1][1] if losses else None,
                       processes=jax.process_count())
-          ckpt.save(mgr, step, state, meta)
+          _save(mgr, workdir, step, state, meta)
+          if save_interval is not None:
+            save_interval = interval_since(last_save)
+          last_save = (step, time.perf_counter())
         if stop.set:
           interrupted, stopped_by = True, stop.signum
           log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "
@@ -363,8 +452,6 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
   finally:
     if hasattr(data_iter, "close"):
       data_iter.close()  # stops grain's worker processes now, not at garbage collection
-    mgr.wait_until_finished()
-    mgr.close()
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
   return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
                      interrupted, patch, meta, stopped_by)

@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import UserError, train
+from deepcad_jax import UserError, cli, load_model, metrics, train
+from deepcad_jax.errors import Terminated
 from deepcad_jax.lock import LOCK_NAME, WorkdirLock
 from helpers_processes import descendants, running, start_lock_holder, stop
 
@@ -144,7 +149,6 @@ def test_sigterm_during_train_saves_and_exits_143(tmp_path, movie_path):
   assert "SIGTERM: stopping after this step and saving a checkpoint" in text
   step = int(out.split("step ")[1].split("/")[0])
   assert "(interrupted; run again to resume)" in out and step > 0
-  from deepcad_jax import load_model
   assert load_model(str(run)).meta["step"] == step
 
 
@@ -172,8 +176,6 @@ def test_sigterm_during_stream_unwinds_and_exits_143(tmp_path, movie_path, train
 def test_sigterm_in_any_command_raises_terminated(tmp_path, monkeypatch, capsys):
   """In-process: a command that gets SIGTERM unwinds (its `finally` runs), prints one
   line and returns 143; the handler is the previous one again afterwards."""
-  from deepcad_jax import cli, metrics
-  from deepcad_jax.errors import Terminated
   unwound = []
 
   def evaluate_files(*args, **kwargs):
@@ -190,3 +192,114 @@ def test_sigterm_in_any_command_raises_terminated(tmp_path, monkeypatch, capsys)
   assert code == 143 and unwound == [Terminated]
   assert capsys.readouterr().err.strip().splitlines() == ["terminated (SIGTERM)."]
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _steps(run) -> list[int]:
+  folder = os.path.join(run, "checkpoints")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(
+      folder) else []
+
+
+def _leftovers(run) -> list[str]:
+  return [n for n in os.listdir(os.path.join(run, "checkpoints")) if "tmp" in n]
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
+def test_a_failed_save_stops_training_at_once_in_one_sentence(tmp_path, movie_path, devices):
+  """A real write failure: the run's file-size limit is lowered after its first
+  checkpoint, so the next save fails inside Orbax's writer threads (EFBIG; ENOSPC takes
+  the same path)."""
+  run = str(tmp_path / "run")
+  proc = _cli("train", "--config", "tiny", "--data", movie_path, "--workdir", run,
+              "--pairs-per-epoch", "64", "--epochs", "1000", "--save-every", "0",
+              stderr=subprocess.PIPE)
+  try:
+    assert _wait_for(lambda: _steps(run) or proc.poll() is not None, every=0.01)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1000, 1000))
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 2, err[-3000:]
+  assert "Traceback" not in out + err
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and len(err.splitlines()) <= 4, err[-3000:]
+  assert re.search(r"could not save the checkpoint of step 128 in \S+/run/checkpoints "
+                   r"\(File too large\); training stopped, the last complete checkpoint "
+                   r"is step 64", errors[0]), errors[0]
+  assert _steps(run) == [64] and not _leftovers(run)
+  assert not os.path.exists(os.path.join(run, LOCK_NAME))
+  resumed = train(movie_path, run, _tiny(**{"data.pairs_per_epoch": 64, "train.epochs": 2}),
+                  devices=devices[:1], progress=False)
+  assert resumed.step == 128 and resumed.losses[0][0] == 65
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_writing(tmp_path, movie_path, devices,
+                                                           monkeypatch):
+  train_module = sys.modules["deepcad_jax.train"]  # the package's `train` is the function
+  real = train_module.shutil.disk_usage
+  saves = []
+
+  def disk_usage(path):
+    usage = real(path)
+    saves.append(path)
+    return usage._replace(free=0) if len(saves) > 1 else usage  # full after one save
+
+  monkeypatch.setattr(train_module.shutil, "disk_usage", disk_usage)
+  run = str(tmp_path / "run")
+  with pytest.raises(UserError, match=r"could not save the checkpoint of step 32 in \S+ "
+                     r"\(no space left: it needs about \d+ MB and 0 MB are free\); training "
+                     r"stopped, the last complete checkpoint is step 16"):
+    train(movie_path, run, _tiny(**{"train.epochs": 3}), devices=devices[:1], progress=False)
+  assert _steps(run) == [16] and not _leftovers(run)
+
+
+def test_save_every_keeps_the_latest_and_the_epoch_checkpoints(tmp_path, movie_path, devices):
+  run = str(tmp_path / "run")
+  seen = {}
+
+  def look(step, loss):
+    seen[step] = _steps(run)
+
+  cfg = _tiny(**{"train.epochs": 3, "train.save_every": 1e-9, "train.keep_checkpoints": 1})
+  train(movie_path, run, cfg, devices=devices[:1], progress=False, on_step=look)
+  # The pace is measured over steps 2..4; from then on a save every step (1e-9 minutes).
+  assert seen[4] == [] and seen[6] == [5] and seen[10] == [9]
+  assert seen[20] == [16, 19] and seen[40] == [32, 39]  # the last epoch's, and the latest
+  assert _steps(run) == [48]
+  # 0 saves only at the end of each epoch.
+  seen.clear()
+  train(movie_path, run + "0", _tiny(**{"train.save_every": 0.0, "train.epochs": 2}),
+        devices=devices[:1], progress=False, on_step=lambda s, _: seen.update(
+            {s: _steps(run + "0")}))
+  assert seen[15] == [] and seen[20] == [16] and _steps(run + "0") == [16, 32]
+
+
+def test_kill_9_mid_epoch_resumes_to_the_same_parameters(tmp_path, movie_path):
+  """Every run in a process of its own (the same XLA set-up, so the same float
+  rounding): uninterrupted; killed mid-epoch after a --save-every checkpoint; resumed."""
+  args = ["train", "--config", "tiny", "--data", movie_path, "--pairs-per-epoch", "96",
+          "--epochs", "1", "--workers", "2"]
+  full, run = str(tmp_path / "full"), str(tmp_path / "run")
+  assert _cli(*args, "--workdir", full, stderr=subprocess.DEVNULL).communicate()[0]
+  proc = _cli(*args, "--workdir", run, "--save-every", "1e-6", stderr=subprocess.DEVNULL)
+  try:
+    assert _wait_for(lambda: any(s >= 8 for s in _steps(run)) or proc.poll() is not None,
+                     every=0.01)
+  finally:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+  killed_at = _steps(run)[-1]
+  assert 8 <= killed_at < 96, killed_at  # mid-epoch
+  resumed = _cli(*args, "--workdir", run, stderr=subprocess.PIPE)
+  out, err = resumed.communicate()
+  assert resumed.returncode == 0 and f"Resuming {run} from step {killed_at}" in err, err
+  assert "step 96/96" in out
+  for a, b in zip(jax.tree_util.tree_leaves(load_model(full).params),
+                  jax.tree_util.tree_leaves(load_model(run).params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
