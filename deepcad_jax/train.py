@@ -41,6 +41,7 @@ log = logging.getLogger("deepcad_jax")
 
 TrainState = train_state.TrainState
 MEASURE_STEPS = 3  # steps timed after the first (compiling) one, for the pace of a run
+LONG_CPU_EPOCH_S = 30 * 60  # on a CPU, epochs longer than this get a suggestion
 
 
 def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
@@ -354,6 +355,23 @@ def _check_space(mgr, workdir: str, step: int, state: TrainState) -> None:
         + ": free some space there and run the same command to resume.")
 
 
+def _report_pace(per_step: float, cfg: config_lib.Config, steps_per_epoch: int,
+                 batch_size: int, mesh) -> None:
+  """The time per epoch at the measured pace; on a CPU, when an epoch would take long
+  (the DeepCAD-RT recipe: hours), what to do instead."""
+  epoch_s = per_step * steps_per_epoch
+  log.info("About %s per epoch (%.3g s per step of %d pair(s)).", format_duration(epoch_s),
+           per_step, batch_size)
+  if mesh.devices.flat[0].platform == "cpu" and epoch_s > LONG_CPU_EPOCH_S:
+    pairs = max(batch_size, int(LONG_CPU_EPOCH_S / 2 / per_step) * batch_size)
+    log.warning(
+        "On this CPU one epoch of %d pairs with %s patches takes about %s. For a first "
+        "try use --config demo (a smaller network and patch), or fewer pairs per epoch: "
+        "--pairs-per-epoch %d takes about %s.", cfg.data.pairs_per_epoch,
+        "x".join(map(str, cfg.data.patch)), format_duration(epoch_s), pairs,
+        format_duration(pairs // batch_size * per_step))
+
+
 def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
           patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
           resume_ok: bool, init_params_from: Any, progress: bool,
@@ -412,17 +430,25 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: d
       return None
     return distributed.broadcast_int(max(1, int(save_every_s * steps / max(seconds, 1e-9))))
 
+  bar.status(step, "compiling the training step...")
   try:
     with _StopFlag() as stop:
       while step < total_steps:
         batch = distributed.global_batch(next(data_iter), data_sharding)
+        t_step = time.perf_counter()
         state, metrics = step_fn(state, batch, key)
         step += 1
         if step == start + 1:  # compiled and run once: the clock starts now
           jax.block_until_ready(metrics)
+          log.info("Compiled the training step and ran it once in %s.",
+                   format_duration(time.perf_counter() - t_step))
+          bar.restart(step)
           last_save = (step, time.perf_counter())
         elif step == start + 1 + MEASURE_STEPS:
           jax.block_until_ready(metrics)
+          per_step = (time.perf_counter() - last_save[1]) / MEASURE_STEPS
+          if main:
+            _report_pace(per_step, cfg, steps_per_epoch, batch_size, mesh)
           save_interval = interval_since(last_save)
         if on_step is not None or step % cfg.train.log_every == 0 or \
             step % steps_per_epoch == 0 or step == total_steps or stop.set:

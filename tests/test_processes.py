@@ -3,6 +3,7 @@ that fail or come every few minutes, compile-free ETAs, --help defaults, --versi
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,8 +20,10 @@ import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UserError, cli, load_model, metrics, train
+from deepcad_jax import progress as progress_module
 from deepcad_jax.errors import Terminated
 from deepcad_jax.lock import LOCK_NAME, WorkdirLock
+from deepcad_jax.progress import Progress
 from helpers_processes import descendants, running, start_lock_holder, stop
 
 
@@ -303,3 +306,53 @@ def test_kill_9_mid_epoch_resumes_to_the_same_parameters(tmp_path, movie_path):
   for a, b in zip(jax.tree_util.tree_leaves(load_model(full).params),
                   jax.tree_util.tree_leaves(load_model(run).params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ progress
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_eta_leaves_compilation_out(monkeypatch):
+  clock = _Clock()
+  monkeypatch.setattr(progress_module.time, "perf_counter", clock)
+  lines = io.StringIO()
+  bar = Progress(1001, "step", stream=lines, every_s=0)
+  bar.status(0, "compiling the training step...")
+  clock.now = 600.0  # ten minutes of compiling, then the first step
+  bar.restart(1)
+  clock.now = 610.0
+  bar.update(101)  # 100 steps in 10 s: 900 steps to go take 90 s
+  assert lines.getvalue().splitlines() == [
+      "step 0/1001  compiling the training step...",
+      "step 101/1001  10.00/s  ETA 1m30s"]
+  clock.now = 700.0
+  other = Progress(101, "tiles", stream=lines, every_s=0)
+  clock.now = 800.0
+  other.exclude(60.0)  # the first call compiled for a minute: 1 tile in 40 s
+  other.update(1)
+  assert lines.getvalue().splitlines()[-1] == "tiles 1/101  0.03/s  ETA 1h06m40s"
+  clock.now = 801.0
+  other.exclude(99.5)  # most of that was compiling: 2 tiles in 1.5 s
+  other.update(2)
+  assert lines.getvalue().splitlines()[-1] == "tiles 2/101  1.33/s  ETA 1m14s"
+
+
+def test_train_says_compiling_and_estimates_the_epoch(tmp_path, movie_path, devices, logs,
+                                                       capsys, monkeypatch):
+  monkeypatch.setattr(sys.modules["deepcad_jax.train"], "LONG_CPU_EPOCH_S", 0.0)
+  train(movie_path, str(tmp_path / "run"), _tiny(), devices=devices[:1])
+  err = capsys.readouterr().err.splitlines()
+  assert err[0] == "step 0/16  compiling the training step..."
+  assert err[1].startswith("step 1/16  epoch 1/1  loss ") and err[1].endswith("ETA ?")
+  assert "Compiled the training step and ran it once in" in logs.text
+  assert re.search(r"About \d+s per epoch \([\d.e-]+ s per step of 1 pair\(s\)\)", logs.text)
+  assert re.search(r"On this CPU one epoch of 16 pairs with 8x16x16 patches takes about "
+                   r"\d+s\. For a first try use --config demo .*--pairs-per-epoch \d+ takes "
+                   r"about", logs.text), logs.text
