@@ -356,3 +356,17 @@ def test_train_says_compiling_and_estimates_the_epoch(tmp_path, movie_path, devi
   assert re.search(r"On this CPU one epoch of 16 pairs with 8x16x16 patches takes about "
                    r"\d+s\. For a first try use --config demo .*--pairs-per-epoch \d+ takes "
                    r"about", logs.text), logs.text
+
+
+def test_bench_reports_each_measurement_as_it_starts_and_ends(tmp_path, logs):
+  code = cli.main(["deepcad-jax", "bench", "--workload", "reference", "--movie", "8,16,16",
+                   "--patch", "8,16,16", "--repeats", "1", "--features", "4", "--output",
+                   str(tmp_path / "b.json")])
+  assert code == 0
+  lines = [r.getMessage() for r in logs.records if r.getMessage().startswith("bench: ")]
+  assert len(lines) == 4, lines
+  assert lines[0] == ("bench: reference (overlap tiling of a 8x16x16 movie, f=4): "
+                      "compiling and timing...")
+  assert re.match(r"bench: reference done: median [\d.e-]+ s over 1 run\(s\), compile ",
+                  lines[1]), lines[1]
+  assert lines[2].startswith("bench: reference (exact tiling") and "done" in lines[3]
