@@ -8,9 +8,11 @@ called many times in one process) and a `run` function. User mistakes print one 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
@@ -19,6 +21,7 @@ from typing import Callable, Sequence
 from absl import flags
 from absl import logging as absl_logging
 
+from deepcad_jax import __version__
 from deepcad_jax.errors import Terminated, UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -31,6 +34,9 @@ class Command:
   define: Callable[[flags.FlagValues], None]
   run: Callable[[flags.FlagValues], int | None]
   example: str = ""
+  # For --help: set the flags' defaults from what the command line chose (e.g. the
+  # config in use) and return a line saying so.
+  help_defaults: Callable[[flags.FlagValues, list[str]], str] | None = None
 
 
 def _triple(text: str | None, flag: str = "--patch"):
@@ -137,6 +143,31 @@ def _train_config(fv):
   values = {field: _v(fv, flag) for flag, field in TRAIN_CONFIG_FLAGS.items()}
   values["data.patch"] = _triple(values["data.patch"])
   return config_lib.override(cfg, **values)
+
+
+def _config_arg(args: list[str], default: str) -> str:
+  """The --config given on a command line (--config X or --config=X), else `default`."""
+  found = default
+  for i, a in enumerate(args):
+    if a.startswith("--config="):
+      found = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(args):
+      found = args[i + 1]
+  return found
+
+
+def _train_help_defaults(fv, args: list[str]) -> str:
+  from deepcad_jax import config as config_lib
+  name = _config_arg(args, fv["config"].default)
+  values = config_lib.load_config(name).to_dict()
+  fv.set_default("config", name)
+  for flag, field in TRAIN_CONFIG_FLAGS.items():
+    section, _, key = field.partition(".")
+    value = values[section][key]
+    fv.set_default(flag, ",".join(map(str, value)) if isinstance(value, (list, tuple))
+                   else value)
+  return (f"Defaults shown are those of --config {name}; a flag given overrides its "
+          "config field.")
 
 
 def _run_train(fv):
@@ -698,7 +729,8 @@ COMMANDS = {c.name: c for c in [
             _define_demo, _run_demo, "deepcad-jax demo"),
     Command("train", "train on a TIFF movie or folder (resumes an existing --workdir)",
             _define_train, _run_train,
-            "deepcad-jax train --data movies/ --workdir runs/rt --epochs 10"),
+            "deepcad-jax train --data movies/ --workdir runs/rt --epochs 10",
+            help_defaults=_train_help_defaults),
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
@@ -741,8 +773,20 @@ def _require(fv, *names):
     raise UserError(f"missing required flag(s): {', '.join('--' + n for n in missing)}.")
 
 
+def version() -> str:
+  """'deepcad-jax X (jax Y, jaxlib Z, Python P)': what a bug report needs."""
+  def installed(name: str) -> str:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return "not installed"
+  return (f"deepcad-jax {__version__} (jax {installed('jax')}, jaxlib "
+          f"{installed('jaxlib')}, Python {platform.python_version()})")
+
+
 def usage() -> str:
-  lines = ["usage: deepcad-jax COMMAND [--flags]", "", "commands:"]
+  lines = ["usage: deepcad-jax COMMAND [--flags]", "       deepcad-jax --version", "",
+           "commands:"]
   lines += [f"  {c.name:<10} {c.summary}" for c in COMMANDS.values()]
   lines += ["", "'deepcad-jax COMMAND --help' lists a command's flags.", "", "examples:"]
   lines += [f"  {c.example}" for c in COMMANDS.values()]
@@ -796,6 +840,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
     return 0
+  if argv[1] in ("--version", "-V", "version"):
+    print(version())
+    return 0
   name = argv[1]
   if name not in COMMANDS:
     print(f"error: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
@@ -804,8 +851,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv = flags.FlagValues()
   command.define(fv)
   if any(a in ("-h", "--help", "-help") for a in argv[2:]):
+    note = ""
+    if command.help_defaults is not None:
+      try:
+        note = command.help_defaults(fv, argv[2:]) + "\n\n"
+      except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"usage: deepcad-jax {name} [--flags]\n\n{command.summary}\n\n"
-          f"example: {command.example}\n\n{fv.get_help()}")
+          f"example: {command.example}\n\n{note}{fv.get_help()}")
     return 0
   try:
     rest = fv([f"deepcad-jax {name}"] + argv[2:])

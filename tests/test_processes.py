@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import platform
 import re
 import resource
 import signal
@@ -15,9 +16,11 @@ import sys
 import time
 
 import jax
+import jaxlib
 import numpy as np
 import pytest
 
+import deepcad_jax
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UserError, cli, load_model, metrics, train
 from deepcad_jax import progress as progress_module
@@ -370,3 +373,40 @@ def test_bench_reports_each_measurement_as_it_starts_and_ends(tmp_path, logs):
   assert re.match(r"bench: reference done: median [\d.e-]+ s over 1 run\(s\), compile ",
                   lines[1]), lines[1]
   assert lines[2].startswith("bench: reference (exact tiling") and "done" in lines[3]
+
+
+# ------------------------------------------------------------------ --help and --version
+
+
+def _help_default(text: str, flag: str) -> str:
+  match = re.search(rf"\n  --{flag}: .*?\(default: '([^']*)'\)", text, re.S)
+  assert match, (flag, text)
+  return match.group(1)
+
+
+@pytest.mark.parametrize("args, expect", [
+    ([], {"config": "deepcad_rt", "epochs": "10", "pairs-per-epoch": "4000",
+          "patch": "144,144,144", "lr": "5e-05", "workers": "2", "save-every": "5.0"}),
+    (["--config", "demo"], {"config": "demo", "epochs": "4", "pairs-per-epoch": "100",
+                            "patch": "16,32,32", "lr": "0.001", "workers": "0"}),
+    (["--config=tiny", "--epochs", "7"], {"config": "tiny", "epochs": "2", "features": "4"}),
+])
+def test_train_help_shows_the_defaults_of_the_config_in_use(args, expect, capsys):
+  assert cli.main(["deepcad-jax", "train", *args, "--help"]) == 0
+  text = capsys.readouterr().out
+  assert f"Defaults shown are those of --config {expect['config']}" in text
+  for flag, value in expect.items():
+    assert _help_default(text, flag) == value, flag
+
+
+def test_help_with_an_unknown_config_is_one_sentence(capsys):
+  assert cli.main(["deepcad-jax", "train", "--config", "nope", "--help"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: unknown config 'nope'") and len(err.splitlines()) == 1
+
+
+def test_version(capsys):
+  assert cli.main(["deepcad-jax", "--version"]) == 0
+  assert capsys.readouterr().out.strip() == (
+      f"deepcad-jax {deepcad_jax.__version__} (jax {jax.__version__}, jaxlib "
+      f"{jaxlib.__version__}, Python {platform.python_version()})")
