@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -21,6 +22,8 @@ from deepcad_jax.data.movie import open_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise
 from deepcad_jax.metrics import uncertainty_calibration
+
+log = logging.getLogger("deepcad_jax")
 
 
 def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
@@ -38,7 +41,9 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8,
     raise UserError(f"{noisy} {noisy_movie.shape} and {clean} {clean_movie.shape} differ "
                     "in shape; give a noisy movie and its own ground truth.")
   den = Denoiser(model, uncertainty=samples, **denoiser)
-  mean, std = denoise(noisy_movie, den, output_dtype="float32")
+  log.info("calibrate: denoising %s %s under %d symmetries x %d member(s)...", noisy,
+           noisy_movie.shape, samples, model.config.model.ensemble)
+  mean, std = denoise(noisy_movie, den, output_dtype="float32", progress=True)
   result = uncertainty_calibration(mean, std, clean_movie.read(0, clean_movie.shape[0]))
   record = {"std_scale": result["std_scale"], "samples": samples,
             "members": model.config.model.ensemble,

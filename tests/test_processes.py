@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -412,3 +413,17 @@ def test_version(capsys):
   assert capsys.readouterr().out.strip() == (
       f"deepcad-jax {deepcad_jax.__version__} (jax {jax.__version__}, jaxlib "
       f"{jaxlib.__version__}, Python {platform.python_version()})")
+
+
+def test_slow_commands_say_what_they_are_doing(tmp_path, trained_model, logs):
+  """export and calibrate log what they start before their long silent steps."""
+  assert cli.main(["deepcad-jax", "export", "--model", trained_model, "--format", "onnx",
+                   "--output", str(tmp_path / "m.onnx")]) == 0
+  assert "checking the ONNX graph against JAX with ONNX Runtime on a " in logs.text
+  model = shutil.copytree(trained_model, tmp_path / "model")  # calibrate writes into it
+  noisy, clean = noisy_movie((40, 24, 24))
+  assert cli.main(["deepcad-jax", "calibrate", "--model", str(model), "--noisy",
+                   write_tiff(tmp_path / "n.tif", noisy), "--clean",
+                   write_tiff(tmp_path / "c.tif", clean), "--uncertainty", "2"]) == 0
+  assert re.search(r"calibrate: denoising \S+n\.tif \(40, 24, 24\) under 2 symmetries x 1 "
+                   r"member\(s\)\.\.\.", logs.text), logs.text
