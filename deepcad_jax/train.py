@@ -271,6 +271,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
           "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
+  _check_workdir(workdir)
   main = jax.process_index() == 0
   # One run per workdir: process 0 holds its lock (every process may share the folder).
   lock = WorkdirLock(workdir).acquire() if main else None
@@ -282,6 +283,21 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   finally:
     if lock is not None:
       lock.release()
+
+
+def _check_workdir(workdir: str) -> None:
+  """A workdir is a folder (made if missing) whose `checkpoints` is a folder too."""
+  checkpoints = ckpt.checkpoint_dir(workdir)
+  for path, what in ((workdir, "--workdir takes a folder (made if missing)"),
+                     (checkpoints, "it must be the folder of the run's checkpoints")):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f"{path} is a file, not a folder: {what}; move it away or use "
+                      "another --workdir.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot make the folder {workdir} ({e.strerror}); use another "
+                    "--workdir.") from None
 
 
 def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,

@@ -61,3 +61,11 @@ def running(pid: int) -> bool:
       return f.read().rsplit(")", 1)[1].split()[0] != "Z"
   except OSError:
     return False
+
+
+def workdir_with_a_checkpoints_file(files) -> str:
+  """A workdir whose `checkpoints` is a file (both declared inputs of a fault row)."""
+  run = files.root / "run"
+  run.mkdir()
+  files.raw("run/checkpoints", b"not a folder")
+  return files.input(run)

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
-from helpers_processes import hold_lock
+from helpers_processes import hold_lock, workdir_with_a_checkpoints_file
 
 
 @dataclasses.dataclass
@@ -125,6 +125,13 @@ FAULTS: list[Fault] = [
           lambda f: ["--config", "tiny", "--data", f.movie(), "--fresh", "--workdir",
                      f.input(hold_lock(f, f.root / "run"))],
           r"run is in use by another training run \(PID \d+", process=True),
+    Fault("train: workdir is a file", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--workdir",
+                     f.raw("run", b"not a folder")], r"run is a file, not a folder"),
+    Fault("train: workdir/checkpoints is a file", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--fresh", "--workdir",
+                     workdir_with_a_checkpoints_file(f)],
+          r"run/checkpoints is a file, not a folder"),
 
 ]
 
