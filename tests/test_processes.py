@@ -136,6 +136,29 @@ def test_kill_9_takes_the_grain_workers_along(tmp_path, movie_path):
       os.kill(pid, signal.SIGKILL)
 
 
+def test_ctrl_c_to_the_process_group_stops_workers_quietly(tmp_path, movie_path):
+  """A terminal's Ctrl-C reaches grain's workers too: they leave it to the parent."""
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    proc = _cli("train", "--config", "tiny", "--data", movie_path, "--workdir",
+                str(tmp_path / "run"), "--workers", "2", "--epochs", "1000", stderr=f,
+                start_new_session=True)
+  try:
+    assert _wait_for(lambda: "step 1/" in err.read_text() or proc.poll() is not None)
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  text = err.read_text()
+  assert proc.returncode == 130, text[-2000:]
+  assert "Traceback" not in out + text and "KeyboardInterrupt" not in text, text[-3000:]
+  assert "(interrupted; run again to resume)" in out
+  assert _wait_for(lambda: not [p for p in below if running(p)], timeout=10)
+
+
 def test_sigterm_during_train_saves_and_exits_143(tmp_path, movie_path):
   err = tmp_path / "stderr.txt"
   run = tmp_path / "run"
