@@ -227,7 +227,10 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
 
   `config` is a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
   None for DeepCAD-RT. Training runs until `config.train.epochs` epochs are done, saving
-  a checkpoint after every epoch and on Ctrl-C. `init_from` (a model directory, a
+  a checkpoint after every epoch, every `config.train.save_every` minutes and on Ctrl-C
+  or SIGTERM (then `TrainResult.signal` says which); a save that fails raises
+  `UserError` at once. The workdir is locked for the run: a second run on it raises
+  `UserError` naming the process that holds it. `init_from` (a model directory, a
   DeepCAD-RT .pth or a `Model`) starts a new run from its weights and width
   (fine-tuning). `on_step(step, loss)` is called after every step.
   """
