@@ -78,9 +78,12 @@ class WorkdirLock:
         raise
       if held_by_pid is not None:
         os.close(fd)
+        host = held_by_pid.get("host")
+        where = "" if host in (None, socket.gethostname()) else f" on {host}"
         raise UserError(f"{self.workdir} is in use by another training run "
                         f"({_describe(held_by_pid)}); wait for it to finish or stop it "
-                        f"(kill {held_by_pid.get('pid', 'PID')}), or use another --workdir.")
+                        f"(kill {held_by_pid.get('pid', 'PID')}{where}), or use another "
+                        "--workdir.")
       # The holder before us may have removed the file between our open and our lock:
       # then we locked a file nobody else sees; start again with the one on disk.
       try:
