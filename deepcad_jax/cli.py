@@ -16,6 +16,7 @@ import platform
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, Sequence
 
 from absl import flags
@@ -897,6 +898,9 @@ def _quiet_unraisable(unraisable) -> None:
 
 def entry() -> None:
   sys.unraisablehook = _quiet_unraisable
+  # The coroutines a library abandoned on a failure it raised (Orbax's writers after a
+  # failed save) are reported again at exit: the failure has had its sentence.
+  warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
   try:
     sys.exit(main())
   except BrokenPipeError:  # output piped into a command that stopped reading (head)
