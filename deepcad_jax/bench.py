@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -35,6 +36,8 @@ from deepcad_jax.model import LADDER, UNet3D, ensemble_params, init_params, para
 from deepcad_jax.predict import identity_tiles
 from deepcad_jax.tiling import patch_plan
 from deepcad_jax.train import compile_step, create_state, make_model
+
+log = logging.getLogger("deepcad_jax")
 
 # The paper's figures (Li et al. 2022, RTX 3090, PyTorch, batch 1).
 PAPER = {"movie": (300, 490, 490), "patch": (150, 150, 150), "overlap": 0.4,
@@ -121,6 +124,15 @@ def environment() -> dict[str, Any]:
           "date": datetime.date.today().isoformat()}
 
 
+def _shape(shape) -> str:
+  return "x".join(str(int(n)) for n in shape)
+
+
+def _starting(name: str, what: str) -> None:
+  """A line as each measurement starts (a workload runs for minutes; see it move)."""
+  log.info("bench: %s (%s): compiling and timing...", name, what)
+
+
 def _record(workload: str, env: dict, dtype: str, batch_size: int, timing: Timing | None,
             **extra) -> dict[str, Any]:
   mem, mem_source = peak_memory_bytes()
@@ -135,6 +147,10 @@ def _record(workload: str, env: dict, dtype: str, batch_size: int, timing: Timin
     rec["voxels_per_s"] = rec["voxels"] / rec["median_s"]
   if rec.get("flops") and "median_s" in rec:
     rec["flop_per_s"] = rec["flops"] / rec["median_s"]
+  log.info("bench: %s done: median %.4g s over %d run(s)%s%s", workload,
+           rec.get("median_s", float("nan")), rec.get("runs", 0),
+           f", compile {rec['compile_s']:.3g} s" if "compile_s" in rec else "",
+           f", {rec['voxels_per_s']:.3g} voxels/s" if "voxels_per_s" in rec else "")
   return rec
 
 
@@ -163,6 +179,9 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
   `members`; with `identity`, the network is replaced by the identity (what the rest
   costs).
   """
+  _starting(name, f"{tiling} tiling of a {_shape(movie_shape)} movie, f={features}"
+            + (f", K={uncertainty} M={members}" if uncertainty or members > 1 else "")
+            + (", identity network" if identity else ""))
   rng = np.random.default_rng(0)
   movie = rng.poisson(200, movie_shape).astype(np.uint16)
   den = Denoiser(_random_model(features, patch, overlap, members),
@@ -190,6 +209,8 @@ def stream_throughput(env, movie_shape, features, dtype, batch_size, name, rate=
   sustained voxels/s and the latency from a frame's arrival to its denoised output."""
   import tempfile
   from deepcad_jax.stream import StreamDenoiser, run_pipeline
+  _starting(name, f"{movie_shape[0]} frames of {_shape(movie_shape[1:])} replayed"
+            + (f" at {rate:g} Hz" if rate else " as fast as possible"))
   movie = np.random.default_rng(0).poisson(200, movie_shape).astype(np.uint16)
 
   class Source:
@@ -245,6 +266,8 @@ def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_si
 def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
                  devices=None, spatial=1) -> dict:
   """The same patches already on the device: the network alone, batch by batch."""
+  _starting(name, f"network alone, {n_patches} patch(es) of {_shape(patch)}, f={features}"
+            + (f", {len(devices)} device(s)" if devices else ""))
   mesh = parallel.data_mesh(devices, spatial)
   parallel.check_spatial(patch[1], spatial)
   n_dev = parallel.device_count(mesh)
@@ -275,6 +298,8 @@ def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=N
                spatial=1, widths=None) -> dict:
   """One sharded train step (augmentation, forward, backward, Adam); `widths`: a
   network with its own width per layer (e.g. pruned)."""
+  _starting(name, f"train step on {_shape(patch)} patches, f={features}"
+            + (f", {len(devices)} device(s)" if devices else ""))
   cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype,
                                         "widths": widths},
                               "data": {"patch": [max(8, p // 8 * 8) for p in patch]}})
@@ -333,6 +358,7 @@ def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[
 
   records = []
   for kind, fn in (("forward", forward), ("train-step", step)):
+    _starting(f"{name}-torch-{kind}", f"PyTorch on {device}, {_shape(patch)} patches")
     timing = measure(lambda: fn(), (), repeats)
     records.append(_record(f"{name}-torch-{kind}", env, "float32", batch_size, timing,
                            framework=f"torch {torch.__version__} ({device}, "

@@ -65,7 +65,9 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
     raise UserError(f"{noisy} {noisy_movie.shape} and {clean} {clean_movie.shape} differ "
                     "in shape; give a noisy movie and its own ground truth.")
   den = Denoiser(model, uncertainty=samples, **denoiser)
-  mean, std = denoise(noisy_movie, den, output_dtype="float32")
+  log.info("calibrate: denoising %s %s under %d symmetries x %d member(s)...", noisy,
+           noisy_movie.shape, samples, model.config.model.ensemble)
+  mean, std = denoise(noisy_movie, den, output_dtype="float32", progress=True)
   result = uncertainty_calibration(mean, std, clean_movie.read(0, clean_movie.shape[0]))
   record = {"std_scale": result["std_scale"], "samples": samples,
             "members": model.config.model.ensemble,

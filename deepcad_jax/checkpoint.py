@@ -6,7 +6,8 @@ data summary, and the data-pipeline position: pairs consumed). The input pipelin
 pure function of (seed, step), so the step is all a resumed run (with any number of
 processes) needs to continue the same stream. Orbax writes each step atomically, so an
 interrupted save never hides the previous complete one; on several hosts it coordinates
-the write.
+the write. Saves are synchronous (a few tenths of a second for DeepCAD-RT's 1M
+parameters and their Adam state): a failure surfaces at once, not steps later.
 """
 
 from __future__ import annotations
@@ -37,23 +38,43 @@ def checkpoint_dir(workdir: str) -> str:
 HOLDOUT = "holdout_score"  # the metric a checkpoint may carry; lower is better
 
 
-def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """The run's checkpoints: the latest `keep`, and the one with the best held-out score
-  (when steps carry one). Reading needs no background saver (whose threads, after a
-  failed restore, would print tracebacks at exit)."""
+@dataclasses.dataclass(frozen=True)
+class KeepEpochs:
+  """Orbax preservation policy: the last `keep` epoch checkpoints, and the latest
+  checkpoint of any kind (a mid-epoch save replaces the previous mid-epoch one)."""
+
+  keep: int
+  steps_per_epoch: int
+
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+    steps = [c.step for c in checkpoints]
+    epochs = sorted(s for s in steps if s % self.steps_per_epoch == 0)
+    kept = set(epochs[-self.keep:]) | ({max(steps)} if steps else set())
+    return [s in kept for s in steps]
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False,
+            steps_per_epoch: int | None = None) -> ocp.CheckpointManager:
+  """The run's checkpoint manager: the latest checkpoints (`KeepEpochs` or the last
+  `keep`) and the one with the best held-out score, when steps carry one. Saves are
+  synchronous, so a failed write (a full disk) raises in `save` itself, before older
+  checkpoints are pruned; temporary folders of a save that a kill cut short are removed
+  when a writable manager opens."""
+  recent = KeepEpochs(keep, steps_per_epoch) if steps_per_epoch else \
+      ocp.checkpoint_managers.LatestN(n=keep)
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[HOLDOUT], reverse=True, n=1,
-                                    keep_checkpoints_without_metrics=False)])
+      recent, ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[HOLDOUT],
+                                            reverse=True, n=1,
+                                            keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+      enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Start an asynchronous save; `mgr.wait_until_finished()` before exiting. A held-out
-  score in `meta` becomes the checkpoint's metric."""
+  """Write the checkpoint of `step` (complete when this returns; raises if it failed).
+  A held-out score in `meta` becomes the checkpoint's metric."""
   metrics = {HOLDOUT: float(meta[HOLDOUT])} if meta.get(HOLDOUT) is not None else None
   mgr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
@@ -68,6 +89,23 @@ def best_step(mgr: ocp.CheckpointManager, path: str) -> int:
     raise UserError(f"{path} has no checkpoint with a held-out score; train with "
                     "--holdout (e.g. 0.1) to have one, or give a step number.")
   return min(scored)[1]
+
+
+def size_on_disk(workdir: str, step: int) -> int:
+  """Bytes of the checkpoint of `step`."""
+  total = 0
+  for root, _, files in os.walk(os.path.join(checkpoint_dir(workdir), str(step))):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def discard_partial(workdir: str) -> None:
+  """Remove what failed saves left (Orbax's temporary folders); call when none runs."""
+  folder = checkpoint_dir(workdir)
+  if os.path.isdir(folder):
+    for name in os.listdir(folder):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any):

@@ -8,16 +8,22 @@ called many times in one process) and a `run` function. User mistakes print one 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
+import platform
+import signal
 import sys
+import threading
+import warnings
 from typing import Callable, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
 
-from deepcad_jax.errors import UserError
+from deepcad_jax import __version__
+from deepcad_jax.errors import Terminated, UserError
 
 log = logging.getLogger("deepcad_jax")
 
@@ -29,6 +35,9 @@ class Command:
   define: Callable[[flags.FlagValues], None]
   run: Callable[[flags.FlagValues], int | None]
   example: str = ""
+  # For --help: set the flags' defaults from what the command line chose (e.g. the
+  # config in use) and return a line saying so.
+  help_defaults: Callable[[flags.FlagValues, list[str]], str] | None = None
 
 
 def _triple(text: str | None, flag: str = "--patch"):
@@ -93,7 +102,11 @@ def _define_train(fv):
   flags.DEFINE_integer("workers", None, "Grain worker processes (0 = none).", flag_values=fv)
   flags.DEFINE_float("scale", None, "Divide intensities by this before the network "
                      "(DeepCAD-RT's scale_factor; default 1).", flag_values=fv)
-  flags.DEFINE_integer("keep", None, "Checkpoints to keep.", flag_values=fv)
+  flags.DEFINE_integer("keep", None, "Epoch checkpoints to keep (the latest checkpoint "
+                       "is always kept too).", flag_values=fv)
+  flags.DEFINE_float("save-every", None, "Minutes between checkpoints within an epoch, so "
+                     "a kill loses at most this much (0 = only at the end of each epoch).",
+                     flag_values=fv)
   flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
@@ -117,20 +130,51 @@ def _define_train(fv):
   _define_distributed(fv)
 
 
+# The flags of `train` that override a field of the config in use.
+TRAIN_CONFIG_FLAGS = {
+    "patch": "data.patch", "epochs": "train.epochs",
+    "pairs-per-epoch": "data.pairs_per_epoch", "batch-size": "train.batch_size",
+    "seed": "train.seed", "features": "model.features", "dtype": "model.dtype",
+    "lr": "train.lr", "b1": "train.b1", "b2": "train.b2", "workers": "data.workers",
+    "keep": "train.keep_checkpoints", "save-every": "train.save_every",
+    "scale": "data.scale", "spatial": "parallel.spatial", "ensemble": "model.ensemble",
+    "ensemble-impl": "model.ensemble_impl", "mean-prior": "model.mean_prior",
+    "holdout": "data.holdout"}
+
+
 def _train_config(fv):
   from deepcad_jax import config as config_lib
   cfg = config_lib.load_config(_v(fv, "config"))
-  return config_lib.override(cfg, **{
-      "data.patch": _triple(_v(fv, "patch")), "train.epochs": _v(fv, "epochs"),
-      "data.pairs_per_epoch": _v(fv, "pairs-per-epoch"),
-      "train.batch_size": _v(fv, "batch-size"), "train.seed": _v(fv, "seed"),
-      "model.features": _v(fv, "features"), "model.dtype": _v(fv, "dtype"),
-      "train.lr": _v(fv, "lr"), "train.b1": _v(fv, "b1"), "train.b2": _v(fv, "b2"),
-      "data.workers": _v(fv, "workers"), "train.keep_checkpoints": _v(fv, "keep"),
-      "data.scale": _v(fv, "scale"), "parallel.spatial": _v(fv, "spatial"),
-      "model.ensemble": _v(fv, "ensemble"), "model.ensemble_impl": _v(fv, "ensemble-impl"),
-      "model.mean_prior": _v(fv, "mean-prior"),
-      "data.holdout": None if _v(fv, "holdout") is None else _holdout(_v(fv, "holdout"))})
+  values = {field: _v(fv, flag) for flag, field in TRAIN_CONFIG_FLAGS.items()}
+  values["data.patch"] = _triple(values["data.patch"])
+  if values["data.holdout"] is not None:
+    values["data.holdout"] = _holdout(values["data.holdout"])
+  return config_lib.override(cfg, **values)
+
+
+def _config_arg(args: list[str], default: str) -> str:
+  """The --config given on a command line (--config X or --config=X), else `default`."""
+  found = default
+  for i, a in enumerate(args):
+    if a.startswith("--config="):
+      found = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(args):
+      found = args[i + 1]
+  return found
+
+
+def _train_help_defaults(fv, args: list[str]) -> str:
+  from deepcad_jax import config as config_lib
+  name = _config_arg(args, fv["config"].default)
+  values = config_lib.load_config(name).to_dict()
+  fv.set_default("config", name)
+  for flag, field in TRAIN_CONFIG_FLAGS.items():
+    section, _, key = field.partition(".")
+    value = values[section][key]
+    fv.set_default(flag, ",".join(map(str, value)) if isinstance(value, (list, tuple))
+                   else value)
+  return (f"Defaults shown are those of --config {name}; a flag given overrides its "
+          "config field.")
 
 
 def _run_train(fv):
@@ -140,11 +184,12 @@ def _run_train(fv):
   result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
                  init_from=_v(fv, "init-from"))
   import jax
+  code = 128 + (result.signal or signal.SIGINT) if result.interrupted else 0  # 130, 143
   if jax.process_index() != 0:
-    return 130 if result.interrupted else 0
+    return code
   print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
         + ("  (interrupted; run again to resume)" if result.interrupted else ""))
-  return 130 if result.interrupted else 0
+  return code
 
 
 # ---------------------------------------------------------------- denoise
@@ -828,7 +873,8 @@ COMMANDS = {c.name: c for c in [
             _define_demo, _run_demo, "deepcad-jax demo"),
     Command("train", "train on a TIFF movie or folder (resumes an existing --workdir)",
             _define_train, _run_train,
-            "deepcad-jax train --data movies/ --workdir runs/rt --epochs 10"),
+            "deepcad-jax train --data movies/ --workdir runs/rt --epochs 10",
+            help_defaults=_train_help_defaults),
     Command("denoise", "denoise a TIFF movie or folder with a trained model",
             _define_denoise, _run_denoise,
             "deepcad-jax denoise --model runs/rt --input movie.tif --output den.tif"),
@@ -882,8 +928,20 @@ def _require(fv, *names):
     raise UserError(f"missing required flag(s): {', '.join('--' + n for n in missing)}.")
 
 
+def version() -> str:
+  """'deepcad-jax X (jax Y, jaxlib Z, Python P)': what a bug report needs."""
+  def installed(name: str) -> str:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return "not installed"
+  return (f"deepcad-jax {__version__} (jax {installed('jax')}, jaxlib "
+          f"{installed('jaxlib')}, Python {platform.python_version()})")
+
+
 def usage() -> str:
-  lines = ["usage: deepcad-jax COMMAND [--flags]", "", "commands:"]
+  lines = ["usage: deepcad-jax COMMAND [--flags]", "       deepcad-jax --version", "",
+           "commands:"]
   lines += [f"  {c.name:<10} {c.summary}" for c in COMMANDS.values()]
   lines += ["", "'deepcad-jax COMMAND --help' lists a command's flags.", "", "examples:"]
   lines += [f"  {c.example}" for c in COMMANDS.values()]
@@ -903,7 +961,11 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
-  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and grain are chatty
+  # Orbax and grain are chatty, and log failures they also raise (a full disk) with
+  # tracebacks, from each of their threads and abandoned asyncio tasks: the command
+  # reports the failure in one line.
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logger = logging.getLogger("deepcad_jax")
   if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
     handler = _StderrHandler()
@@ -914,11 +976,27 @@ def _setup_logging() -> None:
   logger.propagate = False
 
 
+def _terminate(signum, frame):
+  raise Terminated()
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+  """SIGTERM unwinds like Ctrl-C (clean-ups run; exit 143); returns what undoes it."""
+  if threading.current_thread() is not threading.main_thread():
+    return lambda: None
+  previous = signal.signal(signal.SIGTERM, _terminate)
+  return lambda: signal.signal(signal.SIGTERM, previous if previous is not None
+                               else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `deepcad-jax` console script; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
+    return 0
+  if argv[1] in ("--version", "-V", "version"):
+    print(version())
     return 0
   name = argv[1]
   if name not in COMMANDS:
@@ -928,8 +1006,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv = flags.FlagValues()
   command.define(fv)
   if any(a in ("-h", "--help", "-help") for a in argv[2:]):
+    note = ""
+    if command.help_defaults is not None:
+      try:
+        note = command.help_defaults(fv, argv[2:]) + "\n\n"
+      except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"usage: deepcad-jax {name} [--flags]\n\n{command.summary}\n\n"
-          f"example: {command.example}\n\n{fv.get_help()}")
+          f"example: {command.example}\n\n{note}{fv.get_help()}")
     return 0
   try:
     rest = fv([f"deepcad-jax {name}"] + argv[2:])
@@ -943,17 +1028,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
   _setup_logging()
+  restore_sigterm = _raise_on_sigterm()
   try:
     return int(command.run(fv) or 0)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Terminated:
+    print("terminated (SIGTERM).", file=sys.stderr)
+    return 128 + signal.SIGTERM
   except KeyboardInterrupt:
     print("interrupted.", file=sys.stderr)
-    return 130
+    return 128 + signal.SIGINT
+  finally:
+    restore_sigterm()
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Errors Python can only ignore (callbacks of a library's threads that outlive a
+  failure, e.g. Orbax's after a failed save) go to the debug log, not the terminal."""
+  log.debug("ignored %s: %s", unraisable.exc_type.__name__, unraisable.exc_value)
 
 
 def entry() -> None:
+  sys.unraisablehook = _quiet_unraisable
+  # The coroutines a library abandoned on a failure it raised (Orbax's writers after a
+  # failed save) are reported again at exit: the failure has had its sentence.
+  warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
   try:
     sys.exit(main())
   except BrokenPipeError:  # output piped into a command that stopped reading (head)

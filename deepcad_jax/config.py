@@ -57,8 +57,9 @@ class TrainConfig:
   b1: float = 0.5
   b2: float = 0.9
   seed: int = 0
-  keep_checkpoints: int = 3
+  keep_checkpoints: int = 3    # epoch checkpoints kept (the latest checkpoint always is)
   log_every: int = 10          # steps between progress lines
+  save_every: float = 5.0      # minutes between checkpoints within an epoch (0: epochs only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ def validate(cfg: Config) -> None:
       raise UserError(f"{name} must be at least 1; got {value}.")
   if cfg.parallel.spatial < 1:
     raise UserError(f"parallel.spatial must be at least 1; got {cfg.parallel.spatial}.")
+  if not cfg.train.save_every >= 0:
+    raise UserError(f"train.save_every (minutes) must be 0 or more; got "
+                    f"{cfg.train.save_every}.")
   if not cfg.data.scale > 0:
     raise UserError(f"data.scale must be positive; got {cfg.data.scale}.")
   holdout = cfg.data.holdout

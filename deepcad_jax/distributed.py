@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from deepcad_jax.errors import UserError
 
@@ -68,8 +69,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def barrier(name: str) -> None:
   """Wait for every process (no-op on one)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def broadcast_int(value: int) -> int:
+  """Process 0's `value` on every process (itself on one), so all decide alike."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def global_batch(local: Any, sharding: Any) -> Any:

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import importlib
 import io
+import logging
 import os
 import struct
 import tempfile
@@ -38,6 +39,8 @@ from deepcad_jax.data.output import AtomicFile, commit, os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import LEVELS, MIN_SIZE
 from deepcad_jax.tiling import ceil_to, reach_by_residue
+
+log = logging.getLogger("deepcad_jax")
 
 FORMATS = ("pth", "onnx", "bioimageio")
 ONNX_OPSET = 11          # what DeepCAD-RT writes and its TensorRT GUI reads
@@ -491,6 +494,8 @@ def export_onnx(net: Network, output: str, opset: int = ONNX_OPSET,
                         len(data), net.features)
   if verify and net.uniform:
     shape = _verify_shape(patch)
+    log.info("checking the ONNX graph against JAX with ONNX Runtime on a %s input...",
+             "x".join(map(str, shape)))
     try:
       rms = onnx_parity(net, data, shape)
     except UserError as e:
@@ -656,6 +661,8 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
                     "training data (a converted DeepCAD-RT .pth); give it with --mean, "
                     "or give --sample with a typical recording.")
   spec = _need("bioimageio.spec", "bioimage.io export")
+  log.info("building the bioimage.io package: a %d^3 test input through the network and "
+           "ONNX Runtime, the weights, then the format's validation...", BIOIMAGEIO_MIN)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   from bioimageio.spec.model import v0_5 as bm
   from bioimageio.spec.model.v0_5 import AxisId, TensorId

@@ -470,6 +470,7 @@ class Engine:
       frames = self.fetch(submitted, host_dtype)
       done += len(submitted[0].slabs) * plan.tiles_per_slab
       elapsed = time.perf_counter() - t_start - (self.compile_s - compile_before)
+      bar.exclude(self.compile_s - compile_before)  # no compile time in the ETA
       bar.update(done, force=done == total, **{
           "movie voxels/s": f"{done * tile_voxels / plan.recompute / max(elapsed, 1e-9):.3g}"})
       stats.clipped += frames.clipped

@@ -1,5 +1,9 @@
 """A dependency-free progress line: count, rate, ETA and custom fields, on stderr.
 
+The rate and ETA leave compilation out: callers restart the clock once the first step
+has compiled (`restart`) or say how long compiling took (`exclude`), and `status` shows
+"compiling..." in the meantime.
+
 On a terminal it redraws one line; otherwise (logs, CI) it prints a line at most every
 `every_s` seconds, and always the last one.
 """
@@ -29,7 +33,24 @@ class Progress:
     self.every_s = 0.2 if self.tty else every_s
     self.start_done = start
     self.t0 = time.perf_counter()
+    self.excluded_s = 0.0
     self.last = -1e9
+
+  def restart(self, done: int) -> None:
+    """Measure the rate (and so the ETA) from now and `done` on: call it once the
+    first step has compiled, so that compilation never inflates the ETA."""
+    self.start_done, self.t0, self.excluded_s = done, time.perf_counter(), 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Seconds since the start (compilation) that the rate must not count."""
+    self.excluded_s = seconds
+
+  def status(self, done: int, text: str) -> None:
+    """A line saying what is happening before there is a rate, e.g. 'compiling...'."""
+    if self.enabled:
+      self.stream.write(("\r" if self.tty else "") +
+                        f"{self.label} {done}/{self.total}{self.unit}  {text}\n")
+      self.stream.flush()
 
   def update(self, done: int, force: bool = False, **fields) -> None:
     if not self.enabled:
@@ -38,14 +59,16 @@ class Progress:
     if not force and done < self.total and now - self.last < self.every_s:
       return
     self.last = now
-    elapsed = now - self.t0
+    elapsed = now - self.t0 - self.excluded_s
     rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - done) / rate if rate > 0 else float("nan")
     parts = [f"{self.label} {done}/{self.total}{self.unit}"]
     parts += [f"{k} {v}" for k, v in fields.items()]
     parts.append(f"{rate:.2f}{self.unit}/s" if rate < 100 else f"{rate:.3g}{self.unit}/s")
     parts.append(f"ETA {format_duration(eta)}" if eta == eta else "ETA ?")
-    line = "  ".join(parts)
+    self._write("  ".join(parts), done)
+
+  def _write(self, line: str, done: int) -> None:
     if self.tty:
       self.stream.write("\r" + line + "\033[K")
       if done >= self.total:

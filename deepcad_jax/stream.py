@@ -686,7 +686,7 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
         t.join(0.1)
         if on_idle is not None:
           on_idle()
-  except BaseException as e:  # Ctrl-C, or SIGTERM raised as an exception
+  except BaseException as e:  # Ctrl-C, or SIGTERM (errors.Terminated) from the CLI
     stop.set()
     for t in threads:
       t.join(5)
@@ -717,6 +717,10 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   achieved = max(0, report.frames_in - 1) / acquisition_s[0] if acquisition_s[0] else 0.0
   report.kept_up = (report.dropped == 0 and (rate <= 0 or achieved >= 0.98 * rate)
                     and report.frames_out == report.frames_in)
+  if errors and isinstance(errors[0], KeyboardInterrupt):
+    log.warning("stream stopped; %d denoised frames were written to %s and stay readable.",
+                report.frames_out, output)
+    raise errors[0]
   if errors:
     report.error = f"{type(errors[0]).__name__}: {errors[0]}"
     kept = " and ".join(p for p in (report.denoised, report.raw) if p)

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -32,6 +34,7 @@ from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
+from deepcad_jax.lock import WorkdirLock
 from deepcad_jax.model import UNet3D, ensemble_params, network_input, over_members
 from deepcad_jax.progress import Progress, format_duration
 from deepcad_jax.score import holdout_range, scores
@@ -39,6 +42,8 @@ from deepcad_jax.score import holdout_range, scores
 log = logging.getLogger("deepcad_jax")
 
 TrainState = train_state.TrainState
+MEASURE_STEPS = 3  # steps timed after the first (compiling) one, for the pace of a run
+LONG_CPU_EPOCH_S = 30 * 60  # on a CPU, epochs longer than this get a suggestion
 
 # Lower bounds of a train step's memory per device, to refuse before compiling what
 # cannot fit: parameters, gradients and Adam's two moments (float32 copies of every
@@ -133,6 +138,7 @@ class TrainResult:
   interrupted: bool
   patch: tuple[int, int, int]
   meta: dict
+  signal: int | None = None  # the signal that stopped it early (SIGINT, SIGTERM)
 
 
 class _StopFlag:
@@ -143,6 +149,7 @@ class _StopFlag:
 
   def __init__(self):
     self.set = False
+    self.signum: int | None = None
     self._previous = {}
 
   def __enter__(self):
@@ -154,6 +161,7 @@ class _StopFlag:
     if self.set and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.set = True
+    self.signum = self.signum or signum
     log.warning("%s: stopping after this step and saving a checkpoint%s.",
                 signal.Signals(signum).name,
                 " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT
@@ -284,7 +292,10 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
 
   `config` is a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
   None for DeepCAD-RT. Training runs until `config.train.epochs` epochs are done, saving
-  a checkpoint after every epoch and on Ctrl-C. `init_from` (a model directory, a
+  a checkpoint after every epoch, every `config.train.save_every` minutes and on Ctrl-C
+  or SIGTERM (then `TrainResult.signal` says which); a save that fails raises
+  `UserError` at once. The workdir is locked for the run: a second run on it raises
+  `UserError` naming the process that holds it. `init_from` (a model directory, a
   DeepCAD-RT .pth or a `Model`) starts a new run from its weights and width
   (fine-tuning). `on_step(step, loss)` is called after every step.
   """
@@ -335,21 +346,138 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
           "holdout": [None if h is None else list(h) for h in holdout]}
 
+  _check_workdir(workdir)
   main = jax.process_index() == 0
-  if fresh and main:
+  # One run per workdir: process 0 holds its lock (every process may share the folder).
+  lock = WorkdirLock(workdir).acquire() if main else None
+  try:
+    return _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size, steps_per_epoch,
+                total_steps, fresh=fresh, resume_ok=init_from is None,
+                init_params_from=init_params_from, progress=progress and main,
+                on_step=on_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _check_workdir(workdir: str) -> None:
+  """A workdir is a folder (made if missing) whose `checkpoints` is a folder too."""
+  checkpoints = ckpt.checkpoint_dir(workdir)
+  for path, what in ((workdir, "--workdir takes a folder (made if missing)"),
+                     (checkpoints, "it must be the folder of the run's checkpoints")):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f"{path} is a file, not a folder: {what}; move it away or use "
+                      "another --workdir.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot make the folder {workdir} ({e.strerror}); use another "
+                    "--workdir.") from None
+
+
+def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+         patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
+         fresh: bool, resume_ok: bool, init_params_from: Any, progress: bool,
+         on_step: Callable[[int, float], None] | None) -> TrainResult:
+  """The checkpointed loop of `train`, on a workdir this process may use."""
+  if fresh and jax.process_index() == 0:
     ckpt.clear(workdir)
   distributed.barrier("fresh")
   os.makedirs(workdir, exist_ok=True)
-  mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints)
+  mgr = ckpt.manager(workdir, keep=cfg.train.keep_checkpoints,
+                     steps_per_epoch=steps_per_epoch)
+  try:
+    return _loop(mgr, workdir, cfg, source, meta, mesh, patch, paths, batch_size,
+                 steps_per_epoch, total_steps, resume_ok=resume_ok,
+                 init_params_from=init_params_from, progress=progress, on_step=on_step)
+  finally:
+    mgr.close()
+    if jax.process_index() == 0:
+      ckpt.discard_partial(workdir)  # what a failed save left, now that none is running
+
+
+def _save(mgr, workdir: str, step: int, state: TrainState, meta: dict) -> None:
+  """Save the checkpoint of `step`; a failure (a full disk) is one sentence, at once."""
+  _check_space(mgr, workdir, step, state)
+  try:
+    ckpt.save(mgr, step, state, meta)
+  except Exception as e:  # noqa: BLE001 - any failed write stops the run the same way
+    kept = [s for s in mgr.all_steps() if s != step]
+    raise UserError(
+        f"could not save the checkpoint of step {step} in {ckpt.checkpoint_dir(workdir)} "
+        f"({_reason(e)}); training stopped, "
+        + (f"the last complete checkpoint is step {max(kept)}" if kept else
+           "no checkpoint was written yet")
+        + ": free some space there (or fix the folder) and run the same command to "
+        "resume.") from None
+
+
+def _reason(error: BaseException) -> str:
+  """The OS's words for a failed write (e.g. 'No space left on device'), else the first
+  line of the error."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.strerror or os.strerror(e.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's write errors
+    if code:
+      return os.strerror(int(code.group(1)))
+    e = e.__cause__ or e.__context__
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _check_space(mgr, workdir: str, step: int, state: TrainState) -> None:
+  """Refuse to start a save the disk cannot hold (a save that fails half-way leaves
+  Orbax's writer threads to fail one by one)."""
+  folder = ckpt.checkpoint_dir(workdir)
+  steps = mgr.all_steps()
+  need = ckpt.size_on_disk(workdir, max(steps)) if steps else sum(
+      a.nbytes for a in jax.tree_util.tree_leaves(state))
+  need = int(need * 1.2) + (1 << 20)
+  free = shutil.disk_usage(folder).free
+  if free < need:
+    raise UserError(
+        f"could not save the checkpoint of step {step} in {folder} (no space left: it "
+        f"needs about {need / 1e6:.0f} MB and {free / 1e6:.0f} MB are free); training "
+        "stopped, " + (f"the last complete checkpoint is step {max(steps)}" if steps else
+                       "no checkpoint was written yet")
+        + ": free some space there and run the same command to resume.")
+
+
+def _report_pace(per_step: float, cfg: config_lib.Config, steps_per_epoch: int,
+                 batch_size: int, mesh) -> None:
+  """The time per epoch at the measured pace; on a CPU, when an epoch would take long
+  (the DeepCAD-RT recipe: hours), what to do instead."""
+  epoch_s = per_step * steps_per_epoch
+  log.info("About %s per epoch (%.3g s per step of %d pair(s)).", format_duration(epoch_s),
+           per_step, batch_size)
+  if mesh.devices.flat[0].platform == "cpu" and epoch_s > LONG_CPU_EPOCH_S:
+    pairs = max(batch_size, int(LONG_CPU_EPOCH_S / 2 / per_step) * batch_size)
+    log.warning(
+        "On this CPU one epoch of %d pairs with %s patches takes about %s. For a first "
+        "try use --config demo (a smaller network and patch), or fewer pairs per epoch: "
+        "--pairs-per-epoch %d takes about %s.", cfg.data.pairs_per_epoch,
+        "x".join(map(str, cfg.data.patch)), format_duration(epoch_s), pairs,
+        format_duration(pairs // batch_size * per_step))
+
+
+def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+          patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
+          resume_ok: bool, init_params_from: Any, progress: bool,
+          on_step: Callable[[int, float], None] | None) -> TrainResult:
+  n_dev = parallel.device_count(mesh)
+  main = jax.process_index() == 0
   repl = parallel.replicated(mesh)
   state = jax.device_put(create_state(cfg, init_params_from), repl)
   start = 0
   if mgr.latest_step() is not None:
-    if init_from is not None:
+    if not resume_ok:
       raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
                       "an empty --workdir or add --fresh.")
     start = mgr.latest_step()
-    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, summary)
+    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, meta["data"])
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
     state = ckpt.restore(mgr, start, abstract)
@@ -358,7 +486,6 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   if start >= total_steps:
     log.info("%s is already trained to step %d (%d epochs); nothing to do. Raise "
              "--epochs to train longer.", workdir, start, start // steps_per_epoch)
-    mgr.close()
     return TrainResult(os.path.abspath(workdir), state, start, total_steps, [], False,
                        patch, meta)
 
@@ -375,20 +502,48 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
+  stopped_by = None
   step = start
   t0 = time.perf_counter()
+  # Mid-epoch checkpoints every `save_every` minutes, counted in steps (the same on every
+  # process): measured after the first steps, and again at every save.
+  save_every_s = cfg.train.save_every * 60
+  save_interval: int | None = None
+  last_save = (start, None)  # (step, time) of the last checkpoint, or of the clock start
   extras = "".join(
       [f", {cfg.model.ensemble} members" if cfg.model.ensemble > 1 else "",
        ", mean-image prior" if cfg.model.mean_prior else ""])
   log.info("Training %s (f=%d%s) on %d file(s), patch %s, batch %d over %d device(s), "
            "%d steps per epoch, steps %d..%d.", cfg.name, cfg.model.features, extras,
            len(paths), patch, batch_size, n_dev, steps_per_epoch, start, total_steps)
+
+  def interval_since(since: tuple[int, float | None]) -> int | None:
+    """Steps per `save_every`, at the pace since `since` (decided by process 0)."""
+    steps, seconds = step - since[0], time.perf_counter() - since[1]
+    if save_every_s <= 0 or steps <= 0:
+      return None
+    return distributed.broadcast_int(max(1, int(save_every_s * steps / max(seconds, 1e-9))))
+
+  bar.status(step, "compiling the training step...")
   try:
     with _StopFlag() as stop:
       while step < total_steps:
         batch = distributed.global_batch(next(data_iter), data_sharding)
+        t_step = time.perf_counter()
         state, metrics = step_fn(state, batch, key)
         step += 1
+        if step == start + 1:  # compiled and run once: the clock starts now
+          jax.block_until_ready(metrics)
+          log.info("Compiled the training step and ran it once in %s.",
+                   format_duration(time.perf_counter() - t_step))
+          bar.restart(step)
+          last_save = (step, time.perf_counter())
+        elif step == start + 1 + MEASURE_STEPS:
+          jax.block_until_ready(metrics)
+          per_step = (time.perf_counter() - last_save[1]) / MEASURE_STEPS
+          if main:
+            _report_pace(per_step, cfg, steps_per_epoch, batch_size, mesh)
+          save_interval = interval_since(last_save)
         if on_step is not None or step % cfg.train.log_every == 0 or \
             step % steps_per_epoch == 0 or step == total_steps or stop.set:
           loss = float(metrics["loss"])
@@ -400,24 +555,30 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
                      loss=f"{loss:.4g}")
           if on_step is not None:
             on_step(step, loss)
-        if step % steps_per_epoch == 0 or step == total_steps or stop.set:
+        timed = save_interval is not None and step - last_save[0] >= save_interval
+        if step % steps_per_epoch == 0 or step == total_steps or stop.set or timed:
           meta.update(step=step, epoch=step / steps_per_epoch, pairs_consumed=step * batch_size,
                       loss=losses[-1][1] if losses else None,
                       processes=jax.process_count())
-          if scorer is not None:
+          if scorer is not None and (step % steps_per_epoch == 0 or step == total_steps):
             meta[ckpt.HOLDOUT] = scorer(state.params)
             meta.setdefault("holdout_curve", []).append([step, meta[ckpt.HOLDOUT]])
             log.info("step %d (epoch %.3g): held-out score %.6g", step,
                      step / steps_per_epoch, meta[ckpt.HOLDOUT])
-          ckpt.save(mgr, step, state, meta)
+          else:
+            meta.pop(ckpt.HOLDOUT, None)  # a mid-epoch save is not scored
+          _save(mgr, workdir, step, state, meta)
+          if save_interval is not None:
+            save_interval = interval_since(last_save)
+          last_save = (step, time.perf_counter())
         if stop.set:
-          interrupted = True
+          interrupted, stopped_by = True, stop.signum
           log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "
                       "resume.", step)
           break
   finally:
-    mgr.wait_until_finished()
-    mgr.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()  # stops grain's worker processes now, not at garbage collection
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
   return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
-                     interrupted, patch, meta)
+                     interrupted, patch, meta, stopped_by)

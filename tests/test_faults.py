@@ -33,6 +33,7 @@ from deepcad_jax import cli
 from outputs_faults import (READ_ONLY, also, disk_full, exported_pth, folder_named,
                             held_lock, little_space, movie_folder, read_only_fs,
                             readonly_folder, rois_json)
+from helpers_processes import hold_lock, workdir_with_a_checkpoints_file
 
 
 @dataclasses.dataclass
@@ -450,6 +451,17 @@ FAULTS: list[Fault] = [
           r"sample\.tif is damaged or truncated"),
 
     # -- processes: locks, signals, kills, checkpoints --------------------------------
+    Fault("train: workdir in use by another run", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--fresh", "--workdir",
+                     f.input(hold_lock(f, f.root / "run"))],
+          r"run is in use by another training run \(PID \d+", process=True),
+    Fault("train: workdir is a file", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--workdir",
+                     f.raw("run", b"not a folder")], r"run is a file, not a folder"),
+    Fault("train: workdir/checkpoints is a file", "train",
+          lambda f: ["--config", "tiny", "--data", f.movie(), "--fresh", "--workdir",
+                     workdir_with_a_checkpoints_file(f)],
+          r"run/checkpoints is a file, not a folder"),
 
 ]
 

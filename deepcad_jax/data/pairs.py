@@ -11,6 +11,11 @@ them and reads them in worker processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
 from typing import Sequence
 
 import grain
@@ -146,6 +151,22 @@ class _Slice:
     return self.pairs[k * self.global_batch + self.offset + j]
 
 
+def _watch_parent(parent: int, every_s: float = 0.5) -> None:
+  while os.getppid() == parent:
+    time.sleep(every_s)
+  os._exit(1)  # the parent is gone (killed, even with SIGKILL): so is its reader
+
+
+def worker_init(parent: int, index: int, count: int) -> None:
+  """Runs first in every grain worker: the worker leaves signals to the parent (which
+  stops its workers itself), and exits within a second of the parent's death."""
+  del index, count
+  for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and scancel reach the whole group
+    signal.signal(sig, signal.SIG_IGN)
+  threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
+                   name="deepcad-jax-parent-watch").start()
+
+
 def pair_iterator(source: PairSource, batch_size: int, seed: int, workers: int = 0,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> grain.DatasetIterator:
@@ -168,5 +189,8 @@ def pair_iterator(source: PairSource, batch_size: int, seed: int, workers: int =
   if workers > 0:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; outside app.run too
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    # Workers are spawned processes (their parent is this one, whichever thread starts
+    # them); each watches its parent, as PR_SET_PDEATHSIG would watch the starting thread.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=functools.partial(worker_init, os.getpid()))
   return iter(ds)
