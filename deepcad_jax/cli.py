@@ -171,8 +171,11 @@ def _train_help_defaults(fv, args: list[str]) -> str:
   for flag, field in TRAIN_CONFIG_FLAGS.items():
     section, _, key = field.partition(".")
     value = values[section][key]
-    fv.set_default(flag, ",".join(map(str, value)) if isinstance(value, (list, tuple))
-                   else value)
+    if isinstance(value, (list, tuple)):
+      value = ",".join(map(str, value))
+    elif isinstance(fv[flag], flags.Flag) and fv[flag].parser.flag_type() == "string":
+      value = None if value is None else str(value)
+    fv.set_default(flag, value)
   return (f"Defaults shown are those of --config {name}; a flag given overrides its "
           "config field.")
 
