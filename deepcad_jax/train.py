@@ -496,7 +496,7 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: d
                          cfg.model.ensemble_impl, cfg.model.mean_prior)
   key = jax.random.key(cfg.train.seed + 1)
   data_sharding = parallel.pair_shardings(mesh, cfg.model.mean_prior)
-  scorer = _holdout_scorer(cfg, meta, movies, holdout, source.means)
+  scorer = _holdout_scorer(cfg, meta, source.movies, source.holdout, source.means)
   if start and scorer is not None:  # the curve so far, from the checkpoint resumed
     meta["holdout_curve"] = ckpt.read_meta(mgr, start).get("holdout_curve", [])
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
