@@ -29,7 +29,7 @@ def _fake_denoise(error_tracks: bool):
   """A stand-in for `denoise` returning (mean, std) whose std follows the error, or
   runs against it."""
 
-  def denoise(movie, den, output_dtype=None):
+  def denoise(movie, den, output_dtype=None, progress=False):
     clean = noisy_movie(movie.shape)[1]
     err = np.random.default_rng(0).normal(0, 1, clean.shape).astype(np.float32)
     std = np.abs(err) + 0.1 if error_tracks else 1 / (np.abs(err) + 0.1)

@@ -447,6 +447,7 @@ def test_slow_commands_say_what_they_are_doing(tmp_path, trained_model, logs):
   noisy, clean = noisy_movie((40, 24, 24))
   assert cli.main(["deepcad-jax", "calibrate", "--model", str(model), "--noisy",
                    write_tiff(tmp_path / "n.tif", noisy), "--clean",
-                   write_tiff(tmp_path / "c.tif", clean), "--uncertainty", "2"]) == 0
+                   write_tiff(tmp_path / "c.tif", clean), "--uncertainty", "2",
+                   "--accept-uncorrelated"]) == 0
   assert re.search(r"calibrate: denoising \S+n\.tif \(40, 24, 24\) under 2 symmetries x 1 "
                    r"member\(s\)\.\.\.", logs.text), logs.text
