@@ -1,13 +1,31 @@
-"""deepcad-jax: self-supervised denoising of fluorescence movies (DeepCAD-RT) in JAX."""
+"""deepcad-jax: self-supervised denoising of fluorescence movies (DeepCAD-RT) in JAX.
+
+Inference (`load_model`, `Denoiser`, `denoise`) imports no training code; `train` and
+`TrainResult` (which need grain and optax) are imported when first used.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from deepcad_jax.checkpoint import Model, load_model
+from deepcad_jax.checkpoint import Model, RunMeta
 from deepcad_jax.config import Config, load_config
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise, denoise_files
+from deepcad_jax.loading import load_model
 from deepcad_jax.model import LADDER, UNet3D
-from deepcad_jax.train import TrainResult, train
 
-__all__ = ["Config", "Denoiser", "denoise", "denoise_files", "LADDER", "Model", "TrainResult", "UNet3D", "UserError",
-           "load_config", "load_model", "train"]
+_TRAINING = ("train", "TrainResult")
+
+__all__ = ["Config", "Denoiser", "denoise", "denoise_files", "LADDER", "Model", "RunMeta",
+           "TrainResult", "UNet3D", "UserError", "load_config", "load_model", "train"]
+
+
+def __getattr__(name: str):
+  """`train` and `TrainResult`, imported on first use (a deliberate lazy import)."""
+  if name in _TRAINING:
+    module = importlib.import_module("deepcad_jax.train")
+    # Importing the submodule bound the package's `train` to it: bind the function.
+    globals().update({n: getattr(module, n) for n in _TRAINING})
+    return globals()[name]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

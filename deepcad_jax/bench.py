@@ -158,8 +158,8 @@ def _random_model(features: int, patch, overlap: float, members: int = 1) -> Mod
   cfg = config_lib.from_dict({"name": f"bench-f{features}",
                               "model": {"features": features, "ensemble": members},
                               "infer": {"patch": list(patch), "overlap": overlap}})
-  return Model(params=ensemble_params(features, 0, members), features=features,
-               patch=cfg.data.patch, mean=0.0, config=cfg, meta={}, source="random")
+  return Model.create(ensemble_params(features, 0, members), cfg, mean=0.0,
+                      source="random")
 
 
 def _patches(n: int, patch, seed: int = 0) -> np.ndarray:

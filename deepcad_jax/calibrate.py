@@ -23,7 +23,8 @@ import logging
 import os
 from typing import Any
 
-from deepcad_jax.checkpoint import CALIBRATION, load_model
+from deepcad_jax.checkpoint import CALIBRATION
+from deepcad_jax.loading import load_model
 from deepcad_jax.data.movie import open_movie
 from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
@@ -58,8 +59,7 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
     raise UserError(f"{path} already exists (the model is calibrated); add --overwrite "
                     "to replace it.")
   model = load_model(model_dir)
-  model = dataclasses.replace(model, meta={k: v for k, v in model.meta.items()
-                                           if k != "calibration"})
+  model = dataclasses.replace(model, meta=model.meta.replace(calibration=None))
   noisy_movie, clean_movie = open_movie(noisy), open_movie(clean)
   if noisy_movie.shape != clean_movie.shape:
     raise UserError(f"{noisy} {noisy_movie.shape} and {clean} {clean_movie.shape} differ "

@@ -1,13 +1,16 @@
-"""Training-run directories: Orbax checkpoints plus the metadata inference needs.
+"""The model format: run directories of Orbax checkpoints, and what they record.
 
-A run directory holds `checkpoints/<step>/` with two items: `state` (params, optimizer
-state, step) and `meta` (JSON: config, network width, patch, normalisation, training
-data summary, and the data-pipeline position: pairs consumed). The input pipeline is a
-pure function of (seed, step), so the step is all a resumed run (with any number of
-processes) needs to continue the same stream. Orbax writes each step atomically, so an
-interrupted save never hides the previous complete one; on several hosts it coordinates
-the write. Saves are synchronous (a few tenths of a second for DeepCAD-RT's 1M
-parameters and their Adam state): a failure surfaces at once, not steps later.
+A run directory holds `checkpoints/<step>/` with up to three items: `params` (the
+network's parameters), `opt` (Adam's state and the step counter; training runs only)
+and `meta` (JSON: a `RunMeta`). Inference restores `params` alone, without building an
+optimizer. The input pipeline is a pure function of (seed, step), so the step is all a
+resumed run (with any number of processes) needs to continue the same stream. Orbax
+writes each step atomically, so an interrupted save never hides the previous complete
+one; on several hosts it coordinates the write. Saves are synchronous (a few tenths of a
+second for DeepCAD-RT's 1M parameters and their Adam state): a failure surfaces at once.
+
+This module is a leaf: it knows the model's parameter shapes (`model`) and the config,
+nothing of training or of DeepCAD-RT's .pth files (`loading.load_model` dispatches).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -24,10 +28,14 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from deepcad_jax import config as config_lib
+from deepcad_jax.data.output import os_error
 from deepcad_jax.errors import UserError
+from deepcad_jax.model import ensemble_params
 
-FORMAT = "deepcad-jax/1"
+FORMAT = "deepcad-jax/2"   # items params, opt, meta
+FORMAT_V1 = "deepcad-jax/1"  # one item `state` (params and optimizer together): read
 CHECKPOINTS = "checkpoints"
+PARAMS, OPT, META, STATE_V1 = "params", "opt", "meta", "state"
 CALIBRATION = "calibration.json"  # uncertainty recalibration, written by `calibrate`
 
 
@@ -72,13 +80,130 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Write the checkpoint of `step` (complete when this returns; raises if it failed).
-  A held-out score in `meta` becomes the checkpoint's metric."""
-  metrics = {HOLDOUT: float(meta[HOLDOUT])} if meta.get(HOLDOUT) is not None else None
-  mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
-      metrics=metrics)
+@dataclasses.dataclass(frozen=True)
+class RunMeta(Mapping):
+  """What a model directory records besides its parameters; one JSON serialisation
+  (`to_json` / `from_json`).
+
+  Read it by attribute; it is also a read-only mapping of its JSON fields
+  (`meta["step"]`), for scripts that read the JSON file themselves.
+  """
+
+  config: config_lib.Config
+  patch: tuple[int, int, int]    # the training patch (T, Y, X)
+  mean: float | None             # training data mean (None: each movie's own)
+  data: tuple[dict, ...] = ()    # the training movies: name, shape, dtype, mean
+  step: int = 0
+  epoch: float = 0.0
+  pairs_consumed: int = 0
+  loss: float | None = None
+  batch_size: int | None = None
+  steps_per_epoch: int | None = None
+  processes: int = 1
+  holdout: tuple | None = None    # per movie: [a, b) frames held out, or None
+  holdout_score: float | None = None
+  holdout_curve: tuple = ()       # ([step, score], ...)
+  provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # converted_
+                                  # from, para, para_file, pruned_from, prune, ...
+  calibration: Mapping[str, Any] | None = None  # calibration.json beside it (not stored)
+
+  @property
+  def features(self) -> int:
+    return self.config.model.features
+
+  def to_json(self) -> dict:
+    """The stored JSON (the calibration is kept in its own file)."""
+    d = {"format": FORMAT, "config": self.config.to_dict(), "features": self.features,
+         "mean_prior": self.config.model.mean_prior, "ensemble": self.config.model.ensemble,
+         "patch": list(self.patch), "mean": self.mean, "data": [dict(x) for x in self.data],
+         "step": self.step, "epoch": self.epoch, "pairs_consumed": self.pairs_consumed,
+         "loss": self.loss, "batch_size": self.batch_size,
+         "steps_per_epoch": self.steps_per_epoch, "processes": self.processes,
+         "holdout": None if self.holdout is None else
+         [None if h is None else list(h) for h in self.holdout],
+         HOLDOUT: self.holdout_score,
+         "holdout_curve": [list(c) for c in self.holdout_curve]}
+    return {**self.provenance, **d}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "RunMeta":
+    """Parse and check stored JSON; raises ValueError (or KeyError, TypeError) naming
+    what does not fit."""
+    if d.get("format") not in (FORMAT, FORMAT_V1):
+      raise ValueError(f"format {d.get('format')!r} is not {FORMAT}")
+    cfg = config_lib.from_dict(d["config"])
+    features, patch = int(d["features"]), tuple(int(p) for p in d["patch"])
+    if features != cfg.model.features or len(patch) != 3 or min(patch) < 8:
+      raise ValueError(f"features={d['features']} and patch={d['patch']} do not fit its "
+                       f"config (features={cfg.model.features})")
+    known = {f.name for f in dataclasses.fields(cls)} | {
+        "format", "config", "features", "mean_prior", "ensemble", HOLDOUT}
+    holdout = d.get("holdout")
+    return cls(
+        config=cfg, patch=patch, mean=None if d.get("mean") is None else float(d["mean"]),
+        data=tuple(dict(x) for x in d.get("data") or ()), step=int(d.get("step", 0)),
+        epoch=float(d.get("epoch") or 0.0), pairs_consumed=int(d.get("pairs_consumed") or 0),
+        loss=d.get("loss"), batch_size=d.get("batch_size"),
+        steps_per_epoch=d.get("steps_per_epoch"), processes=int(d.get("processes") or 1),
+        holdout=None if holdout is None else tuple(
+            None if h is None else tuple(h) for h in holdout),
+        holdout_score=None if d.get(HOLDOUT) is None else float(d[HOLDOUT]),
+        holdout_curve=tuple(tuple(c) for c in d.get("holdout_curve") or ()),
+        provenance={k: v for k, v in d.items() if k not in known})
+
+  def replace(self, **changes: Any) -> "RunMeta":
+    return dataclasses.replace(self, **changes)
+
+  # The read-only mapping view of the JSON fields (and the calibration).
+  def _view(self) -> dict:
+    view = self.to_json()
+    if self.calibration is not None:
+      view["calibration"] = dict(self.calibration)
+    return view
+
+  def __getitem__(self, key: str) -> Any:
+    return self._view()[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._view())
+
+  def __len__(self) -> int:
+    return len(self._view())
+
+  __hash__ = None  # a mapping of mutable JSON values
+
+
+def save(mgr: ocp.CheckpointManager, step: int, meta: RunMeta, params: Any,
+         opt: Any = None) -> None:
+  """Write the checkpoint of `step` (complete when this returns; raises if it failed):
+  the parameters, the optimizer state when given (`{"opt_state", "step"}`, training
+  runs), and `meta`, whose held-out score becomes the checkpoint's metric."""
+  metrics = None if meta.holdout_score is None else {HOLDOUT: meta.holdout_score}
+  items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta.to_json())}
+  if opt is not None:
+    items[OPT] = ocp.args.StandardSave(opt)
+  mgr.save(step, args=ocp.args.Composite(**items), force=True, metrics=metrics)
+
+
+def save_model(model: "Model", output: str, overwrite: bool = False) -> str:
+  """Write `model` as a model directory (its parameters and meta, as step 0, no
+  optimizer state) that `load_model`, `denoise` and `train
+  --init-from` read; returns its path. Training writes through the same `save`."""
+  if os.path.exists(checkpoint_dir(output)):
+    if not overwrite:
+      raise UserError(f"{output} already holds a model; add --overwrite or choose another "
+                      "--output.")
+    clear(output)
+  try:  # Orbax writes the step atomically (a temporary folder, renamed when complete)
+    os.makedirs(output, exist_ok=True)
+    mgr = manager(output, keep=1)
+    try:
+      save(mgr, 0, model.meta.replace(step=0), model.params)
+    finally:
+      mgr.close()
+  except OSError as e:
+    raise os_error(e, output) from None
+  return os.path.abspath(output)
 
 
 def best_step(mgr: ocp.CheckpointManager, path: str) -> int:
@@ -108,11 +233,48 @@ def discard_partial(workdir: str) -> None:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """Restore the train state onto the shardings in `abstract_state`."""
-  out = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return out.state
+def _items(mgr: ocp.CheckpointManager, step: int) -> set[str]:
+  folder = os.path.join(str(mgr.directory), str(step))
+  return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def restore_training(mgr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """Restore a train state (anything with `params`, `opt_state`, `step` and `replace`,
+  given as abstract arrays carrying their shardings) from checkpoint `step`."""
+  if STATE_V1 in _items(mgr, step):
+    return mgr.restore(step, args=ocp.args.Composite(**{
+        STATE_V1: ocp.args.StandardRestore(abstract_state)}))[STATE_V1]
+  if OPT not in _items(mgr, step):
+    raise UserError(f"{mgr.directory}/{step} holds a model without optimizer state (a "
+                    "converted or pruned model), which cannot be resumed; fine-tune it "
+                    "with --init-from into a new --workdir.")
+  opt = {"opt_state": abstract_state.opt_state, "step": abstract_state.step}
+  out = mgr.restore(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.StandardRestore(abstract_state.params),
+      OPT: ocp.args.StandardRestore(opt)}))
+  return abstract_state.replace(params=out[PARAMS], opt_state=out[OPT]["opt_state"],
+                                step=out[OPT]["step"])
+
+
+def _restore_params(mgr: ocp.CheckpointManager, step: int, expected: Any) -> Any:
+  """The parameters of checkpoint `step` as numpy arrays, restored onto one local
+  device whatever topology wrote them (`expected`: their abstract shapes)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), expected)
+  if STATE_V1 in _items(mgr, step):  # the params subtree of the one v1 item
+    stored = ocp.StandardCheckpointer().metadata(
+        os.path.join(str(mgr.directory), str(step), STATE_V1))
+    tree = getattr(stored, "item_metadata", stored)
+    whole = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+    whole = dict(whole, params=abstract)
+    params = mgr.restore(step, args=ocp.args.Composite(**{
+        STATE_V1: ocp.args.StandardRestore(whole)}))[STATE_V1]["params"]
+  else:
+    params = mgr.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
+  return jax.tree_util.tree_map(np.asarray, params)
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int,
@@ -137,12 +299,15 @@ def _brief(e: BaseException) -> str:
 
 
 def stored_shapes(workdir: str, step: int) -> dict[str, tuple[int, ...]] | None:
-  """{'params/...': shape} of the arrays checkpoint `step` holds, from Orbax's own
-  metadata (None when it cannot be read)."""
+  """{"['params']...": shape} of the parameter arrays checkpoint `step` holds, from
+  Orbax's own metadata (None when it cannot be read)."""
+  folder = os.path.join(checkpoint_dir(workdir), str(step))
+  v1 = os.path.isdir(os.path.join(folder, STATE_V1))
   try:
     with ocp.StandardCheckpointer() as c:
-      tree = c.metadata(os.path.join(checkpoint_dir(workdir), str(step), "state"))
+      tree = c.metadata(os.path.join(folder, STATE_V1 if v1 else PARAMS))
     tree = getattr(tree, "item_metadata", tree)
+    tree = tree if v1 else {"params": tree}
     return {jax.tree_util.keystr(k): tuple(v.shape)
             for k, v in jax.tree_util.tree_leaves_with_path(tree) if hasattr(v, "shape")}
   except Exception:  # noqa: BLE001 - a damaged checkpoint: restoring it will say so
@@ -154,30 +319,32 @@ def _check_readable(path: str, step: int, fix: str) -> None:
   restores it: a cut or damaged data file is found here, with nothing else in flight
   (Orbax reads all arrays at once, and when one fails the others finish into its closed
   event loop, printing a traceback each)."""
-  state = os.path.join(checkpoint_dir(path), str(step), "state")
-  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
-    return  # not an OCDBT checkpoint (or no arrays: restoring will say so)
-  try:
-    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
-    for key in kv.list().result():
-      kv.read(key).result()
-  except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError, OSError, ...
-    raise UserError(f"{path}: the arrays of checkpoint {step} cannot be read "
-                    f"({_brief(e)}); {fix}.") from None
+  folder = os.path.join(checkpoint_dir(path), str(step))
+  for item in (PARAMS, STATE_V1):
+    if not os.path.isfile(os.path.join(folder, item, "manifest.ocdbt")):
+      continue  # not an OCDBT item (or no arrays: restoring will say so)
+    try:
+      kv = ts.KvStore.open({"driver": "ocdbt",
+                            "base": f"file://{os.path.join(folder, item)}/"}).result()
+      for key in kv.list().result():
+        kv.read(key).result()
+    except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError, OSError, ...
+      raise UserError(f"{path}: the arrays of checkpoint {step} cannot be read "
+                      f"({_brief(e)}); {fix}.") from None
 
 
-def _check_arrays(path: str, step: int, meta: dict, expected: Any, fix: str) -> None:
+def _check_arrays(path: str, step: int, meta: RunMeta, expected: Any, fix: str) -> None:
   """Refuses a checkpoint whose arrays are not those its metadata describes (an edited
   or mixed-up metadata file), naming the first array that differs."""
   stored = stored_shapes(path, step)
   if stored is None:
     return
-  for key, leaf in jax.tree_util.tree_leaves_with_path({"params": expected.params}):
+  for key, leaf in jax.tree_util.tree_leaves_with_path({"params": expected}):
     name = jax.tree_util.keystr(key)
     if name in stored and stored[name] != tuple(leaf.shape):
       raise UserError(f"{path}: the arrays of checkpoint {step} do not match its "
-                      f"metadata (features={meta.get('features')}, ensemble="
-                      f"{meta.get('ensemble', 1)}): {name} is stored as {stored[name]} "
+                      f"metadata (features={meta.features}, ensemble="
+                      f"{meta.config.model.ensemble}): {name} is stored as {stored[name]} "
                       f"but the metadata needs {tuple(leaf.shape)}; the metadata was "
                       f"edited or comes from another model: {fix}.")
 
@@ -189,31 +356,56 @@ def clear(workdir: str) -> None:
     shutil.rmtree(path)
 
 
+def expected_params(cfg: config_lib.Config) -> Any:
+  """The abstract parameters (shapes, dtypes) a model of `cfg` has."""
+  return jax.eval_shape(lambda: ensemble_params(
+      cfg.model.features, 0, cfg.model.ensemble, cfg.model.in_channels, cfg.model.widths))
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """What inference needs: parameters and how they were trained."""
+  """What inference needs: parameters, and the `RunMeta` saying how they were trained."""
 
   params: Any
-  features: int
-  patch: tuple[int, int, int]
-  mean: float | None          # training data mean (None for an imported .pth)
-  config: config_lib.Config
-  meta: dict
+  meta: RunMeta
   source: str
+
+  @classmethod
+  def create(cls, params: Any, config: config_lib.Config, patch=None,
+             mean: float | None = None, source: str = "<memory>", **provenance) -> "Model":
+    """A model that no run wrote (random weights, a conversion, a test network)."""
+    patch = tuple(config.data.patch if patch is None else patch)
+    return cls(params, RunMeta(config=config, patch=patch, mean=mean,
+                               provenance=provenance), source)
+
+  @property
+  def config(self) -> config_lib.Config:
+    return self.meta.config
+
+  @property
+  def features(self) -> int:
+    return self.meta.features
+
+  @property
+  def patch(self) -> tuple[int, int, int]:
+    return self.meta.patch
+
+  @property
+  def mean(self) -> float | None:
+    return self.meta.mean
 
   @property
   def overlap(self) -> float:
     return self.config.infer.overlap
 
+  def with_params(self, params: Any) -> "Model":
+    return dataclasses.replace(self, params=params)
 
-def load_model(path: str, step: int | str | None = None, para: str | None = None) -> Model:
-  """Load a trained model: a run directory (its last checkpoint, a chosen step, or
-  'best': the lowest held-out score), a directory written by `deepcad-jax convert`, or
-  a DeepCAD-RT .pth file (with the para.yaml beside it, or `para`)."""
+
+def load_run(path: str, step: int | str | None = None) -> Model:
+  """A model directory (a training run or a converted model): its last checkpoint, a
+  chosen step, or 'best' (the lowest held-out score); its calibration.json, if any."""
   path = os.fspath(path)
-  if path.endswith((".pth", ".pt")):
-    from deepcad_jax.convert import load_pth_model
-    return load_pth_model(path, para)
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a model directory; give the --workdir of a "
                     "training run (or a DeepCAD-RT .pth file).")
@@ -222,70 +414,68 @@ def load_model(path: str, step: int | str | None = None, para: str | None = None
                     "a model there first.")
   mgr = manager(path, read_only=True)
   try:
-    step, meta, cfg, state = _load(mgr, path, step)
+    step, meta, params = _load(mgr, path, step)
   finally:
     mgr.close()
-  params = jax.tree_util.tree_map(np.asarray, state.params)
+  return Model(params=params, meta=meta.replace(calibration=_read_calibration(path)),
+               source=f"{path}@{step}")
+
+
+def _read_calibration(path: str) -> dict | None:
   calibration = os.path.join(path, CALIBRATION)
-  if os.path.isfile(calibration):
-    try:
-      with open(calibration) as f:
-        meta["calibration"] = json.load(f)
-      float(meta["calibration"]["std_scale"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise UserError(f"{calibration} is damaged ({_brief(e)}); delete it and run "
-                      "'deepcad-jax calibrate' again (or restore it).") from None
-  return Model(params=params, features=int(meta["features"]),
-               patch=tuple(int(p) for p in meta["patch"]),
-               mean=None if meta.get("mean") is None else float(meta["mean"]),
-               config=cfg, meta=meta, source=f"{path}@{step}")
+  if not os.path.isfile(calibration):
+    return None
+  try:
+    with open(calibration) as f:
+      record = json.load(f)
+    float(record["std_scale"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{calibration} is damaged ({_brief(e)}); delete it and run "
+                    "'deepcad-jax calibrate' again (or restore it).") from None
+  return record
 
 
-def _load(mgr: ocp.CheckpointManager, path: str, step: int | None
-          ) -> tuple[int, dict, config_lib.Config, Any]:
-  """(step, meta, config, train state) of a run directory, every part checked."""
+def _choose_step(mgr: ocp.CheckpointManager, path: str, step: int | str | None) -> int:
   steps = mgr.all_steps()
   if not steps:
     raise UserError(f"{path} holds no complete checkpoint; train a model there first.")
   if step == "best":
-    step = best_step(mgr, path)
-  elif isinstance(step, str):
+    return best_step(mgr, path)
+  if isinstance(step, str):
     try:
       step = int(step)
     except ValueError:
       raise UserError(f"--step takes a checkpoint number or 'best'; got {step!r}.") from None
   if step is None:
-    step = max(steps)
-  elif step not in steps:
+    return max(steps)
+  if step not in steps:
     raise UserError(f"{path} has no checkpoint at step {step}; available: "
                     f"{sorted(steps)}.")
-  earlier = sorted(s for s in steps if s < step)
+  return step
+
+
+def _load(mgr: ocp.CheckpointManager, path: str, step: int | str | None
+          ) -> tuple[int, RunMeta, Any]:
+  """(step, meta, params) of a run directory, every part checked."""
+  step = _choose_step(mgr, path, step)
+  earlier = sorted(s for s in mgr.all_steps() if s < step)
   fix = (f"use an earlier checkpoint with --step {earlier[-1]}, or restore the folder "
          "from a backup" if earlier else "restore the folder from a backup or train "
          "the model again")
-  meta = read_meta(mgr, step, fix)
-  if meta.get("format") != FORMAT:
+  stored = read_meta(mgr, step, fix)
+  if stored.get("format") not in (FORMAT, FORMAT_V1):
     raise UserError(f"{path} was not written by deepcad-jax ({FORMAT}).")
   try:
-    cfg = config_lib.from_dict(meta["config"])
-    features, patch = int(meta["features"]), tuple(int(p) for p in meta["patch"])
-    if features != cfg.model.features or len(patch) != 3 or min(patch) < 8:
-      raise ValueError(f"features={meta['features']} and patch={meta['patch']} do not "
-                       f"fit its config (features={cfg.model.features})")
+    meta = RunMeta.from_json(stored)
   except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
     raise UserError(f"{path}: the metadata of checkpoint {step} is invalid "
                     f"({_brief(e)}); {fix}.") from None
   _check_readable(path, step, fix)
-  # Restore onto one local device, whatever topology wrote the checkpoint.
-  from deepcad_jax.train import create_state
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      jax.eval_shape(lambda: create_state(cfg)))
-  _check_arrays(path, step, meta, abstract, fix)
+  expected = expected_params(meta.config)
+  _check_arrays(path, step, meta, expected, fix)
   try:
-    state = restore(mgr, step, abstract)
+    params = _restore_params(mgr, step, expected)
   except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
     raise UserError(f"{path}: the arrays of checkpoint {step} cannot be read "
                     f"({_brief(e)}); {fix}.") from None
-  return step, meta, cfg, state
+  return step, meta, params

@@ -251,7 +251,7 @@ def _define_denoise(fv):
 
 
 def _run_denoise(fv):
-  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.loading import load_model
   from deepcad_jax.infer import denoise_files
   _require(fv, "model", "input", "output")
   _init_distributed(fv)
@@ -291,14 +291,15 @@ def _define_convert(fv):
 
 
 def _run_convert(fv):
-  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.loading import load_model
   from deepcad_jax.convert import convert
   _require(fv, "pth", "output")
   out = convert(_v(fv, "pth"), _v(fv, "output"), _v(fv, "para"), _v(fv, "overwrite"))
   model = load_model(out)
   print(f"wrote {out}: features={model.features}, inference patch "
         f"{model.config.infer.patch}, overlap {model.overlap}"
-        + (f", para from {model.meta['para_file']}" if model.meta.get("para_file") else
+        + (f", para from {model.meta.provenance['para_file']}"
+           if model.meta.provenance.get("para_file") else
            ", no para.yaml (defaults: patch 150^3, overlap 0.4)"))
   return 0
 
@@ -348,7 +349,7 @@ _EXPORT_ONLY = {"patch": ("onnx",), "verify": ("onnx",), "opset": ("onnx", "bioi
 
 
 def _run_export(fv):
-  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.loading import load_model
   from deepcad_jax.export import export
   _require(fv, "model", "format", "output")
   fmt = _v(fv, "format")
@@ -621,7 +622,7 @@ def _define_stream(fv):
 
 
 def _run_stream(fv):
-  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.loading import load_model
   from deepcad_jax.data.movie import refuse_to_overwrite
   from deepcad_jax.stream import (FolderSource, ReplaySource, StreamDenoiser, raw_path,
                                   run_pipeline)
@@ -701,8 +702,8 @@ def _define_prune(fv):
 
 
 def _run_prune(fv):
-  from deepcad_jax.checkpoint import load_model
-  from deepcad_jax.convert import save_model
+  from deepcad_jax.loading import load_model
+  from deepcad_jax.checkpoint import save_model
   from deepcad_jax.prune import prune
   _require(fv, "model", "keep", "output")
   model = load_model(_v(fv, "model"))
@@ -791,7 +792,7 @@ def _define_score(fv):
 
 
 def _run_score(fv):
-  from deepcad_jax.checkpoint import load_model
+  from deepcad_jax.loading import load_model
   from deepcad_jax.data.movie import open_movie
   from deepcad_jax.infer import Denoiser
   from deepcad_jax.score import parse_frames, score

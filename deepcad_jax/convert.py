@@ -18,12 +18,15 @@ import re
 import zipfile
 from typing import Any
 
+import jax
+import ml_dtypes
 import numpy as np
 
+from deepcad_jax import config as config_lib
 from deepcad_jax import safe_pickle
-from deepcad_jax.data.output import os_error
+from deepcad_jax.checkpoint import Model, RunMeta, save_model
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import LEVELS
+from deepcad_jax.model import LEVELS, init_params
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -48,7 +51,6 @@ class _StorageType(safe_pickle.Stub):
   def dtype(self) -> np.dtype:
     dtype = _STORAGE_DTYPES[self.name]
     if dtype == "bfloat16":
-      import ml_dtypes
       dtype = ml_dtypes.bfloat16
     return np.dtype(dtype)
 
@@ -270,9 +272,6 @@ def infer_features(state: dict[str, np.ndarray], path: str = "checkpoint") -> in
 def to_flax_params(state: dict[str, np.ndarray], path: str = "checkpoint"
                    ) -> tuple[dict, int]:
   """(Flax UNet3D params, features) from a DeepCAD-RT state_dict; checks every key."""
-  import jax
-  from deepcad_jax.model import init_params
-
   state = _strip_prefix(state)
   features = infer_features(state, path)
   expected = jax.eval_shape(lambda: init_params(features, 0))
@@ -342,7 +341,6 @@ def find_para(pth: str) -> str | None:
 def pth_config(features: int, para: dict[str, Any]):
   """A Config from a DeepCAD-RT para.yaml: its patch and overlap become the inference
   defaults; the training patch is the same floored to multiples of 8 (for fine-tuning)."""
-  from deepcad_jax import config as config_lib
   if "fmap" in para and para["fmap"] != features:
     raise UserError(f"para.yaml says fmap={para['fmap']} but the weights have width "
                     f"{features}; give the para.yaml that belongs to this .pth.")
@@ -356,9 +354,8 @@ def pth_config(features: int, para: dict[str, Any]):
       "infer": {"patch": patch, "overlap": para.get("overlap_factor", 0.4)}})
 
 
-def load_pth_model(pth: str, para: str | None = None):
+def load_pth_model(pth: str, para: str | None = None) -> Model:
   """A `Model` straight from a DeepCAD-RT .pth (and its para.yaml, found beside it)."""
-  from deepcad_jax.checkpoint import FORMAT, Model
   para = para or find_para(pth)
   para_values = read_para(para) if para else {}
   params, features = to_flax_params(read_state_dict(pth), pth)
@@ -368,39 +365,12 @@ def load_pth_model(pth: str, para: str | None = None):
     if not para or str(e).startswith(para):
       raise
     raise UserError(f"{para}: {e}") from None
-  meta = {"format": FORMAT, "config": cfg.to_dict(), "features": features,
-          "patch": list(cfg.data.patch), "mean": None, "data": [],
-          "converted_from": os.path.abspath(pth), "para": para_values,
-          "para_file": os.path.abspath(para) if para else None, "step": 0}
-  return Model(params=params, features=features, patch=cfg.data.patch, mean=None,
-               config=cfg, meta=meta, source=os.path.abspath(pth))
+  meta = RunMeta(config=cfg, patch=cfg.data.patch, mean=None, provenance={
+      "converted_from": os.path.abspath(pth), "para": para_values,
+      "para_file": os.path.abspath(para) if para else None})
+  return Model(params=params, meta=meta, source=os.path.abspath(pth))
 
 
 def convert(pth: str, output: str, para: str | None = None, overwrite: bool = False) -> str:
   """Write a deepcad-jax model directory from a DeepCAD-RT .pth; returns its path."""
   return save_model(load_pth_model(pth, para), output, overwrite)
-
-
-def save_model(model, output: str, overwrite: bool = False) -> str:
-  """Write `model` (a `checkpoint.Model`) as a model directory (step 0, fresh optimizer
-  state) that `load_model`, `denoise` and `train --init-from` read; returns its path."""
-  import orbax.checkpoint as ocp
-
-  from deepcad_jax import checkpoint as ckpt
-  from deepcad_jax.train import create_state
-  if os.path.exists(ckpt.checkpoint_dir(output)):
-    if not overwrite:
-      raise UserError(f"{output} already holds a model; add --overwrite or choose another "
-                      "--output.")
-    ckpt.clear(output)
-  state = create_state(model.config, model.params)
-  try:  # Orbax writes the step atomically (a temporary folder, renamed when complete)
-    os.makedirs(output, exist_ok=True)
-    mgr = ckpt.manager(output, keep=1)
-    mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        meta=ocp.args.JsonSave(model.meta)), force=True)
-    mgr.wait_until_finished()
-    mgr.close()
-  except OSError as e:
-    raise os_error(e, output) from None
-  return os.path.abspath(output)

@@ -841,7 +841,7 @@ def export(model: Model | str, output: str, format: str, *, member: int | None =
   if format != "pth":
     check_opset(opset)
   if isinstance(model, (str, os.PathLike)):
-    from deepcad_jax.checkpoint import load_model
+    from deepcad_jax.loading import load_model
     model = load_model(os.fspath(model))
   net = network(model, format, member)
   try:

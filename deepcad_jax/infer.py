@@ -26,14 +26,16 @@ import numpy as np
 
 from deepcad_jax import distributed, parallel, resources
 from deepcad_jax.augment import N_SYMMETRIES
-from deepcad_jax.checkpoint import Model, load_model
+from deepcad_jax.checkpoint import Model
 from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite)
 from deepcad_jax.data.output import (PARTIAL_SUFFIX, MovieWriter, check_space, movie_bytes,
                                      os_error, outputs_together)
 from deepcad_jax.errors import UserError
+from deepcad_jax.loading import load_model
 from deepcad_jax.model import uniform_widths
+from deepcad_jax.normalise import Normalisation
 from deepcad_jax.predict import (StepLayout, TileFn, compile_predict_step, frame_padding,
                                  reflect_index, symmetry_samples, tile_network)
 from deepcad_jax.progress import Progress
@@ -214,11 +216,14 @@ class Engine:
     mesh: the devices (`parallel.data_mesh`).
     batch_size: tiles per network call; a multiple of the mesh's data axis (0: one per
       device).
+    scale: the model's intensity scale (`normalise.Normalisation`; the mean is given
+      per movie).
   """
 
   def __init__(self, tile_fn: TileFn, params: Any, mesh: jax.sharding.Mesh,
-               batch_size: int = 0):
+               batch_size: int = 0, scale: float = 1.0):
     self.tile_fn = tile_fn
+    self.scale = float(scale)
     self.mesh = mesh
     n_dev = parallel.device_count(mesh)
     self.default_batch = not batch_size
@@ -243,7 +248,7 @@ class Engine:
     if tiles not in self._fewer:
       devices = list(self.mesh.devices.flat)[:tiles]
       self._fewer[tiles] = Engine(self.tile_fn, self.host_params,
-                                  parallel.data_mesh(devices))
+                                  parallel.data_mesh(devices), scale=self.scale)
     return self._fewer[tiles]
 
   # -- windows ------------------------------------------------------------------
@@ -290,13 +295,15 @@ class Engine:
     if plan.blend:
       c["yx_norm"] = plan.yx_norm()
     if prior is not None:
-      p = np.asarray(prior, np.float32) - np.float32(mean)
+      p = Normalisation(np.float32(mean), np.float32(self.scale)).to_network(
+          np.asarray(prior))
       c["prior"] = p[c["pad_y"]][:, c["pad_x"]]
     return jax.device_put(c, parallel.replicated(self.mesh)) if put else c
 
   @staticmethod
   def window_arrays(layout: StepLayout, w: Window, per_slab: int, mean: float,
-                    t_norm: np.ndarray | None = None) -> tuple[dict, tuple[int, int]]:
+                    t_norm: np.ndarray | None = None, scale: float = 1.0
+                    ) -> tuple[dict, tuple[int, int]]:
     """The per-call arrays of window `w`, and the rows of its output to keep."""
     n, lt = layout.tiles, layout.tile[0]
     t_starts = np.zeros(n, np.int32)
@@ -316,7 +323,7 @@ class Engine:
     a, b = max(lo, w.keep[0]), min(hi, w.keep[1])
     r0 = emit_start - first + max(0, a - lo)
     rows = (r0, max(r0, emit_start - first + (b - lo)))
-    arrays = {"mean": np.float32(mean), "t_starts": t_starts, "yx_index": yx_index,
+    arrays = {"mean": np.float32(mean), "scale": np.float32(scale), "t_starts": t_starts, "yx_index": yx_index,
               "t_weight": t_weight, "emit_start": np.int32(first),
               "shift": np.int32(0 if w.next_start is None else w.next_start - w.start),
               "valid": np.array(rows, np.int32)}
@@ -366,7 +373,7 @@ class Engine:
              t_norm: np.ndarray | None = None) -> tuple[Window, dict, tuple[int, int]]:
     """Start one call (asynchronously): (window, device outputs, rows to keep)."""
     rep = parallel.replicated(self.mesh)
-    arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm)
+    arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm, self.scale)
     args = (carry, jax.device_put(window, rep), jax.device_put(arrays, rep), consts)
     out = self.compile(layout, args)(self.params, *args)
     for name in ("frames", "extras"):
@@ -592,13 +599,13 @@ class Denoiser:
       raise UserError("--save-samples keeps the samples of --uncertainty K; add it.")
     self.mesh = parallel.data_mesh(self.devices, self.spatial)
     if self.network is None:
-      std_scale = float(self.model.meta.get("calibration", {}).get("std_scale", 1.0))
+      std_scale = float((self.model.meta.calibration or {}).get("std_scale", 1.0))
       self.network = tile_network(
-          self.model.features, self.dtype, scale=float(self.model.config.data.scale),
-          members=members, ensemble_impl=self.model.config.model.ensemble_impl,
+          self.model.features, self.dtype, members=members, ensemble_impl=self.model.config.model.ensemble_impl,
           symmetries=self.uncertainty, keep_samples=self.save_samples,
           std_scale=std_scale, widths=self.model.config.model.widths)
-    self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size)
+    self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size,
+                         scale=float(self.model.config.data.scale))
     self.batch_size = self.engine.batch_size
     if self.tiling == "overlap" or self.reference_stitching:
       parallel.check_spatial(self.patch[1], self.spatial)
@@ -1153,21 +1160,21 @@ def whole_movie_forward(movie: np.ndarray, den: Denoiser, mean: float | None = N
   float32, mean added back; for tests and the seam measurement (needs the whole movie
   in memory)."""
   movie = np.asarray(movie, np.float32)
-  mean = float(movie.mean()) if mean is None else float(mean)
+  norm = Normalisation(np.float32(movie.mean() if mean is None else mean),
+                       np.float32(den.engine.scale))
   shape = movie.shape
   padded = tuple(-(-n // GRID) * GRID for n in shape)
   idx = [reflect_index(np.arange(p), n) for p, n in zip(padded, shape)]
-  x = (movie - np.float32(mean))[idx[0]][:, idx[1]][:, :, idx[2]]
+  x = norm.to_network(movie)[idx[0]][:, idx[1]][:, :, idx[2]]
   p = None
   image = den.prior_for(as_movie(movie), prior)
   if image is not None:
-    p = (image - np.float32(mean))[idx[1]][:, idx[2]][None]
+    p = norm.to_network(image)[idx[1]][:, idx[2]][None]
   out = jax.jit(den.network)(den.engine.params, jnp.asarray(x[None]),
                              None if p is None else jnp.asarray(p))
   out = np.asarray(out)[0, :shape[0], :shape[1], :shape[2]]
   if out.ndim == 3:
-    return out + np.float32(mean)
-  out = out.copy()
-  out[..., 0] += np.float32(mean)
-  out[..., 2:] += np.float32(mean)
-  return out
+    return norm.from_network(out)
+  return np.concatenate([norm.from_network(out[..., :1]),
+                         norm.spread_from_network(out[..., 1:2]),
+                         norm.from_network(out[..., 2:])], axis=-1)

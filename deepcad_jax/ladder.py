@@ -29,8 +29,8 @@ import numpy as np
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.bench import environment, train_step
-from deepcad_jax.checkpoint import load_model
-from deepcad_jax.convert import save_model
+from deepcad_jax.loading import load_model
+from deepcad_jax.checkpoint import save_model
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
@@ -91,7 +91,7 @@ def _evaluate(run: str, kind: str, data: str, holdout, clean: str | None,
   widths = widths_of(model.params)
   rung = Rung(os.path.basename(run), kind, model.features, list(widths),
               param_count(model.params), flops_per_voxel(widths, in_ch),
-              int(model.meta.get("step", 0)), train_seconds, held, run=run)
+              model.meta.step, train_seconds, held, run=run)
   if clean is not None or measure:
     movie = movies[0]
     den.plan(movie.shape, movie.dtype, np.float32)  # compile outside the timing

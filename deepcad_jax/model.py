@@ -295,3 +295,14 @@ def ensemble_params(features: int, seed: int, members: int = 1,
 def param_count(params: Any) -> int:
   """Number of scalars in a parameter pytree."""
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def add_prior_channel(params: Any) -> Any:
+  """The parameters of the same network with a second input channel (the mean-image
+  prior) whose weights are zero: the function is unchanged until training moves them."""
+  params = jax.tree_util.tree_map(np.asarray, params)
+  first = dict(params["encoder_0"]["conv1"])
+  pad = [(0, 0)] * first["kernel"].ndim
+  pad[-2] = (0, 1)  # the input-channel axis of (..., k, k, k, in, out)
+  first["kernel"] = np.pad(first["kernel"], pad)
+  return {**params, "encoder_0": {**params["encoder_0"], "conv1": first}}

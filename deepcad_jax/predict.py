@@ -27,6 +27,7 @@ import numpy as np
 from deepcad_jax import parallel
 from deepcad_jax.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.model import UNet3D, network_input, over_members
+from deepcad_jax.normalise import Normalisation
 from deepcad_jax.tiling import accumulate, cut_tiles
 
 # (params, tiles (B, T, Y, X), prior tiles (B, Y, X) or None) -> (B, T, Y, X[, C])
@@ -48,15 +49,13 @@ def symmetry_samples(predict: Callable[..., jax.Array], batch: jax.Array, sample
   return jnp.concatenate(outs)
 
 
-def tile_network(features: int, dtype: Any = jnp.float32, *, scale: float = 1.0,
-                 members: int = 1, ensemble_impl: str = "loop", symmetries: int = 0,
+def tile_network(features: int, dtype: Any = jnp.float32, *, members: int = 1, ensemble_impl: str = "loop", symmetries: int = 0,
                  keep_samples: bool = False, std_scale: float = 1.0,
                  widths: Sequence[int] | None = None) -> TileFn:
-  """The network applied to normalised tiles (mean subtracted, not yet scaled).
+  """The network applied to normalised tiles (`normalise.Normalisation`), giving
+  normalised outputs.
 
-  `features` and `widths` describe the network as `model.UNet3D` does.
-  Inputs are divided by `scale` (DeepCAD-RT's scale_factor) and outputs multiplied back.
-  An ensemble's `members` are averaged. With `symmetries` = K >= 1 each tile is
+  `features` and `widths` describe the network as `model.UNet3D` does. An ensemble's `members` are averaged. With `symmetries` = K >= 1 each tile is
   predicted under K symmetries of the (y, x) plane with every member and the result has
   channels [mean, std * std_scale] (+ the K x M samples with `keep_samples`).
   """
@@ -65,8 +64,7 @@ def tile_network(features: int, dtype: Any = jnp.float32, *, scale: float = 1.0,
 
   def predict(params, tiles, prior):  # -> (members, B, T, Y, X)
     def one(p):
-      x = network_input(tiles / scale, None if prior is None else prior / scale)
-      return net.apply({"params": p}, x)[..., 0] * scale
+      return net.apply({"params": p}, network_input(tiles, prior))[..., 0]
     return one(params)[None] if members == 1 else over_members(one, members,
                                                                 ensemble_impl, params)
 
@@ -122,10 +120,10 @@ def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
   return np.where(i >= n, period - i, i)
 
 
-def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLayout):
+def _finish(frames: jax.Array, norm: Normalisation, valid: jax.Array, layout: StepLayout):
   """(main frames in the output dtype, extra channels float32 or None, clipped count,
-  sum of squared rounding errors, temporal moments): the mean added back to every
-  channel but the std, frames cropped to the movie. Integer outputs are also measured
+  sum of squared rounding errors, temporal moments): every channel back in intensities
+  (the std as a spread), frames cropped to the movie. Integer outputs are also measured
   over rows [valid[0], valid[1]) (those the host keeps): voxels clipped, the squared
   rounding errors of the others, and per pixel the sums of (x - mean) and (x - mean)^2
   over those rows ((2, Y, X) float32; None for floats)."""
@@ -133,11 +131,11 @@ def _finish(frames: jax.Array, mean: jax.Array, valid: jax.Array, layout: StepLa
   frames = frames[:, :y, :x]
   extras = None
   if layout.channels:
-    extras = frames[..., 1:]
-    offsets = jnp.array([0.0] + [1.0] * (layout.channels - 2), jnp.float32)
-    extras = extras + offsets * mean
+    extras = jnp.concatenate([norm.spread_from_network(frames[..., 1:2]),
+                              norm.from_network(frames[..., 2:])], axis=-1)
     frames = frames[..., 0]
-  frames = frames + mean
+  frames = norm.from_network(frames)
+  mean = norm.mean
   dtype = np.dtype(layout.out_dtype)
   if dtype.kind == "f":
     return (frames.astype(dtype), extras, jnp.zeros((), jnp.int32),
@@ -166,7 +164,7 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
     carry: with blending, the output window carried over from the previous call (its
       frame 0 is this window's frame 0); None otherwise.
     window: (W, Y, X) raw frames in the movie's dtype (T already padded by the host).
-    group: per-window arrays: `mean` (), `t_starts` (tiles,), `yx_index` (tiles,),
+    group: per-window arrays: `mean` (), `scale` () (the `Normalisation`), `t_starts` (tiles,), `yx_index` (tiles,),
       `t_weight` (tiles, tile T), `t_full` (reference), `emit_start` (), `shift` (),
       `valid` (2,) (the output rows the host keeps), `t_norm` (emit,) (blending).
     consts: per-movie arrays: `yx_starts` (n, 2), `yx_weight` (n, tile Y, tile X),
@@ -184,8 +182,9 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
      'moments': integer outputs: (2, Y, X) per-pixel sums of (x - mean), (x - mean)^2,
      'rescale_skipped': tiles whose reference rescale was not positive (int32)}.
   """
-  mean = group["mean"].astype(jnp.float32)
-  x = window.astype(jnp.float32) - mean
+  norm = Normalisation(group["mean"].astype(jnp.float32),
+                       group["scale"].astype(jnp.float32))
+  x = norm.to_network(window)
   x = jnp.take(jnp.take(x, consts["pad_y"], axis=1), consts["pad_x"], axis=2)
   prior = consts.get("prior")
   shape = (layout.window,) + tuple(layout.padded_frame) + (
@@ -210,12 +209,12 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
     if layout.reference:
       tf = jax.lax.dynamic_slice_in_dim(group["t_full"], c * bs, bs)
       full = tf[:, :, None, None] * consts["yx_full"][yi][:, None]
-      raw = jnp.sum(full * (tiles + mean), axis=(1, 2, 3))
-      den = jnp.sum(full * (outs + mean), axis=(1, 2, 3))
+      raw = jnp.sum(full * norm.from_network(tiles), axis=(1, 2, 3))
+      den = jnp.sum(full * norm.from_network(outs), axis=(1, 2, 3))
       ratio = raw / den
       ok = jnp.isfinite(ratio) & (ratio > 0) & (jnp.sum(full, axis=(1, 2, 3)) > 0)
       factor = jnp.where(ok, jnp.sqrt(jnp.where(ok, ratio, 1.0)), 1.0)
-      outs = (outs + mean) * factor[:, None, None, None] - mean
+      outs = norm.to_network(norm.from_network(outs) * factor[:, None, None, None])
       skipped = jnp.sum(~ok & (jnp.sum(full, axis=(1, 2, 3)) > 0), dtype=jnp.int32)
     acc = accumulate(acc, outs, ts, yx, weights)
     return acc, skipped
@@ -223,9 +222,9 @@ def predict_step(params: Any, carry: jax.Array | None, window: jax.Array, group:
   acc, skipped = jax.lax.scan(chunk, acc, jnp.arange(layout.chunks))
   emit = jax.lax.dynamic_slice_in_dim(acc, group["emit_start"], layout.emit)
   if layout.blend:
-    norm = group["t_norm"][:, None, None] * consts["yx_norm"][None]
-    emit = emit / (norm[..., None] if layout.channels else norm)
-  frames, extras, clipped, rounding_sq, moments = _finish(emit, mean, group["valid"],
+    weight = group["t_norm"][:, None, None] * consts["yx_norm"][None]
+    emit = emit / (weight[..., None] if layout.channels else weight)
+  frames, extras, clipped, rounding_sq, moments = _finish(emit, norm, group["valid"],
                                                           layout)
   new_carry = None
   if layout.blend:

@@ -242,10 +242,11 @@ def prune(model: Model, keep: float, criterion: str = "l1",
   widths = None if after == uniform_widths(model.features, in_channels) else after
   cfg = config_lib.from_dict({**model.config.to_dict(), "model": {
       **model.config.to_dict()["model"], "widths": widths}})
-  meta = dict(model.meta, config=cfg.to_dict(), pruned_from=model.source,
-              prune={"criterion": criterion, "keep": keep, "widths_before": list(before),
-                     "widths_after": list(after)})
-  pruned = dataclasses.replace(model, params=params, config=cfg, meta=meta,
+  meta = model.meta.replace(config=cfg, provenance={
+      **model.meta.provenance, "pruned_from": model.source,
+      "prune": {"criterion": criterion, "keep": keep, "widths_before": list(before),
+                "widths_after": list(after)}})
+  pruned = dataclasses.replace(model, params=params, meta=meta,
                                source=f"{model.source} pruned to {keep:g}")
   report = PruneReport(model.source, criterion, keep, before, after,
                        param_count(model.params), param_count(params),

@@ -34,8 +34,10 @@ from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
+from deepcad_jax.loading import load_model
 from deepcad_jax.lock import WorkdirLock
-from deepcad_jax.model import UNet3D, ensemble_params, network_input, over_members
+from deepcad_jax.model import (UNet3D, add_prior_channel, ensemble_params, network_input,
+                               over_members)
 from deepcad_jax.progress import Progress, format_duration
 from deepcad_jax.score import holdout_range, scores
 
@@ -137,7 +139,7 @@ class TrainResult:
   losses: list[tuple[int, float]]
   interrupted: bool
   patch: tuple[int, int, int]
-  meta: dict
+  meta: ckpt.RunMeta
   signal: int | None = None  # the signal that stopped it early (SIGINT, SIGTERM)
 
 
@@ -219,12 +221,7 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
   params = start.params
   if cfg.model.mean_prior and not start.config.model.mean_prior:
     log.info("Adding a mean-image prior channel (zero weights) to %s.", start.source)
-    params = jax.tree_util.tree_map(np.asarray, params)
-    first = dict(params["encoder_0"]["conv1"])
-    pad = [(0, 0)] * first["kernel"].ndim
-    pad[-2] = (0, 1)  # the input-channel axis of (..., k, k, k, in, out)
-    first["kernel"] = np.pad(first["kernel"], pad)
-    params = {**params, "encoder_0": {**params["encoder_0"], "conv1": first}}
+    params = add_prior_channel(params)
   cfg = config_lib.override(cfg, **{
       "model.features": start.features, "data.scale": start.config.data.scale,
       "model.mean_prior": cfg.model.mean_prior or start.config.model.mean_prior})
@@ -235,14 +232,13 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
   return cfg, params
 
 
-def _holdout_scorer(cfg: config_lib.Config, meta: dict, movies, holdout, means):
+def _holdout_scorer(cfg: config_lib.Config, meta: ckpt.RunMeta, movies, holdout, means):
   """params -> the held-out score over every movie's held-out frames (None without
   held-out frames). The predict step compiles once; each call only swaps parameters."""
   if all(h is None for h in holdout):
     return None
   held = [(m, h, mean) for m, h, mean in zip(movies, holdout, means) if h is not None]
-  model = ckpt.Model(params=None, features=cfg.model.features, patch=cfg.data.patch,
-                     mean=meta["mean"], config=cfg, meta=meta, source="training")
+  model = ckpt.Model(params=None, meta=meta, source="training")
   den: list[Denoiser] = []
 
   def score(params) -> float:
@@ -303,7 +299,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
       config, config_lib.Config) else config
   init_params_from = None
   if init_from is not None:
-    start_model = init_from if isinstance(init_from, ckpt.Model) else ckpt.load_model(
+    start_model = init_from if isinstance(init_from, ckpt.Model) else load_model(
         os.fspath(init_from))
     if start_model.features != cfg.model.features:
       log.info("Using the width of %s: features=%d.", start_model.source,
@@ -340,11 +336,10 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
                       scale=cfg.data.scale, prior=cfg.model.mean_prior, holdout=holdout)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)
-  meta = {"format": ckpt.FORMAT, "config": cfg.to_dict(), "features": cfg.model.features,
-          "mean_prior": cfg.model.mean_prior, "ensemble": cfg.model.ensemble,
-          "patch": list(patch), "mean": float(np.dot(weights, source.means) / weights.sum()),
-          "data": summary, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-          "holdout": [None if h is None else list(h) for h in holdout]}
+  meta = ckpt.RunMeta(
+      config=cfg, patch=tuple(patch), data=tuple(summary),
+      mean=float(np.dot(weights, source.means) / weights.sum()), batch_size=batch_size,
+      steps_per_epoch=steps_per_epoch, holdout=tuple(holdout))
 
   _check_workdir(workdir)
   main = jax.process_index() == 0
@@ -375,7 +370,7 @@ def _check_workdir(workdir: str) -> None:
                     "--workdir.") from None
 
 
-def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: ckpt.RunMeta, mesh,
          patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
          fresh: bool, resume_ok: bool, init_params_from: Any, progress: bool,
          on_step: Callable[[int, float], None] | None) -> TrainResult:
@@ -396,11 +391,12 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, m
       ckpt.discard_partial(workdir)  # what a failed save left, now that none is running
 
 
-def _save(mgr, workdir: str, step: int, state: TrainState, meta: dict) -> None:
+def _save(mgr, workdir: str, step: int, state: TrainState, meta: ckpt.RunMeta) -> None:
   """Save the checkpoint of `step`; a failure (a full disk) is one sentence, at once."""
   _check_space(mgr, workdir, step, state)
   try:
-    ckpt.save(mgr, step, state, meta)
+    ckpt.save(mgr, step, meta, state.params, {"opt_state": state.opt_state,
+                                              "step": state.step})
   except Exception as e:  # noqa: BLE001 - any failed write stops the run the same way
     kept = [s for s in mgr.all_steps() if s != step]
     raise UserError(
@@ -463,7 +459,8 @@ def _report_pace(per_step: float, cfg: config_lib.Config, steps_per_epoch: int,
         format_duration(pairs // batch_size * per_step))
 
 
-def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: dict, mesh,
+def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: ckpt.RunMeta,
+          mesh,
           patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
           resume_ok: bool, init_params_from: Any, progress: bool,
           on_step: Callable[[int, float], None] | None) -> TrainResult:
@@ -477,10 +474,10 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: d
       raise UserError(f"{workdir} already holds a run; --init-from starts a new one: use "
                       "an empty --workdir or add --fresh.")
     start = mgr.latest_step()
-    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, meta["data"])
+    _check_resumable(workdir, ckpt.read_meta(mgr, start), cfg, patch, meta.data)
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
-    state = ckpt.restore(mgr, start, abstract)
+    state = ckpt.restore_training(mgr, start, abstract)
     log.info("Resuming %s from step %d (epoch %d).", workdir, start,
              start // steps_per_epoch)
   if start >= total_steps:
@@ -498,7 +495,8 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: d
   data_sharding = parallel.pair_shardings(mesh, cfg.model.mean_prior)
   scorer = _holdout_scorer(cfg, meta, source.movies, source.holdout, source.means)
   if start and scorer is not None:  # the curve so far, from the checkpoint resumed
-    meta["holdout_curve"] = ckpt.read_meta(mgr, start).get("holdout_curve", [])
+    meta = meta.replace(holdout_curve=ckpt.RunMeta.from_json(
+        ckpt.read_meta(mgr, start)).holdout_curve)
   bar = Progress(total_steps, "step", enabled=progress and main, start=start)
   losses: list[tuple[int, float]] = []
   interrupted = False
@@ -557,16 +555,17 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: d
             on_step(step, loss)
         timed = save_interval is not None and step - last_save[0] >= save_interval
         if step % steps_per_epoch == 0 or step == total_steps or stop.set or timed:
-          meta.update(step=step, epoch=step / steps_per_epoch, pairs_consumed=step * batch_size,
-                      loss=losses[-1][1] if losses else None,
-                      processes=jax.process_count())
+          meta = meta.replace(step=step, epoch=step / steps_per_epoch,
+                              pairs_consumed=step * batch_size,
+                              loss=losses[-1][1] if losses else None,
+                              processes=jax.process_count(),
+                              holdout_score=None)  # a mid-epoch save is not scored
           if scorer is not None and (step % steps_per_epoch == 0 or step == total_steps):
-            meta[ckpt.HOLDOUT] = scorer(state.params)
-            meta.setdefault("holdout_curve", []).append([step, meta[ckpt.HOLDOUT]])
+            score = scorer(state.params)
+            meta = meta.replace(holdout_score=score,
+                                holdout_curve=meta.holdout_curve + ((step, score),))
             log.info("step %d (epoch %.3g): held-out score %.6g", step,
-                     step / steps_per_epoch, meta[ckpt.HOLDOUT])
-          else:
-            meta.pop(ckpt.HOLDOUT, None)  # a mid-epoch save is not scored
+                     step / steps_per_epoch, score)
           _save(mgr, workdir, step, state, meta)
           if save_interval is not None:
             save_interval = interval_since(last_save)

@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from conftest import noisy_movie, write_tiff
-from deepcad_jax.checkpoint import load_model
+from deepcad_jax.loading import load_model
 from deepcad_jax.export import export
 
 SHAPE = (40, 24, 24)
@@ -163,14 +163,14 @@ def model_empty_checkpoints(files) -> str:
 def model_half_written(files) -> str:
   """A model whose last step lost its arrays (a copy or a save that stopped)."""
   model = model_copy(files)
-  shutil.rmtree(_step(model) / "state")
+  shutil.rmtree(_step(model) / "params")
   return files.input(model)
 
 
 def model_cut_arrays(files) -> str:
   """A model whose array files were cut to 10 bytes each."""
   model = model_copy(files)
-  for root, _, names in os.walk(_step(model) / "state"):
+  for root, _, names in os.walk(_step(model) / "params"):
     for n in names:
       path = Path(root) / n
       if "/d/" in str(path) or path.parent.name == "d":

@@ -114,7 +114,8 @@ def prior_ensemble(tmp_path_factory, devices):
 
 def _single_member(model: Model, m: int) -> Model:
   cfg = config_lib.override(model.config, **{"model.ensemble": 1})
-  return dataclasses.replace(model, params=member(model.params, m), config=cfg)
+  return dataclasses.replace(model, params=member(model.params, m),
+                             meta=model.meta.replace(config=cfg))
 
 
 def test_prior_ensemble_trains_saves_loads_and_denoises(prior_ensemble, devices):

@@ -32,7 +32,7 @@ def scaled_model(features=4, scale=2.0, prior=False, members=1):
     params = jax.tree_util.tree_map(lambda *a: np.stack(a), *params)
   else:
     params = params[0]
-  return Model(params, features, (16, 32, 32), 0.0, cfg, {}, "scaled-random")
+  return Model.create(params, cfg, (16, 32, 32), 0.0, "scaled-random")
 
 
 def relative_rms(a, b):

@@ -54,8 +54,7 @@ def _model(features, seed=0, **config):
   cfg = pth_config(features, {})
   if config:
     cfg = config_lib.override(cfg, **config)
-  return Model(params=params, features=features, patch=cfg.data.patch, mean=None,
-               config=cfg, meta={}, source=f"random-f{features}")
+  return Model.create(params, cfg, source=f"random-f{features}")
 
 
 def _one_sentence(message):

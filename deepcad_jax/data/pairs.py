@@ -25,6 +25,7 @@ import numpy as np
 from deepcad_jax.data.movie import Movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import MIN_SIZE
+from deepcad_jax.normalise import Normalisation
 
 
 def _floor_to(n: int, m: int) -> int:
@@ -125,11 +126,11 @@ class PairSource(grain.sources.RandomAccessDataSource):
     f, t0, y0, x0 = self.position(int(index))
     pt, py, px = self.patch
     window = self.movies[f].read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px]
-    mean, scale = np.float32(self.means[f]), np.float32(self.scale)
-    window = (window.astype(np.float32) - mean) / scale
+    norm = Normalisation(np.float32(self.means[f]), np.float32(self.scale))
+    window = norm.to_network(window)
     pair = {"input": window[0::2], "target": window[1::2]}
     if self.priors is not None:
-      pair["prior"] = (self.priors[f][y0:y0 + py, x0:x0 + px] - mean) / scale
+      pair["prior"] = norm.to_network(self.priors[f][y0:y0 + py, x0:x0 + px])
     return pair
 
   def __repr__(self) -> str:
