@@ -1,12 +1,15 @@
-"""The files a live stream writes, all through `data.output.MovieWriter`."""
+"""The files a live stream writes, all through `data.output.MovieWriter`: the raw frames
+and the denoised frames, under temporary names until the stream ends."""
 
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 import numpy as np
 
-from deepcad_jax.data.output import MovieWriter
+from deepcad_jax.data.metadata import MovieMetadata
+from deepcad_jax.data.output import BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes
 from deepcad_jax.infer import DenoiseStats, TemporalSpread, quantisation_note, to_dtype
 
 
@@ -15,7 +18,7 @@ def raw_path(output: str) -> str:
   return os.path.splitext(output)[0] + "_raw.tif"
 
 
-class _DenoisedWriter:
+class DenoisedWriter:
   """The denoised stream's file: frames converted to the output dtype here (rounded and
   clipped, the rounding error measured) and appended as they come."""
 
@@ -42,3 +45,74 @@ class _DenoisedWriter:
   def note(self) -> str | None:
     """The quantisation note of an integer output (see infer)."""
     return quantisation_note(self.writer.path, self.dtype, self.stats)
+
+
+class StreamFiles:
+  """The raw and denoised movies of one stream.
+
+  Creating it checks that the disk has room when the source's length and frame shape
+  are known (a stream of unknown length is written as BigTIFF); `open` locks the files;
+  `commit` gives every file that received frames its final name.
+
+  Args:
+    output: the denoised movie.
+    raw_output: the raw movie.
+    frame_shape: the source's (Y, X), or None (that of the first frames).
+    length: the source's frame count, or None.
+    source_dtype: the raw frames' dtype.
+    out_dtype: the denoised movie's dtype.
+  """
+
+  def __init__(self, output: str, raw_output: str, frame_shape: Sequence[int] | None,
+               length: int | None, source_dtype: Any, out_dtype: Any):
+    self.output, self.raw_output = output, raw_output
+    self.frame_shape = frame_shape
+    self.source_dtype, self.out_dtype = np.dtype(source_dtype), np.dtype(out_dtype)
+    self.bigtiff = True  # a stream of unknown length
+    if length is not None and frame_shape is not None:
+      shape = (length,) + tuple(frame_shape)
+      needs = [(raw_output, movie_bytes(shape, self.source_dtype)),
+               (output, movie_bytes(shape, self.out_dtype))]
+      check_space(needs)
+      self.bigtiff = max(n for _, n in needs) > BIGTIFF_BYTES
+    self.raw: MovieWriter | None = None
+    self.denoised: DenoisedWriter | None = None
+
+  def open(self, overwrite: bool = False) -> None:
+    """Lock the files (they appear when the stream ends)."""
+    self.raw = MovieWriter(self.raw_output, self.frame_shape, self.source_dtype,
+                           overwrite=overwrite, bigtiff=self.bigtiff)
+    try:
+      self.denoised = DenoisedWriter(MovieWriter(
+          self.output, self.frame_shape, self.out_dtype, overwrite=overwrite,
+          bigtiff=self.bigtiff))
+    except BaseException:
+      self.raw.abort()
+      raise
+
+  @property
+  def writers(self) -> list[MovieWriter]:
+    return [self.raw, self.denoised.writer]
+
+  def set_metadata(self, metadata: MovieMetadata | None) -> None:
+    """The source's metadata, for every file (before the first frame)."""
+    for w in self.writers:
+      w.metadata = metadata
+
+  def write_raw(self, frames: np.ndarray) -> None:
+    self.raw.write(frames)
+
+  def write_denoised(self, frames: np.ndarray) -> None:
+    self.denoised.write(frames)
+
+  def commit(self) -> tuple[dict[str, str], list[BaseException]]:
+    """Give every file that received frames its final name: ({'raw' or 'denoised':
+    path} of the files kept, the errors met)."""
+    kept, errors = {}, []
+    for name, w in (("raw", self.raw), ("denoised", self.denoised.writer)):
+      try:  # what came is kept under the final name; nothing if no frame came
+        if w.commit():
+          kept[name] = w.path
+      except BaseException as e:  # noqa: BLE001 - the caller raises the first error
+        errors.append(e)
+    return kept, errors

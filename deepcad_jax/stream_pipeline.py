@@ -10,21 +10,22 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from deepcad_jax import resources
 from deepcad_jax.data.movie import TIFF_SUFFIXES
-from deepcad_jax.data.output import BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import resolve_output_dtype
 from deepcad_jax.stream_denoiser import StreamDenoiser
-from deepcad_jax.stream_files import _DenoisedWriter, raw_path
+from deepcad_jax.stream_files import StreamFiles, raw_path
 from deepcad_jax.stream_sources import FrameSource
-from deepcad_jax.stream_view import write_png
+from deepcad_jax.stream_view import write_preview
 
 log = logging.getLogger("deepcad_jax")
+
+POLICIES = ("block", "drop")
 
 
 @dataclasses.dataclass
@@ -56,74 +57,143 @@ class StreamReport:
     return self.frames_per_s * self.frame_shape[0] * self.frame_shape[1]
 
 
-_END = object()
+_END = object()  # the last item of a queue
 
 
-@resources.device_memory("the stream", "lower --batch-size or --core-frames")
-def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
-                 rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
-                 raw_output: str | None = None, output_dtype: Any = "float32",
-                 preview_every_s: float = 0.0, preview_dir: str | None = None,
-                 on_output=None, on_idle=None, progress: bool = True,
-                 overwrite: bool = False) -> StreamReport:
-  """Acquisition, processing and output in three threads joined by bounded queues.
+class Pipeline:
+  """Acquisition, processing and output of one stream, each a thread (`acquire`,
+  `process`, `output`), joined by bounded queues; see `run_pipeline` for the arguments.
 
-  Writes the raw frames to `raw_output` (default: beside `output`, `*_raw.tif`) and the
-  denoised frames to `output` (float32, or `output_dtype`: 'input' for the source's
-  type) as they come, with the source's metadata, under temporary names that become
-  the final ones when the stream ends; every `preview_every_s` seconds a PNG of the
-  latest raw and denoised frames side by side; `on_output(raw, denoised)` (e.g. a live
-  view) is called from the output stage for every block, and `on_idle()` from this
-  (the main) thread about every 0.1 s, where GUI toolkits must draw. A stage that fails
-  stops the others (a failing source ends the stream: the frames acquired until then
-  are still denoised); the frames written until then are still given their final names
-  (a stream that got no frame leaves no file), and the error is raised after that (a
-  failing source as a `UserError` naming it). Existing outputs are refused unless
-  `overwrite`.
+  A stage that fails records its error and stops the others; `run` raises the first
+  error once every file that received frames has its final name.
   """
-  if policy not in ("block", "drop"):
-    raise UserError(f"policy must be 'block' or 'drop'; got {policy!r}.")
-  for path in (output, raw_output):
-    if path and not path.lower().endswith(TIFF_SUFFIXES):
-      raise UserError(f"{path} must end in .tif or .tiff.")
-  raw_output = raw_output or raw_path(output)
-  source_dtype = np.dtype(getattr(source, "dtype", np.float32))
-  out_dtype = resolve_output_dtype(output_dtype, source_dtype)
-  length = getattr(source, "length", None)
-  frame_shape = getattr(source, "frame_shape", None)
-  big = None
-  if length is not None and frame_shape is not None:
-    shape = (length,) + tuple(frame_shape)
-    check_space([(raw_output, movie_bytes(shape, source_dtype)),
-                 (output, movie_bytes(shape, out_dtype))])
-    big = max(movie_bytes(shape, source_dtype), movie_bytes(shape, out_dtype)) > \
-        BIGTIFF_BYTES
-  acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
-  denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
-  stop = threading.Event()
-  errors: list[BaseException] = []
-  report = StreamReport(rate_hz=rate)
-  arrival: dict[int, float] = {}
-  if getattr(source, "frame_shape", None) and stream.received == 0:
-    log.info("compiling for %s frames before the stream starts",
-             "x".join(map(str, source.frame_shape)))
-    stream.prepare(source.frame_shape, getattr(source, "dtype", np.float32))
-  big = True if big is None else big  # a stream of unknown length: BigTIFF
-  raw_file = MovieWriter(raw_output, frame_shape, source_dtype, overwrite=overwrite,
-                         bigtiff=big)  # locked now; the files appear when the stream ends
-  try:
-    den_file = MovieWriter(output, frame_shape, out_dtype, overwrite=overwrite, bigtiff=big)
-  except BaseException:
-    raw_file.abort()
-    raise
-  den_writer = _DenoisedWriter(den_file)
-  latencies: list[float] = []
-  acquisition_s = [0.0]
-  arrived = [0]  # frames the source delivered
-  t_start = time.perf_counter()
 
-  def put(q, item):
-    while not stop.is_set():
+  def __init__(self, source: FrameSource, stream: StreamDenoiser, output: str, *,
+               rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
+               raw_output: str | None = None, output_dtype: Any = "float32",
+               preview_every_s: float = 0.0, preview_dir: str | None = None,
+               on_output: Callable | None = None, progress: bool = True,
+               overwrite: bool = False):
+    if policy not in POLICIES:
+      raise UserError(f"policy must be 'block' or 'drop'; got {policy!r}.")
+    for path in (output, raw_output):
+      if path and not path.lower().endswith(TIFF_SUFFIXES):
+        raise UserError(f"{path} must end in .tif or .tiff.")
+    self.source, self.stream, self.path = source, stream, output
+    self.policy, self.rate, self.progress = policy, rate, progress
+    self.on_output, self.overwrite = on_output, overwrite
+    self.preview_every_s = preview_every_s
+    self.preview_dir = preview_dir or os.path.dirname(os.path.abspath(output))
+    source_dtype = np.dtype(getattr(source, "dtype", np.float32))
+    self.files = StreamFiles(output, raw_output or raw_path(output),
+                             getattr(source, "frame_shape", None),
+                             getattr(source, "length", None), source_dtype,
+                             resolve_output_dtype(output_dtype, source_dtype))
+    self.acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
+    self.denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
+    self.stop = threading.Event()
+    self.errors: list[BaseException] = []
+    self.report = StreamReport(rate_hz=rate)
+    self.arrival: dict[int, float] = {}  # position in the denoised stream -> arrival
+    self.latencies: list[float] = []
+    self.arrived = 0                     # frames the source delivered
+    self.acquisition_s = 0.0
+    self.t_start = self.last_preview = 0.0
+
+  def run(self, on_idle: Callable | None = None) -> StreamReport:
+    """Compile, run the three stages until the stream ends, and report."""
+    self.compile_ahead()
+    self.files.open(self.overwrite)  # locked now; the files appear when the stream ends
+    self.t_start = self.last_preview = time.perf_counter()
+    self._run_stages(on_idle)
+    self._measure()
+    self._raise_errors()
+    return self.report
+
+  def compile_ahead(self) -> None:
+    """Compile for the source's frame shape, when it is known, before frames arrive."""
+    shape = getattr(self.source, "frame_shape", None)
+    if shape and self.stream.received == 0:
+      log.info("compiling for %s frames before the stream starts",
+               "x".join(map(str, shape)))
+      self.stream.prepare(shape, getattr(self.source, "dtype", np.float32))
+
+  # -- the stages ---------------------------------------------------------------
+
+  def acquire(self) -> None:
+    """Stage 1: the source's frames to the raw file and the processing queue."""
+    index = 0
+    try:
+      for frame in self._source_frames():
+        now = time.perf_counter()
+        self.arrived += 1
+        if index == 0:  # a folder source knows its metadata once it read a file
+          self.files.set_metadata(getattr(self.source, "metadata", None))
+        self.files.write_raw(frame[None])
+        if not self._enqueue((index, now, frame)):
+          return
+        index += 1
+    except BaseException as e:  # noqa: BLE001 - reported to the caller
+      self.errors.append(e)  # the frames acquired so far are still denoised and written
+    finally:
+      self.report.frames_in = index
+      self.acquisition_s = time.perf_counter() - self.t_start
+      self._put(self.acquired, _END)
+
+  def process(self) -> None:
+    """Stage 2: acquired frames through the stream; the denoised blocks, with their raw
+    frames, to the output queue."""
+    order = 0  # position in the denoised stream (dropped frames are skipped)
+    pending_raw: collections.deque = collections.deque()  # raw frames awaiting output
+    try:
+      while not self.stop.is_set():
+        try:
+          item = self.acquired.get(timeout=0.1)
+        except queue.Empty:
+          continue
+        if item is _END:
+          self.stream.close()
+        else:
+          _, t, frame = item
+          self.arrival[order] = t
+          order += 1
+          pending_raw.append(frame)
+          self.stream.push(frame)
+        out = self.stream.pull()
+        if len(out):
+          raw = np.stack([pending_raw.popleft() for _ in range(len(out))])
+          if not self._put(self.denoised, (out, raw)):
+            return
+        if item is _END:
+          break
+    except BaseException as e:  # noqa: BLE001
+      self.errors.append(e)
+      self.stop.set()
+    finally:
+      self._put(self.denoised, _END)
+
+  def output(self) -> None:
+    """Stage 3: denoised blocks to the file, `on_output`, the previews and the log."""
+    try:
+      while True:
+        try:
+          item = self.denoised.get(timeout=0.1)
+        except queue.Empty:
+          if self.stop.is_set():
+            return
+          continue
+        if item is _END:
+          return
+        self._deliver(*item)
+    except BaseException as e:  # noqa: BLE001
+      self.errors.append(e)
+      self.stop.set()
+
+  # -- helpers of the stages ----------------------------------------------------
+
+  def _put(self, q: queue.Queue, item: Any) -> bool:
+    """Put `item` on `q`, waiting while it is full; False if the pipeline stopped."""
+    while not self.stop.is_set():
       try:
         q.put(item, timeout=0.1)
         return True
@@ -131,161 +201,161 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
         continue
     return False
 
-  def acquisition():
-    index = 0
-    frames = source.frames(stop)
-    try:
-      while True:
-        try:
-          frame = next(frames)
-        except StopIteration:
-          break
-        except Exception as e:  # noqa: BLE001 - the source failed: the stream ends here
-          if not isinstance(e, UserError):
-            e = UserError(f"{getattr(source, 'name', 'the source')} could not be read "
-                          f"after {index} frame(s) ({type(e).__name__}: {e}); the stream "
-                          "ended there: check the source (a truncated or damaged file?).")
-          errors.append(e)
-          break
-        now = time.perf_counter()
-        arrived[0] += 1
-        if index == 0:  # a folder source knows its metadata once it read a file
-          raw_file.metadata = den_file.metadata = getattr(source, "metadata", None)
-        raw_file.write(frame[None])
-        if policy == "drop":
-          try:
-            acquired.put_nowait((index, now, frame))
-          except queue.Full:
-            report.dropped += 1
-            index += 1
-            continue
-        elif not put(acquired, (index, now, frame)):
-          return
-        index += 1
-    except BaseException as e:  # noqa: BLE001 - reported to the caller
-      errors.append(e)  # the frames acquired so far are still denoised and written
-    finally:
-      report.frames_in = index
-      acquisition_s[0] = time.perf_counter() - t_start
-      put(acquired, _END)
+  def _source_frames(self) -> Iterator[np.ndarray]:
+    """The source's frames; a source that fails ends them, its error kept (as a
+    `UserError` naming the source)."""
+    frames = self.source.frames(self.stop)
+    count = 0
+    while True:
+      try:
+        frame = next(frames)
+      except StopIteration:
+        return
+      except Exception as e:  # noqa: BLE001 - the source failed: the stream ends here
+        if not isinstance(e, UserError):
+          e = UserError(f"{getattr(self.source, 'name', 'the source')} could not be read "
+                        f"after {count} frame(s) ({type(e).__name__}: {e}); the stream "
+                        "ended there: check the source (a truncated or damaged file?).")
+        self.errors.append(e)
+        return
+      count += 1
+      yield frame
 
-  def processing():
-    order = 0  # position in the denoised stream (dropped frames are skipped)
-    pending_raw: collections.deque = collections.deque()  # raw frames awaiting output
+  def _enqueue(self, item: tuple) -> bool:
+    """An acquired frame to the processing queue, by the policy: 'block' waits (False
+    if the pipeline stopped meanwhile), 'drop' counts it dropped if the queue is full."""
+    if self.policy == "block":
+      return self._put(self.acquired, item)
     try:
-      while not stop.is_set():
-        try:
-          item = acquired.get(timeout=0.1)
-        except queue.Empty:
-          continue
-        if item is _END:
-          stream.close()
-        else:
-          _, t, frame = item
-          arrival[order] = t
-          order += 1
-          pending_raw.append(frame)
-          stream.push(frame)
-        out = stream.pull()
-        if len(out):
-          raw = np.stack([pending_raw.popleft() for _ in range(len(out))])
-          if not put(denoised, (out, raw)):
-            return
-        if item is _END:
-          break
-    except BaseException as e:  # noqa: BLE001
-      errors.append(e)
-      stop.set()
-    finally:
-      put(denoised, _END)
+      self.acquired.put_nowait(item)
+    except queue.Full:
+      self.report.dropped += 1
+    return True
 
-  def output_stage():
-    done = 0
-    last_preview = time.perf_counter()
-    try:
-      while True:
-        try:
-          item = denoised.get(timeout=0.1)
-        except queue.Empty:
-          if stop.is_set():
-            return
-          continue
-        if item is _END:
-          return
-        out, raw = item
-        den_writer.write(out)
-        if on_output is not None:
-          on_output(raw, out)
-        now = time.perf_counter()
-        for _ in range(len(out)):
-          latencies.append(now - arrival.pop(done, now))
-          done += 1
-        report.frames_out = done
-        if preview_every_s and now - last_preview >= preview_every_s:
-          last_preview = now
-          folder = preview_dir or os.path.dirname(os.path.abspath(output))
-          path = os.path.join(folder, f"preview_{done:07d}.png")
-          write_png(path, np.concatenate([raw[-1], out[-1]], axis=1))  # raw | denoised
-          report.previews.append(path)
-        if progress and done // 100 != (done - len(out)) // 100:
-          log.info("stream: %d frames denoised, %.1f frames/s, latency %.3f s", done,
-                   done / max(1e-9, now - t_start), latencies[-1])
-    except BaseException as e:  # noqa: BLE001
-      errors.append(e)
-      stop.set()
+  def _deliver(self, out: np.ndarray, raw: np.ndarray) -> None:
+    """One denoised block (and its raw frames) written, shown, timed and logged."""
+    self.files.write_denoised(out)
+    if self.on_output is not None:
+      self.on_output(raw, out)
+    now = time.perf_counter()
+    done = self.report.frames_out
+    for i in range(done, done + len(out)):
+      self.latencies.append(now - self.arrival.pop(i, now))
+    self.report.frames_out = done = done + len(out)
+    if self.preview_every_s and now - self.last_preview >= self.preview_every_s:
+      self.last_preview = now
+      path = os.path.join(self.preview_dir, f"preview_{done:07d}.png")
+      write_preview(path, raw[-1], out[-1])
+      self.report.previews.append(path)
+    if self.progress and done // 100 != (done - len(out)) // 100:
+      log.info("stream: %d frames denoised, %.1f frames/s, latency %.3f s", done,
+               done / max(1e-9, now - self.t_start), self.latencies[-1])
 
-  threads = [threading.Thread(target=f, name=n, daemon=True) for f, n in
-             ((acquisition, "acquisition"), (processing, "processing"),
-              (output_stage, "output"))]
-  for t in threads:
-    t.start()
-  try:
+  # -- running and reporting ----------------------------------------------------
+
+  def _run_stages(self, on_idle: Callable | None) -> None:
+    """The stages in threads until all end (`on_idle` called here about every 0.1 s);
+    then every file that received frames gets its final name."""
+    threads = [threading.Thread(target=stage, name=name, daemon=True) for stage, name in
+               ((self.acquire, "acquisition"), (self.process, "processing"),
+                (self.output, "output"))]
     for t in threads:
-      while t.is_alive():
-        t.join(0.1)
-        if on_idle is not None:
-          on_idle()
-  except BaseException as e:  # Ctrl-C, or SIGTERM (errors.Terminated) from the CLI
-    stop.set()
-    for t in threads:
-      t.join(5)
-    errors.append(e)
-  finally:
-    for name, w in (("raw", raw_file), ("denoised", den_file)):
-      try:  # what came is kept under the final name; nothing if no frame came
-        if w.commit():
-          setattr(report, name, w.path)
-      except BaseException as e:  # noqa: BLE001 - the first error is raised below
-        errors.append(e)
-  report.clipped = den_writer.clipped
-  note = den_writer.note()
-  if note:
-    log.warning("%s", note)
-  report.seconds = time.perf_counter() - t_start
-  report.frame_shape = tuple(stream.frame_shape or (0, 0))
-  if latencies:
-    report.latency_median_s = float(np.median(latencies))
-    report.latency_p99_s = float(np.percentile(latencies, 99))
-    report.startup_frames = stream.startup_frames
-    steady = latencies[stream.startup_frames:]
-    if steady:
-      report.steady_latency_median_s = float(np.median(steady))
-      report.steady_latency_p99_s = float(np.percentile(steady, 99))
-  # The source's own pace: back-pressure that slowed acquisition shows here (the time
-  # after the last frame arrived, the last tile and the writing, does not count).
-  achieved = max(0, report.frames_in - 1) / acquisition_s[0] if acquisition_s[0] else 0.0
-  report.kept_up = (report.dropped == 0 and (rate <= 0 or achieved >= 0.98 * rate)
-                    and report.frames_out == report.frames_in)
-  if errors and isinstance(errors[0], KeyboardInterrupt):
-    log.warning("stream stopped; %d denoised frames were written to %s and stay readable.",
-                report.frames_out, output)
-    raise errors[0]
-  if errors:
-    report.error = f"{type(errors[0]).__name__}: {errors[0]}"
-    kept = " and ".join(p for p in (report.denoised, report.raw) if p)
-    log.error("the stream stopped (%s); %s.", report.error,
-              f"{report.frames_out} denoised frame(s) were kept in {kept}" if kept else
-              "no frame came, so no file was written" if not arrived[0] else
+      t.start()
+    try:
+      for t in threads:
+        while t.is_alive():
+          t.join(0.1)
+          if on_idle is not None:
+            on_idle()
+    except BaseException as e:  # Ctrl-C, or SIGTERM (errors.Terminated) from the CLI
+      self.stop.set()
+      for t in threads:
+        t.join(5)
+      self.errors.append(e)
+    finally:
+      kept, errors = self.files.commit()
+      self.report.raw = kept.get("raw", "")
+      self.report.denoised = kept.get("denoised", "")
+      self.errors.extend(errors)  # the first error is raised after the report
+
+  def _measure(self) -> None:
+    """The report's figures: clipping, time, latencies and whether it kept up."""
+    r, stream = self.report, self.stream
+    r.clipped = self.files.denoised.clipped
+    note = self.files.denoised.note()
+    if note:
+      log.warning("%s", note)
+    r.seconds = time.perf_counter() - self.t_start
+    r.frame_shape = tuple(stream.frame_shape or (0, 0))
+    if self.latencies:
+      r.latency_median_s = float(np.median(self.latencies))
+      r.latency_p99_s = float(np.percentile(self.latencies, 99))
+      r.startup_frames = stream.startup_frames
+      steady = self.latencies[stream.startup_frames:]
+      if steady:
+        r.steady_latency_median_s = float(np.median(steady))
+        r.steady_latency_p99_s = float(np.percentile(steady, 99))
+    # The source's own pace: back-pressure that slowed acquisition shows here (the time
+    # after the last frame arrived, the last tile and the writing, does not count).
+    achieved = max(0, r.frames_in - 1) / self.acquisition_s if self.acquisition_s else 0.0
+    r.kept_up = (r.dropped == 0 and (self.rate <= 0 or achieved >= 0.98 * self.rate)
+                 and r.frames_out == r.frames_in)
+
+  def _raise_errors(self) -> None:
+    """Raise the first error, if any, after saying what was kept."""
+    if not self.errors:
+      return
+    r, first = self.report, self.errors[0]
+    if isinstance(first, KeyboardInterrupt):
+      log.warning("stream stopped; %d denoised frames were written to %s and stay "
+                  "readable.", r.frames_out, self.path)
+      raise first
+    r.error = f"{type(first).__name__}: {first}"
+    kept = " and ".join(p for p in (r.denoised, r.raw) if p)
+    log.error("the stream stopped (%s); %s.", r.error,
+              f"{r.frames_out} denoised frame(s) were kept in {kept}" if kept else
+              "no frame came, so no file was written" if not self.arrived else
               "no file was kept")
-    raise errors[0]
-  return report
+    raise first
+
+
+@resources.device_memory("the stream", "lower --batch-size or --core-frames")
+def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
+                 rate: float = 0.0, policy: str = "block", queue_frames: int = 256,
+                 raw_output: str | None = None, output_dtype: Any = "float32",
+                 preview_every_s: float = 0.0, preview_dir: str | None = None,
+                 on_output: Callable | None = None, on_idle: Callable | None = None,
+                 progress: bool = True, overwrite: bool = False) -> StreamReport:
+  """Acquisition, processing and output in three threads joined by bounded queues.
+
+  The raw and denoised frames are written as they come, with the source's metadata,
+  under temporary names that become the final ones when the stream ends. A stage that
+  fails stops the others (a failing source ends the stream: the frames acquired until
+  then are still denoised); the frames written until then still get their final names
+  (a stream that got no frame leaves no file), and the error is raised after that (a
+  failing source as a `UserError` naming it).
+
+  Args:
+    source: the `FrameSource`.
+    stream: the `StreamDenoiser`.
+    output: the denoised movie (.tif, .tiff).
+    rate: the source's frame rate, to judge whether the stream kept up (0: unpaced).
+    policy: when processing falls behind, 'block' acquisition or 'drop' frames
+      (counted; the raw movie keeps them).
+    queue_frames: frames the acquisition queue holds.
+    raw_output: the raw movie (default: beside `output`, `*_raw.tif`).
+    output_dtype: the denoised movie's dtype (float32; 'input': the source's).
+    preview_every_s: seconds between PNGs of the latest raw and denoised frames side by
+      side (0: none), written to `preview_dir` (default: beside `output`).
+    on_output: called as `on_output(raw, denoised)` for every block, from the output
+      stage (e.g. a live view's `update`).
+    on_idle: called from this (the main) thread about every 0.1 s, where GUI toolkits
+      must draw.
+    progress: log the progress every 100 frames.
+    overwrite: replace existing outputs (refused otherwise).
+  """
+  return Pipeline(source, stream, output, rate=rate, policy=policy,
+                  queue_frames=queue_frames, raw_output=raw_output,
+                  output_dtype=output_dtype, preview_every_s=preview_every_s,
+                  preview_dir=preview_dir, on_output=on_output, progress=progress,
+                  overwrite=overwrite).run(on_idle)

@@ -19,14 +19,19 @@ def write_png(path: str, image: np.ndarray) -> None:
   lo, hi = np.percentile(image, [0.5, 99.5]) if image.size else (0, 1)
   img = np.clip((image - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
   raw = b"".join(b"\x00" + row.tobytes() for row in img)
-
-  def chunk(tag, data):
-    return (struct.pack(">I", len(data)) + tag + data +
-            struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-  write_bytes(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+  write_bytes(path, b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(
       ">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0)) +
-      chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+      _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b""))
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+  return (struct.pack(">I", len(data)) + tag + data +
+          struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+
+def write_preview(path: str, raw: np.ndarray, denoised: np.ndarray) -> None:
+  """A PNG of a raw frame and its denoised frame side by side."""
+  write_png(path, np.concatenate([raw, denoised], axis=1))
 
 
 def display_available() -> bool:
