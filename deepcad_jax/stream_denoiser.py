@@ -16,8 +16,8 @@ import numpy as np
 from deepcad_jax.data.movie import ArrayMovie
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, Window
-from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
-                                choose_exact_tile, exact_plan, gap, overlap_plan)
+from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to, exact_plan, gap,
+                                overlap_plan)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -25,12 +25,59 @@ STREAM_TILINGS = ("exact", "overlap")
 CORE_FRAMES = 32   # exact streams: frames completed per device call, by default
 
 
+def check_denoiser(den: Denoiser) -> None:
+  """Refuse the `Denoiser` settings a stream cannot honour (it crops its batches)."""
+  asked = "blend" if den.blend else "reference_stitching" if den.reference_stitching \
+      else None
+  if asked:
+    raise UserError(f"a stream crops the overlap of its batches and cannot honour "
+                    f"{asked}=True; give it a Denoiser without {asked}, or denoise the "
+                    "recording offline.")
+
+
+def _choose_tiling(tiling: str | None, den: Denoiser, batch_frames: int | None,
+                   overlap_frames: int | None) -> str:
+  """The stream's tiling: as asked, or as the Denoiser (or the batch flags) says."""
+  if tiling is None:
+    tiling = "overlap" if (batch_frames is not None or overlap_frames is not None or
+                           den.tiling == "overlap" or den.explicit_overlap) else "exact"
+  if tiling not in STREAM_TILINGS:
+    raise UserError(f"stream tiling must be one of {', '.join(STREAM_TILINGS)}; got "
+                    f"{tiling!r}.")
+  return tiling
+
+
+def _overlap_time(batch_frames: int, overlap_frames: int | None, overlap: float
+                  ) -> tuple[AxisTiling, int]:
+  """(temporal tiling, lookahead) of the overlap scheme's batches."""
+  b = int(batch_frames)
+  o = int(overlap_frames if overlap_frames is not None else b - gap(b, overlap))
+  if b < 2 or not 0 <= o < b:
+    raise UserError(f"need batch_frames >= 2 and 0 <= overlap_frames < batch_frames; "
+                    f"got {b} and {o}.")
+  return AxisTiling(b, b - o, o // 2), b - (b - o) - o // 2
+
+
+def _exact_time(core_frames: int | None, lookahead: int | None
+                ) -> tuple[AxisTiling, int]:
+  """(temporal tiling, lookahead) of exact tiles completing `core_frames` each."""
+  core = int(core_frames or CORE_FRAMES)
+  ahead = HALO if lookahead is None else int(lookahead)
+  if core < GRID or core % GRID:
+    raise UserError(f"core_frames must be a positive multiple of {GRID}; got {core}.")
+  if not 0 <= ahead <= HALO or ahead % GRID:
+    raise UserError(f"lookahead must be a multiple of {GRID} from 0 to {HALO} (the "
+                    f"halo that makes the stream exact); got {ahead}.")
+  return AxisTiling(HALO + core + ahead, core, HALO), ahead
+
+
 class StreamDenoiser:
   """Denoise frames pushed one at a time or in blocks; pull them back in order.
 
   Args:
     model: a `Model`, model directory, .pth, or a `Denoiser` (whose network, devices,
-      batch size, dtype and memory budget are used).
+      batch size, dtype, memory budget, exact tile and uncertainty are used; blend and
+      reference stitching are refused).
     batch_frames, overlap_frames: the overlap scheme's temporal batches (giving either
       selects it unless `tiling` says otherwise); default the model's patch T and
       overlap.
@@ -54,34 +101,16 @@ class StreamDenoiser:
                devices=None, mean_image: np.ndarray | None = None):
     den = model if isinstance(model, Denoiser) else Denoiser(
         model, None, overlap, batch_size, dtype, devices=devices)
+    check_denoiser(den)
     self.den = den
-    if tiling is None:  # as the Denoiser would tile a movie, or as the flags ask
-      tiling = "overlap" if (batch_frames is not None or overlap_frames is not None or
-                             den.tiling == "overlap" or den.explicit_overlap) else "exact"
-    if tiling not in STREAM_TILINGS:
-      raise UserError(f"stream tiling must be one of {', '.join(STREAM_TILINGS)}; got "
-                      f"{tiling!r}.")
-    self.tiling = tiling
+    self.tiling = _choose_tiling(tiling, den, batch_frames, overlap_frames)
     pt, py, px = den.patch
     self.patch_yx = tuple(patch_yx or (py, px))
-    if tiling == "overlap":
-      b = int(batch_frames or pt)
-      o = int(overlap_frames if overlap_frames is not None else b - gap(b, den.overlap))
-      if b < 2 or not 0 <= o < b:
-        raise UserError(f"need batch_frames >= 2 and 0 <= overlap_frames < batch_frames; "
-                        f"got {b} and {o}.")
-      self.time = AxisTiling(b, b - o, o // 2)
-      self.lookahead = b - (b - o) - o // 2
+    if self.tiling == "overlap":
+      self.time, self.lookahead = _overlap_time(batch_frames or pt, overlap_frames,
+                                                den.overlap)
     else:
-      core = int(core_frames or CORE_FRAMES)
-      ahead = HALO if lookahead is None else int(lookahead)
-      if core < GRID or core % GRID:
-        raise UserError(f"core_frames must be a positive multiple of {GRID}; got {core}.")
-      if not 0 <= ahead <= HALO or ahead % GRID:
-        raise UserError(f"lookahead must be a multiple of {GRID} from 0 to {HALO} (the "
-                        f"halo that makes the stream exact); got {ahead}.")
-      self.time = AxisTiling(HALO + core + ahead, core, HALO)
-      self.lookahead = ahead
+      self.time, self.lookahead = _exact_time(core_frames, lookahead)
     if isinstance(mean, str) and mean not in ("model", "running"):
       raise UserError(f"mean must be 'model', 'running' or a number; got {mean!r}.")
     if mean == "model" and den.model.mean is None:
@@ -203,10 +232,8 @@ class StreamDenoiser:
       if self.tiling == "overlap":
         plan = overlap_plan(shape, (tile_t,) + self.patch_yx, self.den.overlap)
       else:
-        den = self.den
-        tile = den.tile or choose_exact_tile(shape, den._voxel_budget(), HALO,
-                                             GRID * den.spatial, den._window_cost(shape))
-        plan = exact_plan(shape, (tile_t,) + tuple(tile[1:]), HALO, GRID * den.spatial)
+        tile = self.den.exact_tile(shape)
+        plan = exact_plan(shape, (tile_t,) + tuple(tile[1:]), HALO, GRID * self.den.spatial)
       self._plans[tile_t] = plan
     return self._plans[tile_t]
 
@@ -269,10 +296,11 @@ class StreamDenoiser:
   # -- output -----------------------------------------------------------------
 
   def pull(self) -> np.ndarray:
-    """Denoised frames available now, in order (possibly none): (n, Y, X) float32."""
+    """Denoised frames available now, in order (possibly none): (n, Y, X) float32, or
+    (n, Y, X, channels) with uncertainty: [mean, std, samples...]."""
     if not self.ready:
-      shape = self.frame_shape or (0, 0)
-      return np.zeros((0,) + tuple(shape), np.float32)
+      channels = (self.den.channels,) if self.den.channels else ()
+      return np.zeros((0,) + tuple(self.frame_shape or (0, 0)) + channels, np.float32)
     out = np.concatenate(list(self.ready))
     self.ready.clear()
     return out
