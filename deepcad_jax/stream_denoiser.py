@@ -159,6 +159,10 @@ class StreamDenoiser:
     """Frames the first tile completes: they wait until it is full (up to its length)."""
     return self.time.regular(0).keep_hi
 
+  def extra_outputs(self, output: str) -> list[str]:
+    """The files written beside `output` with uncertainty (std, samples), as offline."""
+    return self.den.extra_outputs(output)
+
   def describe(self) -> str:
     if self.tiling == "overlap":
       return (f"overlap batches of {self.B} frames overlapping by {self.overlap_frames}")

@@ -48,24 +48,27 @@ class DenoisedWriter:
 
 
 class StreamFiles:
-  """The raw and denoised movies of one stream.
+  """The raw and denoised movies of one stream, and with uncertainty the std (and
+  samples) beside the denoised one.
 
   Creating it checks that the disk has room when the source's length and frame shape
   are known (a stream of unknown length is written as BigTIFF); `open` locks the files;
   `commit` gives every file that received frames its final name.
 
   Args:
-    output: the denoised movie.
+    output: the denoised movie (the mean with uncertainty).
     raw_output: the raw movie.
     frame_shape: the source's (Y, X), or None (that of the first frames).
     length: the source's frame count, or None.
     source_dtype: the raw frames' dtype.
     out_dtype: the denoised movie's dtype.
+    extras: the float32 movies of the denoised frames' further channels (std, samples).
   """
 
   def __init__(self, output: str, raw_output: str, frame_shape: Sequence[int] | None,
-               length: int | None, source_dtype: Any, out_dtype: Any):
-    self.output, self.raw_output = output, raw_output
+               length: int | None, source_dtype: Any, out_dtype: Any,
+               extras: Sequence[str] = ()):
+    self.output, self.raw_output, self.extra_paths = output, raw_output, list(extras)
     self.frame_shape = frame_shape
     self.source_dtype, self.out_dtype = np.dtype(source_dtype), np.dtype(out_dtype)
     self.bigtiff = True  # a stream of unknown length
@@ -73,26 +76,32 @@ class StreamFiles:
       shape = (length,) + tuple(frame_shape)
       needs = [(raw_output, movie_bytes(shape, self.source_dtype)),
                (output, movie_bytes(shape, self.out_dtype))]
+      needs += [(p, movie_bytes(shape, np.float32)) for p in self.extra_paths]
       check_space(needs)
       self.bigtiff = max(n for _, n in needs) > BIGTIFF_BYTES
     self.raw: MovieWriter | None = None
     self.denoised: DenoisedWriter | None = None
+    self.extras: list[MovieWriter] = []
 
   def open(self, overwrite: bool = False) -> None:
     """Lock the files (they appear when the stream ends)."""
-    self.raw = MovieWriter(self.raw_output, self.frame_shape, self.source_dtype,
-                           overwrite=overwrite, bigtiff=self.bigtiff)
+    opened = []
     try:
-      self.denoised = DenoisedWriter(MovieWriter(
-          self.output, self.frame_shape, self.out_dtype, overwrite=overwrite,
-          bigtiff=self.bigtiff))
+      for path, dtype in ([(self.raw_output, self.source_dtype),
+                           (self.output, self.out_dtype)] +
+                          [(p, np.float32) for p in self.extra_paths]):
+        opened.append(MovieWriter(path, self.frame_shape, dtype, overwrite=overwrite,
+                                  bigtiff=self.bigtiff))
     except BaseException:
-      self.raw.abort()
+      for w in opened:
+        w.abort()
       raise
+    self.raw, self.denoised = opened[0], DenoisedWriter(opened[1])
+    self.extras = opened[2:]
 
   @property
   def writers(self) -> list[MovieWriter]:
-    return [self.raw, self.denoised.writer]
+    return [self.raw, self.denoised.writer] + self.extras
 
   def set_metadata(self, metadata: MovieMetadata | None) -> None:
     """The source's metadata, for every file (before the first frame)."""
@@ -103,16 +112,23 @@ class StreamFiles:
     self.raw.write(frames)
 
   def write_denoised(self, frames: np.ndarray) -> None:
-    self.denoised.write(frames)
+    """Denoised frames (n, Y, X), or (n, Y, X, channels): the mean to the denoised
+    movie, channel 1 + i to extra movie i."""
+    if frames.ndim == 3:
+      self.denoised.write(frames)
+      return
+    self.denoised.write(frames[..., 0])
+    for i, w in enumerate(self.extras):
+      w.write(frames[..., 1 + i])
 
-  def commit(self) -> tuple[dict[str, str], list[BaseException]]:
-    """Give every file that received frames its final name: ({'raw' or 'denoised':
-    path} of the files kept, the errors met)."""
-    kept, errors = {}, []
-    for name, w in (("raw", self.raw), ("denoised", self.denoised.writer)):
+  def commit(self) -> tuple[list[str], list[BaseException]]:
+    """Give every file that received frames its final name: (the paths kept, the
+    errors met)."""
+    kept, errors = [], []
+    for w in self.writers:
       try:  # what came is kept under the final name; nothing if no frame came
         if w.commit():
-          kept[name] = w.path
+          kept.append(w.path)
       except BaseException as e:  # noqa: BLE001 - the caller raises the first error
         errors.append(e)
     return kept, errors

@@ -44,6 +44,7 @@ class StreamReport:
   kept_up: bool = False
   raw: str = ""                  # the files written ("" where the stream got no frame)
   denoised: str = ""
+  extras: list[str] = dataclasses.field(default_factory=list)  # std, samples
   previews: list[str] = dataclasses.field(default_factory=list)
   clipped: int = 0
   error: str | None = None
@@ -88,7 +89,8 @@ class Pipeline:
     self.files = StreamFiles(output, raw_output or raw_path(output),
                              getattr(source, "frame_shape", None),
                              getattr(source, "length", None), source_dtype,
-                             resolve_output_dtype(output_dtype, source_dtype))
+                             resolve_output_dtype(output_dtype, source_dtype),
+                             stream.extra_outputs(output))
     self.acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
     self.denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
     self.stop = threading.Event()
@@ -235,6 +237,8 @@ class Pipeline:
   def _deliver(self, out: np.ndarray, raw: np.ndarray) -> None:
     """One denoised block (and its raw frames) written, shown, timed and logged."""
     self.files.write_denoised(out)
+    if out.ndim == 4:  # with uncertainty: the mean is shown
+      out = out[..., 0]
     if self.on_output is not None:
       self.on_output(raw, out)
     now = time.perf_counter()
@@ -274,8 +278,10 @@ class Pipeline:
       self.errors.append(e)
     finally:
       kept, errors = self.files.commit()
-      self.report.raw = kept.get("raw", "")
-      self.report.denoised = kept.get("denoised", "")
+      files, r = self.files, self.report
+      r.raw = files.raw_output if files.raw_output in kept else ""
+      r.denoised = files.output if files.output in kept else ""
+      r.extras = [p for p in files.extra_paths if p in kept]
       self.errors.extend(errors)  # the first error is raised after the report
 
   def _measure(self) -> None:
@@ -338,7 +344,8 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   Args:
     source: the `FrameSource`.
     stream: the `StreamDenoiser`.
-    output: the denoised movie (.tif, .tiff).
+    output: the denoised movie (.tif, .tiff); with the stream's uncertainty the mean,
+      its std and samples beside it (as offline).
     rate: the source's frame rate, to judge whether the stream kept up (0: unpaced).
     policy: when processing falls behind, 'block' acquisition or 'drop' frames
       (counted; the raw movie keeps them).
