@@ -644,12 +644,16 @@ class Denoiser:
                         self.blend)
 
   def exact_plan(self, shape: Sequence[int], budget_scale: float = 1.0) -> TilePlan:
-    y_multiple = GRID * self.spatial
-    tile = self.tile
-    if tile is None:
-      tile = choose_exact_tile(shape, self._voxel_budget() * budget_scale, HALO,
-                               y_multiple, self._window_cost(shape))
-    return exact_plan(shape, tile, HALO, y_multiple)
+    return exact_plan(shape, self.exact_tile(shape, budget_scale), HALO, GRID * self.spatial)
+
+  def exact_tile(self, shape: Sequence[int], budget_scale: float = 1.0
+                 ) -> tuple[int, int, int]:
+    """Exact tiling's largest tile (T, Y, X) for a movie of `shape`: `tile`, or the
+    largest that `budget_scale` times the memory budget holds."""
+    if self.tile is not None:
+      return self.tile
+    return choose_exact_tile(shape, self._voxel_budget() * budget_scale, HALO,
+                             GRID * self.spatial, self._window_cost(shape))
 
   def _voxel_budget(self) -> float:
     """Tile voxels one device call may hold within the memory budget."""

@@ -62,6 +62,40 @@ def test_stream_equals_offline_denoise(trained_model):
     np.testing.assert_allclose(stream.pull(), offline, rtol=1e-5, atol=1e-3)
 
 
+def test_stream_refuses_denoiser_settings_it_cannot_honour(trained_model):
+  # A stream crops its batches: blending or reference stitching would be ignored.
+  for setting in ("blend", "reference_stitching"):
+    den = Denoiser(trained_model, tiling="overlap", **{setting: True})
+    with pytest.raises(UserError, match=f"cannot honour {setting}=True"):
+      StreamDenoiser(den, mean=0.0)
+  with pytest.raises(UserError, match="cannot honour blend=True"):
+    StreamDenoiser(Denoiser(trained_model, blend=True), 8, 2, mean=0.0)
+
+
+def test_stream_with_uncertainty_gives_and_writes_the_mean_and_std(trained_model,
+                                                                    tmp_path):
+  movie, _ = noisy_movie((29, 24, 30), seed=3)
+  mean = float(movie.mean())
+  for tiling in ("exact", "overlap"):
+    den = Denoiser(trained_model, uncertainty=2, tiling=tiling)
+    offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
+    assert offline.shape == (29, 24, 30, 2)
+    stream = StreamDenoiser(den, mean=mean)
+    assert stream.pull().shape == (0, 0, 0, 2)
+    for t in range(0, 29, 4):
+      stream.push(movie[t:t + 4])
+    stream.close()
+    np.testing.assert_allclose(stream.pull(), offline, rtol=1e-5, atol=1e-3)
+  # The pipeline writes the mean as the output and the std beside it, as offline.
+  out = tmp_path / "live.tif"
+  r = run_pipeline(SlowSource(movie), StreamDenoiser(den, mean=mean), str(out),
+                   progress=False)
+  assert r.frames_out == 29 and r.extras == [str(tmp_path / "live_std.tif")]
+  np.testing.assert_allclose(tifffile.imread(out), offline[..., 0], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(tifffile.imread(tmp_path / "live_std.tif"), offline[..., 1],
+                             rtol=1e-5, atol=1e-3)
+
+
 def test_mean_options(trained_model, identity_denoiser):
   s = StreamDenoiser(identity_denoiser, 8, 2, mean="running")
   s.push(np.full((8, 8, 8), 10.0))
