@@ -57,6 +57,36 @@ def _v(fv: flags.FlagValues, name: str):
   return fv[name].value
 
 
+# ---------------------------------------------------------------- shared flag groups
+
+MODEL_HELP = ("Model: a training run directory, a converted model or a DeepCAD-RT .pth.")
+DTYPES = ("float32", "bfloat16")
+
+
+def _define_model(fv, help: str = MODEL_HELP, step: bool = False, para: bool = False):
+  """--model, and optionally --step (a checkpoint) and --para (a .pth's para.yaml)."""
+  flags.DEFINE_string("model", None, help, flag_values=fv)
+  if step:
+    flags.DEFINE_string("step", None, "Checkpoint step to use: a number, or 'best' (the "
+                        "lowest held-out score of a run trained with --holdout); default: "
+                        "the last.", flag_values=fv)
+  if para:
+    flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one "
+                        "beside it).", flag_values=fv)
+
+
+def _define_output(fv, help: str, overwrite: str | None = "Replace existing files."):
+  """--output, and --overwrite (nothing is replaced without it) unless `overwrite` is
+  None."""
+  flags.DEFINE_string("output", None, help, flag_values=fv)
+  if overwrite is not None:
+    flags.DEFINE_boolean("overwrite", False, overwrite, flag_values=fv)
+
+
+def _define_dtype(fv, default: str | None = "float32"):
+  flags.DEFINE_enum("dtype", default, list(DTYPES), "Compute dtype.", flag_values=fv)
+
+
 # ---------------------------------------------------------------- multi-process
 
 
@@ -95,7 +125,7 @@ def _define_train(fv):
                        "0 = one per device).", flag_values=fv)
   flags.DEFINE_integer("seed", None, "Random seed.", flag_values=fv)
   flags.DEFINE_integer("features", None, "Network width f.", flag_values=fv)
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+  _define_dtype(fv, None)
   flags.DEFINE_float("lr", None, "Adam learning rate.", flag_values=fv)
   flags.DEFINE_float("b1", None, "Adam beta1.", flag_values=fv)
   flags.DEFINE_float("b2", None, "Adam beta2.", flag_values=fv)
@@ -127,7 +157,14 @@ def _define_train(fv):
   flags.DEFINE_boolean("mean-prior", None, "Give the network the recording's temporal mean "
                        "image as a second input channel (stored with the model; denoise "
                        "and stream use it automatically).", flag_values=fv)
+  _define_set(fv)
   _define_distributed(fv)
+
+
+def _define_set(fv):
+  flags.DEFINE_multi_string("set", [], "Override any config field: section.field=value "
+                            "(repeatable; e.g. --set train.log_every=50). Applied after "
+                            "the other flags.", flag_values=fv)
 
 
 # The flags of `train` that override a field of the config in use.
@@ -149,7 +186,7 @@ def _train_config(fv):
   values["data.patch"] = _triple(values["data.patch"])
   if values["data.holdout"] is not None:
     values["data.holdout"] = _holdout(values["data.holdout"])
-  return config_lib.override(cfg, **values)
+  return config_lib.override_strings(config_lib.override(cfg, **values), _v(fv, "set"))
 
 
 def _config_arg(args: list[str], default: str) -> str:
@@ -199,19 +236,13 @@ def _run_train(fv):
 
 
 def _define_denoise(fv):
-  flags.DEFINE_string("model", None, "Model: a training run directory, a converted model "
-                      "or a DeepCAD-RT .pth.", flag_values=fv)
-  flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one beside "
-                      "it).", flag_values=fv)
+  _define_model(fv, step=True, para=True)
   flags.DEFINE_boolean("reference-stitching", False, "Reproduce DeepCAD-RT's stitching "
                        "exactly (its kept regions and per-patch intensity rescale).",
                        flag_values=fv)
-  flags.DEFINE_string("step", None, "Checkpoint step to use: a number, or 'best' (the "
-                      "lowest held-out score of a run trained with --holdout); default: "
-                      "the last.", flag_values=fv)
   flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
-  flags.DEFINE_string("output", None, "Output TIFF (or folder for a folder input).",
-                      flag_values=fv)
+  _define_output(fv, "Output TIFF (or folder for a folder input).",
+                 "Replace an existing output.")
   flags.DEFINE_enum("tiling", "auto", ["auto", "exact", "overlap"], "exact: seamless, "
                     "equal to one pass over the whole movie; overlap: DeepCAD-RT's "
                     "overlapping patches (--patch, --overlap); auto: exact unless it costs "
@@ -232,11 +263,9 @@ def _define_denoise(fv):
   flags.DEFINE_string("output-dtype", None, "Output dtype: float32 (default: the "
                       "network's precision), input (the input's type, rounded), uint16, "
                       "int16...", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
-                    flag_values=fv)
+  _define_dtype(fv)
   flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
                        "instead of cropping.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "Also split each patch's Y axis over this many "
                        "devices.", flag_values=fv)
   flags.DEFINE_integer("uncertainty", 0, "K in 2..8 (1..8 for an ensemble): predict under "
@@ -286,9 +315,8 @@ def _define_convert(fv):
   flags.DEFINE_string("pth", None, "DeepCAD-RT checkpoint (.pth).", flag_values=fv)
   flags.DEFINE_string("para", None, "Its para.yaml (default: the one beside the .pth).",
                       flag_values=fv)
-  flags.DEFINE_string("output", None, "Model directory to write.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace a model already there.", flag_values=fv)
-
+  _define_output(fv, "Model directory to write.",
+                 "Replace a model already there.")
 
 def _run_convert(fv):
   from deepcad_jax.loading import load_model
@@ -308,19 +336,13 @@ def _run_convert(fv):
 
 
 def _define_export(fv):
-  flags.DEFINE_string("model", None, "Model: a training run directory, a converted model "
-                      "or a DeepCAD-RT .pth.", flag_values=fv)
-  flags.DEFINE_string("para", None, "para.yaml for a .pth model (default: the one beside "
-                      "it).", flag_values=fv)
-  flags.DEFINE_string("step", None, "Checkpoint step to use: a number, or 'best' (the "
-                      "lowest held-out score of a run trained with --holdout); default: "
-                      "the last.", flag_values=fv)
+  _define_model(fv, step=True, para=True)
   flags.DEFINE_enum("format", None, ["pth", "onnx", "bioimageio"], "pth: DeepCAD-RT's "
                     "state_dict (+ para.yaml beside it); onnx: the network as an ONNX "
                     "graph; bioimageio: a BioImage Model Zoo package (.zip).",
                     flag_values=fv)
-  flags.DEFINE_string("output", None, "File to write.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace existing files.", flag_values=fv)
+  _define_output(fv, "File to write.",
+                 "Replace existing files.")
   flags.DEFINE_integer("member", None, "The ensemble member to export (an ensemble "
                        "needs one: the formats hold a single network).", flag_values=fv)
   flags.DEFINE_integer("opset", 11, "ONNX opset (onnx, bioimageio); 11 is what "
@@ -378,8 +400,8 @@ def _run_export(fv):
 
 
 def _define_simulate(fv):
-  flags.DEFINE_string("output", None, "Folder for noisy.tif, clean.tif and info.json.",
-                      flag_values=fv)
+  _define_output(fv, "Folder for noisy.tif, clean.tif and info.json.",
+                 "Replace existing files.")
   flags.DEFINE_string("shape", "300,128,128", "Movie shape T,Y,X.", flag_values=fv)
   flags.DEFINE_float("snr", -2.0, "Target SNR of the noisy movie (dB).", flag_values=fv)
   flags.DEFINE_integer("neurons", None, "Number of neurons (default: by area).",
@@ -394,8 +416,7 @@ def _define_simulate(fv):
                      "activity (0: constant background, for the wobble metric).",
                      flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace existing files.", flag_values=fv)
-
+  
 
 def _run_simulate(fv):
   from deepcad_jax.simulate import write_simulation
@@ -420,16 +441,24 @@ def _define_evaluate(fv):
   flags.DEFINE_string("denoised", None, "The movie to score.", flag_values=fv)
   flags.DEFINE_string("reference", None, "Ground truth (e.g. clean.tif).", flag_values=fv)
   flags.DEFINE_string("raw", None, "Optional noisy input, scored too.", flag_values=fv)
-  flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fv)
-  flags.DEFINE_string("uncertainty", None, "The *_std.tif of 'denoise --uncertainty': "
-                      "report its calibration.", flag_values=fv)
+  _define_output(fv, "Write the results as JSON here.", overwrite=None)
+  flags.DEFINE_string("std", None, "The *_std.tif of 'denoise --uncertainty': report its "
+                      "calibration.", flag_values=fv)
+  flags.DEFINE_string("uncertainty", None, "Deprecated: the old name of --std (kept for "
+                      "one release).", flag_values=fv)
 
 
 def _run_evaluate(fv):
   from deepcad_jax.metrics import evaluate_files, format_calibration, format_table
   _require(fv, "denoised", "reference")
-  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"),
-                           _v(fv, "uncertainty"))
+  std = _v(fv, "std")
+  if _v(fv, "uncertainty") is not None:
+    if std is not None:
+      raise UserError("give the std file once, with --std (--uncertainty is its old name).")
+    log.warning("evaluate --uncertainty FILE is deprecated; use --std FILE (the same file). "
+                "--uncertainty will take a number of samples, as in the other commands.")
+    std = _v(fv, "uncertainty")
+  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"), std)
   print(format_table(results))
   if "uncertainty" in results:
     print(format_calibration(results["uncertainty"]))
@@ -447,8 +476,8 @@ def _run_evaluate(fv):
 def _define_traces(fv):
   flags.DEFINE_string("rois", None, "ROIs: a label TIFF (0 = background), a JSON of "
                       "polygons/masks/pixels, or suite2p's stat.npy.", flag_values=fv)
-  flags.DEFINE_string("output", None, "Folder for traces.csv, traces.json, traces.png.",
-                      flag_values=fv)
+  _define_output(fv, "Folder for traces.csv, traces.json, traces.png.",
+                 "Replace existing results.")
   flags.DEFINE_string("movie", None, "The denoised movie (the samples' mean).",
                       flag_values=fv)
   flags.DEFINE_string("samples", None, "Sample movies for the band: comma-separated files "
@@ -468,8 +497,7 @@ def _define_traces(fv):
                        flag_values=fv)
   flags.DEFINE_float("frame-rate", None, "Frames per second, for a time axis in seconds.",
                      flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace existing results.", flag_values=fv)
-
+  
 
 def _run_traces(fv):
   from deepcad_jax.traces import trace_files
@@ -500,13 +528,12 @@ def _run_traces(fv):
 def _define_events(fv):
   flags.DEFINE_string("raw", None, "The raw (noisy) movie.", flag_values=fv)
   flags.DEFINE_string("denoised", None, "Its denoised version.", flag_values=fv)
-  flags.DEFINE_string("output", None, "Folder for z_map.tif, events.csv, events.json.",
-                      flag_values=fv)
+  _define_output(fv, "Folder for z_map.tif, events.csv, events.json.",
+                 "Replace existing results.")
   flags.DEFINE_float("threshold", 6.0, "Standardised excess (z) that flags an event.",
                      flag_values=fv)
   flags.DEFINE_string("box", "3,5,5", "Averaging box T,Y,X.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace existing results.", flag_values=fv)
-
+  
 
 def _run_events(fv):
   from deepcad_jax.events import check_files
@@ -579,8 +606,8 @@ def _define_stream(fv):
   flags.DEFINE_string("source", None, "A TIFF to replay, or a folder to watch for TIFFs "
                       "dropped by the acquisition program (ends on a file named STOP).",
                       flag_values=fv)
-  flags.DEFINE_string("output", None, "Denoised TIFF (the raw frames go to *_raw.tif).",
-                      flag_values=fv)
+  _define_output(fv, "Denoised TIFF (the raw frames go to *_raw.tif).",
+                 "Replace existing outputs.")
   flags.DEFINE_float("rate", 30.0, "Replay rate in frames/s (0 = as fast as possible).",
                      flag_values=fv)
   flags.DEFINE_enum("tiling", None, ["exact", "overlap"], "exact (default): every frame "
@@ -611,11 +638,9 @@ def _define_stream(fv):
   flags.DEFINE_float("idle-timeout", 10.0, "Folder source: end after this many seconds "
                      "without a new file.", flag_values=fv)
   flags.DEFINE_integer("batch-size", 0, "Patches per device call.", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
-                    flag_values=fv)
+  _define_dtype(fv)
   flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype: float32, input "
                       "(the source's type, rounded), uint16...", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
   flags.DEFINE_boolean("live", False, "Show raw and denoised side by side in a window "
                        "(needs a display and matplotlib; headless: preview images).",
                        flag_values=fv)
@@ -696,10 +721,9 @@ def _define_prune(fv):
   flags.DEFINE_string("data", None, "A movie for --criterion taylor.", flag_values=fv)
   flags.DEFINE_integer("batches", 8, "Training pairs the Taylor criterion averages over.",
                        flag_values=fv)
-  flags.DEFINE_string("output", None, "Model directory to write (fine-tune it with train "
-                      "--init-from).", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace a model already there.", flag_values=fv)
-
+  _define_output(fv, "Model directory to write (fine-tune it with train "
+                      "--init-from).",
+                 "Replace a model already there.")
 
 def _run_prune(fv):
   from deepcad_jax.loading import load_model
@@ -745,6 +769,7 @@ def _define_ladder(fv):
                     flag_values=fv)
   flags.DEFINE_boolean("measure", True, "Time inference and a train step per rung.",
                        flag_values=fv)
+  _define_set(fv)
 
 
 def _holdout(text: str):
@@ -756,22 +781,17 @@ def _holdout(text: str):
 
 def _run_ladder(fv):
   from deepcad_jax import config as config_lib
-  from deepcad_jax.ladder import run_ladder, write_results
+  from deepcad_jax.ladder import format_rows, run_ladder, write_results
   _require(fv, "data", "workdir")
   cfg = config_lib.load_config(_v(fv, "config"))
   if _v(fv, "epochs"):
     cfg = config_lib.override(cfg, **{"train.epochs": _v(fv, "epochs")})
+  cfg = config_lib.override_strings(cfg, _v(fv, "set"))
   rows = run_ladder(_v(fv, "data"), _v(fv, "workdir"), widths=_widths(_v(fv, "widths")),
                     config=cfg, clean=_v(fv, "clean"), holdout=_holdout(_v(fv, "holdout")),
                     pruned_from=_v(fv, "pruned-from"), criterion=_v(fv, "criterion"),
                     measure=_v(fv, "measure"))
-  print(f"{'rung':<12} {'kind':<8} {'parameters':>11} {'FLOPs/voxel':>12} "
-        f"{'held-out':>10} {'SNR dB':>7} {'voxels/s':>9}")
-  for r in rows:
-    print(f"{r.name:<12} {r.kind:<8} {r.parameters:>11,} {r.flops_per_voxel:>12,.0f} "
-          f"{r.holdout_score:>10.5g} "
-          + (f"{r.snr_db:>7.2f} " if r.snr_db is not None else f"{'':>7} ")
-          + (f"{r.infer_voxels_per_s:>9.3g}" if r.infer_voxels_per_s else ""))
+  print(format_rows(rows))
   paths = write_results(rows, _v(fv, "workdir"))
   print("results: " + ", ".join(paths.values()))
   return 0
@@ -781,14 +801,11 @@ def _run_ladder(fv):
 
 
 def _define_score(fv):
-  flags.DEFINE_string("model", None, "Model directory or .pth.", flag_values=fv)
-  flags.DEFINE_string("step", None, "Checkpoint step: a number or 'best' (default: the "
-                      "last).", flag_values=fv)
+  _define_model(fv, "Model directory or .pth.", step=True)
   flags.DEFINE_string("movie", None, "A movie (TIFF).", flag_values=fv)
   flags.DEFINE_string("frames", None, "Frames a:b to score (frames training never saw; "
                       "e.g. -100: for the last 100; default all).", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
-                    flag_values=fv)
+  _define_dtype(fv)
 
 
 def _run_score(fv):
@@ -813,15 +830,14 @@ def _run_score(fv):
 def _define_bench(fv):
   from deepcad_jax.bench import WORKLOADS
   flags.DEFINE_enum("workload", "quick", list(WORKLOADS), "What to measure.", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
-                    flag_values=fv)
+  _define_dtype(fv)
   flags.DEFINE_integer("batch-size", 0, "Patches per step (0 = one per device).",
                        flag_values=fv)
   flags.DEFINE_integer("repeats", None, "Timed runs per measurement (default: by workload).",
                        flag_values=fv)
   flags.DEFINE_integer("features", 16, "Network width (16 = DeepCAD-RT).", flag_values=fv)
-  flags.DEFINE_string("output", None, "JSON file to append the records to (default: "
-                      "benchmarks/results/<device>_<date>.json).", flag_values=fv)
+  _define_output(fv, "JSON file to append the records to (default: "
+                      "benchmarks/results/<device>_<date>.json).", overwrite=None)
   flags.DEFINE_boolean("torch", True, "Also time the PyTorch twin when torch is installed.",
                        flag_values=fv)
   flags.DEFINE_string("movie", None, "Movie shape T,Y,X for reference/quick (default: the "

@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from deepcad_jax.errors import UserError
 
@@ -190,6 +190,58 @@ def override(cfg: Config, **changes: Any) -> Config:
     if section not in SECTIONS or field not in d[section]:
       raise UserError(f"unknown config key {key!r}.")
     d[section][field] = value
+  return from_dict(d)
+
+
+def _number(text: str) -> int | float:
+  return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+
+
+def _parse_value(text: str, current: Any, key: str, annotation: str = "") -> Any:
+  """A command-line value for a field holding `current` (its type decides; a field
+  that is None takes a number, a list 'a,b,c' or text; a field that may hold text
+  keeps what does not parse as its type)."""
+  text = text.strip()
+  if "str" in str(annotation) and not isinstance(current, str):
+    try:
+      return _parse_value(text, current, key)
+    except UserError:
+      return text
+  if text.lower() in ("none", "null") and not isinstance(current, bool):
+    return None
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError
+      return text.lower() in ("true", "1", "yes")
+    if isinstance(current, (int, float)):
+      return type(current)(_number(text)) if isinstance(current, float) else int(text)
+    if isinstance(current, (tuple, list)) or (current is None and "," in text):
+      return tuple(_number(v) for v in text.replace("x", ",").split(","))
+    if current is None:
+      try:
+        return _number(text)
+      except ValueError:
+        return text
+  except ValueError:
+    raise UserError(f"--set {key}={text}: {text!r} is not a valid "
+                    f"{type(current).__name__} (the field holds {current!r}).") from None
+  return text
+
+
+def override_strings(cfg: Config, assignments: Sequence[str]) -> Config:
+  """Apply 'section.field=value' strings (the CLI's --set), each parsed by the type of
+  the field's current value; unknown keys and unparsable values are one sentence."""
+  d = cfg.to_dict()
+  for item in assignments:
+    key, sep, text = item.partition("=")
+    section, _, field = key.strip().partition(".")
+    if not sep or section not in SECTIONS or field not in d[section]:
+      fields = ", ".join(f"{s}.{f}" for s in SECTIONS for f in d[s])
+      raise UserError(f"--set takes section.field=value with a known field; got "
+                      f"{item!r} (fields: {fields}).")
+    annotation = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}[field]
+    d[section][field] = _parse_value(text, d[section][field], key.strip(), annotation)
   return from_dict(d)
 
 

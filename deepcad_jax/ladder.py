@@ -187,6 +187,18 @@ def run_ladder(data: str, workdir: str, *, widths: Sequence[int] = LADDER,
   return rows
 
 
+def format_rows(rows: Sequence[Rung]) -> str:
+  """The ladder as a text table, one line per rung."""
+  lines = [f"{'rung':<12} {'kind':<8} {'parameters':>11} {'FLOPs/voxel':>12} "
+           f"{'held-out':>10} {'SNR dB':>7} {'voxels/s':>9}"]
+  for r in rows:
+    lines.append(f"{r.name:<12} {r.kind:<8} {r.parameters:>11,} {r.flops_per_voxel:>12,.0f} "
+                 f"{r.holdout_score:>10.5g} "
+                 + (f"{r.snr_db:>7.2f} " if r.snr_db is not None else f"{'':>7} ")
+                 + (f"{r.infer_voxels_per_s:>9.3g}" if r.infer_voxels_per_s else ""))
+  return "\n".join(lines)
+
+
 def write_results(rows: Sequence[Rung], workdir: str) -> dict[str, str]:
   """ladder.json, ladder.csv and (with matplotlib) ladder.png in `workdir`."""
   paths = {k: os.path.join(workdir, f"ladder.{k}") for k in ("json", "csv", "png")}
