@@ -225,12 +225,8 @@ class Engine:
     self.tile_fn = tile_fn
     self.scale = float(scale)
     self.mesh = mesh
-    n_dev = parallel.device_count(mesh)
     self.default_batch = not batch_size
-    self.batch_size = batch_size or n_dev
-    if self.batch_size % n_dev:
-      raise UserError(f"batch size {self.batch_size} is not a multiple of the {n_dev} "
-                      "devices; use a multiple.")
+    self.batch_size = parallel.batch_for(mesh, batch_size)
     self.host_params = params
     self.params = jax.device_put(params, parallel.replicated(mesh))
     self._steps: dict[StepLayout, Any] = {}

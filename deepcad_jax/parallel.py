@@ -31,6 +31,18 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> 
                        axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def batch_for(mesh: Mesh, batch_size: int = 0) -> int:
+  """The global batch: `batch_size`, or one per device along 'data' when 0; a batch
+  that does not split evenly over those devices is one sentence with the fix."""
+  from deepcad_jax.errors import UserError
+  n_dev = device_count(mesh)
+  batch = batch_size or n_dev
+  if batch % n_dev:
+    raise UserError(f"batch size {batch} is not a multiple of the {n_dev} devices along "
+                    f"the data axis; use --batch-size {max(n_dev, batch // n_dev * n_dev)}.")
+  return batch
+
+
 def check_spatial(patch_y: int, spatial: int) -> None:
   """Patch Y must split into whole pooling windows with at least two rows per device at
   the deepest level: with one row per device there, XLA's partitioned gradients were

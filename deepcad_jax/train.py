@@ -319,11 +319,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
 
   mesh = parallel.data_mesh(devices, cfg.parallel.spatial)
   n_dev = parallel.device_count(mesh)  # along 'data'
-  batch_size = cfg.train.batch_size or n_dev
-  if batch_size % n_dev:
-    raise UserError(f"batch size {batch_size} is not a multiple of the {n_dev} devices "
-                    f"along the data axis; use --batch-size "
-                    f"{max(n_dev, batch_size // n_dev * n_dev)}.")
+  batch_size = parallel.batch_for(mesh, cfg.train.batch_size)
   parallel.check_spatial(patch[1], cfg.parallel.spatial)
   steps_per_epoch = cfg.data.pairs_per_epoch // batch_size
   if steps_per_epoch < 1:
