@@ -5,6 +5,8 @@ Inference (`load_model`, `Denoiser`, `denoise`) imports no training code; `train
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,19 @@ _TRAINING = ("train", "TrainResult")
 
 __all__ = ["Config", "Denoiser", "denoise", "denoise_files", "LADDER", "Model", "RunMeta",
            "TrainResult", "UNet3D", "UserError", "load_config", "load_model", "train"]
+
+
+class _Package(types.ModuleType):
+  """The package module: the submodule `deepcad_jax.train`, when imported, is bound
+  here as the function `train` (the public API), not as the module."""
+
+  def __setattr__(self, name: str, value) -> None:
+    if name == "train" and isinstance(value, types.ModuleType):
+      value = value.train
+    super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
