@@ -19,11 +19,13 @@ import platform
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from deepcad_jax import config as config_lib
@@ -34,6 +36,7 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, compiled_bytes, denoise
 from deepcad_jax.model import LADDER, UNet3D, ensemble_params, init_params, param_count
 from deepcad_jax.predict import identity_tiles
+from deepcad_jax.stream import StreamDenoiser, run_pipeline
 from deepcad_jax.tiling import patch_plan
 from deepcad_jax.train import compile_step, create_state, make_model
 
@@ -115,7 +118,6 @@ def environment() -> dict[str, Any]:
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     commit = ""
-  import jaxlib
   return {"device": dev.device_kind, "platform": dev.platform,
           "device_count": jax.device_count(), "jax_version": jax.__version__,
           "jaxlib_version": jaxlib.__version__, "commit": commit or "unknown",
@@ -207,8 +209,6 @@ def stream_throughput(env, movie_shape, features, dtype, batch_size, name, rate=
                       core_frames=None, lookahead=None) -> dict:
   """A movie replayed through the live pipeline (acquisition, device, writing):
   sustained voxels/s and the latency from a frame's arrival to its denoised output."""
-  import tempfile
-  from deepcad_jax.stream import StreamDenoiser, run_pipeline
   _starting(name, f"{movie_shape[0]} frames of {_shape(movie_shape[1:])} replayed"
             + (f" at {rate:g} Hz" if rate else " as fast as possible"))
   movie = np.random.default_rng(0).poisson(200, movie_shape).astype(np.uint16)

@@ -29,15 +29,19 @@ import zlib
 from importlib import metadata
 from typing import Any, BinaryIO, Callable, Sequence
 
+import jax
 import numpy as np
 import tifffile
 
+from deepcad_jax import __version__
 from deepcad_jax.checkpoint import Model
-from deepcad_jax.convert import key_map
-from deepcad_jax.data.movie import refuse_to_overwrite
+from deepcad_jax.convert import key_map, read_state_dict
+from deepcad_jax.data.movie import as_movie, refuse_to_overwrite
 from deepcad_jax.data.output import AtomicFile, commit, os_error
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import LEVELS, MIN_SIZE
+from deepcad_jax.loading import load_model
+from deepcad_jax.model import LEVELS, MIN_SIZE, UNet3D, init_params
+from deepcad_jax.simulate import simulate
 from deepcad_jax.tiling import ceil_to, reach_by_residue
 
 log = logging.getLogger("deepcad_jax")
@@ -128,9 +132,7 @@ def network(model: Model, fmt: str, member: int | None = None) -> Network:
   """The one network of `model` that format `fmt` can hold; refuses, in one sentence,
   what the format cannot express (a mean-image prior, a whole ensemble, and for a .pth
   widths other than f, 2f, 4f, 8f)."""
-  import jax
 
-  from deepcad_jax.model import init_params
   what, source, cfg = _WHAT[fmt], model.source, model.config.model
   if cfg.mean_prior:
     raise UserError(f"{source} was trained with the mean-image prior (a second input "
@@ -164,9 +166,7 @@ def network(model: Model, fmt: str, member: int | None = None) -> Network:
 
 @functools.lru_cache(maxsize=8)
 def _jitted_apply(features: int):
-  import jax
 
-  from deepcad_jax.model import UNet3D
   return jax.jit(lambda p, a: UNet3D(features).apply({"params": p}, a[:, 0, ..., None]))
 
 
@@ -325,7 +325,6 @@ def export_pth(net: Network, output: str, overwrite: bool = False) -> ExportRepo
     raise
   commit(files)
   # Read back with the torch-free reader: every tensor must come back bit for bit.
-  from deepcad_jax.convert import read_state_dict
   back = read_state_dict(output)
   if list(back) != list(state) or not all(
       np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items()):
@@ -444,7 +443,6 @@ def onnx_model(net: Network, opset: int = ONNX_OPSET,
   opsets = [helper.make_opsetid("", opset)]
   model = helper.make_model(graph, opset_imports=opsets, producer_name="deepcad-jax",
                             ir_version=helper.find_min_ir_version_for(opsets))
-  from deepcad_jax import __version__
   model.producer_version = __version__
   model.doc_string = (
       f"DeepCAD-RT 3D U-Net (f={net.features}) exported by deepcad-jax. Input 'input' "
@@ -551,7 +549,6 @@ def cover_image(raw: np.ndarray, denoised: np.ndarray, zoom: int = 2) -> bytes:
 
 
 def _sample_movie(sample: str, size: int):
-  from deepcad_jax.data.movie import as_movie
   movie = as_movie(sample)
   if min(movie.shape) < size:
     raise UserError(f"{sample} is {movie.shape}; a bioimage.io test input needs at least "
@@ -567,7 +564,6 @@ def _test_movie(movie, mean: float, size: int) -> tuple[np.ndarray, str]:
     t0, y0, x0 = ((n - size) // 2 for n in movie.shape)
     block = movie.read(t0, t0 + size)[:, y0:y0 + size, x0:x0 + size]
     return block.astype(np.float32), f"the centre of {os.path.basename(movie.name)}"
-  from deepcad_jax.simulate import simulate
   noisy, _, _ = simulate(shape=(size, size, size), seed=0)
   if mean > 0:  # at the model's intensity; whole counts where that is bright enough
     noisy = noisy * np.float32(mean / max(float(noisy.mean()), 1e-12))
@@ -841,7 +837,6 @@ def export(model: Model | str, output: str, format: str, *, member: int | None =
   if format != "pth":
     check_opset(opset)
   if isinstance(model, (str, os.PathLike)):
-    from deepcad_jax.loading import load_model
     model = load_model(os.fspath(model))
   net = network(model, format, member)
   try:

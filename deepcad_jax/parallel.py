@@ -13,6 +13,8 @@ from typing import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from deepcad_jax.errors import UserError
+
 DATA = "data"
 SPACE = "space"
 
@@ -20,7 +22,6 @@ SPACE = "space"
 def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
   """A mesh over `devices` (default: every device): ('data',), or ('data', 'space')
   with `spatial` devices along 'space'."""
-  from deepcad_jax.errors import UserError
   devices = list(devices) if devices is not None else jax.devices()
   if spatial == 1:
     return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
@@ -34,7 +35,6 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> 
 def batch_for(mesh: Mesh, batch_size: int = 0) -> int:
   """The global batch: `batch_size`, or one per device along 'data' when 0; a batch
   that does not split evenly over those devices is one sentence with the fix."""
-  from deepcad_jax.errors import UserError
   n_dev = device_count(mesh)
   batch = batch_size or n_dev
   if batch % n_dev:
@@ -47,7 +47,6 @@ def check_spatial(patch_y: int, spatial: int) -> None:
   """Patch Y must split into whole pooling windows with at least two rows per device at
   the deepest level: with one row per device there, XLA's partitioned gradients were
   wrong (measured on jax 0.10.2, CPU), while two or more rows give the unsplit result."""
-  from deepcad_jax.errors import UserError
   if spatial > 1 and (patch_y % (8 * spatial) or patch_y < 16 * spatial):
     raise UserError(f"with --spatial {spatial} the patch Y ({patch_y}) must be a multiple "
                     f"of {8 * spatial} and at least {16 * spatial}.")

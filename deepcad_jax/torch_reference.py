@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deepcad_jax.export import torch_state_dict
+
 
 class SingleConv(nn.Sequential):
   def __init__(self, cin, cout):
@@ -82,7 +84,6 @@ class Network_3D_Unet(nn.Module):
 def from_flax_params(params, features: int) -> Network_3D_Unet:
   """A PyTorch twin loaded with the same weights as Flax `params` (the inverse of
   `deepcad_jax.convert.to_flax_params`)."""
-  from deepcad_jax.export import torch_state_dict
   state = {k: torch.from_numpy(v) for k, v in torch_state_dict(params).items()}
   net = Network_3D_Unet(features)
   net.load_state_dict(state)

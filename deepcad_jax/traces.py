@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from deepcad_jax import safe_pickle
-from deepcad_jax.data.movie import Movie, as_movie, read_frames
+from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
+                                    refuse_to_overwrite)
 from deepcad_jax.data.output import AtomicFile, os_error
 from deepcad_jax.errors import UserError
+from deepcad_jax.infer import Denoiser
 from deepcad_jax.progress import Progress
 
 log = logging.getLogger("deepcad_jax")
@@ -446,7 +449,6 @@ def plot(traces: Traces, path: str, max_rois: int = 12, frame_rate: float | None
 def sample_files(spec: str | Sequence[str]) -> list[str]:
   """--samples: a comma-separated list of files, or a glob pattern such as
   'den_sample*.tif' (sorted)."""
-  import glob
   items = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
   files = []
   for item in items:
@@ -482,14 +484,12 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
   with `raw`: the raw movie is then denoised here with `uncertainty` = K test-time
   symmetries (times the ensemble's members) and the samples' traces kept in memory.
   """
-  from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
   paths = {k: os.path.join(output, f"traces.{k}") for k in ("csv", "json", "png")}
   refuse_to_overwrite(paths.values(), overwrite)
   if (movie is None) == (model is None):
     raise UserError("give either --movie (a denoised movie, with --samples for a band) "
                     "or --model with --raw (denoised here, with a band).")
   if model is not None:
-    from deepcad_jax.infer import Denoiser
     if raw is None:
       raise UserError("--model needs --raw: the movie to denoise.")
     raw_movie = open_movie(raw)
