@@ -11,8 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deepcad_jax.export import torch_state_dict
-
 
 class SingleConv(nn.Sequential):
   def __init__(self, cin, cout):
@@ -84,6 +82,8 @@ class Network_3D_Unet(nn.Module):
 def from_flax_params(params, features: int) -> Network_3D_Unet:
   """A PyTorch twin loaded with the same weights as Flax `params` (the inverse of
   `deepcad_jax.convert.to_flax_params`)."""
+  # deliberate: this file is shipped alone in bioimage.io packages (torch only)
+  from deepcad_jax.export import torch_state_dict
   state = {k: torch.from_numpy(v) for k, v in torch_state_dict(params).items()}
   net = Network_3D_Unet(features)
   net.load_state_dict(state)
