@@ -45,7 +45,8 @@ from deepcad_jax import resources
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import ArrayMovie, TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.data.output import (BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes,
-                                     write_bytes)
+                                     output_format, write_bytes)
+from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import (DenoiseStats, Denoiser, TemporalSpread, Window,
                                quantisation_note, resolve_output_dtype, to_dtype)
@@ -480,8 +481,9 @@ _END = object()
 
 
 def raw_path(output: str) -> str:
-  """Where the raw frames of a stream written to `output` go: beside it, `*_raw.tif`."""
-  return os.path.splitext(output)[0] + "_raw.tif"
+  """Where the raw frames of a stream written to `output` go: beside it, `*_raw`, in
+  the output's format (`*_raw.tif` for a TIFF)."""
+  return with_name_suffix(output, "_raw")
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -525,8 +527,8 @@ def run_pipeline(source: FrameSource, stream: StreamDenoiser, output: str, *,
   if policy not in ("block", "drop"):
     raise UserError(f"policy must be 'block' or 'drop'; got {policy!r}.")
   for path in (output, raw_output):
-    if path and not path.lower().endswith(TIFF_SUFFIXES):
-      raise UserError(f"{path} must end in .tif or .tiff.")
+    if path:
+      output_format(path)  # one sentence if the name says no format it writes
   raw_output = raw_output or raw_path(output)
   source_dtype = np.dtype(getattr(source, "dtype", np.float32))
   out_dtype = resolve_output_dtype(output_dtype, source_dtype)

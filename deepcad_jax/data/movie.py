@@ -30,7 +30,7 @@ from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
                                    scanimage_interleave)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.output import write_movie  # noqa: F401 (re-exported)
-from deepcad_jax.data.spec import MovieSpec, detect_format, is_store
+from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")

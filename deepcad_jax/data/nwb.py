@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -109,11 +110,11 @@ def _new_id(group) -> None:
     group.attrs["object_id"] = str(uuid.uuid4())
 
 
-def _copy_without_movies(h5py, src, dst) -> None:
+def _copy_without_movies(h5py, src, dst, refs: list) -> None:
   """`src` (a group) into `dst`: attributes, links, datasets and groups, leaving out
-  imaging series (the raw movies)."""
-  for key, value in src.attrs.items():
-    dst.attrs[key] = value
+  imaging series (the raw movies). Object references are collected in `refs` as
+  (object, attribute or None, names) to be pointed at the copies (`_relink`)."""
+  _copy_attrs(h5py, src, dst, refs)
   for name in src:
     link = src.get(name, getlink=True)
     if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
@@ -125,9 +126,32 @@ def _copy_without_movies(h5py, src, dst) -> None:
       kind = kind.decode() if isinstance(kind, bytes) else kind
       if kind in _MOVIE_TYPES:
         continue
-      _copy_without_movies(h5py, obj, dst.require_group(name))
+      _copy_without_movies(h5py, obj, dst.require_group(name), refs)
     else:
-      src.copy(obj, dst, name)
+      src.copy(obj, dst, name, without_attrs=True)
+      _copy_attrs(h5py, obj, dst[name], refs)
+      if h5py.check_dtype(ref=obj.dtype) is not None and obj.dtype.names is None:
+        names = [src.file[r].name if r else None for r in np.ravel(obj[()])]
+        refs.append((dst[name], None, names, obj.shape))
+
+
+def _copy_attrs(h5py, src, dst, refs: list) -> None:
+  for key, value in src.attrs.items():
+    if isinstance(value, h5py.Reference):
+      refs.append((dst, key, [src.file[value].name if value else None], ()))
+      continue
+    dst.attrs[key] = value
+
+
+def _relink(h5py, f, refs: list) -> None:
+  """Point the copied object references at the copies (references to objects left out,
+  e.g. a raw movie, become null references)."""
+  for obj, key, names, shape in refs:
+    new = [f[n].ref if n is not None and n in f else h5py.Reference() for n in names]
+    if key is not None:
+      obj.attrs.create(key, new[0], dtype=h5py.ref_dtype)
+    else:
+      obj[...] = np.array(new, dtype=h5py.ref_dtype).reshape(shape)
 
 
 def _module(h5py, f, acquisition: bool):
@@ -169,8 +193,9 @@ class NWBSink:
     self.data.resize(frames or 0, axis=0)
 
   def _copy(self, h5py, temp, source, series_path, frame_shape, dtype, chunks) -> str:
+    refs: list = []
     with h5py.File(source, "r") as src, h5py.File(temp, "w") as dst:
-      _copy_without_movies(h5py, src, dst)
+      _copy_without_movies(h5py, src, dst, refs)
       _new_id(dst)
       if "identifier" in dst:
         del dst["identifier"]
@@ -179,20 +204,20 @@ class NWBSink:
       name = self.name or f"{series.name.split('/')[-1]}_denoised"
       parent = _module(h5py, dst, self.acquisition)
       group = parent.create_group(name)
-      for key, value in series.attrs.items():
-        group.attrs[key] = value
+      _copy_attrs(h5py, series, group, refs)
       _new_id(group)
       for child in series:
         link = series.get(child, getlink=True)
         if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
           group[child] = link
         elif child not in ("data", "external_file"):
-          series.copy(series[child], group, child)
+          series.copy(series[child], group, child, without_attrs=True)
+          _copy_attrs(h5py, series[child], group[child], refs)
       data = group.create_dataset("data", shape=(0,) + tuple(frame_shape), dtype=dtype,
                                   maxshape=(None,) + tuple(frame_shape), chunks=chunks)
       if "data" in series:
-        for key, value in series["data"].attrs.items():
-          data.attrs[key] = value
+        _copy_attrs(h5py, series["data"], data, refs)
+      _relink(h5py, dst, refs)
       return data.name
 
   def _new(self, temp, frame_shape, dtype, chunks, metadata: MovieMetadata) -> str:
@@ -223,8 +248,10 @@ class NWBSink:
       nwbfile.create_processing_module("ophys", "optical physiology processed data"
                                        ).add(series)
       where = f"/processing/ophys/{name}/data"
-    with pynwb.NWBHDF5IO(temp, "w") as io:
-      io.write(nwbfile)
+    with warnings.catch_warnings():  # the temporary name does not end in .nwb
+      warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
+      with pynwb.NWBHDF5IO(temp, "w") as io:
+        io.write(nwbfile)
     return where
 
   def write(self, start: int, frames: np.ndarray) -> None:

@@ -237,3 +237,13 @@ def renamed(spec: MovieSpec, path: str) -> MovieSpec:
   return dataclasses.replace(spec, path=path, plane=None, channel=None, axes=None,
                              planes=None, channels=None, shape=None, dtype=None,
                              offset=None)
+
+
+def with_name_suffix(text: "str | MovieSpec", suffix: str) -> str:
+  """An output's text with `suffix` added to its file name before the extension
+  ('den.h5:/data' -> 'den_std.h5:/data', 'den.ome.tif' -> 'den_std.ome.tif')."""
+  spec = MovieSpec.parse(text)
+  stem, ext = split_name(spec.path)
+  if spec.is_plain:
+    return stem + suffix + ext
+  return str(dataclasses.replace(spec, path=stem + suffix + ext))

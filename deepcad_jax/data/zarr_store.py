@@ -133,15 +133,15 @@ class ZarrSink:
     n = chunk_frames(frame_shape, dtype)
     shape = (frames or 0,) + tuple(frame_shape)
     chunks = (min(n, frames) if frames else n,) + tuple(frame_shape)
+    args = dict(shape=shape, chunks=chunks, dtype=dtype, **self.codecs)
     if self.dataset:
       group = zarr.open_group(temp, mode="w")
-      create = group.create_array if hasattr(group, "create_array") else \
-          group.create_dataset
-      self.array = create(self.dataset, shape=shape, chunks=chunks, dtype=dtype,
-                          **self.codecs)
+      create = group.create_array if ZARR3 else group.create_dataset
+      self.array = create(self.dataset, **args)
+    elif ZARR3:
+      self.array = zarr.create_array(store=temp, overwrite=True, **args)
     else:
-      self.array = zarr.open_array(temp, mode="w", shape=shape, chunks=chunks,
-                                   dtype=dtype, **self.codecs)
+      self.array = zarr.open_array(temp, mode="w", **args)
     attrs = metadata_attrs(metadata)
     attrs["_ARRAY_DIMENSIONS"] = ["t", "y", "x"]
     self.array.attrs.update(attrs)
