@@ -87,6 +87,65 @@ def _define_dtype(fv, default: str | None = "float32"):
   flags.DEFINE_enum("dtype", default, list(DTYPES), "Compute dtype.", flag_values=fv)
 
 
+# ---------------------------------------------------------------- file formats
+# Every flag about how movies are read and written, in one place. They are folded into
+# the movie's spec text (`data.spec`: 'rec.h5[axes=YXT]'), which the public API takes
+# wherever it takes a path.
+
+FORMATS_HELP = ("Movies: TIFF, HDF5 (file.h5 or file.h5:/dataset), Zarr (.zarr), NWB "
+                "(file.nwb or file.nwb:SeriesName), a suite2p plane folder, or "
+                "raw:FILE with --raw-shape/--raw-dtype; FORMAT:PATH names the format.")
+
+
+def _define_formats(fv, output: bool = False) -> None:
+  """The input-layout flags (and, for commands that write movies, the output ones)."""
+  flags.DEFINE_string("axes", None, "The input file's axis order where its metadata does "
+                      "not say it, e.g. YXT, TZYX, TZCYX (T time, Z plane, C channel); "
+                      "each plane and channel becomes a movie of its own.", flag_values=fv)
+  flags.DEFINE_integer("planes", None, "Planes interleaved frame by frame (ScanImage; "
+                       "default: from the file's metadata).", flag_values=fv)
+  flags.DEFINE_integer("channels", None, "Channels interleaved frame by frame (ScanImage; "
+                       "default: from the file's metadata).", flag_values=fv)
+  flags.DEFINE_string("raw-shape", None, "A raw binary input's shape, e.g. 1000x512x512.",
+                      flag_values=fv)
+  flags.DEFINE_string("raw-dtype", None, "A raw binary input's dtype, e.g. uint16.",
+                      flag_values=fv)
+  if output:
+    flags.DEFINE_string("compression", None, "HDF5/Zarr output compression: gzip, lzf "
+                        "(HDF5), zstd, blosc (Zarr) or none (default: none for HDF5, "
+                        "zarr's default for Zarr).", flag_values=fv)
+    flags.DEFINE_boolean("nwb-acquisition", False, "NWB output: put the denoised series "
+                         "under acquisition (where suite2p reads it) instead of "
+                         "processing/ophys.", flag_values=fv)
+
+
+def _movie(fv, name: str) -> str | None:
+  """The movie flag `name` with the layout flags folded into its spec."""
+  from deepcad_jax.data.spec import MovieSpec
+  text = _v(fv, name)
+  if text is None:
+    return None
+  changes = {"axes": _v(fv, "axes"), "planes": _v(fv, "planes"),
+             "channels": _v(fv, "channels"), "shape": _v(fv, "raw-shape"),
+             "dtype": _v(fv, "raw-dtype")}
+  if all(v is None for v in changes.values()):
+    return text
+  if changes["shape"] is not None:
+    changes["shape"] = MovieSpec.parse(f"x[shape={changes['shape']}]").shape
+  return str(MovieSpec.parse(text, **changes))
+
+
+def _output(fv, name: str) -> str | None:
+  """The output flag `name` with the output-format flags folded into its spec."""
+  from deepcad_jax.data.spec import MovieSpec
+  text = _v(fv, name)
+  changes = {"compression": _v(fv, "compression"),
+             "nwb_group": "acquisition" if _v(fv, "nwb-acquisition") else None}
+  if text is None or all(v is None for v in changes.values()):
+    return text
+  return str(MovieSpec.parse(text, **changes))
+
+
 # ---------------------------------------------------------------- multi-process
 
 
@@ -112,7 +171,9 @@ def _init_distributed(fv):
 
 
 def _define_train(fv):
-  flags.DEFINE_string("data", None, "A TIFF movie or a folder of TIFF movies.", flag_values=fv)
+  flags.DEFINE_string("data", None, "A movie or a folder of movies. " + FORMATS_HELP,
+                      flag_values=fv)
+  _define_formats(fv)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints); resumed if it holds "
                       "a run.", flag_values=fv)
   flags.DEFINE_string("config", "deepcad_rt", "Config name (deepcad_rt, deepcad, "
@@ -221,7 +282,7 @@ def _run_train(fv):
   from deepcad_jax.train import train
   _require(fv, "data", "workdir")
   _init_distributed(fv)
-  result = train(_v(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
+  result = train(_movie(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
                  init_from=_v(fv, "init-from"))
   import jax
   code = 128 + (result.signal or signal.SIGINT) if result.interrupted else 0  # 130, 143
@@ -240,9 +301,12 @@ def _define_denoise(fv):
   flags.DEFINE_boolean("reference-stitching", False, "Reproduce DeepCAD-RT's stitching "
                        "exactly (its kept regions and per-patch intensity rescale).",
                        flag_values=fv)
-  flags.DEFINE_string("input", None, "A TIFF movie or a folder of them.", flag_values=fv)
-  _define_output(fv, "Output TIFF (or folder for a folder input).",
+  flags.DEFINE_string("input", None, "A movie or a folder of them. " + FORMATS_HELP,
+                      flag_values=fv)
+  _define_output(fv, "Output movie, in the format its name says (.tif, .h5, .zarr, .nwb, "
+                 "suite2p:FOLDER), or a folder (same names and formats as the inputs).",
                  "Replace an existing output.")
+  _define_formats(fv, output=True)
   flags.DEFINE_enum("tiling", "auto", ["auto", "exact", "overlap"], "exact: seamless, "
                     "equal to one pass over the whole movie; overlap: DeepCAD-RT's "
                     "overlapping patches (--patch, --overlap); auto: exact unless it costs "
@@ -286,7 +350,7 @@ def _run_denoise(fv):
   _init_distributed(fv)
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
   reports = denoise_files(
-      _v(fv, "input"), _v(fv, "output"), model, overwrite=_v(fv, "overwrite"),
+      _movie(fv, "input"), _output(fv, "output"), model, overwrite=_v(fv, "overwrite"),
       output_dtype=_v(fv, "output-dtype"), patch=_triple(_v(fv, "patch")),
       overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
       blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"),
@@ -402,6 +466,9 @@ def _run_export(fv):
 def _define_simulate(fv):
   _define_output(fv, "Folder for noisy.tif, clean.tif and info.json.",
                  "Replace existing files.")
+  flags.DEFINE_enum("format", "tiff", ["tiff", "hdf5", "zarr", "nwb", "suite2p"],
+                    "Format of noisy and clean (noisy.tif, .h5, .zarr, .nwb; suite2p: "
+                    "plane folders noisy/ and clean/, int16).", flag_values=fv)
   flags.DEFINE_string("shape", "300,128,128", "Movie shape T,Y,X.", flag_values=fv)
   flags.DEFINE_float("snr", -2.0, "Target SNR of the noisy movie (dB).", flag_values=fv)
   flags.DEFINE_integer("neurons", None, "Number of neurons (default: by area).",
@@ -424,6 +491,7 @@ def _run_simulate(fv):
   shape = _triple(_v(fv, "shape"), "--shape")
   info = write_simulation(
       _v(fv, "output"), overwrite=_v(fv, "overwrite"), shape=shape, snr_db=_v(fv, "snr"),
+      movie_format=_v(fv, "format"),
       neurons=_v(fv, "neurons"), vessels=_v(fv, "vessels"),
       frame_rate=_v(fv, "frame-rate"), spike_rate=_v(fv, "spike-rate"),
       tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
@@ -439,6 +507,7 @@ def _run_simulate(fv):
 
 def _define_evaluate(fv):
   flags.DEFINE_string("denoised", None, "The movie to score.", flag_values=fv)
+  _define_formats(fv)
   flags.DEFINE_string("reference", None, "Ground truth (e.g. clean.tif).", flag_values=fv)
   flags.DEFINE_string("raw", None, "Optional noisy input, scored too.", flag_values=fv)
   _define_output(fv, "Write the results as JSON here.", overwrite=None)
@@ -458,7 +527,8 @@ def _run_evaluate(fv):
     log.warning("evaluate --uncertainty FILE is deprecated; use --std FILE (the same file). "
                 "--uncertainty will take a number of samples, as in the other commands.")
     std = _v(fv, "uncertainty")
-  results = evaluate_files(_v(fv, "denoised"), _v(fv, "reference"), _v(fv, "raw"), std)
+  results = evaluate_files(_movie(fv, "denoised"), _movie(fv, "reference"),
+                           _movie(fv, "raw"), std)
   print(format_table(results))
   if "uncertainty" in results:
     print(format_calibration(results["uncertainty"]))
@@ -474,6 +544,7 @@ def _run_evaluate(fv):
 
 
 def _define_traces(fv):
+  _define_formats(fv)
   flags.DEFINE_string("rois", None, "ROIs: a label TIFF (0 = background), a JSON of "
                       "polygons/masks/pixels, or suite2p's stat.npy.", flag_values=fv)
   _define_output(fv, "Folder for traces.csv, traces.json, traces.png.",
@@ -508,8 +579,8 @@ def _run_traces(fv):
     band = []
   if len(band) != 2:
     raise UserError(f"--band takes two percentiles LO,HI; got {_v(fv, 'band')!r}.")
-  r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_v(fv, "movie"),
-                  samples=_v(fv, "samples") or (), raw=_v(fv, "raw"), model=_v(fv, "model"),
+  r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_movie(fv, "movie"),
+                  samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
                   uncertainty=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=band,
                   plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
                   overwrite=_v(fv, "overwrite"))
@@ -527,6 +598,7 @@ def _run_traces(fv):
 
 def _define_events(fv):
   flags.DEFINE_string("raw", None, "The raw (noisy) movie.", flag_values=fv)
+  _define_formats(fv)
   flags.DEFINE_string("denoised", None, "Its denoised version.", flag_values=fv)
   _define_output(fv, "Folder for z_map.tif, events.csv, events.json.",
                  "Replace existing results.")
@@ -538,7 +610,7 @@ def _define_events(fv):
 def _run_events(fv):
   from deepcad_jax.events import check_files
   _require(fv, "raw", "denoised", "output")
-  r = check_files(_v(fv, "raw"), _v(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
+  r = check_files(_movie(fv, "raw"), _movie(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
                   _triple(_v(fv, "box"), "--box"), _v(fv, "overwrite"))
   print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}, at least "
         f"{r.noise_floor:.4g} (the darkest pixels' noise)")
@@ -606,8 +678,9 @@ def _define_stream(fv):
   flags.DEFINE_string("source", None, "A TIFF to replay, or a folder to watch for TIFFs "
                       "dropped by the acquisition program (ends on a file named STOP).",
                       flag_values=fv)
-  _define_output(fv, "Denoised TIFF (the raw frames go to *_raw.tif).",
-                 "Replace existing outputs.")
+  _define_output(fv, "Denoised movie, in the format its name says (the raw frames go "
+                 "beside it, *_raw).", "Replace existing outputs.")
+  _define_formats(fv, output=True)
   flags.DEFINE_float("rate", 30.0, "Replay rate in frames/s (0 = as fast as possible).",
                      flag_values=fv)
   flags.DEFINE_enum("tiling", None, ["exact", "overlap"], "exact (default): every frame "
@@ -652,12 +725,13 @@ def _run_stream(fv):
   from deepcad_jax.stream import (FolderSource, ReplaySource, StreamDenoiser, raw_path,
                                   run_pipeline)
   _require(fv, "model", "source", "output")
-  output = _v(fv, "output")
+  output = _output(fv, "output")
   raw = raw_path(output)
   refuse_to_overwrite((output, raw), _v(fv, "overwrite"))
-  src = _v(fv, "source")
-  source = FolderSource(src, _v(fv, "idle-timeout")) if os.path.isdir(src) else \
-      ReplaySource(src, _v(fv, "rate"))
+  from deepcad_jax.data.spec import is_store
+  src = _movie(fv, "source")
+  source = FolderSource(src, _v(fv, "idle-timeout")) if os.path.isdir(src) and \
+      not is_store(src) else ReplaySource(src, _v(fv, "rate"))
   mean = _v(fv, "mean")
   if mean not in ("model", "running"):
     try:

@@ -31,7 +31,9 @@ from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite)
 from deepcad_jax.data.output import (PARTIAL_SUFFIX, MovieWriter, check_space, movie_bytes,
-                                     os_error, outputs_together)
+                                     os_error, output_format, outputs_together)
+from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
+                                   with_name_suffix)
 from deepcad_jax.errors import UserError
 from deepcad_jax.loading import load_model
 from deepcad_jax.model import uniform_widths
@@ -830,16 +832,51 @@ class FileReport:
 
 
 def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
-  if os.path.isdir(src):
-    if os.path.exists(output) and not os.path.isdir(output):
-      raise UserError(f"--input {src} is a folder, so --output must be a folder; "
-                      f"{output} is a file.")
-    return [os.path.join(output, os.path.basename(p)) for p in inputs]
-  if os.path.isdir(output):
-    return [os.path.join(output, os.path.basename(src))]
-  if not output.lower().endswith((".tif", ".tiff")):
-    raise UserError(f"--output {output} must end in .tif or .tiff (or be a folder).")
-  return [output]
+  """Where each input movie goes. Into a folder: the input's name (and format; a raw
+  binary gives a TIFF); a recording split into planes and channels: one output each,
+  named `*_plane0_ch1` (suite2p: a plane folder each)."""
+  src_spec, out_spec = MovieSpec.parse(src), MovieSpec.parse(output)
+  src_folder = os.path.isdir(src_spec.path) and not is_store(src_spec.path) and \
+      src_spec.format is None
+  out_folder = os.path.isdir(out_spec.path) and not is_store(out_spec.path) and \
+      out_spec.is_plain
+  if src_folder and os.path.exists(out_spec.path) and not out_folder:
+    raise UserError(f"--input {src} is a folder, so --output must be a folder; "
+                    f"{output} is a file.")
+  outputs = []
+  for p in inputs:
+    spec = MovieSpec.parse(p)
+    if src_folder or out_folder:
+      dst = _named_like(spec, out_spec.path)
+    else:
+      output_format(output)  # one sentence if the format cannot be told
+      dst = output
+    outputs.append(_part_output(dst, spec))
+  return outputs
+
+
+def _named_like(spec: MovieSpec, folder: str) -> str:
+  """The output in `folder` for input `spec`: the same name and format."""
+  kind = spec.kind
+  name = os.path.basename(spec.path.rstrip("/"))
+  if kind == "raw":
+    return os.path.join(folder, split_name(name)[0] + ".tif")
+  path = os.path.join(folder, name)
+  return f"{kind}:{path}" if kind == "suite2p" or spec.format else path
+
+
+def _part_output(dst: str, spec: MovieSpec) -> str:
+  """`dst` for one plane and channel of a split recording ('den_plane0_ch1.h5'; a
+  suite2p output: plane folders 'plane0', 'plane1', ... beside the one named)."""
+  if spec.plane is None and spec.channel is None:
+    return dst
+  out = MovieSpec.parse(dst)
+  if out.kind == "suite2p":
+    name = "".join([f"plane{spec.plane}" if spec.plane is not None else "plane0",
+                    f"_ch{spec.channel}" if spec.channel is not None else ""])
+    return str(out.with_(path=os.path.join(os.path.dirname(out.path.rstrip("/")), name),
+                         format="suite2p"))
+  return with_name_suffix(dst, part_suffix(spec, 2, 2))
 
 
 def _report(movie: Movie, dst: str, out_dtype, stats: DenoiseStats,
@@ -958,23 +995,14 @@ def _write_frames(frames: Iterator[Frames], writers: Sequence[MovieWriter]) -> N
 
 
 def std_path(output: str) -> str:
-  """Where the uncertainty (std) movie of `output` goes: beside it, `*_std.tif`."""
-  stem, ext = _split_ext(output)
-  return f"{stem}_std{ext}"
+  """Where the uncertainty (std) movie of `output` goes: beside it, `*_std.tif` (in
+  the output's format)."""
+  return with_name_suffix(output, "_std")
 
 
 def sample_path(output: str, i: int) -> str:
   """Where sample `i` of `output` goes with --save-samples: `*_sample00.tif`, ..."""
-  stem, ext = _split_ext(output)
-  return f"{stem}_sample{i:02d}{ext}"
-
-
-def _split_ext(path: str) -> tuple[str, str]:
-  """(stem, extension), keeping '.ome.tif' whole."""
-  for ext in (".ome.tif", ".ome.tiff"):
-    if path.lower().endswith(ext):
-      return path[:-len(ext)], path[-len(ext):]
-  return os.path.splitext(path)
+  return with_name_suffix(output, f"_sample{i:02d}")
 
 
 def _part_path(dst: str, p: int) -> str:
@@ -1045,7 +1073,7 @@ def _complete_output(paths: Sequence[str], movie: Movie, out_dtype) -> str | Non
   """Why the existing outputs `paths` of `movie` are not a complete earlier result
   (None: they are: all there, readable, of its shape and the dtypes asked for)."""
   for i, path in enumerate(paths):
-    if not os.path.lexists(path):
+    if not os.path.lexists(MovieSpec.parse(path).path):
       return f"{path} is missing"
     try:
       out = open_movie(path)
@@ -1080,7 +1108,7 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   input, output = os.fspath(input), os.fspath(output)
   inputs = list_movies(input)
   outputs = _output_paths(inputs, input, output)
-  folder = os.path.isdir(input)
+  folder = os.path.isdir(input) and not is_store(input)
   n_proc = jax.process_count()
   if n_proc > 1:
     kwargs.setdefault("devices", jax.local_devices())
@@ -1088,16 +1116,18 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   movies = [open_movie(p) for p in inputs]
   todo = []
   for src, movie, dst in zip(inputs, movies, outputs):
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+    src_path, dst_path = MovieSpec.parse(src).path, MovieSpec.parse(dst).path
+    if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
       raise UserError(f"--output {dst} is the input file; choose another output.")
     out_dtype = resolve_output_dtype(output_dtype, movie.dtype)
     paths = [dst] + den.extra_outputs(dst)
-    if folder and not overwrite and any(os.path.lexists(p) for p in paths):
+    if folder and not overwrite and any(os.path.lexists(MovieSpec.parse(p).path)
+                                        for p in paths):
       why = _complete_output(paths, movie, out_dtype)
       if why is None:
         log.info("skipping %s: %s is already complete (--overwrite redoes it).", src, dst)
         continue
-      existing = next(p for p in paths if os.path.lexists(p))
+      existing = next(p for p in paths if os.path.lexists(MovieSpec.parse(p).path))
       raise UserError(f"{existing} already exists but is not a complete output of {src} "
                       f"({why}); add --overwrite to redo it, or remove it.")
     refuse_to_overwrite(paths, overwrite)

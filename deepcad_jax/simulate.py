@@ -166,11 +166,21 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
   return noisy, clean, info
 
 
-def write_simulation(folder: str, overwrite: bool = False, **kwargs: Any) -> dict:
-  """Simulate and write noisy.tif, clean.tif (float32, with the frame interval) and
-  info.json into `folder`; the three appear together, once complete."""
-  paths = {k: os.path.join(folder, f) for k, f in
-           (("noisy", "noisy.tif"), ("clean", "clean.tif"), ("info", "info.json"))}
+# Where the movies go for each output format (suite2p: a plane folder each, int16).
+MOVIE_NAMES = {"tiff": "{}.tif", "hdf5": "{}.h5", "zarr": "{}.zarr", "nwb": "{}.nwb",
+               "suite2p": "suite2p:{}"}
+
+
+def write_simulation(folder: str, overwrite: bool = False, movie_format: str = "tiff",
+                     **kwargs: Any) -> dict:
+  """Simulate and write noisy.tif, clean.tif (float32, with the frame interval; or
+  another `movie_format`: hdf5, zarr, nwb, suite2p) and info.json into `folder`; the
+  three appear together, once complete."""
+  if movie_format not in MOVIE_NAMES:
+    raise UserError(f"simulate writes {', '.join(MOVIE_NAMES)}; got {movie_format!r}.")
+  name = MOVIE_NAMES[movie_format]
+  paths = {k: (name.format(os.path.join(folder, k)) if k != "info" else
+               os.path.join(folder, "info.json")) for k in ("noisy", "clean", "info")}
   refuse_to_overwrite(paths.values(), overwrite)
   params = SimulationParams(**kwargs)
   check_memory(params, f"{folder}: ")

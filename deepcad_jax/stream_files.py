@@ -10,12 +10,14 @@ import numpy as np
 
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.output import BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes
+from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.infer import DenoiseStats, TemporalSpread, quantisation_note, to_dtype
 
 
 def raw_path(output: str) -> str:
-  """Where the raw frames of a stream written to `output` go: beside it, `*_raw.tif`."""
-  return os.path.splitext(output)[0] + "_raw.tif"
+  """Where the raw frames of a stream written to `output` go: beside it, `*_raw`, in
+  the output's format (`*_raw.tif` for a TIFF)."""
+  return with_name_suffix(output, "_raw")
 
 
 class DenoisedWriter:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from deepcad_jax import resources
-from deepcad_jax.data.movie import TIFF_SUFFIXES
+from deepcad_jax.data.output import output_format
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import resolve_output_dtype
 from deepcad_jax.stream_denoiser import StreamDenoiser
@@ -78,8 +78,8 @@ class Pipeline:
     if policy not in POLICIES:
       raise UserError(f"policy must be 'block' or 'drop'; got {policy!r}.")
     for path in (output, raw_output):
-      if path and not path.lower().endswith(TIFF_SUFFIXES):
-        raise UserError(f"{path} must end in .tif or .tiff.")
+      if path:
+        output_format(path)  # one sentence if the name says no format it writes
     self.source, self.stream, self.path = source, stream, output
     self.policy, self.rate, self.progress = policy, rate, progress
     self.on_output, self.overwrite = on_output, overwrite

@@ -27,6 +27,7 @@ from deepcad_jax import safe_pickle
 from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
                                     refuse_to_overwrite)
 from deepcad_jax.data.output import AtomicFile, os_error
+from deepcad_jax.data.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
 from deepcad_jax.progress import Progress
@@ -121,8 +122,6 @@ def rois_from_json(spec, shape: tuple[int, int], where: str = "") -> list[Roi]:
 
 _STAT = "suite2p's stat.npy (an array of dicts)"
 _STAT_FIX = "give the stat.npy that suite2p wrote"
-_OPS = "suite2p's ops.npy (a pickled dict)"
-_OPS_FIX = "give the ops.npy that suite2p wrote for one plane"
 
 
 def _stat_field(path: str, i: int, entry: dict, key: str, kinds: str,
@@ -158,18 +157,6 @@ def read_suite2p_stat(path: str) -> list[dict]:
     if "overlap" in s:
       _stat_field(path, i, s, "overlap", "biu", n)
   return stat
-
-
-def load_ops(path: str) -> dict:
-  """suite2p's ops.npy (one plane's dict of settings and results: numbers, strings,
-  lists, dicts, numpy arrays, the processing date), read without running pickle code."""
-  root = safe_pickle.load_npy(path, {**safe_pickle.NUMPY, **safe_pickle.DATETIME},
-                              what=_OPS, fix=_OPS_FIX)
-  ops = root.item() if root.size == 1 else None
-  if not isinstance(ops, dict) or not all(isinstance(k, str) for k in ops):
-    raise UserError(f"{path} is not {_OPS}: it holds {root.size} item(s) that are not "
-                    f"one dict with string keys; {_OPS_FIX}.")
-  return ops
 
 
 def rois_from_suite2p(stat: list[dict], shape: tuple[int, int], where: str = "") -> list[Roi]:

@@ -93,7 +93,8 @@ def test_bigtiff_written_in_blocks_reads_back(tmp_path, monkeypatch):
 @pytest.mark.parametrize("make,match", [
     (lambda p: write_tiff(p / "img.tif", np.zeros((16, 16), np.uint16)), "single 2-D image"),
     (lambda p: write_tiff(p / "ch.tif", np.zeros((5, 2, 16, 16), np.uint16),
-                          metadata={"axes": "TCYX"}), "more than one axis"),
+                          metadata={"axes": "TCYX"}),
+     r"recording of 2 channels; give one, e\.g\. '.*ch\.tif\[channel=0\]'"),
     (lambda p: (p / "movie.png").write_bytes(b"x") and str(p / "movie.png"), "not a TIFF"),
     (lambda p: (p / "bad.tif").write_bytes(b"not a tiff") and str(p / "bad.tif"),
      "not a readable TIFF"),

@@ -1,4 +1,12 @@
-"""Movies (T, Y, X): lazy TIFF readers and in-memory arrays (writing: `data.output`).
+"""Movies (T, Y, X): lazy readers of every input format, and in-memory arrays (writing:
+`data.output`).
+
+A movie is named by a spec (`data.spec`): a TIFF, an HDF5 file or Zarr store (and the
+array inside), an NWB file (and its imaging series), a suite2p plane folder or a raw
+binary file, with the axis order and the interleaving where the file does not say them
+(`data.axes`). A volumetric or multi-channel recording is several movies, one per plane
+and channel: `list_movies` names them (`rec.h5[plane=0,channel=1]`), `open_movie` opens
+one.
 
 A `Movie` exposes `shape`, `dtype`, `read(t0, t1)` (frames as a numpy array), `mean()`
 (float64, computed chunk by chunk) and `metadata` (pixel size, frame interval, ImageJ
@@ -17,11 +25,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import tifffile
 
+from deepcad_jax.data import hdf5, nwb, raw, suite2p, zarr_store
+from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
+                                   scanimage_interleave)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.output import write_movie  # noqa: F401 (re-exported)
+from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+MOVIE_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".nwb", ".zarr")  # listed in a folder
+INPUT_FORMATS = ("TIFF (.tif), HDF5 (.h5), Zarr (.zarr), NWB (.nwb), a suite2p plane "
+                 "folder, or raw:FILE[shape=TxYxX,dtype=...]")
 FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
 
@@ -295,16 +310,193 @@ def _movie_shape(path: str, shape, axes: str) -> tuple[tuple[int, int, int], str
 
 
 
-def open_movie(path: str) -> TiffMovie:
-  """Open one TIFF movie, validating it is (T, Y, X)."""
-  if not os.path.exists(path):
-    raise UserError(f"{path} does not exist; check the path.")
-  if os.path.isdir(path):
-    raise UserError(f"{path} is a folder; give one TIFF movie file here.")
-  if not path.lower().endswith(TIFF_SUFFIXES):
-    raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
-                    "to TIFF first.")
-  return TiffMovie(path)
+class TiffFrames:
+  """The pages of a TIFF series as an array-like of the series' shape (leading axes:
+  frames in page order; the last two: Y, X), read page by page as indexed."""
+
+  def __init__(self, path: str, shape: tuple[int, ...], dtype):
+    self.path = path
+    self.shape = tuple(int(n) for n in shape)
+    self.dtype = np.dtype(dtype)
+    self._map = None
+    try:
+      self._map = tifffile.memmap(path, mode="r").reshape((-1,) + self.shape[-2:])
+    except (ValueError, OSError):
+      self._map = None
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    index = index + (slice(None),) * (len(self.shape) - len(index))
+    lead, lists = self.shape[:-2], []
+    for i, n in zip(index[:-2], lead):
+      lists.append(np.arange(n)[i] if isinstance(i, slice) else np.array([int(i)]))
+    grid = np.meshgrid(*lists, indexing="ij")
+    pages = np.ravel_multi_index([g.ravel() for g in grid], lead) if lead else \
+        np.zeros(1, np.int64)
+    if len(pages) == 0:
+      frames = np.zeros((0,) + self.shape[-2:], self.dtype)
+    elif self._map is not None:
+      frames = np.asarray(self._map[pages])
+    else:
+      with tifffile.TiffFile(self.path) as tif:
+        frames = np.asarray(tif.asarray(key=[int(p) for p in pages]))
+    frames = frames.reshape([len(v) for v in lists] + list(self.shape[-2:]))
+    frames = frames[(slice(None),) * len(lists) + tuple(index[-2:])]
+    drop = tuple(k for k, i in enumerate(index[:-2]) if not isinstance(i, slice))
+    return frames.reshape([n for k, n in enumerate(frames.shape) if k not in drop])
+
+  def __getstate__(self):
+    return {**self.__dict__, "_map": None}
+
+
+_TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "Y": "Y", "X": "X"}
+
+
+def _tiff_source(path: str) -> tuple[Source, bool]:
+  """A TIFF as a `Source` (frames indexed by the series' axes, or flat with ScanImage's
+  interleaving), and whether it is a plain (T, Y, X) movie that `TiffMovie` reads (or
+  refuses in its own words: a 2-D image, a colour image)."""
+  with _tifffile_problems() as problems, _open_tiff(path) as tif:
+    series = _check_series(path, tif, problems)
+    interleave = scanimage_interleave(tif)
+    shape, axes, dtype = tuple(series.shape), series.axes, series.dtype
+    metadata = read_metadata(tif, "T")
+  if interleave is not None:  # ScanImage: frames in page order, de-interleaved
+    n = int(np.prod(shape[:-2], dtype=np.int64))
+    return Source(TiffFrames(path, (n,) + shape[-2:], dtype), path, "TYX", metadata,
+                  interleave=interleave), interleave == (1, 1)
+  extra = [(a, k) for a, k in zip(axes[:-2], shape[:-2]) if k > 1]
+  plain = len(extra) <= 1 or len(shape) != len(axes)  # TiffMovie reads it (or refuses)
+  letters = None
+  if len(shape) == len(axes) and axes[-2:] == "YX":
+    mapped = [_TIFF_AXES.get(a, "Q" if k == 1 else "?") for a, k in zip(axes, shape)]
+    if "T" not in mapped and mapped.count("?") == 1:
+      mapped[mapped.index("?")] = "T"
+    letters = "".join(mapped) if "?" not in mapped else None
+  return Source(TiffFrames(path, shape, dtype), path, letters, metadata), plain
+
+
+def open_source(spec: MovieSpec) -> Source:
+  """The array `spec` names, opened lazily by the reader of its format."""
+  kind, path = spec.kind, spec.path
+  if kind == "hdf5":
+    return hdf5.open_hdf5(path, spec.dataset)
+  if kind == "zarr":
+    return zarr_store.open_zarr(path, spec.dataset)
+  if kind == "nwb":
+    return nwb.open_nwb(path, spec.dataset)
+  if kind == "suite2p":
+    return suite2p.open_plane(path)
+  if kind == "raw":
+    return raw.open_raw(path, spec.shape, spec.dtype, spec.offset)
+  if kind == "tiff":
+    return _tiff_source(path)[0]
+  if kind == "folder":
+    raise UserError(f"{path} is a folder; give one movie file here ({INPUT_FORMATS}).")
+  raise UserError(f"{path} is not a movie format deepcad-jax reads; give {INPUT_FORMATS}, "
+                  "or name the format, e.g. hdf5:FILE.")
+
+
+def open_layout(spec: MovieSpec) -> Layout:
+  """The recording `spec` names, with its axes, planes and channels settled."""
+  source = open_source(spec)
+  try:
+    return layout(source, spec.axes, spec.planes, spec.channels)
+  except BaseException:
+    if source.close is not None:
+      source.close()
+    raise
+
+
+def _uses_layout(spec: MovieSpec) -> bool:
+  """Whether a TIFF needs the general reader (axes, planes or a selection given)."""
+  return any(v is not None for v in (spec.axes, spec.planes, spec.channels, spec.plane,
+                                     spec.channel))
+
+
+class RecordingMovie(Movie):
+  """One plane and channel of a recording in any format, read lazily (`data.axes`).
+
+  Opened from its spec; a recording of several planes or channels needs the plane and
+  channel named (`list_movies` names each).
+  """
+
+  def __init__(self, spec: MovieSpec, lay: Layout | None = None):
+    self.spec = spec
+    self._layout = lay if lay is not None else open_layout(spec)
+    lay = self._layout
+    planes, channels = lay.planes, lay.channels
+    self.plane = _pick(spec, "plane", spec.plane, planes, channels)
+    self.channel = _pick(spec, "channel", spec.channel, channels, planes)
+    self.name = str(spec) if spec.plane is not None or spec.channel is not None or \
+        not spec.is_plain else lay.source.name
+    self.shape = lay.movie_shape
+    self.dtype = np.dtype(lay.array.dtype)
+    if 0 in self.shape:
+      raise UserError(f"{self.name} holds no frames (shape {self.shape}); check the "
+                      "file, its --axes, --planes and --channels.")
+
+  @property
+  def metadata(self) -> MovieMetadata:
+    return self._open().source.metadata
+
+  def _open(self) -> Layout:
+    if self._layout is None:
+      self._layout = open_layout(self.spec)
+    return self._layout
+
+  def read(self, t0: int, t1: int) -> np.ndarray:
+    try:
+      return read_movie_frames(self._open(), self.plane, self.channel, t0, t1)
+    except UserError:
+      raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+      raise UserError(f"{self.name}: frames {t0} to {t1 - 1} could not be read ({e}); "
+                      "the file is damaged: copy it again from the original.") from None
+
+  def close(self) -> None:
+    if self._layout is not None and self._layout.source.close is not None:
+      self._layout.source.close()
+    self._layout = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_layout": None}  # reopened lazily in another process
+
+
+def _pick(spec: MovieSpec, what: str, chosen: int | None, count: int, other: int) -> int:
+  if chosen is None:
+    if count > 1:
+      example = spec.with_(plane=0, channel=0 if (other if what == "plane" else count) > 1
+                           else None) if what == "plane" else spec.with_(channel=0)
+      raise UserError(f"{spec} is a recording of {count} {what}s; give one, e.g. "
+                      f"'{example}' (train and denoise split it into one movie per "
+                      f"{what} by themselves).")
+    return 0
+  if not 0 <= chosen < count:
+    raise UserError(f"{spec}: {what} {chosen} does not exist: the recording has {count} "
+                    f"{what}(s), numbered from 0.")
+  return chosen
+
+
+def open_movie(path: "str | MovieSpec") -> Movie:
+  """Open one movie, validating it is (T, Y, X): a TIFF, or any format `data.spec`
+  names (one plane and channel of it)."""
+  spec = MovieSpec.parse(path)
+  if not os.path.exists(spec.path):
+    raise UserError(f"{spec.path} does not exist; check the path.")
+  kind = spec.kind
+  if kind == "tiff" and not _uses_layout(spec):
+    source, plain = _tiff_source(spec.path)
+    if plain:
+      return TiffMovie(spec.path)
+    return RecordingMovie(spec, layout(source, None, None, None))
+  if kind == "folder":
+    raise UserError(f"{spec.path} is a folder; give one movie file here "
+                    f"({INPUT_FORMATS}).")
+  if kind == "unknown":
+    raise UserError(f"{spec.path} is not a TIFF file (.tif or .tiff) or another format "
+                    f"deepcad-jax reads; give {INPUT_FORMATS}.")
+  return RecordingMovie(spec)
 
 
 def as_movie(movie, name: str = "<array>") -> Movie:
@@ -355,23 +547,54 @@ def refuse_to_overwrite(paths: Iterable[str], overwrite: bool) -> None:
   if overwrite:
     return
   for path in paths:
-    if os.path.exists(path):
+    if os.path.exists(MovieSpec.parse(path).path):
       raise UserError(f"{path} already exists; add --overwrite to replace it or choose "
                       "another --output.")
 
 
-def list_movies(path: str) -> list[str]:
-  """One TIFF file, or the TIFF files of a folder (sorted)."""
-  if not os.path.exists(path):
-    raise UserError(f"{path} does not exist; give a TIFF file or a folder of TIFFs.")
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith("."))
+def movie_parts(path: "str | MovieSpec") -> list[str]:
+  """The movies of one recording: itself, or one spec per plane and channel."""
+  spec = MovieSpec.parse(path)
+  if spec.kind == "tiff" and not _uses_layout(spec):
+    source, plain = _tiff_source(spec.path)
+    if plain:
+      return [os.fspath(path) if isinstance(path, str) else str(spec)]
+    lay = layout(source, None, None, None)
+  else:
+    lay = open_layout(spec)
+  try:
+    planes, channels = lay.planes, lay.channels
+  finally:
+    if lay.source.close is not None:
+      lay.source.close()
+  if planes * channels == 1 or (spec.plane is not None and spec.channel is not None):
+    return [os.fspath(path) if isinstance(path, str) else str(spec)]
+  plane_ids = [spec.plane] if spec.plane is not None else range(planes)
+  channel_ids = [spec.channel] if spec.channel is not None else range(channels)
+  return [str(spec.with_(plane=z if planes > 1 else None, channel=c if channels > 1
+                         else None)) for z in plane_ids for c in channel_ids]
+
+
+def list_movies(path: "str | MovieSpec") -> list[str]:
+  """The movies of a file or a folder (sorted): a recording of several planes or
+  channels gives one movie per plane and channel (`movie_parts`). A folder's files of
+  every readable format are listed (TIFF, HDF5, NWB, Zarr stores, suite2p plane
+  folders); the options of `path` (e.g. axes) apply to each."""
+  spec = MovieSpec.parse(path)
+  if not os.path.exists(spec.path):
+    raise UserError(f"{spec.path} does not exist; give a movie file or a folder of them.")
+  if os.path.isdir(spec.path) and not is_store(spec.path) and spec.format is None:
+    names = sorted(os.listdir(spec.path))
+    files = [os.path.join(spec.path, f) for f in names if not f.startswith(".") and (
+        f.lower().endswith(MOVIE_SUFFIXES) or is_store(os.path.join(spec.path, f)))]
     if not files:
-      raise UserError(f"{path} holds no .tif or .tiff files; put the movies there "
-                      "or give one file.")
-    return files
-  if not path.lower().endswith(TIFF_SUFFIXES):
-    raise UserError(f"{path} is not a TIFF file (.tif or .tiff); convert the movie "
-                    "to TIFF first.")
-  return [path]
+      raise UserError(f"{spec.path} holds no .tif or .tiff files (nor other movies: "
+                      f"{INPUT_FORMATS}); put the movies there or give one file.")
+    if spec.is_plain:
+      return [p for f in files for p in movie_parts(f)]
+    return [p for f in files for p in movie_parts(spec.with_(path=f))]
+  kind = spec.kind
+  if kind == "unknown":
+    raise UserError(f"{spec.path} is not a TIFF file (.tif or .tiff) or another format "
+                    f"deepcad-jax reads; give {INPUT_FORMATS}.")
+  return movie_parts(path)

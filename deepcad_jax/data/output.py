@@ -12,10 +12,12 @@
   it starts; a disk that fills up anyway, a read-only or missing folder, a name that is a
   folder: each is one `UserError` sentence naming the file.
 
-`MovieWriter` writes a TIFF movie frame block by frame block as they are produced (the
+`MovieWriter` writes a movie frame block by frame block as they are produced (the
 denoised movie, its std and samples, simulated movies, the live stream), with the
-input's metadata (`data.metadata`); `AtomicFile` writes any other file (JSON, CSV, PNG);
-`commit` makes several outputs appear together.
+input's metadata (`data.metadata`), in the format its name says (`data.spec`): TIFF,
+HDF5, Zarr, NWB or a suite2p plane folder; `AtomicFile` writes any other file (JSON,
+CSV, PNG) and, for libraries that write by name (h5py, zarr), reserves a temporary file
+or folder that is renamed once complete; `commit` makes several outputs appear together.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import tifffile
 
+from deepcad_jax.data import hdf5, nwb, suite2p, zarr_store
 from deepcad_jax.data.metadata import Format, MovieMetadata
+from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.errors import UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -218,8 +222,7 @@ class OutputLock:
       left = [n for n in os.listdir(folder or ".")  # its temporary files: never finished
               if n.startswith(f".{name}.{stale[0]}-") and n.endswith(PARTIAL_SUFFIX)]
       for n in left:
-        with contextlib.suppress(OSError):
-          os.remove(os.path.join(folder, n))
+        _remove(os.path.join(folder, n))
       log.info("%s: taking over the lock of PID %d, which no longer runs%s.", self.path,
                stale[0], f" (its unfinished {', '.join(left)} removed)" if left else "")
       os.remove(aside)
@@ -247,12 +250,41 @@ class Output(Protocol):
   def abort(self) -> None: ...
 
 
+def _remove(path: str) -> None:
+  """Remove a file or a folder (a temporary output), ignoring what is already gone."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+def _fsync_tree(path: str) -> None:
+  """fsync a file, or every file of a folder and the folders themselves."""
+  if not os.path.isdir(path):
+    with open(path, "rb") as f:
+      os.fsync(f.fileno())
+    return
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        os.fsync(f.fileno())
+    with contextlib.suppress(OSError):
+      fd = os.open(root, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+
 class AtomicFile:
   """One output file: its lock, a temporary file unique to this run, and the rename.
 
   Args:
     path: the final name.
     overwrite: replace an existing file (else refused, checked again once locked).
+    directory: the output is a folder (a Zarr store, a suite2p plane folder): written
+      as a temporary folder (`reserve()`) and renamed as a whole.
 
   `open()` (binary) or `text()` gives the temporary file; `finish()` closes and fsyncs
   it, `publish()` renames it and releases the lock, `abort()` removes it (and folders
@@ -260,8 +292,10 @@ class AtomicFile:
   on any exception.
   """
 
-  def __init__(self, path: str, *, overwrite: bool = False):
+  def __init__(self, path: str, *, overwrite: bool = False, directory: bool = False):
     self.path = os.fspath(path)
+    self.directory = directory
+    self._reserved = False
     self.final = os.path.abspath(self.path)
     self.folder = os.path.dirname(self.final)
     self.temp: str | None = None
@@ -270,7 +304,7 @@ class AtomicFile:
     self._created: list[str] = []
     self.finished = False   # closed and fsynced, waiting for publish()
     self.done = False       # published
-    if os.path.isdir(self.final):
+    if os.path.isdir(self.final) and not directory:
       raise UserError(f"{self.path} is a folder; give a file name for the output "
                       "(or remove that folder).")
     self.lock = OutputLock(self.final)
@@ -314,6 +348,25 @@ class AtomicFile:
         raise os_error(e, self.path) from None
     return self._fh
 
+  def reserve(self) -> str:
+    """The temporary name, created (an empty file, or an empty folder) for a library
+    that writes by name; `finish()` then fsyncs what it wrote there."""
+    if self.temp is None:
+      name = os.path.basename(self.final)
+      self.temp = os.path.join(self.folder, f".{name}.{os.getpid()}-"
+                               f"{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+      try:
+        if self.directory:
+          os.mkdir(self.temp)
+        else:
+          os.close(os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+      except OSError as e:
+        self.temp = None
+        self.abort()
+        raise os_error(e, self.path) from None
+      self._reserved = True
+    return self.temp
+
   def text(self, newline: str | None = None) -> io.TextIOWrapper:
     """The temporary file, open for UTF-8 text."""
     if self._text is None:
@@ -331,6 +384,14 @@ class AtomicFile:
     """Close and fsync the temporary file; False (and nothing kept) if none was written.
     Once finished, calling it again changes nothing."""
     if self.finished:
+      return True
+    if self._reserved:
+      try:
+        _fsync_tree(self.temp)
+      except OSError as e:
+        self.abort()
+        raise os_error(e, self.path) from None
+      self.finished = True
       return True
     if self._fh is None:
       self.abort()
@@ -358,11 +419,21 @@ class AtomicFile:
     """Rename the finished temporary file to the final name; release the lock."""
     if self.done:
       return
+    aside = None
     try:
+      if os.path.isdir(self.final) and not os.path.islink(self.final):
+        # a folder cannot be replaced by a rename: move the old one aside first
+        aside = f"{self.temp}.old"
+        os.rename(self.final, aside)
       os.replace(self.temp, self.final)
     except OSError as e:
+      if aside is not None and not os.path.lexists(self.final):
+        with contextlib.suppress(OSError):
+          os.rename(aside, self.final)
       self.abort()
       raise os_error(e, self.path) from None
+    if aside is not None:
+      _remove(aside)
     self.temp = None
     with contextlib.suppress(OSError):  # the rename itself survives a power cut
       fd = os.open(self.folder, os.O_RDONLY)
@@ -390,8 +461,7 @@ class AtomicFile:
       with contextlib.suppress(Exception):
         self._fh.close()
     if self.temp is not None:
-      with contextlib.suppress(OSError):
-        os.remove(self.temp)
+      _remove(self.temp)
       self.temp = None
     self.lock.release()
     for folder in reversed(self._created):  # folders made for it, deepest first
@@ -446,11 +516,40 @@ def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
 # ------------------------------------------------------------------ movies
 
 
+WRITABLE = ("tiff", "hdf5", "zarr", "nwb", "suite2p")
+
+
+def output_format(path: str | MovieSpec) -> str:
+  """The format an output is written in: its `FORMAT:` prefix, else its suffix (a
+  folder named planeN is a suite2p plane folder); one sentence when neither says."""
+  spec = MovieSpec.parse(path)
+  kind = spec.kind
+  if kind not in WRITABLE:
+    raise UserError(f"{path}: cannot tell which format to write from its name; end it "
+                    "in .tif, .h5, .zarr or .nwb, or name a suite2p plane folder "
+                    "(suite2p:FOLDER or .../plane0).")
+  return kind
+
+
+def _sink(spec: MovieSpec, kind: str):
+  """The writer of a non-TIFF format (`open`, `write`, `close`, `abort`)."""
+  if kind == "hdf5":
+    return hdf5.HDF5Sink(spec.dataset, spec.compression)
+  if kind == "zarr":
+    return zarr_store.ZarrSink(spec.dataset, spec.compression)
+  if kind == "nwb":
+    return nwb.NWBSink(spec.dataset, spec.nwb_group == "acquisition")
+  return suite2p.Suite2pSink(spec.scale, os.path.abspath(spec.path))
+
+
 class MovieWriter:
-  """A TIFF movie (T, Y, X) written block by block as frames are produced.
+  """A movie (T, Y, X) written block by block as frames are produced.
 
   Args:
-    path: the final name (.tif, .tiff; .ome.tif gives an OME-TIFF).
+    path: the final name, in the format it names (`output_format`): .tif, .tiff
+      (.ome.tif gives an OME-TIFF), .h5/.hdf5 (dataset `data`, or `out.h5:/path`), .zarr,
+      .nwb, a suite2p plane folder (`suite2p:FOLDER`); options in brackets, e.g.
+      `out.h5[compression=gzip]`, `suite2p:plane0[scale=0.5]`, `out.nwb[nwb_group=acquisition]`.
     frame_shape: (Y, X), or None: that of the first frames written.
     dtype: the frames' dtype (blocks of another kind are refused, never rounded here).
     frames: the number of frames if known (then BigTIFF only above 4 GB, and `finish`
@@ -476,11 +575,17 @@ class MovieWriter:
     self.closed = False
     self._tw: tifffile.TiffWriter | None = None
     self._format: Format | None = None
-    self.file = AtomicFile(path, overwrite=overwrite)
+    self._text = os.fspath(path)
+    spec = MovieSpec.parse(path)
+    self.kind = output_format(spec)
+    self._sink = None if self.kind == "tiff" else _sink(spec, self.kind)
+    self._started = False
+    self.file = AtomicFile(spec.path, overwrite=overwrite,
+                           directory=self.kind in ("zarr", "suite2p"))
 
   @property
   def path(self) -> str:
-    return self.file.path
+    return self._text
 
   def _open(self) -> None:
     self._format = Format.choose(self.path, self.dtype, self.metadata)
@@ -512,6 +617,9 @@ class MovieWriter:
         raise TypeError(f"{self.path}: {frames.dtype} frames given to a {self.dtype} "
                         "movie (convert them first).")
       frames = frames.astype(self.dtype)
+    if self._sink is not None:
+      self._write_sink(frames)
+      return
     try:
       first = self._tw is None
       if first:
@@ -531,11 +639,28 @@ class MovieWriter:
       self.abort()
       raise
 
+  def _write_sink(self, frames: np.ndarray) -> None:
+    try:
+      if not self._started:
+        self._started = True
+        self._sink.open(self.file.reserve(), self.frame_shape, self.dtype, self.expected,
+                        self.metadata)
+      self._sink.write(self.count, frames)
+      self.count += len(frames)
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+
   def finish(self) -> bool:
     """Write the description, close and fsync; False (no file) if no frame came."""
     if self.file.finished:
       return True
     self.closed = True
+    if self._sink is not None:
+      return self._finish_sink()
     if self._tw is None:
       self.file.abort()
       return False
@@ -557,6 +682,24 @@ class MovieWriter:
       raise
     return self.file.finish()
 
+  def _finish_sink(self) -> bool:
+    if not self._started:
+      self.file.abort()
+      return False
+    if self.expected is not None and self.count != self.expected:
+      self.abort()
+      raise RuntimeError(f"{self.path}: {self.count} of {self.expected} frames were "
+                         "written; the file was removed.")
+    try:
+      self._sink.close(self.count)
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+    return self.file.finish()
+
   def publish(self) -> None:
     self.file.publish()
 
@@ -568,6 +711,9 @@ class MovieWriter:
 
   def abort(self) -> None:
     self.closed = True
+    if self._sink is not None:
+      with contextlib.suppress(Exception):
+        self._sink.abort()
     if self._tw is not None:
       tw, self._tw = self._tw, None
       with contextlib.suppress(Exception):

@@ -1,0 +1,187 @@
+"""HDF5 movies (the Allen Institute's (T, Y, X) `data`, SIMA's (y, x, t) or (t, z, y, x, c)).
+
+Reading opens the dataset lazily (h5py reads only the frames asked for); writing
+creates a chunked dataset, optionally compressed, and fills it block by block. h5py is
+an optional dependency: `pip install "deepcad-jax[hdf5]"`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from deepcad_jax.data.axes import Source, axes_from_names
+from deepcad_jax.data.metadata import MovieMetadata
+from deepcad_jax.errors import UserError
+
+try:
+  import h5py
+except ImportError as e:  # optional: the error names the extra when it is needed
+  h5py = None
+  _IMPORT_ERROR = e
+
+DEFAULT_DATASET = "data"
+CHUNK_BYTES = 2**20          # about 1 MB per chunk: a few frames of a 512 x 512 movie
+
+
+def require_h5py(what: str) -> Any:
+  if h5py is None:
+    raise UserError(f"{what} needs h5py, which is not installed; install it with "
+                    "pip install \"deepcad-jax[hdf5]\".")
+  return h5py
+
+
+def list_datasets(group) -> list[tuple[str, tuple[int, ...]]]:
+  """(path, shape) of every dataset under `group` (an h5py File or Group)."""
+  found: list[tuple[str, tuple[int, ...]]] = []
+
+  def visit(name, obj):
+    if isinstance(obj, h5py.Dataset):
+      found.append(("/" + name, tuple(int(n) for n in obj.shape)))
+  group.visititems(visit)
+  return found
+
+
+def _describe(found: list[tuple[str, tuple[int, ...]]]) -> str:
+  if not found:
+    return "it holds no dataset"
+  shown = ", ".join(f"{p} {s}" for p, s in found[:8])
+  return f"it holds {shown}{', ...' if len(found) > 8 else ''}"
+
+
+def choose_dataset(name: str, found: list[tuple[str, tuple[int, ...]]],
+                   dataset: str | None, syntax: str) -> str:
+  """The dataset to read: the one named, else the only 3-D (or the only N-D, N >= 3)
+  dataset; one sentence listing what the file holds otherwise."""
+  paths = {p.strip("/"): p for p, _ in found}
+  if dataset is not None:
+    key = dataset.strip("/")
+    if key in paths:
+      return paths[key]
+    raise UserError(f"{name} has no dataset {dataset!r} ({_describe(found)}); give one "
+                    f"of these, e.g. {syntax}:{found[0][0] if found else '/data'}.")
+  for rank in ((3,), (4, 5)):
+    movies = [p for p, s in found if len(s) in rank]
+    if len(movies) == 1:
+      return movies[0]
+    if len(movies) > 1:
+      raise UserError(f"{name} holds several movie-like datasets ({_describe(found)}); "
+                      f"name one, e.g. {syntax}:{movies[0]}.")
+  raise UserError(f"{name} holds no 3-D dataset ({_describe(found)}); name the movie's "
+                  f"dataset, e.g. {syntax}:/data.")
+
+
+def open_hdf5(path: str, dataset: str | None) -> Source:
+  """The movie dataset of an HDF5 file, opened read-only (closed by `Source.close`)."""
+  require_h5py(f"{path} (HDF5)")
+  try:
+    f = h5py.File(path, "r")
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is not a readable HDF5 file ({e}); check the file (or give "
+                    "its format, e.g. tiff:PATH).") from None
+  try:
+    chosen = choose_dataset(path, list_datasets(f), dataset, path)
+    data = f[chosen]
+    return Source(data, f"{path}:{chosen}", _axes(data), _metadata(data), f.close)
+  except BaseException:
+    f.close()
+    raise
+
+
+def _axes(data) -> str | None:
+  """Axes from the dataset's 'axes' attribute or its dimension labels."""
+  text = data.attrs.get("axes")
+  if isinstance(text, bytes):
+    text = text.decode()
+  if isinstance(text, str) and text:
+    return text.upper()
+  try:
+    labels = [d.label for d in data.dims]
+  except (RuntimeError, ValueError, TypeError):
+    return None
+  return axes_from_names(labels) if all(labels) else None
+
+
+def _metadata(data) -> MovieMetadata:
+  meta = MovieMetadata(kind="hdf5")
+  interval = data.attrs.get("frame_interval")
+  rate = data.attrs.get("frame_rate", data.attrs.get("fs"))
+  if interval is not None:
+    meta.frame_interval = float(interval)
+  elif rate is not None and float(rate) > 0:
+    meta.frame_interval = 1.0 / float(rate)
+  size = data.attrs.get("pixel_size")
+  if size is not None and np.size(size) == 2:
+    y, x = (float(v) for v in np.ravel(size))
+    meta.resolution = (1.0 / x, 1.0 / y)
+    unit = data.attrs.get("unit", "µm")
+    meta.unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+  return meta
+
+
+def metadata_attrs(metadata: MovieMetadata | None, axes: str = "TYX") -> dict[str, Any]:
+  """Attributes that carry a movie's axes, frame interval and pixel size (HDF5, Zarr)."""
+  attrs: dict[str, Any] = {"axes": axes}
+  if metadata is not None:
+    if metadata.frame_interval:
+      attrs["frame_interval"] = float(metadata.frame_interval)
+      attrs["frame_rate"] = 1.0 / float(metadata.frame_interval)
+    if metadata.pixel_size is not None:
+      attrs["pixel_size"] = [float(v) for v in metadata.pixel_size]
+      attrs["unit"] = metadata.unit or "pixel"
+    attrs["source_metadata"] = json.dumps({"kind": metadata.kind,
+                                           "describe": metadata.describe()})
+  return attrs
+
+
+def chunk_frames(frame_shape, dtype) -> int:
+  return max(1, CHUNK_BYTES // max(1, int(np.prod(frame_shape)) * np.dtype(dtype).itemsize))
+
+
+class HDF5Sink:
+  """A (T, Y, X) dataset written block by block into a new HDF5 file."""
+
+  def __init__(self, dataset: str | None, compression: str | None):
+    require_h5py("writing HDF5")
+    self.dataset = (dataset or DEFAULT_DATASET).strip("/") or DEFAULT_DATASET
+    self.compression = None if compression in (None, "none") else compression
+    if self.compression not in (None, "gzip", "lzf"):
+      raise UserError(f"HDF5 compression {compression!r} is not available; give "
+                      "compression=gzip, lzf or none.")
+    self.file = None
+    self.data = None
+
+  def open(self, temp: str, frame_shape, dtype, frames: int | None,
+           metadata: MovieMetadata | None) -> None:
+    self.file = h5py.File(temp, "w")
+    n = chunk_frames(frame_shape, dtype)
+    self.data = self.file.create_dataset(
+        self.dataset, shape=(frames or 0,) + tuple(frame_shape), dtype=dtype,
+        maxshape=(frames if frames else None,) + tuple(frame_shape),
+        chunks=(min(n, frames) if frames else n,) + tuple(frame_shape),
+        compression=self.compression)
+    for key, value in metadata_attrs(metadata).items():
+      self.data.attrs[key] = value
+    for i, label in enumerate("tyx"):
+      self.data.dims[i].label = label
+
+  def write(self, start: int, frames: np.ndarray) -> None:
+    end = start + len(frames)
+    if self.data.shape[0] < end:
+      self.data.resize(end, axis=0)
+    self.data[start:end] = frames
+
+  def close(self, count: int) -> None:
+    if self.data.shape[0] != count:
+      self.data.resize(count, axis=0)
+    self.file.close()
+    self.file = None
+
+  def abort(self) -> None:
+    if self.file is not None:
+      try:
+        self.file.close()
+      finally:
+        self.file = None

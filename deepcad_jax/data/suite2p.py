@@ -1,0 +1,154 @@
+"""suite2p plane folders: `data.bin` (raw int16, (T, Y, X), C order) described by `ops.npy`.
+
+Reading memory-maps `data.bin` with the shape `ops.npy` gives (read with the restricted
+unpickler of `safe_pickle`: no pickle code runs). Writing makes a plane folder that
+suite2p runs on with registration off: `data.bin` int16, streamed as frames come, and an
+`ops.npy` with Ly, Lx, nframes, reg_file, meanImg, fs, yrange, xrange and
+do_registration=0. Values are stored as round(value * scale) (scale 1 unless the
+output says `[scale=...]`) and clipped to int16; the scaling and the clipping are logged
+and kept in ops (`deepcad_scale`, `deepcad_clipped`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from deepcad_jax import safe_pickle
+from deepcad_jax.data.axes import Source
+from deepcad_jax.data.metadata import MovieMetadata
+from deepcad_jax.errors import UserError
+
+log = logging.getLogger("deepcad_jax")
+
+_OPS = "suite2p's ops.npy (a pickled dict)"
+_OPS_FIX = "give the ops.npy that suite2p wrote for one plane"
+INT16 = np.iinfo(np.int16)
+
+
+def load_ops(path: str) -> dict:
+  """suite2p's ops.npy (one plane's dict of settings and results: numbers, strings,
+  lists, dicts, numpy arrays, the processing date), read without running pickle code."""
+  root = safe_pickle.load_npy(path, {**safe_pickle.NUMPY, **safe_pickle.DATETIME},
+                              what=_OPS, fix=_OPS_FIX)
+  ops = root.item() if root.size == 1 else None
+  if not isinstance(ops, dict) or not all(isinstance(k, str) for k in ops):
+    raise UserError(f"{path} is not {_OPS}: it holds {root.size} item(s) that are not "
+                    f"one dict with string keys; {_OPS_FIX}.")
+  return ops
+
+
+def plane_folder(path: str) -> str:
+  """The plane folder of `path` (the folder itself, or the folder of its data.bin)."""
+  return os.path.dirname(path) if os.path.basename(path) == "data.bin" else path
+
+
+def open_plane(path: str) -> Source:
+  """The movie of a suite2p plane folder, memory-mapped (int16, (nframes, Ly, Lx))."""
+  folder = plane_folder(path)
+  ops_path, data_path = os.path.join(folder, "ops.npy"), os.path.join(folder, "data.bin")
+  missing = [p for p in (ops_path, data_path) if not os.path.isfile(p)]
+  if missing:
+    raise UserError(f"{folder} is not a suite2p plane folder: {missing[0]} is missing; "
+                    "give the folder that holds data.bin and ops.npy (e.g. "
+                    "suite2p/plane0).")
+  ops = load_ops(ops_path)
+  try:
+    ly, lx = int(ops["Ly"]), int(ops["Lx"])
+  except (KeyError, TypeError, ValueError):
+    raise UserError(f"{ops_path} does not give Ly and Lx (the frame size); {_OPS_FIX}."
+                    ) from None
+  frame_bytes = ly * lx * 2
+  size = os.path.getsize(data_path)
+  frames = size // frame_bytes if frame_bytes else 0
+  if frames < 1 or size % frame_bytes:
+    raise UserError(f"{data_path} has {size} bytes, not a whole number of {ly} x {lx} "
+                    "int16 frames; the file is damaged or ops.npy belongs to another "
+                    "plane.")
+  nframes = ops.get("nframes")
+  if nframes is not None and int(nframes) != frames:
+    log.warning("%s: ops.npy says %s frames but data.bin holds %d; reading %d.",
+                folder, nframes, frames, frames)
+  data = np.memmap(data_path, np.int16, "r", shape=(frames, ly, lx))
+  meta = MovieMetadata(kind="suite2p")
+  fs = ops.get("fs")
+  if fs:
+    meta.frame_interval = 1.0 / float(fs)
+  return Source(data, folder, "TYX", meta)
+
+
+class Suite2pSink:
+  """A suite2p plane folder (data.bin int16 and ops.npy) written as frames come."""
+
+  def __init__(self, scale: float | None, name: str):
+    self.scale = float(scale or 1.0)
+    self.name = name
+    self.fh = None
+    self.clipped = 0
+    self.total = None
+    self.low = self.high = None
+
+  def open(self, temp: str, frame_shape, dtype, frames: int | None,
+           metadata: MovieMetadata | None) -> None:
+    self.folder = temp
+    self.frame_shape = tuple(int(n) for n in frame_shape)
+    self.metadata = metadata or MovieMetadata()
+    self.fh = open(os.path.join(temp, "data.bin"), "xb")
+    self.total = np.zeros(self.frame_shape, np.float64)
+
+  def write(self, start: int, frames: np.ndarray) -> None:
+    values = np.asarray(frames, np.float64)
+    if self.scale != 1.0:
+      values = values * self.scale
+    values = np.rint(values)
+    low, high = float(values.min()), float(values.max())
+    self.low = low if self.low is None else min(self.low, low)
+    self.high = high if self.high is None else max(self.high, high)
+    outside = (values < INT16.min) | (values > INT16.max)
+    self.clipped += int(outside.sum())
+    out = np.clip(values, INT16.min, INT16.max).astype("<i2")
+    self.total += out.sum(0)
+    self.fh.write(out.tobytes())
+
+  def close(self, count: int) -> None:
+    self.fh.flush()
+    os.fsync(self.fh.fileno())
+    self.fh.close()
+    self.fh = None
+    ly, lx = self.frame_shape
+    final = self.name
+    interval = self.metadata.frame_interval
+    ops = {
+        "Ly": ly, "Lx": lx, "nframes": int(count), "nframes_per_folder": [int(count)],
+        "frames_per_file": [int(count)], "reg_file": os.path.join(final, "data.bin"),
+        "save_path": final, "save_path0": os.path.dirname(final), "fast_disk": final,
+        "save_folder": os.path.basename(final), "data_path": [], "filelist": [],
+        "input_format": "binary", "nplanes": 1, "nchannels": 1, "functional_chan": 1,
+        "fs": float(1.0 / interval) if interval else 10.0,
+        "do_registration": 0, "yrange": [0, ly], "xrange": [0, lx],
+        "meanImg": (self.total / max(1, count)).astype(np.float32),
+        "deepcad_scale": self.scale, "deepcad_clipped": int(self.clipped),
+    }
+    with open(os.path.join(self.folder, "ops.npy"), "xb") as f:
+      np.save(f, np.array(ops, dtype=object), allow_pickle=True)  # our own dict
+      f.flush()
+      os.fsync(f.fileno())
+    voxels = count * ly * lx
+    if self.clipped:
+      fit = 32767.0 / max(abs(self.low or 0), abs(self.high or 0)) * self.scale
+      log.warning("%s: %d voxels (%.3g%%) of %.4g..%.4g (after scaling by %g) did not fit "
+                  "int16 and were clipped; write it with [scale=%.3g] to keep them.",
+                  final, self.clipped, 100 * self.clipped / max(1, voxels), self.low,
+                  self.high, self.scale, fit)
+    else:
+      log.info("%s: suite2p data.bin written as int16 = round(value x %g) (range %s..%s, "
+               "nothing clipped).", final, self.scale, self.low, self.high)
+
+  def abort(self) -> None:
+    if self.fh is not None:
+      try:
+        self.fh.close()
+      finally:
+        self.fh = None

@@ -1,0 +1,411 @@
+"""File formats: HDF5, Zarr, NWB, suite2p, raw binaries and ScanImage TIFFs in and out.
+
+Every file is made here, small; each reader is checked against the array written, each
+round trip (read, denoise, write, read back) against the TIFF path's result.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import noisy_movie, write_tiff
+from deepcad_jax import cli
+from deepcad_jax.data import output as output_mod
+from deepcad_jax.data import zarr_store
+from deepcad_jax.data.movie import list_movies, open_movie
+from deepcad_jax.data.output import write_movie
+from deepcad_jax.data.spec import MovieSpec
+from deepcad_jax.errors import UserError
+from deepcad_jax.infer import denoise_files
+from deepcad_jax.traces import load_ops
+
+h5py = pytest.importorskip("h5py")
+zarr = pytest.importorskip("zarr")
+pynwb = pytest.importorskip("pynwb")
+
+SHAPE = (40, 24, 24)
+
+
+@pytest.fixture(scope="module")
+def movie():
+  return noisy_movie(SHAPE, seed=1, dtype=np.int16)[0]
+
+
+@pytest.fixture(scope="module")
+def tiff_result(trained_model, movie, tmp_path_factory):
+  """The TIFF path's denoised movie: what every other format must give."""
+  root = tmp_path_factory.mktemp("tiff")
+  src = write_tiff(root / "movie.tif", movie)
+  denoise_files(src, str(root / "den.tif"), trained_model, progress=False)
+  return open_movie(str(root / "den.tif")).read(0, SHAPE[0])
+
+
+def one_sentence(error: UserError) -> str:
+  text = str(error)
+  assert "\n" not in text and text.endswith(".") and "Traceback" not in text
+  return text
+
+
+def run(capsys, *args):
+  code = cli.main(["deepcad-jax", *args])
+  out, err = capsys.readouterr()
+  assert "Traceback" not in err
+  return code, out, err
+
+
+# ---------------------------------------------------------------- HDF5
+
+
+def test_allen_hdf5_round_trip(trained_model, movie, tiff_result, tmp_path):
+  src = tmp_path / "allen.h5"
+  with h5py.File(src, "w") as f:
+    f.create_dataset("data", data=movie, chunks=(8, 24, 24))
+    f["max_projection"] = movie.max(0)
+  m = open_movie(str(src))
+  assert m.shape == SHAPE and m.dtype == np.int16
+  np.testing.assert_array_equal(m.read(5, 9), movie[5:9])
+  out = str(tmp_path / "den.h5")
+  denoise_files(str(src), out, trained_model, progress=False)  # format follows the input's
+  with h5py.File(out, "r") as f:
+    data = f["data"]
+    assert data.shape == SHAPE and data.dtype == np.float32
+    assert data.chunks is not None and data.attrs["axes"] == "TYX"
+    np.testing.assert_allclose(data[:], tiff_result, rtol=0, atol=1e-5)
+
+
+def test_sima_yxt_hdf5_round_trip_to_zarr(trained_model, movie, tiff_result, tmp_path):
+  src = tmp_path / "sima.h5"
+  with h5py.File(src, "w") as f:
+    f.create_dataset("imaging", data=np.moveaxis(movie, 0, -1))  # (y, x, t)
+  with pytest.raises(UserError) as e:  # (24, 24, 40) read as TYX would be wrong: say so?
+    open_movie(f"{src}[axes=YX]")
+  assert "give each of T, Y, X once" in one_sentence(e.value)
+  m = open_movie(f"{src}[axes=YXT]")
+  assert m.shape == SHAPE
+  np.testing.assert_array_equal(m.read(3, 7), movie[3:7])
+  out = str(tmp_path / "den.zarr")
+  denoise_files(f"{src}[axes=YXT]", out, trained_model, progress=False)
+  z = zarr.open(out, mode="r")
+  assert z.shape == SHAPE and z.dtype == np.float32
+  np.testing.assert_allclose(z[:], tiff_result, rtol=0, atol=1e-5)
+  assert [k for k in os.listdir(tmp_path) if k.startswith(".")] == []  # no temporary left
+
+
+def test_hdf5_bad_dataset_and_axes_are_one_sentence(movie, tmp_path):
+  src = tmp_path / "two.h5"
+  with h5py.File(src, "w") as f:
+    f["a/movie"] = movie
+    f["b/movie"] = movie
+    f["vol"] = np.stack([movie[:, :8, :8]] * 2, 1)
+  with pytest.raises(UserError) as e:
+    open_movie(str(src))
+  text = one_sentence(e.value)
+  assert "several movie-like datasets" in text and "/a/movie (40, 24, 24)" in text
+  with pytest.raises(UserError) as e:
+    open_movie(f"{src}:/nope")
+  text = one_sentence(e.value)
+  assert "has no dataset '/nope'" in text and "/b/movie" in text
+  with pytest.raises(UserError) as e:
+    open_movie(f"{src}:/vol")
+  assert "--axes (e.g. --axes TZYX or TCYX)" in one_sentence(e.value)
+  with pytest.raises(UserError) as e:
+    open_movie(f"{src}:/vol[axes=TYX]")
+  assert "name 3 axes but" in one_sentence(e.value)
+  np.testing.assert_array_equal(open_movie(f"{src}:/b/movie").read(0, 2), movie[:2])
+
+
+def test_large_hdf5_is_read_in_pieces(movie, tmp_path):
+  src = tmp_path / "big.h5"
+  with h5py.File(src, "w") as f:
+    f.create_dataset("data", data=movie, chunks=(4, 24, 24))
+  m = open_movie(str(src))
+  asked = []
+  array = m._layout.array
+
+  class Spy:
+    shape, dtype = array.shape, array.dtype
+
+    def __getitem__(self, index):
+      asked.append(index[0])
+      return array[index]
+
+  m._layout.array = Spy()
+  frame_bytes = 24 * 24 * 2
+  blocks = list(m.chunks(max_bytes=6 * frame_bytes))
+  assert len(blocks) == 7 and all(len(b) <= 6 for _, b in blocks)
+  np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), movie)
+  assert all(s.stop - s.start <= 6 for s in asked)  # never the whole file at once
+  assert m.mean() == pytest.approx(float(movie.mean()))
+
+
+def test_volumetric_hdf5_is_split_into_planes(trained_model, movie, tmp_path):
+  src = tmp_path / "vol.h5"
+  vol = np.stack([movie, movie[::-1]], 1)  # (T, Z, Y, X)
+  with h5py.File(src, "w") as f:
+    f["data"] = vol
+    f["data"].dims[0].label, f["data"].dims[1].label = "t", "z"
+    f["data"].dims[2].label, f["data"].dims[3].label = "y", "x"
+  parts = list_movies(str(src))  # the dimension labels say the axes
+  assert parts == [f"{src}[plane=0]", f"{src}[plane=1]"]
+  np.testing.assert_array_equal(open_movie(parts[1]).read(0, 40), movie[::-1])
+  with pytest.raises(UserError) as e:
+    open_movie(str(src))
+  assert "recording of 2 planes; give one" in one_sentence(e.value)
+  reports = denoise_files(str(src), str(tmp_path / "den.h5"), trained_model,
+                          progress=False)
+  assert [os.path.basename(r.output) for r in reports] == ["den_plane0.h5", "den_plane1.h5"]
+  for r in reports:
+    assert open_movie(r.output).shape == SHAPE
+
+
+# ---------------------------------------------------------------- ScanImage TIFF
+
+
+def write_scanimage(path, frames, planes, channels, metadata=True):
+  """A ScanImage-like TIFF: frames interleaved (time, plane, channel), the frame data
+  in the Software tag as ScanImage 2016+ writes it in a non-BigTIFF file."""
+  software = (f"SI.hChannels.channelSave = [{';'.join(str(c + 1) for c in range(channels))}]"
+              f"\nSI.hStackManager.numSlices = {planes}\nSI.hFastZ.enable = true\n"
+              "SI.hRoiManager.scanFrameRate = 30\n")
+  tifffile.imwrite(path, frames, photometric="minisblack", metadata=None,
+                   software=software if metadata else None)
+  return str(path)
+
+
+def test_scanimage_interleaved_tiff_is_undone(trained_model, tmp_path):
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, 500, (12, 2, 2, 16, 16)).astype(np.int16)  # (T, Z, C, Y, X)
+  src = write_scanimage(tmp_path / "si.tif", data.reshape(-1, 16, 16), 2, 2)
+  parts = list_movies(src)
+  assert parts == [f"{src}[plane={z},channel={c}]" for z in (0, 1) for c in (0, 1)]
+  for z in (0, 1):
+    for c in (0, 1):
+      m = open_movie(f"{src}[plane={z},channel={c}]")
+      assert m.shape == (12, 16, 16)
+      np.testing.assert_array_equal(m.read(3, 9), data[3:9, z, c])
+  # the same frames without metadata: --planes/--channels say the interleaving
+  bare = write_scanimage(tmp_path / "bare.tif", data.reshape(-1, 16, 16), 2, 2,
+                         metadata=False)
+  assert open_movie(bare).shape == (48, 16, 16)
+  np.testing.assert_array_equal(
+      open_movie(f"{bare}[planes=2,channels=2,plane=1,channel=0]").read(0, 12),
+      data[:, 1, 0])
+  out = tmp_path / "out"
+  out.mkdir()
+  reports = denoise_files(src, str(out), trained_model, progress=False, patch=(8, 16, 16),
+                          tiling="overlap", overlap=0.25)
+  assert sorted(os.listdir(out)) == [f"si_plane{z}_ch{c}.tif" for z in (0, 1)
+                                     for c in (0, 1)]
+  assert all(open_movie(r.output).shape == (12, 16, 16) for r in reports)
+
+
+# ---------------------------------------------------------------- Zarr
+
+
+def test_zarr_written_in_chunks_round_trip(trained_model, movie, tiff_result, tmp_path):
+  store = str(tmp_path / "rec.zarr")
+  root = zarr.open_group(store, mode="w")
+  create = root.create_array if hasattr(root, "create_array") else root.create_dataset
+  arr = create("raw", shape=SHAPE, chunks=(8, 12, 12), dtype=np.int16)
+  for t in range(0, SHAPE[0], 8):  # written chunk by chunk, as an acquisition would
+    arr[t:t + 8] = movie[t:t + 8]
+  m = open_movie(store)
+  assert m.shape == SHAPE and m.dtype == np.int16 and m.name == f"{store}:/raw"
+  blocks = list(m.chunks(max_bytes=10 * 24 * 24 * 2))
+  assert len(blocks) == 4
+  np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), movie)
+  out = str(tmp_path / "den.zarr")
+  denoise_files(store, out, trained_model, progress=False)
+  back = open_movie(out)
+  assert back.shape == SHAPE and back.dtype == np.float32
+  np.testing.assert_allclose(back.read(0, 40), tiff_result, rtol=0, atol=1e-5)
+  with pytest.raises(UserError) as e:
+    open_movie(f"{store}:/missing")
+  assert "has no dataset '/missing'" in one_sentence(e.value)
+
+
+def test_ome_zarr_axes_come_from_the_metadata(movie, tmp_path):
+  store = str(tmp_path / "image.ome.zarr")
+  root = zarr.open_group(store, mode="w")
+  create = root.create_array if hasattr(root, "create_array") else root.create_dataset
+  vol = np.stack([movie, movie + 1], 0)  # (C, T, Y, X)
+  create("0", shape=vol.shape, chunks=(1, 8, 24, 24), dtype=vol.dtype)[:] = vol
+  root.attrs["multiscales"] = [{"version": "0.4", "axes": [
+      {"name": "c", "type": "channel"}, {"name": "t", "type": "time"},
+      {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+      "datasets": [{"path": "0"}]}]
+  parts = list_movies(store)
+  assert parts == [f"{store}[channel=0]", f"{store}[channel=1]"]
+  np.testing.assert_array_equal(open_movie(parts[1]).read(0, 40), movie + 1)
+
+
+def test_zarr_streamed_with_unknown_length_and_no_compression(tmp_path):
+  frames = np.arange(7 * 8 * 8, dtype=np.float32).reshape(7, 8, 8)
+  out = str(tmp_path / "s.zarr")
+  with output_mod.MovieWriter(f"{out}[compression=none]", None, np.float32) as w:
+    for t in range(7):
+      w.write(frames[t])
+      assert not os.path.exists(out)  # no finished name until complete
+  np.testing.assert_array_equal(open_movie(out).read(0, 7), frames)
+
+
+def test_missing_extra_is_named(monkeypatch, tmp_path):
+  monkeypatch.setattr(zarr_store, "zarr", None)
+  monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` fails
+  os.makedirs(tmp_path / "x.zarr")
+  with pytest.raises(UserError) as e:
+    open_movie(str(tmp_path / "x.zarr"))
+  assert 'pip install "deepcad-jax[zarr]"' in one_sentence(e.value)
+
+
+# ---------------------------------------------------------------- NWB
+
+
+def make_nwb(path, movie, rate=15.0):
+  from datetime import datetime, timezone
+  from pynwb import NWBHDF5IO, NWBFile
+  from pynwb.file import Subject
+  from pynwb.ophys import OpticalChannel, TwoPhotonSeries
+  nwb = NWBFile(session_description="two-photon session", identifier="rec-1",
+                session_start_time=datetime(2024, 5, 1, tzinfo=timezone.utc),
+                lab="test lab", subject=Subject(subject_id="mouse-7", species="Mus musculus"))
+  device = nwb.create_device(name="2p scope")
+  plane = nwb.create_imaging_plane(
+      name="plane0", optical_channel=OpticalChannel(name="green", description="GCaMP",
+                                                    emission_lambda=510.0),
+      imaging_rate=rate, description="L2/3", device=device, excitation_lambda=920.0,
+      indicator="GCaMP6s", location="V1")
+  nwb.add_acquisition(TwoPhotonSeries(name="TwoPhotonSeries", data=movie,
+                                      imaging_plane=plane, rate=rate, unit="a.u."))
+  with NWBHDF5IO(str(path), "w") as io:
+    io.write(nwb)
+  return str(path)
+
+
+def test_nwb_round_trip_copies_the_metadata(trained_model, movie, tiff_result, tmp_path):
+  src = make_nwb(tmp_path / "rec.nwb", movie)
+  m = open_movie(src)
+  assert m.shape == SHAPE and m.dtype == np.int16
+  assert m.metadata.frame_interval == pytest.approx(1 / 15)
+  np.testing.assert_array_equal(m.read(0, 40), movie)
+  out = str(tmp_path / "den.nwb")
+  denoise_files(src, out, trained_model, progress=False)
+  with pynwb.NWBHDF5IO(out, "r") as io:
+    nwb = io.read()
+    assert nwb.session_description == "two-photon session" and nwb.lab == "test lab"
+    assert nwb.subject.subject_id == "mouse-7" and nwb.identifier != "rec-1"
+    assert "TwoPhotonSeries" not in nwb.acquisition  # the raw movie is not copied
+    series = nwb.processing["ophys"]["TwoPhotonSeries_denoised"]
+    assert series.rate == 15.0 and series.imaging_plane.indicator == "GCaMP6s"
+    assert series.data.shape == SHAPE and series.data.dtype == np.float32
+    np.testing.assert_allclose(series.data[:], tiff_result, rtol=0, atol=1e-5)
+  acq = str(tmp_path / "acq.nwb")
+  denoise_files(src, f"{acq}[nwb_group=acquisition]", trained_model, progress=False)
+  # suite2p's reader takes the TwoPhotonSeries of acquisition: the only one there
+  back = open_movie(acq)
+  assert back.name == f"{acq}:acquisition/TwoPhotonSeries_denoised"
+  np.testing.assert_allclose(back.read(0, 40), tiff_result, rtol=0, atol=1e-5)
+
+
+def test_nwb_errors_and_new_file(movie, tmp_path):
+  src = make_nwb(tmp_path / "rec.nwb", movie)
+  with pytest.raises(UserError) as e:
+    open_movie(f"{src}:Nope")
+  text = one_sentence(e.value)
+  assert "no imaging series named 'Nope'" in text and "acquisition/TwoPhotonSeries" in text
+  out = str(tmp_path / "new.nwb")  # from a TIFF: a new NWB file with one series
+  write_movie(out, movie.astype(np.float32))
+  with pynwb.NWBHDF5IO(out, "r") as io:
+    series = io.read().processing["ophys"]["denoised"]
+    np.testing.assert_array_equal(series.data[:], movie)
+
+
+# ---------------------------------------------------------------- suite2p, raw
+
+
+def test_suite2p_plane_folder_in_and_out(trained_model, movie, tiff_result, tmp_path):
+  plane = tmp_path / "suite2p" / "plane0"
+  plane.mkdir(parents=True)
+  movie.tofile(plane / "data.bin")
+  np.save(plane / "ops.npy", np.array({"Ly": 24, "Lx": 24, "nframes": 40, "fs": 30.0},
+                                      dtype=object), allow_pickle=True)
+  m = open_movie(str(plane))
+  assert m.shape == SHAPE and m.dtype == np.int16
+  assert m.metadata.frame_interval == pytest.approx(1 / 30)
+  np.testing.assert_array_equal(m.read(10, 20), movie[10:20])
+  out = tmp_path / "den" / "plane0"
+  denoise_files(str(plane), str(out), trained_model, progress=False)
+  data = np.memmap(out / "data.bin", np.int16, "r")
+  ops = load_ops(str(out / "ops.npy"))  # readable by the restricted unpickler
+  for key in ("Ly", "Lx", "nframes", "reg_file", "meanImg", "fs", "yrange", "xrange",
+              "do_registration"):
+    assert key in ops
+  assert (ops["Ly"], ops["Lx"], ops["nframes"], ops["do_registration"]) == (24, 24, 40, 0)
+  assert ops["reg_file"] == str(out / "data.bin")
+  frames = data.reshape(ops["nframes"], ops["Ly"], ops["Lx"])  # (T, Y, X), C order
+  np.testing.assert_array_equal(frames, np.clip(np.rint(tiff_result), -32768, 32767))
+  assert ops["meanImg"].shape == (24, 24)
+
+
+def test_suite2p_clipping_is_reported(tmp_path, caplog):
+  frames = np.full((3, 8, 8), 40000.0, np.float32)
+  out = str(tmp_path / "plane0")
+  with caplog.at_level("WARNING", logger="deepcad_jax"):
+    write_movie(out, frames)
+  assert "did not fit int16 and were clipped" in caplog.text and "[scale=0.819]" in caplog.text
+  ops = load_ops(os.path.join(out, "ops.npy"))
+  assert ops["deepcad_clipped"] == 192
+  write_movie(f"suite2p:{tmp_path / 'half'}[scale=0.5]", frames)
+  np.testing.assert_array_equal(open_movie(str(tmp_path / "half")).read(0, 3), 20000)
+
+
+def test_raw_binary_needs_its_shape(movie, tmp_path):
+  path = str(tmp_path / "movie.dat")
+  movie.tofile(path)
+  with pytest.raises(UserError) as e:
+    open_movie(path)
+  assert "raw:movie.bin[shape=" in one_sentence(e.value)
+  with pytest.raises(UserError) as e:
+    open_movie(f"raw:{path}[shape=41x24x24,dtype=int16]")
+  assert "40 frames of (24, 24) would fit" in one_sentence(e.value)
+  m = open_movie(f"raw:{path}[shape=40x24x24,dtype=int16]")
+  np.testing.assert_array_equal(m.read(0, 40), movie)
+
+
+def test_spec_text_round_trips():
+  for text in ("rec.h5:/imaging/data[axes=YXT]", "suite2p:out/plane0[scale=0.5]",
+               "raw:m.bin[shape=10x4x4,dtype=uint16,offset=8]", "rec.nwb:TwoPhotonSeries",
+               "si.tif[planes=2,channels=2,plane=1,channel=0]"):
+    assert str(MovieSpec.parse(text)) == text
+  with pytest.raises(UserError, match="unknown option 'frames'"):
+    MovieSpec.parse("a.h5[frames=3]")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_denoise_take_other_formats(capsys, movie, tmp_path):
+  src = tmp_path / "sima.h5"
+  with h5py.File(src, "w") as f:
+    f["imaging"] = np.moveaxis(movie, 0, -1)
+  run_dir = str(tmp_path / "run")
+  code, _, err = run(capsys, "train", "--config", "tiny", "--data", str(src), "--axes",
+                     "YXT", "--workdir", run_dir, "--epochs", "1", "--pairs-per-epoch", "4",
+                     "--batch-size", "4")
+  assert code == 0, err
+  out = str(tmp_path / "den.nwb")
+  code, _, err = run(capsys, "denoise", "--model", run_dir, "--input", str(src), "--axes",
+                     "YXT", "--output", out, "--nwb-acquisition")
+  assert code == 0, err
+  assert open_movie(out).shape == SHAPE
+  code, _, err = run(capsys, "denoise", "--model", run_dir, "--input", f"{src}:/nope",
+                     "--output", str(tmp_path / "y.h5"))
+  assert code == 2 and "has no dataset '/nope'" in err and "/imaging (24, 24, 40)" in err
+  # one movie's axes in its own spec (the --axes flag applies to every movie flag)
+  code, text, err = run(capsys, "evaluate", "--denoised", out, "--reference",
+                        f"{src}[axes=YXT]")
+  assert code == 0, err
+  assert "snr" in text.lower()
