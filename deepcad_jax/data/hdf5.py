@@ -140,7 +140,34 @@ def chunk_frames(frame_shape, dtype) -> int:
   return max(1, CHUNK_BYTES // max(1, int(np.prod(frame_shape)) * np.dtype(dtype).itemsize))
 
 
-class HDF5Sink:
+class DatasetWriter:
+  """Frames appended to a resizable (T, Y, X) HDF5 dataset `self.data` of the open file
+  `self.file` (HDF5 and NWB outputs)."""
+
+  data: Any = None
+  file: Any = None
+
+  def write(self, start: int, frames: np.ndarray) -> None:
+    end = start + len(frames)
+    if self.data.shape[0] < end:
+      self.data.resize(end, axis=0)
+    self.data[start:end] = frames
+
+  def close(self, count: int) -> None:
+    if self.data.shape[0] != count:
+      self.data.resize(count, axis=0)
+    self.file.close()
+    self.file = None
+
+  def abort(self) -> None:
+    if self.file is not None:
+      try:
+        self.file.close()
+      finally:
+        self.file = None
+
+
+class HDF5Sink(DatasetWriter):
   """A (T, Y, X) dataset written block by block into a new HDF5 file."""
 
   def __init__(self, dataset: str | None, compression: str | None):
@@ -167,21 +194,3 @@ class HDF5Sink:
     for i, label in enumerate("tyx"):
       self.data.dims[i].label = label
 
-  def write(self, start: int, frames: np.ndarray) -> None:
-    end = start + len(frames)
-    if self.data.shape[0] < end:
-      self.data.resize(end, axis=0)
-    self.data[start:end] = frames
-
-  def close(self, count: int) -> None:
-    if self.data.shape[0] != count:
-      self.data.resize(count, axis=0)
-    self.file.close()
-    self.file = None
-
-  def abort(self) -> None:
-    if self.file is not None:
-      try:
-        self.file.close()
-      finally:
-        self.file = None

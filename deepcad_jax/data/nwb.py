@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax.data.axes import Source
-from deepcad_jax.data.hdf5 import chunk_frames, require_h5py
+from deepcad_jax.data.hdf5 import DatasetWriter, chunk_frames, require_h5py
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError
 
@@ -167,7 +167,7 @@ def _module(h5py, f, acquisition: bool):
   return processing["ophys"]
 
 
-class NWBSink:
+class NWBSink(DatasetWriter):
   """A denoised imaging series written block by block into a new NWB file."""
 
   def __init__(self, name: str | None, acquisition: bool):
@@ -254,21 +254,3 @@ class NWBSink:
         io.write(nwbfile)
     return where
 
-  def write(self, start: int, frames: np.ndarray) -> None:
-    end = start + len(frames)
-    if self.data.shape[0] < end:
-      self.data.resize(end, axis=0)
-    self.data[start:end] = frames
-
-  def close(self, count: int) -> None:
-    if self.data.shape[0] != count:
-      self.data.resize(count, axis=0)
-    self.file.close()
-    self.file = None
-
-  def abort(self) -> None:
-    if self.file is not None:
-      try:
-        self.file.close()
-      finally:
-        self.file = None

@@ -620,7 +620,7 @@ class MovieWriter:
     if self._sink is not None:
       self._write_sink(frames)
       return
-    try:
+    with self._aborting():
       first = self._tw is None
       if first:
         self._open()
@@ -632,6 +632,21 @@ class MovieWriter:
         else:
           self._tw.write(frame, **self._page)
         self.count += 1
+
+  def _write_sink(self, frames: np.ndarray) -> None:
+    with self._aborting():
+      if not self._started:
+        self._started = True
+        self._sink.open(self.file.reserve(), self.frame_shape, self.dtype, self.expected,
+                        self.metadata)
+      self._sink.write(self.count, frames)
+      self.count += len(frames)
+
+  @contextlib.contextmanager
+  def _aborting(self) -> Iterator[None]:
+    """Any error removes the partial file (an OSError becomes one sentence)."""
+    try:
+      yield
     except OSError as e:
       self.abort()
       raise os_error(e, self.path) from None
@@ -639,20 +654,11 @@ class MovieWriter:
       self.abort()
       raise
 
-  def _write_sink(self, frames: np.ndarray) -> None:
-    try:
-      if not self._started:
-        self._started = True
-        self._sink.open(self.file.reserve(), self.frame_shape, self.dtype, self.expected,
-                        self.metadata)
-      self._sink.write(self.count, frames)
-      self.count += len(frames)
-    except OSError as e:
+  def _check_count(self) -> None:
+    if self.expected is not None and self.count != self.expected:
       self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
+      raise RuntimeError(f"{self.path}: {self.count} of {self.expected} frames were "
+                         "written; the file was removed.")
 
   def finish(self) -> bool:
     """Write the description, close and fsync; False (no file) if no frame came."""
@@ -664,40 +670,22 @@ class MovieWriter:
     if self._tw is None:
       self.file.abort()
       return False
-    if self.expected is not None and self.count != self.expected:
-      self.abort()
-      raise RuntimeError(f"{self.path}: {self.count} of {self.expected} frames were "
-                         "written; the file was removed.")
+    self._check_count()
     shape = (self.count,) + self.frame_shape
-    try:
+    with self._aborting():
       description = self._format.description(shape, self.dtype)
       self._tw.overwrite_description(description.encode("utf-8"))
       self._tw.close()
       self._tw = None
-    except OSError as e:
-      self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
     return self.file.finish()
 
   def _finish_sink(self) -> bool:
     if not self._started:
       self.file.abort()
       return False
-    if self.expected is not None and self.count != self.expected:
-      self.abort()
-      raise RuntimeError(f"{self.path}: {self.count} of {self.expected} frames were "
-                         "written; the file was removed.")
-    try:
+    self._check_count()
+    with self._aborting():
       self._sink.close(self.count)
-    except OSError as e:
-      self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
     return self.file.finish()
 
   def publish(self) -> None:
