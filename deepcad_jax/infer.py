@@ -38,8 +38,9 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.loading import load_model
 from deepcad_jax.model import uniform_widths
 from deepcad_jax.normalise import Normalisation
-from deepcad_jax.predict import (StepLayout, TileFn, compile_predict_step, frame_padding,
-                                 reflect_index, symmetry_samples, tile_network)
+from deepcad_jax.predict import (Channels, StepLayout, TileFn, compile_predict_step,
+                                 frame_padding, reflect_index, symmetry_samples,
+                                 tile_network)
 from deepcad_jax.progress import Progress
 from deepcad_jax.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
                                 overlap_plan)
@@ -770,8 +771,7 @@ class Denoiser:
     uncertainty: [mean, std, samples...])."""
     for f in self.frames(movie, stats=stats, mean=mean, progress=progress, prior=prior,
                          slabs=slabs):
-      yield f.data if f.extras is None else np.concatenate([f.data[..., None], f.extras],
-                                                           axis=-1)
+      yield f.data if f.extras is None else Channels.join(f.data, f.extras)
 
 
 INFER_FIX = ("lower --memory-budget or --batch-size, give a smaller --tile, or use "
@@ -1050,9 +1050,9 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
         frames = data.reshape((-1,) + frame_shape)
         for t in range(0, len(frames), 64):
           block = np.asarray(frames[t:t + 64])
-          main, clipped = to_dtype(block[..., 0] if channels else block, out_dtype)
+          main, clipped = to_dtype(Channels.mean(block) if channels else block, out_dtype)
           stats.clipped += clipped
-          yield Frames(0, main, block[..., 1:] if channels else None, clipped)
+          yield Frames(0, main, Channels.extras(block) if channels else None, clipped)
         del data, frames
 
     stats.clipped = 0
@@ -1177,7 +1177,7 @@ def denoise_with(movie: Any, tile_fn: TileFn, plan: TilePlan, *, params: Any = N
   movie = as_movie(movie)
   mean = movie.mean() if mean is None else float(mean)
   engine = Engine(tile_fn, params, parallel.data_mesh(devices), batch_size)
-  parts = [f.data if f.extras is None else np.concatenate([f.data[..., None], f.extras], -1)
+  parts = [f.data if f.extras is None else Channels.join(f.data, f.extras)
            for f in engine.run(movie, plan, mean=mean, channels=channels,
                                out_dtype=out_dtype)]
   return np.concatenate(parts)
@@ -1205,6 +1205,6 @@ def whole_movie_forward(movie: np.ndarray, den: Denoiser, mean: float | None = N
   out = np.asarray(out)[0, :shape[0], :shape[1], :shape[2]]
   if out.ndim == 3:
     return norm.from_network(out)
-  return np.concatenate([norm.from_network(out[..., :1]),
-                         norm.spread_from_network(out[..., 1:2]),
-                         norm.from_network(out[..., 2:])], axis=-1)
+  return Channels.join(norm.from_network(Channels.mean(out)), np.concatenate(
+      [norm.spread_from_network(Channels.std(out))[..., None],
+       norm.from_network(Channels.samples(out))], axis=-1))

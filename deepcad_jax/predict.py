@@ -73,7 +73,7 @@ def tile_network(features: int, dtype: Any = jnp.float32, *, members: int = 1, e
                             prior)
     if not symmetries:
       return outs.mean(0)
-    stats = [outs.mean(0), outs.std(0, ddof=1) * std_scale]
+    stats = [outs.mean(0), outs.std(0, ddof=1) * std_scale]  # the Channels order
     return jnp.stack(stats + (list(outs) if keep_samples else []), axis=-1)
 
   return apply
@@ -86,6 +86,40 @@ def identity_tiles(channels: int = 0) -> TileFn:
     del params, prior
     return tiles if not channels else jnp.stack([tiles] * channels, axis=-1)
   return apply
+
+
+class Channels:
+  """The channel layout of an output with uncertainty: arrays (..., C) hold the mean,
+  then the standard deviation, then the samples (with `keep_samples`). The one place
+  that knows the positions."""
+
+  MEAN, STD, FIRST_SAMPLE = 0, 1, 2
+
+  @staticmethod
+  def count(samples: int = 0) -> int:
+    return Channels.FIRST_SAMPLE + samples
+
+  @staticmethod
+  def mean(values: Any) -> Any:
+    return values[..., Channels.MEAN]
+
+  @staticmethod
+  def std(values: Any) -> Any:
+    return values[..., Channels.STD]
+
+  @staticmethod
+  def samples(values: Any) -> Any:
+    return values[..., Channels.FIRST_SAMPLE:]
+
+  @staticmethod
+  def extras(values: Any) -> Any:
+    """Every channel after the mean (the std, then the samples)."""
+    return values[..., Channels.STD:]
+
+  @staticmethod
+  def join(mean: Any, extras: Any) -> Any:
+    """(..., C) from the mean (...) and the other channels (..., C - 1)."""
+    return np.concatenate([np.asarray(mean)[..., None], extras], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +165,9 @@ def _finish(frames: jax.Array, norm: Normalisation, valid: jax.Array, layout: St
   frames = frames[:, :y, :x]
   extras = None
   if layout.channels:
-    extras = jnp.concatenate([norm.spread_from_network(frames[..., 1:2]),
-                              norm.from_network(frames[..., 2:])], axis=-1)
-    frames = frames[..., 0]
+    extras = jnp.concatenate([norm.spread_from_network(Channels.std(frames)[..., None]),
+                              norm.from_network(Channels.samples(frames))], axis=-1)
+    frames = Channels.mean(frames)
   frames = norm.from_network(frames)
   mean = norm.mean
   dtype = np.dtype(layout.out_dtype)

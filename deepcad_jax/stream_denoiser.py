@@ -16,6 +16,7 @@ import numpy as np
 from deepcad_jax.data.movie import ArrayMovie
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, Window
+from deepcad_jax.predict import Channels
 from deepcad_jax.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to, exact_plan, gap,
                                 overlap_plan)
 
@@ -283,8 +284,8 @@ class StreamDenoiser:
     frames = engine.fetch(engine.submit(layout, w, window, consts, mean,
                                         plan.tiles_per_slab), np.float32)
     self.batches += 1
-    out = frames.data if frames.extras is None else np.concatenate(
-        [frames.data[..., None], frames.extras], axis=-1)
+    out = frames.data if frames.extras is None else Channels.join(frames.data,
+                                                                  frames.extras)
     self._emit(out)
     # Later tiles start at or after this one (the end-aligned last one too).
     drop = tile.start - self.base

@@ -12,6 +12,7 @@ from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.output import BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes
 from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.infer import DenoiseStats, TemporalSpread, quantisation_note, to_dtype
+from deepcad_jax.predict import Channels
 
 
 def raw_path(output: str) -> str:
@@ -119,9 +120,9 @@ class StreamFiles:
     if frames.ndim == 3:
       self.denoised.write(frames)
       return
-    self.denoised.write(frames[..., 0])
+    self.denoised.write(Channels.mean(frames))
     for i, w in enumerate(self.extras):
-      w.write(frames[..., 1 + i])
+      w.write(Channels.extras(frames)[..., i])
 
   def commit(self) -> tuple[list[str], list[BaseException]]:
     """Give every file that received frames its final name: (the paths kept, the

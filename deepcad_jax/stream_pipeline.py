@@ -18,6 +18,7 @@ from deepcad_jax import resources
 from deepcad_jax.data.output import output_format
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import resolve_output_dtype
+from deepcad_jax.predict import Channels
 from deepcad_jax.stream_denoiser import StreamDenoiser
 from deepcad_jax.stream_files import StreamFiles, raw_path
 from deepcad_jax.stream_sources import FrameSource
@@ -238,7 +239,7 @@ class Pipeline:
     """One denoised block (and its raw frames) written, shown, timed and logged."""
     self.files.write_denoised(out)
     if out.ndim == 4:  # with uncertainty: the mean is shown
-      out = out[..., 0]
+      out = Channels.mean(out)
     if self.on_output is not None:
       self.on_output(raw, out)
     now = time.perf_counter()

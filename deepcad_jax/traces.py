@@ -30,6 +30,7 @@ from deepcad_jax.data.output import AtomicFile, os_error
 from deepcad_jax.data.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
+from deepcad_jax.predict import Channels
 from deepcad_jax.progress import Progress
 
 log = logging.getLogger("deepcad_jax")
@@ -352,9 +353,10 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
     raise UserError("traces from a model need uncertainty samples (K >= 1) and "
                     "save_samples=True on the Denoiser.")
   parts = [block_traces(b, rois) for b in denoiser.blocks(raw, progress=progress)]
-  t = np.concatenate(parts)  # (T, R, 2 + S): mean, std, samples
-  return Traces([r.name for r in rois], [r.pixels for r in rois], t[..., 0],
-                movie_traces(raw, rois), np.moveaxis(t[..., 2:], -1, 0), f0, band)
+  t = np.concatenate(parts)  # (T, R, channels): predict.Channels
+  return Traces([r.name for r in rois], [r.pixels for r in rois], Channels.mean(t),
+                movie_traces(raw, rois), np.moveaxis(Channels.samples(t), -1, 0), f0,
+                band)
 
 
 # ------------------------------------------------------------------ outputs
