@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from deepcad_jax import __version__
+from deepcad_jax import config as config_lib
 from deepcad_jax.errors import Terminated, UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -60,7 +61,6 @@ def _v(fv: flags.FlagValues, name: str):
 # ---------------------------------------------------------------- shared flag groups
 
 MODEL_HELP = ("Model: a training run directory, a converted model or a DeepCAD-RT .pth.")
-DTYPES = ("float32", "bfloat16")
 
 
 def _define_model(fv, help: str = MODEL_HELP, step: bool = False, para: bool = False):
@@ -84,7 +84,8 @@ def _define_output(fv, help: str, overwrite: str | None = "Replace existing file
 
 
 def _define_dtype(fv, default: str | None = "float32"):
-  flags.DEFINE_enum("dtype", default, list(DTYPES), "Compute dtype.", flag_values=fv)
+  flags.DEFINE_enum("dtype", default, list(config_lib.DTYPES), "Compute dtype.",
+                    flag_values=fv)
 
 
 # ---------------------------------------------------------------- file formats
@@ -178,46 +179,11 @@ def _define_train(fv):
                       "a run.", flag_values=fv)
   flags.DEFINE_string("config", "deepcad_rt", "Config name (deepcad_rt, deepcad, "
                       "ladder:W, tiny, demo) or a .py file.", flag_values=fv)
-  flags.DEFINE_string("patch", None, "Patch T,Y,X (T input frames from a 2T window).",
-                      flag_values=fv)
-  flags.DEFINE_integer("epochs", None, "Train until this many epochs are done.", flag_values=fv)
-  flags.DEFINE_integer("pairs-per-epoch", None, "Training pairs per epoch.", flag_values=fv)
-  flags.DEFINE_integer("batch-size", None, "Global batch (a multiple of the device count; "
-                       "0 = one per device).", flag_values=fv)
-  flags.DEFINE_integer("seed", None, "Random seed.", flag_values=fv)
-  flags.DEFINE_integer("features", None, "Network width f.", flag_values=fv)
-  _define_dtype(fv, None)
-  flags.DEFINE_float("lr", None, "Adam learning rate.", flag_values=fv)
-  flags.DEFINE_float("b1", None, "Adam beta1.", flag_values=fv)
-  flags.DEFINE_float("b2", None, "Adam beta2.", flag_values=fv)
-  flags.DEFINE_integer("workers", None, "Grain worker processes (0 = none).", flag_values=fv)
-  flags.DEFINE_float("scale", None, "Divide intensities by this before the network "
-                     "(DeepCAD-RT's scale_factor; default 1).", flag_values=fv)
-  flags.DEFINE_integer("keep", None, "Epoch checkpoints to keep (the latest checkpoint "
-                       "is always kept too).", flag_values=fv)
-  flags.DEFINE_float("save-every", None, "Minutes between checkpoints within an epoch, so "
-                     "a kill loses at most this much (0 = only at the end of each epoch).",
-                     flag_values=fv)
+  _define_config_flags(fv, TRAIN_CONFIG_FLAGS)
   flags.DEFINE_boolean("fresh", False, "Delete the workdir's checkpoints and start over.",
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
                       "a DeepCAD-RT .pth): fine-tuning.", flag_values=fv)
-  flags.DEFINE_integer("spatial", None, "Also split each patch's Y axis over this many "
-                       "devices (mesh: data x space), for patches too large for one.",
-                       flag_values=fv)
-  flags.DEFINE_integer("ensemble", None, "Train this many models at once (seeds seed, "
-                       "seed+1, ...; same pairs, own augmentation); denoise then averages "
-                       "them and --uncertainty adds their spread. M times the memory.",
-                       flag_values=fv)
-  flags.DEFINE_enum("ensemble-impl", None, ["loop", "vmap"], "How members run in the "
-                    "compiled step: one after another (loop) or batched (vmap).",
-                    flag_values=fv)
-  flags.DEFINE_string("holdout", None, "Frames never trained on, scored every epoch: the "
-                      "last fraction of each movie (e.g. 0.1) or a range a:b.",
-                      flag_values=fv)
-  flags.DEFINE_boolean("mean-prior", None, "Give the network the recording's temporal mean "
-                       "image as a second input channel (stored with the model; denoise "
-                       "and stream use it automatically).", flag_values=fv)
   _define_set(fv)
   _define_distributed(fv)
 
@@ -228,22 +194,66 @@ def _define_set(fv):
                             "the other flags.", flag_values=fv)
 
 
-# The flags of `train` that override a field of the config in use.
-TRAIN_CONFIG_FLAGS = {
-    "patch": "data.patch", "epochs": "train.epochs",
-    "pairs-per-epoch": "data.pairs_per_epoch", "batch-size": "train.batch_size",
-    "seed": "train.seed", "features": "model.features", "dtype": "model.dtype",
-    "lr": "train.lr", "b1": "train.b1", "b2": "train.b2", "workers": "data.workers",
-    "keep": "train.keep_checkpoints", "save-every": "train.save_every",
-    "scale": "data.scale", "spatial": "parallel.spatial", "ensemble": "model.ensemble",
-    "ensemble-impl": "model.ensemble_impl", "mean-prior": "model.mean_prior",
-    "holdout": "data.holdout"}
+# The flags of `train` that set a field of the config in use: (flag, field, help). Their
+# types and choices come from the config's own fields, so a flag is one line here.
+TRAIN_CONFIG_FLAGS = (
+    ("patch", "data.patch", "Patch T,Y,X (T input frames from a 2T window)."),
+    ("epochs", "train.epochs", "Train until this many epochs are done."),
+    ("pairs-per-epoch", "data.pairs_per_epoch", "Training pairs per epoch."),
+    ("batch-size", "train.batch_size", "Global batch (a multiple of the device count; 0 = "
+     "one per device)."),
+    ("seed", "train.seed", "Random seed."),
+    ("features", "model.features", "Network width f."),
+    ("dtype", "model.dtype", "Compute dtype."),
+    ("lr", "train.lr", "Adam learning rate."),
+    ("b1", "train.b1", "Adam beta1."),
+    ("b2", "train.b2", "Adam beta2."),
+    ("workers", "data.workers", "Grain worker processes (0 = none)."),
+    ("scale", "data.scale", "Divide intensities by this before the network (DeepCAD-RT's "
+     "scale_factor; default 1)."),
+    ("keep", "train.keep_checkpoints", "Epoch checkpoints to keep (the latest checkpoint "
+     "is always kept too)."),
+    ("save-every", "train.save_every", "Minutes between checkpoints within an epoch, so a "
+     "kill loses at most this much (0 = only at the end of each epoch)."),
+    ("spatial", "parallel.spatial", "Also split each patch's Y axis over this many devices "
+     "(mesh: data x space), for patches too large for one."),
+    ("ensemble", "model.ensemble", "Train this many models at once (seeds seed, seed+1, "
+     "...; same pairs, own augmentation); denoise then averages them and --uncertainty "
+     "adds their spread. M times the memory."),
+    ("ensemble-impl", "model.ensemble_impl", "How members run in the compiled step: one "
+     "after another (loop) or batched (vmap)."),
+    ("holdout", "data.holdout", "Frames never trained on, scored every epoch: the last "
+     "fraction of each movie (e.g. 0.1) or a range a:b."),
+    ("mean-prior", "model.mean_prior", "Give the network the recording's temporal mean "
+     "image as a second input channel (stored with the model; denoise and stream use it "
+     "automatically)."),
+)
+CONFIG_CHOICES = {"model.dtype": config_lib.DTYPES,
+                  "model.ensemble_impl": config_lib.ENSEMBLE_IMPLS}
+
+
+def _define_config_flags(fv, table) -> None:
+  """One flag per (flag, 'section.field', help), typed like the field's default value;
+  None default: the config in use decides (shown by --help)."""
+  defaults = config_lib.Config().to_dict()
+  for flag, field, help in table:
+    section, _, key = field.partition(".")
+    value = defaults[section][key]
+    if field in CONFIG_CHOICES:
+      flags.DEFINE_enum(flag, None, list(CONFIG_CHOICES[field]), help, flag_values=fv)
+    elif isinstance(value, bool):
+      flags.DEFINE_boolean(flag, None, help, flag_values=fv)
+    elif isinstance(value, float) and field != "data.holdout":
+      flags.DEFINE_float(flag, None, help, flag_values=fv)
+    elif isinstance(value, int):
+      flags.DEFINE_integer(flag, None, help, flag_values=fv)
+    else:  # tuples (T,Y,X) and fields that also take text
+      flags.DEFINE_string(flag, None, help, flag_values=fv)
 
 
 def _train_config(fv):
-  from deepcad_jax import config as config_lib
   cfg = config_lib.load_config(_v(fv, "config"))
-  values = {field: _v(fv, flag) for flag, field in TRAIN_CONFIG_FLAGS.items()}
+  values = {field: _v(fv, flag) for flag, field, _ in TRAIN_CONFIG_FLAGS}
   values["data.patch"] = _triple(values["data.patch"])
   if values["data.holdout"] is not None:
     values["data.holdout"] = _holdout(values["data.holdout"])
@@ -262,11 +272,10 @@ def _config_arg(args: list[str], default: str) -> str:
 
 
 def _train_help_defaults(fv, args: list[str]) -> str:
-  from deepcad_jax import config as config_lib
   name = _config_arg(args, fv["config"].default)
   values = config_lib.load_config(name).to_dict()
   fv.set_default("config", name)
-  for flag, field in TRAIN_CONFIG_FLAGS.items():
+  for flag, field, _ in TRAIN_CONFIG_FLAGS:
     section, _, key = field.partition(".")
     value = values[section][key]
     if isinstance(value, (list, tuple)):
@@ -854,7 +863,6 @@ def _holdout(text: str):
 
 
 def _run_ladder(fv):
-  from deepcad_jax import config as config_lib
   from deepcad_jax.ladder import format_rows, run_ladder, write_results
   _require(fv, "data", "workdir")
   cfg = config_lib.load_config(_v(fv, "config"))
