@@ -142,8 +142,7 @@ class CaimanSink:
 
   def write(self, start: int, frames: np.ndarray) -> None:
     # each frame's pixels in CaImAn's (Fortran) order: frame.T in C order
-    self.fh.write(np.ascontiguousarray(
-        np.asarray(frames, "<f4").transpose(0, 2, 1)).tobytes())
+    self.fh.write(np.ascontiguousarray(np.asarray(frames, "<f4").transpose(0, 2, 1)))
 
   def close(self, count: int) -> None:
     self.fh.close()
@@ -154,7 +153,7 @@ class CaimanSink:
       step = max(1, CHUNK_BYTES // (4 * count))
       with open(self.temp, "wb") as out:
         for p in range(0, pixels, step):
-          out.write(np.ascontiguousarray(rows[:, p:p + step].T).tobytes())
+          out.write(np.ascontiguousarray(rows[:, p:p + step].T))  # one copy
       del rows
     self._drop_frames()
     log.info("%s: CaImAn memmap, float32 (%d pixels x %d frames, order C).", self.name,

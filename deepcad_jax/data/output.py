@@ -15,7 +15,9 @@
 `MovieWriter` writes a movie frame block by frame block as they are produced (the
 denoised movie, its std and samples, simulated movies, the live stream), with the
 input's metadata (`data.metadata`), in the format its name says (`data.spec`): TIFF,
-HDF5, Zarr, NWB or a suite2p plane folder; `AtomicFile` writes any other file (JSON,
+HDF5, Zarr, NWB, a suite2p plane folder or a CaImAn memmap; `VolumeWriter` writes
+every plane and channel of a split recording into one HDF5 or Zarr file (`SplitOutputs`
+hands out its parts); `AtomicFile` writes any other file (JSON,
 CSV, PNG) and, for libraries that write by name (h5py, zarr), reserves a temporary file
 or folder that is renamed once complete; `commit` makes several outputs appear together.
 """
