@@ -30,8 +30,9 @@ from deepcad_jax.checkpoint import Model
 from deepcad_jax.config import DTYPES
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite)
-from deepcad_jax.data.output import (PARTIAL_SUFFIX, MovieWriter, check_space, movie_bytes,
-                                     os_error, output_format, outputs_together)
+from deepcad_jax.data.output import (PARTIAL_SUFFIX, VOLUME_FORMATS, MovieWriter,
+                                     SplitOutputs, check_space, movie_bytes, os_error,
+                                     output_format, outputs_together)
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
                                    with_name_suffix)
 from deepcad_jax.errors import UserError
@@ -831,11 +832,15 @@ class FileReport:
   rounding_rms: float = 0.0   # quantisation noise added by an integer output (counts)
 
 
-def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
+def _output_paths(inputs: list[str], src: str, output: str, together: bool = True
+                  ) -> list[str]:
   """Where each input movie goes. Into a folder: the input's name (and format; a raw
-  binary gives a TIFF); a recording split into planes and channels: one output each,
-  named `*_plane0_ch1` (suite2p: a plane folder each)."""
+  binary gives a TIFF); a recording split into planes and channels: into an HDF5 or
+  Zarr output, its slice of one file holding them all (`den.h5[plane=0,channel=1]`,
+  when the whole recording is denoised and `together`), else one output each, named
+  `*_plane0_ch1` (suite2p: a plane folder each)."""
   src_spec, out_spec = MovieSpec.parse(src), MovieSpec.parse(output)
+  together = together and src_spec.plane is None and src_spec.channel is None
   src_folder = os.path.isdir(src_spec.path) and not is_store(src_spec.path) and \
       src_spec.format is None
   out_folder = os.path.isdir(out_spec.path) and not is_store(out_spec.path) and \
@@ -851,7 +856,7 @@ def _output_paths(inputs: list[str], src: str, output: str) -> list[str]:
     else:
       output_format(output)  # one sentence if the format cannot be told
       dst = output
-    outputs.append(_part_output(dst, spec))
+    outputs.append(_part_output(dst, spec, together))
   return outputs
 
 
@@ -865,12 +870,16 @@ def _named_like(spec: MovieSpec, folder: str) -> str:
   return f"{kind}:{path}" if kind == "suite2p" or spec.format else path
 
 
-def _part_output(dst: str, spec: MovieSpec) -> str:
-  """`dst` for one plane and channel of a split recording ('den_plane0_ch1.h5'; a
-  suite2p output: plane folders 'plane0', 'plane1', ... beside the one named)."""
+def _part_output(dst: str, spec: MovieSpec, together: bool = False) -> str:
+  """`dst` for one plane and channel of a split recording: its slice of `dst`
+  ('den.h5[plane=0,channel=1]') when `together` and the format holds them all, else
+  its own file ('den_plane0_ch1.tif'; a suite2p output: plane folders 'plane0',
+  'plane1', ... beside the one named)."""
   if spec.plane is None and spec.channel is None:
     return dst
   out = MovieSpec.parse(dst)
+  if together and out.kind in VOLUME_FORMATS:
+    return str(out.with_(plane=spec.plane, channel=spec.channel))
   if out.kind == "suite2p":
     name = "".join([f"plane{spec.plane}" if spec.plane is not None else "plane0",
                     f"_ch{spec.channel}" if spec.channel is not None else ""])
@@ -955,12 +964,15 @@ def resolve_output_dtype(requested: Any, input_dtype: Any) -> np.dtype:
 
 
 def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
-               overwrite: bool = False) -> FileReport:
+               overwrite: bool = False, outputs: SplitOutputs | None = None
+               ) -> FileReport:
   """Denoise one movie into `dst` (and its std and samples beside it), written as it
-  is produced; the files appear together once all are complete."""
+  is produced; the files appear together once all are complete (a plane's slice of a
+  file: once every plane is, `outputs`)."""
   stats = DenoiseStats()
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
-  with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite) as writers:
+  with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite,
+                      outputs) as writers:
     _write_frames(den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
                   writers)
   note = quantisation_note(dst, out_dtype, stats)
@@ -971,7 +983,8 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
 
 @contextlib.contextmanager
 def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
-                   overwrite: bool) -> Iterator[list[MovieWriter]]:
+                   overwrite: bool, outputs: SplitOutputs | None = None
+                   ) -> Iterator[list[MovieWriter]]:
   """Writers for `dst` and its extra (float32) outputs, with the input's metadata, after
   checking their disk has room; committed together when the block succeeds, all
   removed if it fails."""
@@ -979,10 +992,12 @@ def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
   check_space([(dst, movie_bytes(shape, out_dtype))] +
               [(p, movie_bytes(shape, np.float32)) for p in extras])
   metadata = movie.metadata
+  outputs = outputs if outputs is not None else SplitOutputs()
   with outputs_together() as writers:
     for path, dtype in [(dst, out_dtype)] + [(p, np.float32) for p in extras]:
-      writers.append(MovieWriter(path, shape[1:], dtype, frames=shape[0],
-                                 metadata=metadata, overwrite=overwrite))
+      writers.append(outputs.writer(path, shape[1:], dtype, frames=shape[0],
+                                    metadata=metadata, overwrite=overwrite,
+                                    recording=movie.recording))
     yield writers
 
 
@@ -1107,7 +1122,7 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   """
   input, output = os.fspath(input), os.fspath(output)
   inputs = list_movies(input)
-  outputs = _output_paths(inputs, input, output)
+  outputs = _output_paths(inputs, input, output, together=jax.process_count() == 1)
   folder = os.path.isdir(input) and not is_store(input)
   n_proc = jax.process_count()
   if n_proc > 1:
@@ -1143,27 +1158,29 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   distributed.barrier("denoise-checked")  # every process has checked before any writes
   reports = []
   shared = n_proc > 1 and len(todo) == 1
-  for i, (movie, dst, out_dtype) in enumerate(todo):
-    try:
-      if shared:
-        report = _write_shared(movie, dst, den, out_dtype, progress, overwrite)
-      elif i % n_proc == jax.process_index():
-        report = _write_one(movie, dst, den, out_dtype, progress, overwrite)
-      else:
+  with SplitOutputs() as split:  # a file of every plane appears with the last one
+    for i, (movie, dst, out_dtype) in enumerate(todo):
+      try:
+        if shared:
+          report = _write_shared(movie, dst, den, out_dtype, progress, overwrite)
+        elif i % n_proc == jax.process_index():
+          report = _write_one(movie, dst, den, out_dtype, progress, overwrite,
+                              split)
+        else:
+          continue
+      except UserError:
+        if folder and i:
+          log.info("%d of the %d movies of %s were denoised before this error; run the "
+                   "same command again to do the rest (finished outputs are skipped).", i,
+                   len(todo), input)
+        raise
+      if report is None:
         continue
-    except UserError:
-      if folder and i:
-        log.info("%d of the %d movies of %s were denoised before this error; run the "
-                 "same command again to do the rest (finished outputs are skipped).", i,
-                 len(todo), input)
-      raise
-    if report is None:
-      continue
-    if report.clipped:
-      log.warning("%d voxels (%.3g%%) of %s were outside the %s range and were clipped.",
-                  report.clipped, 100 * report.clipped / np.prod(movie.shape), dst,
-                  out_dtype)
-    reports.append(report)
+      if report.clipped:
+        log.warning("%d voxels (%.3g%%) of %s were outside the %s range and were clipped.",
+                    report.clipped, 100 * report.clipped / np.prod(movie.shape), dst,
+                    out_dtype)
+      reports.append(report)
   distributed.barrier("denoise-done")
   return reports
 

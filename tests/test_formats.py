@@ -13,13 +13,14 @@ import tifffile
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
+from deepcad_jax.data import caiman
 from deepcad_jax.data import output as output_mod
 from deepcad_jax.data import zarr_store
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.output import write_movie
 from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import denoise_files
+from deepcad_jax.infer import denoise, denoise_files
 from deepcad_jax.traces import load_ops
 
 h5py = pytest.importorskip("h5py")
@@ -156,9 +157,127 @@ def test_volumetric_hdf5_is_split_into_planes(trained_model, movie, tmp_path):
   assert "recording of 2 planes; give one" in one_sentence(e.value)
   reports = denoise_files(str(src), str(tmp_path / "den.h5"), trained_model,
                           progress=False)
-  assert [os.path.basename(r.output) for r in reports] == ["den_plane0.h5", "den_plane1.h5"]
+  out = str(tmp_path / "den.h5")  # one file, the input's layout, a slice per plane
+  assert [r.output for r in reports] == [f"{out}[plane=0]", f"{out}[plane=1]"]
+  with h5py.File(out, "r") as f:
+    assert f["data"].shape == (40, 2, 24, 24) and f["data"].attrs["axes"] == "TZYX"
+    assert [d.label for d in f["data"].dims] == ["t", "z", "y", "x"]
   for r in reports:
     assert open_movie(r.output).shape == SHAPE
+  # a plane asked for alone is a movie of its own, named as before
+  one = denoise_files(f"{src}[plane=1]", str(tmp_path / "one.h5"), trained_model,
+                      progress=False)
+  assert os.path.basename(one[0].output) == "one_plane1.h5"
+  np.testing.assert_allclose(open_movie(one[0].output).read(0, 40),
+                             open_movie(reports[1].output).read(0, 40), rtol=0, atol=1e-5)
+  # TIFF holds one movie per file: one file per plane, as before
+  tifs = denoise_files(str(src), str(tmp_path / "den.tif"), trained_model, progress=False)
+  assert [os.path.basename(r.output) for r in tifs] == ["den_plane0.tif", "den_plane1.tif"]
+
+
+# ---------------------------------------------------------------- split recordings, one output
+
+VOL = (12, 2, 2, 16, 16)   # (T, Z, C, Y, X)
+VOL_KW = dict(patch=(8, 16, 16), tiling="overlap", overlap=0.25)
+
+
+@pytest.fixture(scope="module")
+def volume():
+  return np.random.default_rng(3).integers(0, 500, VOL).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def planes_alone(trained_model, volume):
+  """Each plane and channel denoised on its own: what a one-file output must hold."""
+  return {(z, c): denoise(volume[:, z, c], trained_model, **VOL_KW)
+          for z in range(2) for c in range(2)}
+
+
+def test_hdf5_tzcyx_is_written_back_as_one_tzcyx_file(trained_model, volume, planes_alone,
+                                                       tmp_path):
+  src = tmp_path / "rec.h5"
+  with h5py.File(src, "w") as f:
+    f.create_dataset("imaging", data=volume).attrs["axes"] = "TZCYX"
+  out = str(tmp_path / "den.h5:/denoised")
+  reports = denoise_files(str(src), out, trained_model, progress=False, **VOL_KW)
+  assert len(reports) == 4 and sorted(os.listdir(tmp_path)) == ["den.h5", "rec.h5"]
+  with h5py.File(tmp_path / "den.h5", "r") as f:
+    data = f["denoised"]
+    assert data.shape == VOL and data.dtype == np.float32 and data.attrs["axes"] == "TZCYX"
+    assert data.chunks[1:3] == (1, 1)  # a plane's frames are written without the others
+    for (z, c), alone in planes_alone.items():
+      np.testing.assert_allclose(data[:, z, c], alone, rtol=0, atol=1e-5)
+  back = list_movies(str(tmp_path / "den.h5"))  # read back as the input was
+  assert back == [f"{tmp_path / 'den.h5'}[plane={z},channel={c}]" for z in (0, 1)
+                  for c in (0, 1)]
+
+
+def test_zarr_keeps_its_axis_order_and_ome_zarr_is_an_ome_image(trained_model, volume,
+                                                                planes_alone, tmp_path):
+  src = str(tmp_path / "rec.zarr")
+  ctzyx = np.transpose(volume, (2, 0, 1, 3, 4))  # stored (C, T, Z, Y, X), as xarray names
+  arr = zarr.create_array(store=src, shape=ctzyx.shape, chunks=(1, 4, 1, 16, 16),
+                          dtype=np.int16)
+  arr[:] = ctzyx
+  arr.attrs["_ARRAY_DIMENSIONS"] = ["c", "t", "z", "y", "x"]
+  out = str(tmp_path / "den.zarr")
+  denoise_files(src, out, trained_model, progress=False, **VOL_KW)
+  z = zarr.open(out, mode="r")
+  assert z.shape == ctzyx.shape and z.attrs["axes"] == "CTZYX"
+  for (p, c), alone in planes_alone.items():
+    np.testing.assert_allclose(z[c, :, p], alone, rtol=0, atol=1e-5)
+  # OME-Zarr: time, channel, space (0.5 in a format 3 store, 0.4 in a format 2 store)
+  for fmt, version in ((3, "0.5"), (2, "0.4")):
+    ome = str(tmp_path / f"den{fmt}.ome.zarr")
+    denoise_files(src, f"{ome}[zarr_format={fmt}]", trained_model, progress=False,
+                  **VOL_KW)
+    group = zarr.open_group(ome, mode="r")
+    attrs = dict(group.attrs)
+    image = (attrs["ome"] if fmt == 3 else attrs)["multiscales"][0]
+    assert (attrs["ome"]["version"] if fmt == 3 else image["version"]) == version
+    assert [a["name"] for a in image["axes"]] == ["t", "c", "z", "y", "x"]
+    assert group["0"].metadata.zarr_format == fmt and group["0"].shape == (12, 2, 2, 16, 16)
+    for (p, c), alone in planes_alone.items():
+      np.testing.assert_allclose(group["0"][:, c, p], alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(open_movie(f"{ome}[plane=1,channel=0]").read(0, 12),
+                               planes_alone[(1, 0)], rtol=0, atol=1e-5)
+  assert [k for k in os.listdir(tmp_path) if k.startswith(".")] == []
+
+
+def test_one_file_appears_only_when_every_plane_is_written(tmp_path):
+  frames = np.ones((3, 4, 4), np.float32)
+  out = str(tmp_path / "v.h5")
+  recording = ("TZYX", (3, 2, 4, 4))
+  with output_mod.SplitOutputs() as split:
+    with output_mod.outputs_together(split.writer(
+        f"{out}[plane=0]", (4, 4), np.float32, frames=3, recording=recording)) as ws:
+      ws[0].write(frames)
+    assert not os.path.exists(out)  # plane 0 is complete, the file is not
+    with output_mod.outputs_together(split.writer(
+        f"{out}[plane=1]", (4, 4), np.float32, frames=3, recording=recording)) as ws:
+      ws[0].write(2 * frames)
+  with h5py.File(out, "r") as f:
+    np.testing.assert_array_equal(f["data"][:, 1], 2 * frames)
+  # a plane that fails removes the whole file, and nothing of it is left
+  with pytest.raises(ZeroDivisionError):
+    with output_mod.SplitOutputs() as split:
+      with output_mod.outputs_together(split.writer(
+          f"{tmp_path / 'w.h5'}[plane=0]", (4, 4), np.float32, frames=3,
+          recording=recording)) as ws:
+        ws[0].write(frames)
+      with output_mod.outputs_together(split.writer(
+          f"{tmp_path / 'w.h5'}[plane=1]", (4, 4), np.float32, frames=3,
+          recording=recording)) as ws:
+        ws[0].write(frames[:1])
+        1 / 0
+  # a run that ends with a plane never written is a bug, said so, and leaves nothing
+  with pytest.raises(RuntimeError, match="not every plane and channel was written"):
+    with output_mod.SplitOutputs() as split:
+      with output_mod.outputs_together(split.writer(
+          f"{tmp_path / 'x.h5'}[plane=0]", (4, 4), np.float32, frames=3,
+          recording=recording)) as ws:
+        ws[0].write(frames)
+  assert sorted(os.listdir(tmp_path)) == ["v.h5"]
 
 
 # ---------------------------------------------------------------- ScanImage TIFF
@@ -373,6 +492,84 @@ def test_raw_binary_needs_its_shape(movie, tmp_path):
   assert "40 frames of (24, 24) would fit" in one_sentence(e.value)
   m = open_movie(f"raw:{path}[shape=40x24x24,dtype=int16]")
   np.testing.assert_array_equal(m.read(0, 40), movie)
+
+
+def caiman_decode(path):
+  """d1, d2, d3, order and T from a memmap name, as CaImAn's load_memmap reads them
+  (caiman.paths.decode_mmap_filename_dict: the last field of each name, T last)."""
+  parts = os.path.splitext(os.path.basename(path))[0].split("_")[1:]
+  found = {}
+  for field in ("d1", "d2", "d3", "order", "frames"):
+    for i in range(len(parts) - 1, -1, -1):
+      if parts[i] == field:
+        found[field] = parts[i + 1] if field == "order" else int(parts[i + 1])
+        break
+  found["T"] = int(parts[-1]) if parts[-1] != "" else found["frames"]
+  return found
+
+
+def test_caiman_memmap_out_and_in(trained_model, movie, tiff_result, tmp_path,
+                                  monkeypatch):
+  monkeypatch.setattr(caiman, "CHUNK_BYTES", 40 * 4 * 50)  # 50 pixels per block: 12 blocks
+  src = write_tiff(tmp_path / "movie.tif", movie)
+  denoise_files(src, str(tmp_path / "den.mmap"), trained_model, progress=False)
+  name = "den_d1_24_d2_24_d3_1_order_C_frames_40.mmap"
+  assert sorted(os.listdir(tmp_path)) == [name, "movie.tif"]  # no temporary file left
+  path = str(tmp_path / name)
+  info = caiman_decode(path)
+  assert (info["d1"], info["d2"], info["d3"], info["order"], info["T"]) == \
+      (24, 24, 1, "C", 40)
+  # as CaImAn reads it: load_memmap's memmap, then np.reshape(Yr.T, [T] + dims, order="F")
+  yr = np.memmap(path, dtype=np.float32, mode="r", shape=(24 * 24 * 1, 40), order="C")
+  images = np.reshape(yr.T, [40, 24, 24], order="F")
+  np.testing.assert_allclose(images, tiff_result, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(yr[24 * 3 + 5], tiff_result[:, 5, 3], rtol=0, atol=1e-5)
+  back = open_movie(path)  # and read like any movie
+  assert back.shape == SHAPE and back.dtype == np.float32
+  np.testing.assert_allclose(back.read(7, 19), tiff_result[7:19], rtol=0, atol=1e-5)
+  # caiman:NAME, and a name that already holds the (right) shape
+  write_movie(f"caiman:{tmp_path / 'sub' / 'Yr'}", movie[:5])
+  assert os.listdir(tmp_path / "sub") == ["Yr_d1_24_d2_24_d3_1_order_C_frames_5.mmap"]
+  with pytest.raises(UserError) as e:
+    write_movie(str(tmp_path / "x_d1_24_d2_24_d3_1_order_C_frames_6.mmap"), movie[:5])
+  assert "another shape" in one_sentence(e.value) and "x.mmap" in str(e.value)
+  with pytest.raises(UserError) as e:  # a stream's length is unknown: the name cannot say it
+    output_mod.MovieWriter(str(tmp_path / "s.mmap"), (24, 24), np.float32)
+  assert "frame count" in one_sentence(e.value)
+  bad = tmp_path / "renamed.mmap"
+  bad.write_bytes(b"\0" * 16)
+  with pytest.raises(UserError) as e:
+    open_movie(str(bad))
+  assert "name gives its shape" in one_sentence(e.value)
+
+
+def test_caiman_memmap_of_a_volume_is_read_as_planes(tmp_path):
+  vol = np.arange(5 * 3 * 4 * 2, dtype=np.float32).reshape(5, 3, 4, 2)  # (T, d1, d2, d3)
+  path = tmp_path / "Yr_d1_3_d2_4_d3_2_order_F_frames_5.mmap"
+  # save_memmap: transpose to (d1, d2, d3, T), Fortran-reshape to pixels x frames
+  yr = np.reshape(np.transpose(vol, (1, 2, 3, 0)), (24, 5), order="F")
+  np.asfortranarray(yr).T.tofile(path)  # order F: frame by frame
+  assert list_movies(str(path)) == [f"{path}[plane=0]", f"{path}[plane=1]"]
+  np.testing.assert_array_equal(open_movie(f"{path}[plane=1]").read(1, 4), vol[1:4, ..., 1])
+
+
+def test_zarr_format_2_store_in_and_out(movie, tmp_path):
+  src = str(tmp_path / "xr.zarr")  # as xarray writes it: format 2, _ARRAY_DIMENSIONS
+  arr = zarr.create_array(store=src, shape=(24, 24, 40), chunks=(24, 24, 8),
+                          dtype=np.int16, zarr_format=2)
+  arr[:] = np.moveaxis(movie, 0, -1)
+  arr.attrs["_ARRAY_DIMENSIONS"] = ["y", "x", "time"]
+  assert os.path.exists(os.path.join(src, ".zarray"))
+  np.testing.assert_array_equal(open_movie(src).read(0, 40), movie)
+  out = str(tmp_path / "out.zarr")
+  write_movie(f"{out}:/den[zarr_format=2,compression=gzip]", movie.astype(np.float32))
+  assert sorted(os.listdir(out)) == [".zattrs", ".zgroup", "den"]
+  z = zarr.open_group(out, mode="r")["den"]
+  assert z.metadata.zarr_format == 2 and z.metadata.compressor.codec_id == "gzip"
+  np.testing.assert_array_equal(open_movie(f"{out}:/den").read(0, 40), movie)
+  with pytest.raises(UserError) as e:
+    MovieSpec.parse(f"{out}[zarr_format=4]")
+  assert "zarr_format=2" in one_sentence(e.value)
 
 
 def test_spec_text_round_trips():

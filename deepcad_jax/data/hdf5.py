@@ -140,12 +140,22 @@ def chunk_frames(frame_shape, dtype) -> int:
   return max(1, CHUNK_BYTES // max(1, int(np.prod(frame_shape)) * np.dtype(dtype).itemsize))
 
 
+def chunk_shape(axes: str, shape, dtype, growable: bool) -> tuple[int, ...]:
+  """Chunks of an array of `axes` and `shape`: about CHUNK_BYTES of whole frames of one
+  plane and channel (a growable array's frame count may still be 0)."""
+  sizes = dict(zip(axes, (int(n) for n in shape)))
+  n = chunk_frames((sizes["Y"], sizes["X"]), dtype)
+  frames = n if growable or not sizes["T"] else min(n, sizes["T"])
+  return tuple(frames if a == "T" else sizes[a] if a in "YX" else 1 for a in axes)
+
+
 class DatasetWriter:
   """Frames appended to a resizable (T, Y, X) HDF5 dataset `self.data` of the open file
-  `self.file` (HDF5 and NWB outputs)."""
+  `self.file` (HDF5 and NWB outputs); `self.axis` is its time axis."""
 
   data: Any = None
   file: Any = None
+  axis: int = 0
 
   def write(self, start: int, frames: np.ndarray) -> None:
     end = start + len(frames)
@@ -154,8 +164,8 @@ class DatasetWriter:
     self.data[start:end] = frames
 
   def close(self, count: int) -> None:
-    if self.data.shape[0] != count:
-      self.data.resize(count, axis=0)
+    if self.data.shape[self.axis] != count:
+      self.data.resize(count, axis=self.axis)
     self.file.close()
     self.file = None
 
@@ -168,7 +178,8 @@ class DatasetWriter:
 
 
 class HDF5Sink(DatasetWriter):
-  """A (T, Y, X) dataset written block by block into a new HDF5 file."""
+  """A movie written block by block into a new HDF5 file: a (T, Y, X) dataset, or
+  (`open_volume`) every plane and channel of a recording in one dataset."""
 
   def __init__(self, dataset: str | None, compression: str | None):
     require_h5py("writing HDF5")
@@ -180,17 +191,32 @@ class HDF5Sink(DatasetWriter):
     self.file = None
     self.data = None
 
+  def axes_for(self, axes: str) -> str:
+    """The axis order this file is written in, for a recording of `axes`: the same."""
+    return axes
+
   def open(self, temp: str, frame_shape, dtype, frames: int | None,
            metadata: MovieMetadata | None) -> None:
-    self.file = h5py.File(temp, "w")
-    n = chunk_frames(frame_shape, dtype)
-    self.data = self.file.create_dataset(
-        self.dataset, shape=(frames or 0,) + tuple(frame_shape), dtype=dtype,
-        maxshape=(frames if frames else None,) + tuple(frame_shape),
-        chunks=(min(n, frames) if frames else n,) + tuple(frame_shape),
-        compression=self.compression)
-    for key, value in metadata_attrs(metadata).items():
-      self.data.attrs[key] = value
-    for i, label in enumerate("tyx"):
-      self.data.dims[i].label = label
+    self._create(temp, "TYX", (frames or 0,) + tuple(frame_shape), dtype, metadata,
+                 growable=not frames)
 
+  def open_volume(self, temp: str, axes: str, shape, dtype,
+                  metadata: MovieMetadata | None) -> Any:
+    """A fixed-shape dataset of `axes` for every plane and channel of a recording,
+    chunked by plane, channel and frame block; returns the dataset."""
+    self._create(temp, axes, shape, dtype, metadata, growable=False)
+    return self.data
+
+  def _create(self, temp: str, axes: str, shape, dtype, metadata: MovieMetadata | None,
+              growable: bool) -> None:
+    shape = tuple(int(n) for n in shape)
+    self.file = h5py.File(temp, "w")
+    self.data = self.file.create_dataset(
+        self.dataset, shape=shape, dtype=dtype,
+        maxshape=tuple(None if growable and a == "T" else n for a, n in zip(axes, shape)),
+        chunks=chunk_shape(axes, shape, dtype, growable), compression=self.compression)
+    for key, value in metadata_attrs(metadata, axes).items():
+      self.data.attrs[key] = value
+    for i, axis in enumerate(axes):
+      self.data.dims[i].label = axis.lower()
+    self.axis = axes.index("T")

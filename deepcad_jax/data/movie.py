@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import tifffile
 
-from deepcad_jax.data import hdf5, nwb, raw, suite2p, zarr_store
+from deepcad_jax.data import caiman, hdf5, nwb, raw, suite2p, zarr_store
 from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
                                    scanimage_interleave)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
@@ -34,9 +34,9 @@ from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-MOVIE_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".nwb", ".zarr")  # listed in a folder
+MOVIE_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".nwb", ".zarr", ".mmap")  # in a folder
 INPUT_FORMATS = ("TIFF (.tif), HDF5 (.h5), Zarr (.zarr), NWB (.nwb), a suite2p plane "
-                 "folder, or raw:FILE[shape=TxYxX,dtype=...]")
+                 "folder, a CaImAn memmap (.mmap), or raw:FILE[shape=TxYxX,dtype=...]")
 FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
 
@@ -47,6 +47,9 @@ class Movie:
   name: str = "<array>"
   shape: tuple[int, int, int]
   dtype: np.dtype
+  # one plane/channel of a recording: the recording's axes (of TZCYX, in its file's
+  # order) and shape, for an output that keeps them in one file
+  recording: tuple[str, tuple[int, ...]] | None = None
   _mean_image64: np.ndarray | None = None  # temporal mean image, from one pass
 
   def read(self, t0: int, t1: int) -> np.ndarray:
@@ -389,6 +392,8 @@ def open_source(spec: MovieSpec) -> Source:
     return suite2p.open_plane(path)
   if kind == "raw":
     return raw.open_raw(path, spec.shape, spec.dtype, spec.offset)
+  if kind == "caiman":
+    return caiman.open_memmap(path)
   if kind == "tiff":
     return _tiff_source(path)[0]
   if kind == "folder":
@@ -432,6 +437,9 @@ class RecordingMovie(Movie):
         not spec.is_plain else lay.source.name
     self.shape = lay.movie_shape
     self.dtype = np.dtype(lay.array.dtype)
+    kept = [i for i, a in enumerate(lay.axes) if a != "Q"]
+    self.recording = ("".join(lay.axes[i] for i in kept),
+                      tuple(int(lay.array.shape[i]) for i in kept))
     if 0 in self.shape:
       raise UserError(f"{self.name} holds no frames (shape {self.shape}); check the "
                       "file, its --axes, --planes and --channels.")

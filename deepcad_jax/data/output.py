@@ -15,7 +15,9 @@
 `MovieWriter` writes a movie frame block by frame block as they are produced (the
 denoised movie, its std and samples, simulated movies, the live stream), with the
 input's metadata (`data.metadata`), in the format its name says (`data.spec`): TIFF,
-HDF5, Zarr, NWB or a suite2p plane folder; `AtomicFile` writes any other file (JSON,
+HDF5, Zarr, NWB, a suite2p plane folder or a CaImAn memmap; `VolumeWriter` writes
+every plane and channel of a split recording into one HDF5 or Zarr file (`SplitOutputs`
+hands out its parts); `AtomicFile` writes any other file (JSON,
 CSV, PNG) and, for libraries that write by name (h5py, zarr), reserves a temporary file
 or folder that is renamed once complete; `commit` makes several outputs appear together.
 """
@@ -36,9 +38,9 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import tifffile
 
-from deepcad_jax.data import hdf5, nwb, suite2p, zarr_store
+from deepcad_jax.data import caiman, hdf5, nwb, suite2p, zarr_store
 from deepcad_jax.data.metadata import Format, MovieMetadata
-from deepcad_jax.data.spec import MovieSpec
+from deepcad_jax.data.spec import MovieSpec, split_name
 from deepcad_jax.errors import UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -516,7 +518,8 @@ def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
 # ------------------------------------------------------------------ movies
 
 
-WRITABLE = ("tiff", "hdf5", "zarr", "nwb", "suite2p")
+WRITABLE = ("tiff", "hdf5", "zarr", "nwb", "suite2p", "caiman")
+VOLUME_FORMATS = ("hdf5", "zarr")  # hold every plane and channel of a recording in one file
 
 
 def output_format(path: str | MovieSpec) -> str:
@@ -526,8 +529,8 @@ def output_format(path: str | MovieSpec) -> str:
   kind = spec.kind
   if kind not in WRITABLE:
     raise UserError(f"{path}: cannot tell which format to write from its name; end it "
-                    "in .tif, .h5, .zarr or .nwb, or name a suite2p plane folder "
-                    "(suite2p:FOLDER or .../plane0).")
+                    "in .tif, .h5, .zarr, .nwb or .mmap (CaImAn), or name a suite2p plane "
+                    "folder (suite2p:FOLDER or .../plane0).")
   return kind
 
 
@@ -536,10 +539,28 @@ def _sink(spec: MovieSpec, kind: str):
   if kind == "hdf5":
     return hdf5.HDF5Sink(spec.dataset, spec.compression)
   if kind == "zarr":
-    return zarr_store.ZarrSink(spec.dataset, spec.compression)
+    ome = split_name(spec.path)[1].lower() == ".ome.zarr"
+    return zarr_store.ZarrSink(spec.dataset, spec.compression, ome, spec.zarr_format)
   if kind == "nwb":
     return nwb.NWBSink(spec.dataset, spec.nwb_group == "acquisition")
+  if kind == "caiman":
+    return caiman.CaimanSink(spec.path)
   return suite2p.Suite2pSink(spec.scale, os.path.abspath(spec.path))
+
+
+def _checked_frames(path: str, frames: np.ndarray, frame_shape: tuple[int, ...],
+                    dtype: np.dtype) -> np.ndarray:
+  """`frames` (n, Y, X) as `dtype`; refuses frames of another size, or of a kind that
+  would have to be rounded (a bug of the caller, not of the user's input)."""
+  if frames.shape[1:] != frame_shape:
+    raise ValueError(f"{path}: frames of {frames.shape[1:]} given to a movie of "
+                     f"{frame_shape} frames.")
+  if frames.dtype != dtype:
+    if not np.can_cast(frames.dtype, dtype, "same_kind"):
+      raise TypeError(f"{path}: {frames.dtype} frames given to a {dtype} movie "
+                      "(convert them first).")
+    frames = frames.astype(dtype)
+  return frames
 
 
 class MovieWriter:
@@ -548,8 +569,11 @@ class MovieWriter:
   Args:
     path: the final name, in the format it names (`output_format`): .tif, .tiff
       (.ome.tif gives an OME-TIFF), .h5/.hdf5 (dataset `data`, or `out.h5:/path`), .zarr,
-      .nwb, a suite2p plane folder (`suite2p:FOLDER`); options in brackets, e.g.
-      `out.h5[compression=gzip]`, `suite2p:plane0[scale=0.5]`, `out.nwb[nwb_group=acquisition]`.
+      (.ome.zarr: an OME-Zarr image), .nwb, a suite2p plane folder (`suite2p:FOLDER`), a
+      CaImAn memmap (.mmap or `caiman:NAME`: written as `NAME_d1_Y_d2_X_d3_1_order_C_
+      frames_T.mmap`, which needs `frame_shape` and `frames`); options in brackets, e.g.
+      `out.h5[compression=gzip]`, `suite2p:plane0[scale=0.5]`, `out.nwb[nwb_group=acquisition]`,
+      `out.zarr[zarr_format=2]`.
     frame_shape: (Y, X), or None: that of the first frames written.
     dtype: the frames' dtype (blocks of another kind are refused, never rounded here).
     frames: the number of frames if known (then BigTIFF only above 4 GB, and `finish`
@@ -577,7 +601,13 @@ class MovieWriter:
     self._format: Format | None = None
     self._text = os.fspath(path)
     spec = MovieSpec.parse(path)
+    if spec.plane is not None or spec.channel is not None:
+      raise ValueError(f"{path}: one plane or channel of a file is written by "
+                       "SplitOutputs, not MovieWriter.")
     self.kind = output_format(spec)
+    if self.kind == "caiman":  # the name holds the shape
+      spec = spec.with_(path=caiman.memmap_name(spec.path, self.frame_shape, frames))
+      self._text = spec.path
     self._sink = None if self.kind == "tiff" else _sink(spec, self.kind)
     self._started = False
     self.file = AtomicFile(spec.path, overwrite=overwrite,
@@ -607,16 +637,11 @@ class MovieWriter:
       frames = frames[None]
     if self.frame_shape is None:
       self.frame_shape = tuple(frames.shape[1:])
-    if frames.shape[1:] != self.frame_shape:
+    try:
+      frames = _checked_frames(self.path, frames, self.frame_shape, self.dtype)
+    except (ValueError, TypeError):
       self.abort()
-      raise ValueError(f"{self.path}: frames of {frames.shape[1:]} given to a movie of "
-                       f"{self.frame_shape} frames.")
-    if frames.dtype != self.dtype:
-      if not np.can_cast(frames.dtype, self.dtype, "same_kind"):
-        self.abort()
-        raise TypeError(f"{self.path}: {frames.dtype} frames given to a {self.dtype} "
-                        "movie (convert them first).")
-      frames = frames.astype(self.dtype)
+      raise
     if self._sink is not None:
       self._write_sink(frames)
       return
@@ -716,6 +741,198 @@ class MovieWriter:
       self.commit()
     else:
       self.abort()
+
+
+class VolumeWriter:
+  """Every plane and channel of a split recording in one HDF5 dataset or Zarr array,
+  each movie written into its slice as it is denoised (`part`).
+
+  Args:
+    path: the output file (`den.h5`, `den.zarr:/x`, `den.ome.zarr`), in a format of
+      VOLUME_FORMATS.
+    axes: the recording's axes, letters of TZCYX in its file's order; the output keeps
+      that order (an OME-Zarr output: time, channel, z, y, x, as OME-Zarr requires)
+      and says it in its `axes` attribute and dimension names.
+    shape: the recording's size along `axes`.
+    dtype, metadata, overwrite: as for `MovieWriter`.
+
+  The file is created with the first frames and appears under `path` only once every
+  plane and channel is complete (the last part's `finish` and `publish`); an error in
+  any part removes it.
+  """
+
+  def __init__(self, path: str, axes: str, shape: Sequence[int], dtype, *,
+               metadata: MovieMetadata | None = None, overwrite: bool = False):
+    spec = MovieSpec.parse(path).with_(plane=None, channel=None)
+    self.kind = output_format(spec)
+    if self.kind not in VOLUME_FORMATS:
+      raise ValueError(f"{path}: {self.kind} outputs hold one movie; write one per plane.")
+    self.path = str(spec)
+    self.sink = _sink(spec, self.kind)
+    sizes = dict(zip(axes, (int(n) for n in shape)))
+    self.axes = self.sink.axes_for(axes)
+    self.shape = tuple(sizes[a] for a in self.axes)
+    self.sizes = {a: sizes.get(a, 1) for a in "TZCYX"}
+    self.dtype = np.dtype(dtype)
+    self.metadata = metadata
+    self.done: set[tuple[int, int]] = set()
+    self.array = None
+    self.finished = False
+    self.aborted = False
+    self.file = AtomicFile(spec.path, overwrite=overwrite, directory=self.kind == "zarr")
+
+  @property
+  def complete(self) -> bool:
+    return len(self.done) == self.sizes["Z"] * self.sizes["C"]
+
+  def part(self, plane: int, channel: int) -> VolumePart:
+    """The writer of plane `plane`, channel `channel` (T, Y, X)."""
+    if not (0 <= plane < self.sizes["Z"] and 0 <= channel < self.sizes["C"]):
+      raise ValueError(f"{self.path}: no plane {plane}, channel {channel} in "
+                       f"{self.sizes['Z']} plane(s) x {self.sizes['C']} channel(s).")
+    return VolumePart(self, plane, channel)
+
+  def write(self, plane: int, channel: int, start: int, frames: np.ndarray) -> None:
+    """Frames start.. of one plane and channel, (n, Y, X), into their slice."""
+    if self.aborted:
+      raise RuntimeError(f"{self.path}: written after it was removed.")
+    try:
+      if self.array is None:
+        self.array = self.sink.open_volume(self.file.reserve(), self.axes, self.shape,
+                                           self.dtype, self.metadata)
+      end = start + len(frames)
+      index = tuple(slice(start, end) if a == "T" else plane if a == "Z" else
+                    channel if a == "C" else slice(None) for a in self.axes)
+      kept = [a for a in self.axes if a in "TYX"]
+      self.array[index] = np.transpose(frames, ["TYX".index(a) for a in kept])
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+
+  def finish(self) -> bool:
+    """Close and fsync the file once every part is done (else False: not yet)."""
+    if self.finished:
+      return True
+    if not self.complete:
+      return False
+    try:
+      self.sink.close(self.sizes["T"])
+    except OSError as e:
+      self.abort()
+      raise os_error(e, self.path) from None
+    except BaseException:
+      self.abort()
+      raise
+    self.finished = self.file.finish()
+    return self.finished
+
+  def publish(self) -> None:
+    if self.finished:
+      self.file.publish()
+
+  def abort(self) -> None:
+    self.aborted = True
+    with contextlib.suppress(Exception):
+      self.sink.abort()
+    self.file.abort()
+
+
+class VolumePart:
+  """One plane and channel of a `VolumeWriter`, written like a `MovieWriter`: its
+  `finish` and `publish` finish and publish the file when it is the last part."""
+
+  def __init__(self, volume: VolumeWriter, plane: int, channel: int):
+    self.volume = volume
+    self.key = (int(plane), int(channel))
+    self.frame_shape = (volume.sizes["Y"], volume.sizes["X"])
+    self.dtype = volume.dtype
+    self.count = 0
+    self.path = f"{volume.path}[plane={plane},channel={channel}]"
+
+  def write(self, frames: np.ndarray) -> None:
+    """Append frames (n, Y, X) or one frame (Y, X)."""
+    if self.key in self.volume.done:
+      raise RuntimeError(f"{self.path}: written after it was finished.")
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+      frames = frames[None]
+    try:
+      frames = _checked_frames(self.path, frames, self.frame_shape, self.dtype)
+      if self.count + len(frames) > self.volume.sizes["T"]:
+        raise ValueError(f"{self.path}: more than the recording's "
+                         f"{self.volume.sizes['T']} frames written.")
+    except (ValueError, TypeError):
+      self.abort()
+      raise
+    self.volume.write(*self.key, self.count, frames)
+    self.count += len(frames)
+
+  def finish(self) -> bool:
+    """This part is complete (all its frames came); the file is closed with the last."""
+    if self.count != self.volume.sizes["T"]:
+      self.abort()
+      raise RuntimeError(f"{self.path}: {self.count} of {self.volume.sizes['T']} frames "
+                         "were written; the file was removed.")
+    self.volume.done.add(self.key)
+    self.volume.finish()
+    return True
+
+  def publish(self) -> None:
+    self.volume.publish()
+
+  def abort(self) -> None:
+    self.volume.abort()
+
+
+class SplitOutputs:
+  """The movie writers of one run: a `MovieWriter` for each output, except the outputs
+  named for one plane and channel of a split recording (`den.h5[plane=0,channel=1]`),
+  which are parts of one `VolumeWriter` per file (created with the first part, so
+  checked for space and locked then). As a context manager it removes, on any error,
+  the files whose parts did not all come; that a file is left incomplete at the end
+  of a run without an error is a bug, said as such."""
+
+  def __init__(self) -> None:
+    self.volumes: dict[str, VolumeWriter] = {}
+
+  def writer(self, path: str, frame_shape: Sequence[int], dtype, *, frames: int,
+             metadata: MovieMetadata | None = None, overwrite: bool = False,
+             recording: tuple[str, tuple[int, ...]] | None = None
+             ) -> MovieWriter | VolumePart:
+    """The writer of output `path`; `recording` is the axes and shape of the whole
+    recording a plane/channel output belongs to (`Movie.recording`)."""
+    spec = MovieSpec.parse(path)
+    if spec.plane is None and spec.channel is None:
+      return MovieWriter(path, frame_shape, dtype, frames=frames, metadata=metadata,
+                         overwrite=overwrite)
+    if recording is None:
+      raise ValueError(f"{path}: a plane/channel output needs its recording's layout.")
+    whole = str(spec.with_(plane=None, channel=None))
+    volume = self.volumes.get(whole)
+    if volume is None:
+      axes, shape = recording
+      check_space([(spec.path, int(np.prod(shape)) * np.dtype(dtype).itemsize + 2**16)])
+      volume = self.volumes[whole] = VolumeWriter(whole, axes, shape, dtype,
+                                                  metadata=metadata, overwrite=overwrite)
+    return volume.part(spec.plane or 0, spec.channel or 0)
+
+  def abort(self) -> None:
+    for volume in self.volumes.values():
+      if not volume.file.done:
+        volume.abort()
+
+  def __enter__(self) -> SplitOutputs:
+    return self
+
+  def __exit__(self, kind, value, tb) -> None:
+    left = [v.path for v in self.volumes.values() if not v.file.done]
+    self.abort()
+    if kind is None and left:
+      raise RuntimeError(f"{', '.join(left)}: not every plane and channel was written; "
+                         "the file was removed.")
 
 
 def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],

@@ -4,17 +4,19 @@ Every command takes a movie as text:
 
     [FORMAT:]PATH[:/DATASET][[key=value,...]]
 
-- FORMAT (optional) is one of `tiff`, `hdf5`, `zarr`, `nwb`, `suite2p`, `raw`; without
-  it the format follows the suffix (`.tif`, `.h5`/`.hdf5`, `.zarr`, `.nwb`, a suite2p
-  plane folder holding `data.bin` and `ops.npy`, `.bin`/`.raw`/`.dat` with a shape).
+- FORMAT (optional) is one of `tiff`, `hdf5`, `zarr`, `nwb`, `suite2p`, `raw`,
+  `caiman`; without it the format follows the suffix (`.tif`, `.h5`/`.hdf5`, `.zarr`,
+  `.nwb`, a suite2p plane folder holding `data.bin` and `ops.npy`, `.bin`/`.raw`/`.dat`
+  with a shape, `.mmap` for CaImAn's memory-mapped movies).
 - DATASET names the array inside an HDF5 file or Zarr store (`rec.h5:/imaging/data`) or
   the series of an NWB file (`rec.nwb:TwoPhotonSeries`); without it the only 3-D (or the
   only movie-like) array is read.
 - The options in brackets say what the file does not: `axes=YXT` (the file's axis
   order), `planes=2,channels=2` (ScanImage-style interleaving of frames), `shape=...`,
   `dtype=...`, `offset=...` (raw binaries), `plane=0,channel=1` (one movie of a
-  volumetric or multi-channel recording: `list_movies` names them so), and for outputs
-  `compression=gzip|none` and `scale=0.5` (suite2p int16 scaling).
+  volumetric or multi-channel recording: `list_movies` names them so; an output named
+  so is that movie's slice of a file holding every plane and channel), and for outputs
+  `compression=gzip|none`, `scale=0.5` (suite2p int16 scaling) and `zarr_format=2`.
 
 `MovieSpec` parses and prints this text, so a spec travels through every function that
 takes a path and comes back as the same text.
@@ -29,18 +31,18 @@ from typing import Any
 
 from deepcad_jax.errors import UserError
 
-FORMATS = ("tiff", "hdf5", "zarr", "nwb", "suite2p", "raw")
+FORMATS = ("tiff", "hdf5", "zarr", "nwb", "suite2p", "raw", "caiman")
 _ALIASES = {"tif": "tiff", "h5": "hdf5", "hdf": "hdf5", "bin": "raw"}
 SUFFIXES = {".tif": "tiff", ".tiff": "tiff", ".h5": "hdf5", ".hdf5": "hdf5",
             ".he5": "hdf5", ".zarr": "zarr", ".nwb": "nwb", ".bin": "raw", ".raw": "raw",
-            ".dat": "raw"}
+            ".dat": "raw", ".mmap": "caiman"}
 # Formats whose file can hold a dataset path after the suffix (`rec.h5:/data`).
 _INNER = re.compile(r"^(.*?\.(?:h5|hdf5|he5|nwb|zarr))(?::(.+))?$", re.IGNORECASE)
 _PREFIX = re.compile(r"^([A-Za-z0-9]{2,8}):(?!//)(.*)$", re.DOTALL)
 _OPTIONS = re.compile(r"^(.*)\[([A-Za-z_]+=[^\[\]]*)\]$", re.DOTALL)
-_INT_KEYS = ("planes", "channels", "plane", "channel", "offset")
+_INT_KEYS = ("planes", "channels", "plane", "channel", "offset", "zarr_format")
 _KEYS = ("axes", "planes", "channels", "plane", "channel", "shape", "dtype", "offset",
-         "compression", "scale", "nwb_group")
+         "compression", "scale", "nwb_group", "zarr_format")
 PLANE_FOLDER = re.compile(r"^plane\d+$")
 
 
@@ -62,6 +64,7 @@ class MovieSpec:
   compression: str | None = None         # outputs: 'gzip', 'lzf', 'zstd', 'none'
   scale: float | None = None             # suite2p outputs: int16 = round(value * scale)
   nwb_group: str | None = None           # NWB outputs: 'processing' (default), 'acquisition'
+  zarr_format: int | None = None         # Zarr outputs: 3 (default) or 2
 
   @classmethod
   def parse(cls, text: "str | os.PathLike | MovieSpec", **changes: Any) -> "MovieSpec":
@@ -151,7 +154,8 @@ def _checked(options: dict[str, Any], where: str) -> dict[str, Any]:
     try:
       if key in _INT_KEYS:
         out[key] = int(value)
-        if out[key] < 0 or (key in ("planes", "channels") and out[key] < 1):
+        if out[key] < 0 or (key in ("planes", "channels") and out[key] < 1) or (
+            key == "zarr_format" and out[key] not in (2, 3)):
           raise ValueError
       elif key == "shape":
         out[key] = tuple(int(n) for n in (value.lower().replace(",", "x").split("x")
@@ -179,7 +183,8 @@ def _checked(options: dict[str, Any], where: str) -> dict[str, Any]:
 _EXAMPLES = {"planes": "planes=2", "channels": "channels=2", "plane": "plane=0",
              "channel": "channel=0", "offset": "offset=0", "shape": "shape=1000x512x512",
              "scale": "scale=0.5", "axes": "axes=TYX", "dtype": "dtype=int16",
-             "compression": "compression=gzip", "nwb_group": "nwb_group=acquisition"}
+             "compression": "compression=gzip", "nwb_group": "nwb_group=acquisition",
+             "zarr_format": "zarr_format=2"}
 
 
 def detect_format(path: str, has_shape: bool = False) -> str:
