@@ -32,7 +32,7 @@ from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite)
 from deepcad_jax.data.output import (PARTIAL_SUFFIX, VOLUME_FORMATS, MovieWriter,
                                      SplitOutputs, check_space, movie_bytes, os_error,
-                                     output_format, outputs_together)
+                                     output_format, outputs_together, written_path)
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
                                    with_name_suffix)
 from deepcad_jax.errors import UserError
@@ -1131,7 +1131,8 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   movies = [open_movie(p) for p in inputs]
   todo = []
   for src, movie, dst in zip(inputs, movies, outputs):
-    src_path, dst_path = MovieSpec.parse(src).path, MovieSpec.parse(dst).path
+    src_path = MovieSpec.parse(src).path
+    dst_path = written_path(dst, movie.shape[1:], movie.shape[0])
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
       raise UserError(f"--output {dst} is the input file; choose another output.")
     out_dtype = resolve_output_dtype(output_dtype, movie.dtype)

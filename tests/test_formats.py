@@ -543,6 +543,19 @@ def test_caiman_memmap_out_and_in(trained_model, movie, tiff_result, tmp_path,
   assert "name gives its shape" in one_sentence(e.value)
 
 
+def test_a_caiman_output_that_resolves_to_the_input_is_refused(trained_model, movie,
+                                                               tmp_path):
+  src = write_tiff(tmp_path / "movie.tif", movie)
+  denoise_files(src, str(tmp_path / "den.mmap"), trained_model, progress=False)
+  path = tmp_path / "den_d1_24_d2_24_d3_1_order_C_frames_40.mmap"
+  before = path.read_bytes()
+  with pytest.raises(UserError) as e:  # den.mmap is written as that same file
+    denoise_files(str(path), str(tmp_path / "den.mmap"), trained_model, overwrite=True,
+                  progress=False)
+  assert "is the input file" in one_sentence(e.value)
+  assert path.read_bytes() == before
+
+
 def test_caiman_memmap_of_a_volume_is_read_as_planes(tmp_path):
   vol = np.arange(5 * 3 * 4 * 2, dtype=np.float32).reshape(5, 3, 4, 2)  # (T, d1, d2, d3)
   path = tmp_path / "Yr_d1_3_d2_4_d3_2_order_F_frames_5.mmap"

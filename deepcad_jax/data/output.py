@@ -534,6 +534,15 @@ def output_format(path: str | MovieSpec) -> str:
   return kind
 
 
+def written_path(path: str | MovieSpec, frame_shape, frames: int | None) -> str:
+  """The file or folder an output named `path` is written as (a CaImAn memmap's name
+  gains the movie's shape); for checks such as "is that the input?"."""
+  spec = MovieSpec.parse(path)
+  if output_format(spec) == "caiman":
+    return caiman.memmap_name(spec.path, frame_shape, frames)
+  return spec.path
+
+
 def _sink(spec: MovieSpec, kind: str):
   """The writer of a non-TIFF format (`open`, `write`, `close`, `abort`)."""
   if kind == "hdf5":
@@ -606,7 +615,7 @@ class MovieWriter:
                        "SplitOutputs, not MovieWriter.")
     self.kind = output_format(spec)
     if self.kind == "caiman":  # the name holds the shape
-      spec = spec.with_(path=caiman.memmap_name(spec.path, self.frame_shape, frames))
+      spec = spec.with_(path=written_path(spec, self.frame_shape, frames))
       self._text = spec.path
     self._sink = None if self.kind == "tiff" else _sink(spec, self.kind)
     self._started = False
