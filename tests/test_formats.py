@@ -465,20 +465,33 @@ def test_suite2p_plane_folder_in_and_out(trained_model, movie, tiff_result, tmp_
   assert (ops["Ly"], ops["Lx"], ops["nframes"], ops["do_registration"]) == (24, 24, 40, 0)
   assert ops["reg_file"] == str(out / "data.bin")
   frames = data.reshape(ops["nframes"], ops["Ly"], ops["Lx"])  # (T, Y, X), C order
-  np.testing.assert_array_equal(frames, np.clip(np.rint(tiff_result), -32768, 32767))
+  # by default the scale makes the largest |value| 32767: int16's range, nothing clipped
+  scale = ops["deepcad_scale"]
+  assert scale == pytest.approx(32767 / np.abs(tiff_result).max(), rel=1e-5)
+  assert np.abs(frames).max() == 32767 and ops["deepcad_clipped"] == 0
+  np.testing.assert_allclose(frames / scale, tiff_result, rtol=0, atol=0.5 / scale + 1e-6)
   assert ops["meanImg"].shape == (24, 24)
 
 
-def test_suite2p_clipping_is_reported(tmp_path, caplog):
+def test_suite2p_scale_is_reported_and_clipping_too(tmp_path, caplog):
   frames = np.full((3, 8, 8), 40000.0, np.float32)
+  frames[0, 0, 0] = -2.0
+  with caplog.at_level("INFO", logger="deepcad_jax"):
+    write_movie(str(tmp_path / "auto" / "plane0"), frames)  # the default: int16's range
+  assert "uses int16's range" in caplog.text and "x 0.819" in caplog.text
+  ops = load_ops(str(tmp_path / "auto" / "plane0" / "ops.npy"))
+  assert ops["deepcad_clipped"] == 0 and ops["deepcad_scale"] == pytest.approx(32767 / 40000)
+  assert not [n for n in os.listdir(tmp_path / "auto" / "plane0") if "partial" in n]
   out = str(tmp_path / "plane0")
+  caplog.clear()
   with caplog.at_level("WARNING", logger="deepcad_jax"):
-    write_movie(out, frames)
+    write_movie(f"{out}[scale=1]", frames)  # a scale given: streamed, clipped, said
   assert "did not fit int16 and were clipped" in caplog.text and "[scale=0.819]" in caplog.text
   ops = load_ops(os.path.join(out, "ops.npy"))
-  assert ops["deepcad_clipped"] == 192
+  assert ops["deepcad_clipped"] == 191
   write_movie(f"suite2p:{tmp_path / 'half'}[scale=0.5]", frames)
-  np.testing.assert_array_equal(open_movie(str(tmp_path / "half")).read(0, 3), 20000)
+  np.testing.assert_array_equal(open_movie(str(tmp_path / "half")).read(0, 3),
+                                np.rint(frames * 0.5))
 
 
 def test_raw_binary_needs_its_shape(movie, tmp_path):

@@ -4,9 +4,11 @@ Reading memory-maps `data.bin` with the shape `ops.npy` gives (read with the res
 unpickler of `safe_pickle`: no pickle code runs). Writing makes a plane folder that
 suite2p runs on with registration off: `data.bin` int16, streamed as frames come, and an
 `ops.npy` with Ly, Lx, nframes, reg_file, meanImg, fs, yrange, xrange and
-do_registration=0. Values are stored as round(value * scale) (scale 1 unless the
-output says `[scale=...]`) and clipped to int16; the scaling and the clipping are logged
-and kept in ops (`deepcad_scale`, `deepcad_clipped`).
+do_registration=0. Values are stored as round(value * scale), clipped to int16. By
+default the scale uses int16's range: the largest |value| becomes 32767 (the frames
+are kept as float32 beside data.bin until the last one is known, then converted block
+by block); `[scale=...]` sets it and streams int16 directly. The scale, the rounding
+step and any clipping are logged and kept in ops (`deepcad_scale`, `deepcad_clipped`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger("deepcad_jax")
 _OPS = "suite2p's ops.npy (a pickled dict)"
 _OPS_FIX = "give the ops.npy that suite2p wrote for one plane"
 INT16 = np.iinfo(np.int16)
+FLOAT_FILE = "data.float32.partial"  # the frames before the scale is known (auto scale)
 
 
 def load_ops(path: str) -> dict:
@@ -82,8 +85,11 @@ def open_plane(path: str) -> Source:
 class Suite2pSink:
   """A suite2p plane folder (data.bin int16 and ops.npy) written as frames come."""
 
+  BLOCK_BYTES = 64 * 2**20  # float32 read back per block when converting
+
   def __init__(self, scale: float | None, name: str):
-    self.scale = float(scale or 1.0)
+    self.auto = scale is None  # a scale that uses int16's range, chosen at the end
+    self.scale = 1.0 if scale is None else float(scale)
     self.name = name
     self.fh = None
     self.clipped = 0
@@ -95,10 +101,20 @@ class Suite2pSink:
     self.folder = temp
     self.frame_shape = tuple(int(n) for n in frame_shape)
     self.metadata = metadata or MovieMetadata()
-    self.fh = open(os.path.join(temp, "data.bin"), "xb")
+    self.fh = open(os.path.join(temp, FLOAT_FILE if self.auto else "data.bin"), "xb")
     self.total = np.zeros(self.frame_shape, np.float64)
 
   def write(self, start: int, frames: np.ndarray) -> None:
+    if self.auto:  # kept as float32 until the range is known
+      values = np.asarray(frames, np.float32)
+      low, high = float(values.min()), float(values.max())
+      self.low = low if self.low is None else min(self.low, low)
+      self.high = high if self.high is None else max(self.high, high)
+      self.fh.write(values.astype("<f4").tobytes())
+      return
+    self._write_int16(frames)
+
+  def _write_int16(self, frames: np.ndarray) -> None:
     values = np.asarray(frames, np.float64)
     if self.scale != 1.0:
       values = values * self.scale
@@ -113,6 +129,8 @@ class Suite2pSink:
     self.fh.write(out.tobytes())
 
   def close(self, count: int) -> None:
+    if self.auto:
+      self._convert(count)
     self.fh.flush()
     os.fsync(self.fh.fileno())
     self.fh.close()
@@ -136,7 +154,12 @@ class Suite2pSink:
       f.flush()
       os.fsync(f.fileno())
     voxels = count * ly * lx
-    if self.clipped:
+    if self.auto:
+      log.info("%s: suite2p data.bin written as int16 = round(value x %.6g): the largest "
+               "|value| (range %.6g..%.6g) uses int16's range; rounding step %.3g in the "
+               "movie's units.", final, self.scale, self.raw_low, self.raw_high,
+               1 / self.scale)
+    elif self.clipped:
       fit = 32767.0 / max(abs(self.low or 0), abs(self.high or 0)) * self.scale
       log.warning("%s: %d voxels (%.3g%%) of %.4g..%.4g (after scaling by %g) did not fit "
                   "int16 and were clipped; write it with [scale=%.3g] to keep them.",
@@ -145,6 +168,25 @@ class Suite2pSink:
     else:
       log.info("%s: suite2p data.bin written as int16 = round(value x %g) (range %s..%s, "
                "nothing clipped).", final, self.scale, self.low, self.high)
+
+  def _convert(self, count: int) -> None:
+    """The float32 frames, scaled to use int16's range, into data.bin block by block."""
+    self.fh.flush()
+    self.fh.close()
+    self.raw_low, self.raw_high = self.low or 0.0, self.high or 0.0
+    peak = max(abs(self.raw_low), abs(self.raw_high))
+    self.scale = float(INT16.max) / peak if peak > 0 else 1.0
+    self.low = self.high = None
+    floats = os.path.join(self.folder, FLOAT_FILE)
+    self.fh = open(os.path.join(self.folder, "data.bin"), "xb")
+    frame = int(np.prod(self.frame_shape))
+    source = np.memmap(floats, "<f4", "r", shape=(count, *self.frame_shape)) \
+        if count else np.zeros((0, *self.frame_shape), np.float32)
+    step = max(1, self.BLOCK_BYTES // (4 * frame))
+    for t in range(0, count, step):
+      self._write_int16(np.asarray(source[t:t + step]))
+    del source
+    os.remove(floats)
 
   def abort(self) -> None:
     if self.fh is not None:
