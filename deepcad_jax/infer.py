@@ -601,8 +601,8 @@ class Denoiser:
     if self.network is None:
       std_scale = float((self.model.meta.calibration or {}).get("std_scale", 1.0))
       self.network = tile_network(
-          self.model.features, self.dtype, members=members, ensemble_impl=self.model.config.model.ensemble_impl,
-          symmetries=self.uncertainty, keep_samples=self.save_samples,
+          self.model.features, self.dtype, members=members,
+          ensemble_impl=self.model.config.model.ensemble_impl, symmetries=self.uncertainty, keep_samples=self.save_samples,
           std_scale=std_scale, widths=self.model.config.model.widths)
     self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size,
                          scale=float(self.model.config.data.scale))
