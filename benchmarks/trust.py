@@ -37,7 +37,7 @@ def _train(noisy_path: str, workdir: str, **changes) -> tuple[str, float]:
 
 def _scores(noisy, clean, model_dir: str, k: int = 8) -> dict:
   t0 = time.perf_counter()
-  mean, std = denoise(noisy, model_dir, output_dtype="float32", uncertainty=k)
+  mean, std = denoise(noisy, model_dir, output_dtype="float32", symmetries=k)
   seconds = time.perf_counter() - t0
   plain = denoise(noisy, model_dir, output_dtype="float32")
   cal = uncertainty_calibration(mean, std, clean)
@@ -104,7 +104,7 @@ def main() -> None:
     record["runs"].append(row)
     if snr == -2.0:  # the example trace plot
       model = os.path.join(base, "plain")
-      mean, _, samples = denoise(noisy, model, output_dtype="float32", uncertainty=8,
+      mean, _, samples = denoise(noisy, model, output_dtype="float32", symmetries=8,
                                  save_samples=True)
       rois = rois_from_json(_active_rois(clean), shape[1:])
       traces = extract(mean, rois, list(samples), raw=noisy, f0="percentile:8")

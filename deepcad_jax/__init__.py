@@ -1,6 +1,6 @@
 """deepcad-jax: self-supervised denoising of fluorescence movies (DeepCAD-RT) in JAX.
 
-Inference (`load_model`, `Denoiser`, `denoise`) imports no training code; `train` and
+Inference (`load_model`, `DenoiseConfig`, `Denoiser`, `denoise`) imports no training code; `train` and
 `TrainResult` (which need grain and optax) are imported when first used.
 """
 
@@ -11,7 +11,7 @@ import types
 __version__ = "0.1.0"
 
 from deepcad_jax.checkpoint import Model, RunMeta
-from deepcad_jax.config import Config, load_config
+from deepcad_jax.config import Config, DenoiseConfig, load_config
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise, denoise_files
 from deepcad_jax.loading import load_model
@@ -19,8 +19,9 @@ from deepcad_jax.model import LADDER, UNet3D
 
 _TRAINING = ("train", "TrainResult")
 
-__all__ = ["Config", "Denoiser", "denoise", "denoise_files", "LADDER", "Model", "RunMeta",
-           "TrainResult", "UNet3D", "UserError", "load_config", "load_model", "train"]
+__all__ = ["Config", "DenoiseConfig", "Denoiser", "denoise", "denoise_files", "LADDER",
+           "Model", "RunMeta", "TrainResult", "UNet3D", "UserError", "load_config",
+           "load_model", "train"]
 
 
 class _Package(types.ModuleType):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-N_SYMMETRIES = 8
+from deepcad_jax.config import PLANE_SYMMETRIES
+
+N_SYMMETRIES = PLANE_SYMMETRIES
 SHAPE_PRESERVING = (0, 2, 4, 6)  # identity, rot180, flip, flip+rot180
 
 

@@ -186,10 +186,10 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
             + (", identity network" if identity else ""))
   rng = np.random.default_rng(0)
   movie = rng.poisson(200, movie_shape).astype(np.uint16)
-  den = Denoiser(_random_model(features, patch, overlap, members),
-                 patch if tiling == "overlap" else None,
-                 overlap if tiling == "overlap" else None, batch_size, dtype,
-                 devices=devices, uncertainty=uncertainty, tiling=tiling,
+  den = Denoiser(_random_model(features, patch, overlap, members), devices=devices,
+                 patch=patch if tiling == "overlap" else None,
+                 overlap=overlap if tiling == "overlap" else None, batch_size=batch_size,
+                 dtype=dtype, symmetries=uncertainty, tiling=tiling,
                  network=identity_tiles(2 if uncertainty else 0) if identity else None)
   plan = den.plan(movie.shape, movie.dtype, movie.dtype)
   timing = measure(lambda m: denoise(m, den), (movie,), repeats)
@@ -483,6 +483,23 @@ def save_records(records: list[dict], path: str) -> None:
       existing = json.load(f)
   with AtomicFile(path, overwrite=True) as f:
     json.dump(existing + records, f.text(), indent=1)
+
+
+def write_results(records: list[dict], path: str | None = None) -> str:
+  """Append `records` to `path` (default: benchmarks/results/<device>_<date>.json),
+  rewrite its markdown table and ladder plot beside it; returns the report: this run's
+  table and where the files are."""
+  path = path or results_path(os.path.join("benchmarks", "results"),
+                              records[0]["environment"])
+  save_records(records, path)
+  with open(path) as f:
+    all_records = json.load(f)
+  stem = os.path.splitext(path)[0]
+  with AtomicFile(stem + ".md", overwrite=True) as f:
+    f.text().write(markdown_table(all_records) + "\n")
+  plot = plot_ladder(all_records, stem + "_ladder.png")
+  return (markdown_table(records) + f"\n\nrecords: {path} (table: {stem}.md"
+          + (f", plot: {plot}" if plot else "") + ")")
 
 
 def _paper_figure(r: dict) -> str:

@@ -29,14 +29,14 @@ from deepcad_jax.data.movie import open_movie
 from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, denoise
-from deepcad_jax.metrics import uncertainty_calibration
+from deepcad_jax.metrics import format_calibration, uncertainty_calibration
 
 log = logging.getLogger("deepcad_jax")
 
 MIN_CORRELATION = 0.1  # corr(std, |error|) below which a fitted scale is not stored
 
 
-def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
+def calibrate(model_dir: str, noisy: str, clean: str, symmetries: int = 8, *,
               overwrite: bool = False, accept_uncorrelated: bool = False,
               **denoiser: Any) -> dict:
   """Measure the calibration of `model_dir`'s uncertainty on (noisy, clean), store the
@@ -45,7 +45,7 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
   Args:
     model_dir: a model directory (a training run or a converted model).
     noisy, clean: a noisy movie and its ground truth (TIFF paths).
-    samples: test-time symmetries K, as for `denoise --uncertainty`.
+    symmetries: test-time symmetries K, as for `denoise --uncertainty`.
     overwrite: replace an existing calibration.json.
     accept_uncorrelated: store the scale even when corr(std, |error|) is below
       MIN_CORRELATION (the record then carries a warning).
@@ -64,12 +64,12 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
   if noisy_movie.shape != clean_movie.shape:
     raise UserError(f"{noisy} {noisy_movie.shape} and {clean} {clean_movie.shape} differ "
                     "in shape; give a noisy movie and its own ground truth.")
-  den = Denoiser(model, uncertainty=samples, **denoiser)
+  den = Denoiser(model, symmetries=symmetries, **denoiser)
   log.info("calibrate: denoising %s %s under %d symmetries x %d member(s)...", noisy,
-           noisy_movie.shape, samples, model.config.model.ensemble)
+           noisy_movie.shape, symmetries, model.config.model.ensemble)
   mean, std = denoise(noisy_movie, den, output_dtype="float32", progress=True)
   result = uncertainty_calibration(mean, std, clean_movie.read(0, clean_movie.shape[0]))
-  record = {"std_scale": result["std_scale"], "samples": samples,
+  record = {"std_scale": result["std_scale"], "symmetries": symmetries,
             "members": model.config.model.ensemble,
             "fitted_on": os.path.abspath(noisy), "ground_truth": os.path.abspath(clean),
             "measured": result}
@@ -89,3 +89,10 @@ def calibrate(model_dir: str, noisy: str, clean: str, samples: int = 8, *,
   with AtomicFile(path, overwrite=True) as f:
     json.dump(record, f.text(), indent=1)
   return record
+
+
+def describe(record: dict, model_dir: str) -> str:
+  """A calibration record's lines for the command line."""
+  return (format_calibration(record["measured"]) + "\n" +
+          f"stored std scale {record['std_scale']:.4g} in "
+          f"{os.path.join(model_dir, CALIBRATION)}")

@@ -352,32 +352,33 @@ def _define_denoise(fv):
   _define_distributed(fv)
 
 
+def _denoise_config(fv):
+  """The `DenoiseConfig` of the denoise flags present in `fv` (checked there)."""
+  from deepcad_jax.config import DenoiseConfig
+  names = {"patch": "patch", "overlap": "overlap", "batch_size": "batch-size",
+           "dtype": "dtype", "tiling": "tiling", "tile": "tile",
+           "memory_budget": "memory-budget", "blend": "blend",
+           "reference_stitching": "reference-stitching", "spatial": "spatial",
+           "symmetries": "uncertainty", "save_samples": "save-samples"}
+  values = {field: _v(fv, flag) for field, flag in names.items() if flag in fv}
+  for field in ("patch", "tile"):
+    if values.get(field) is not None:
+      values[field] = _triple(values[field], "--" + field)
+  return DenoiseConfig(**{k: v for k, v in values.items() if v is not None})
+
+
 def _run_denoise(fv):
   from deepcad_jax.loading import load_model
   from deepcad_jax.infer import denoise_files
   _require(fv, "model", "input", "output")
   _init_distributed(fv)
+  config = _denoise_config(fv)
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
-  reports = denoise_files(
-      _movie(fv, "input"), _output(fv, "output"), model, overwrite=_v(fv, "overwrite"),
-      output_dtype=_v(fv, "output-dtype"), patch=_triple(_v(fv, "patch")),
-      overlap=_v(fv, "overlap"), batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
-      blend=_v(fv, "blend"), reference_stitching=_v(fv, "reference-stitching"),
-      spatial=_v(fv, "spatial"), uncertainty=_v(fv, "uncertainty"),
-      save_samples=_v(fv, "save-samples"), tiling=_v(fv, "tiling"),
-      tile=_triple(_v(fv, "tile"), "--tile"), memory_budget=_v(fv, "memory-budget"))
-  members = model.config.model.ensemble
+  reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,
+                          overwrite=_v(fv, "overwrite"),
+                          output_dtype=_v(fv, "output-dtype"))
   for r in reports:
-    print(f"{r.input} -> {r.output}  {r.shape} {r.dtype}  {r.seconds:.2f}s  "
-          f"{r.voxels_per_s:.3g} voxels/s  clipped {r.clipped}\n  tiling: {r.tiling}")
-    if _v(fv, "uncertainty"):
-      from deepcad_jax.infer import sample_path, std_path
-      k = _v(fv, "uncertainty")
-      what = f"{k} symmetries" + (f" x {members} members" if members > 1 else "")
-      print(f"  uncertainty (std over {what}): {std_path(r.output)}")
-      if _v(fv, "save-samples"):
-        print(f"  samples: {sample_path(r.output, 0)} .. "
-              f"{sample_path(r.output, k * members - 1)}")
+    print(r.describe())
   return 0
 
 
@@ -393,15 +394,10 @@ def _define_convert(fv):
 
 def _run_convert(fv):
   from deepcad_jax.loading import load_model
-  from deepcad_jax.convert import convert
+  from deepcad_jax.convert import convert, describe
   _require(fv, "pth", "output")
   out = convert(_v(fv, "pth"), _v(fv, "output"), _v(fv, "para"), _v(fv, "overwrite"))
-  model = load_model(out)
-  print(f"wrote {out}: features={model.features}, inference patch "
-        f"{model.config.infer.patch}, overlap {model.overlap}"
-        + (f", para from {model.meta.provenance['para_file']}"
-           if model.meta.provenance.get("para_file") else
-           ", no para.yaml (defaults: patch 150^3, overlap 0.4)"))
+  print(describe(load_model(out), out))
   return 0
 
 
@@ -459,13 +455,7 @@ def _run_export(fv):
                   verify=_v(fv, "verify"), mean=_v(fv, "mean"), sample=_v(fv, "sample"),
                   name=_v(fv, "name"), authors=authors, license=_v(fv, "license"),
                   overwrite=_v(fv, "overwrite"))
-  extra = "".join(f" and {p}" for p in report.files[1:])
-  print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {fmt}, f={report.features})"
-        f"{extra}")
-  for what, value in report.parity.items():
-    print(f"  parity: {what}: {value:.1e}")
-  for note in report.notes:
-    print(f"  {note}")
+  print(report.describe())
   return 0
 
 
@@ -495,7 +485,7 @@ def _define_simulate(fv):
   
 
 def _run_simulate(fv):
-  from deepcad_jax.simulate import write_simulation
+  from deepcad_jax.simulate import describe as simulation_report, write_simulation
   _require(fv, "output")
   shape = _triple(_v(fv, "shape"), "--shape")
   info = write_simulation(
@@ -506,8 +496,7 @@ def _run_simulate(fv):
       tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
       read_noise=_v(fv, "read-noise"), neuropil_coupling=_v(fv, "neuropil-coupling"),
       seed=_v(fv, "seed"))
-  print(f"wrote {info['noisy']} and {info['clean']}: {tuple(shape)}, "
-        f"SNR {info['snr_db']:.2f} dB, {info['mean_photons']:.3g} photons/voxel")
+  print(simulation_report(info))
   return 0
 
 
@@ -582,23 +571,12 @@ def _define_traces(fv):
 def _run_traces(fv):
   from deepcad_jax.traces import trace_files
   _require(fv, "rois", "output")
-  try:
-    band = [float(b) for b in _v(fv, "band").split(",")]
-  except ValueError:
-    band = []
-  if len(band) != 2:
-    raise UserError(f"--band takes two percentiles LO,HI; got {_v(fv, 'band')!r}.")
   r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_movie(fv, "movie"),
                   samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
-                  uncertainty=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=band,
+                  symmetries=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=_v(fv, "band"),
                   plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
                   overwrite=_v(fv, "overwrite"))
-  s = r.traces.summary()
-  print(f"{s['rois']} ROI(s) x {s['frames']} frames; F0 = {s['f0']}; "
-        + (f"band {band[0]:g}-{band[1]:g}% over {s['samples']} samples, median dF/F width "
-           f"{s['median_dff_band_width']:.3g}" if s["samples"] else "no samples: no band"))
-  print(f"csv: {r.csv}\nsummary: {r.summary}"
-        + (f"\nplot: {r.png} ({len(r.plotted)} ROI(s))" if r.png else ""))
+  print(r.describe())
   return 0
 
 
@@ -619,16 +597,10 @@ def _define_events(fv):
 def _run_events(fv):
   from deepcad_jax.events import check_files
   _require(fv, "raw", "denoised", "output")
-  r = check_files(_movie(fv, "raw"), _movie(fv, "denoised"), _v(fv, "output"), _v(fv, "threshold"),
-                  _triple(_v(fv, "box"), "--box"), _v(fv, "overwrite"))
-  print(f"noise model: var = {r.noise[0]:.4g} * mean + {r.noise[1]:.4g}, at least "
-        f"{r.noise_floor:.4g} (the darkest pixels' noise)")
-  print(f"{len(r.events)} candidate event(s) where the raw movie exceeds the denoised one "
-        f"beyond the noise (z > {r.threshold:g} over {r.box} boxes); largest z "
-        f"{float(r.z_map.max()):.1f}")
-  for e in r.events[:10]:
-    print(f"  t={e['t']} y={e['y']} x={e['x']}  z={e['z']:.1f}  excess {e['excess']:.3g}")
-  print(f"map and list: {_v(fv, 'output')}/z_map.tif, events.csv, events.json")
+  report = check_files(_movie(fv, "raw"), _movie(fv, "denoised"), _v(fv, "output"),
+                       _v(fv, "threshold"), _triple(_v(fv, "box"), "--box"),
+                       _v(fv, "overwrite"))
+  print(report.describe())
   return 0
 
 
@@ -639,7 +611,7 @@ def _define_calibrate(fv):
   flags.DEFINE_string("model", None, "Model directory to calibrate.", flag_values=fv)
   flags.DEFINE_string("noisy", None, "A noisy movie with known ground truth.", flag_values=fv)
   flags.DEFINE_string("clean", None, "Its ground truth (e.g. from simulate).", flag_values=fv)
-  flags.DEFINE_integer("uncertainty", 8, "Samples (symmetries), as for denoise.",
+  flags.DEFINE_integer("uncertainty", 8, "Test-time symmetries K, as for denoise.",
                        flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Replace the model's calibration.json.",
                        flag_values=fv)
@@ -649,14 +621,12 @@ def _define_calibrate(fv):
 
 
 def _run_calibrate(fv):
-  from deepcad_jax.calibrate import calibrate
-  from deepcad_jax.metrics import format_calibration
+  from deepcad_jax.calibrate import calibrate, describe as calibration_report
   _require(fv, "model", "noisy", "clean")
   record = calibrate(_v(fv, "model"), _v(fv, "noisy"), _v(fv, "clean"),
                      _v(fv, "uncertainty"), overwrite=_v(fv, "overwrite"),
                      accept_uncorrelated=_v(fv, "accept-uncorrelated"))
-  print(format_calibration(record["measured"]))
-  print(f"stored std scale {record['std_scale']:.4g} in {_v(fv, 'model')}/calibration.json")
+  print(calibration_report(record, _v(fv, "model")))
   return 0
 
 
@@ -730,31 +700,21 @@ def _define_stream(fv):
 
 def _run_stream(fv):
   from deepcad_jax.loading import load_model
-  from deepcad_jax.data.movie import refuse_to_overwrite
-  from deepcad_jax.stream import (FolderSource, ReplaySource, StreamDenoiser, raw_path,
+  from deepcad_jax.data.movie import read_mean_image, refuse_to_overwrite
+  from deepcad_jax.stream import (ReplaySource, StreamDenoiser, open_source, raw_path,
                                   run_pipeline)
   _require(fv, "model", "source", "output")
   output = _output(fv, "output")
   raw = raw_path(output)
   refuse_to_overwrite((output, raw), _v(fv, "overwrite"))
-  from deepcad_jax.data.spec import is_store
-  src = _movie(fv, "source")
-  source = FolderSource(src, _v(fv, "idle-timeout")) if os.path.isdir(src) and \
-      not is_store(src) else ReplaySource(src, _v(fv, "rate"))
-  mean = _v(fv, "mean")
-  if mean not in ("model", "running"):
-    try:
-      mean = float(mean)
-    except ValueError:
-      raise UserError(f"--mean takes 'model', 'running' or a number; got {mean!r}.") from None
-  from deepcad_jax.data.movie import read_mean_image
+  source = open_source(_movie(fv, "source"), _v(fv, "rate"), _v(fv, "idle-timeout"))
   image = _v(fv, "mean-image")
   stream = StreamDenoiser(load_model(_v(fv, "model")), _v(fv, "batch-frames"),
                           _v(fv, "overlap-frames"), tiling=_v(fv, "tiling"),
                           core_frames=_v(fv, "core-frames"), lookahead=_v(fv, "lookahead"),
                           batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
-                          mean=mean, mean_image=read_mean_image(image) if image else None)
-  rate = _v(fv, "rate") if isinstance(source, ReplaySource) else 0.0
+                          mean=_v(fv, "mean"),
+                          mean_image=read_mean_image(image) if image else None)
   view, preview_every = None, _v(fv, "preview-every")
   if _v(fv, "live"):
     from deepcad_jax.stream import LiveView, display_available
@@ -764,29 +724,12 @@ def _run_stream(fv):
       preview_every = preview_every or 5.0
       print(f"no display: writing preview images every {preview_every:g} s instead of a "
             "live window.")
-  r = run_pipeline(source, stream, output, rate=rate, policy=_v(fv, "policy"),
-                   raw_output=raw, output_dtype=_v(fv, "output-dtype"),
-                   preview_every_s=preview_every,
+  r = run_pipeline(source, stream, output, policy=_v(fv, "policy"), raw_output=raw,
+                   rate=_v(fv, "rate") if isinstance(source, ReplaySource) else 0.0,
+                   output_dtype=_v(fv, "output-dtype"), preview_every_s=preview_every,
                    on_output=view.update if view else None,
                    on_idle=view.draw if view else None, overwrite=_v(fv, "overwrite"))
-  print(f"frames: {r.frames_in} in, {r.frames_out} denoised, {r.dropped} dropped "
-        f"({r.frame_shape[0]}x{r.frame_shape[1]})")
-  print(f"sustained: {r.frames_per_s:.1f} frames/s = {r.voxels_per_s:.3g} voxels/s "
-        f"over {r.seconds:.1f} s" + (f" (source rate {rate:g} Hz)" if rate else ""))
-  print(f"latency (arrival to denoised output): median {r.latency_median_s:.3f} s, "
-        f"99th percentile {r.latency_p99_s:.3f} s; after the first {r.startup_frames} "
-        f"frames (which wait for the first tile): median {r.steady_latency_median_s:.3f} "
-        f"s, 99th percentile {r.steady_latency_p99_s:.3f} s")
-  kept = ("n/a (replayed as fast as possible; the sustained rate is the most it keeps up "
-          "with)" if not rate else ("yes" if r.kept_up else "no"))
-  lo, hi = stream.latency_frames()
-  print(f"kept up: {kept}; {r.clipped} voxels clipped to {_v(fv, 'output-dtype')}")
-  print(f"tiling: {stream.describe()}; a frame waits for {lo} to {hi} later frames"
-        + (f" ({lo / rate:.2f} to {hi / rate:.2f} s at {rate:g} Hz) plus compute"
-           if rate else " plus compute"))
-  print(f"raw: {r.raw}\ndenoised: {r.denoised}"
-        + (f"\npreviews: {len(r.previews)} PNG(s), last {r.previews[-1]}" if r.previews
-           else ""))
+  print(r.describe())
   return 0
 
 
@@ -817,13 +760,7 @@ def _run_prune(fv):
   pruned, r = prune(model, _v(fv, "keep"), _v(fv, "criterion"), _v(fv, "data"),
                     _v(fv, "batches"))
   out = save_model(pruned, _v(fv, "output"), _v(fv, "overwrite"))
-  print(f"pruned {r.source} ({r.criterion}, keep {r.keep:g}): {r.parameters_before:,} -> "
-        f"{r.parameters_after:,} parameters ({r.parameters_after / r.parameters_before:.1%}),"
-        f" {r.flops_before:,.0f} -> {r.flops_after:,.0f} FLOPs per voxel")
-  print(f"widths (encoder 0..3, then decoder 2..0, two convs each): "
-        f"{list(r.widths_before)} -> {list(r.widths_after)}")
-  print(f"wrote {out}; fine-tune it: deepcad-jax train --init-from {out} --data ... "
-        "--workdir ...")
+  print(r.describe(out))
   return 0
 
 
@@ -899,10 +836,7 @@ def _run_score(fv):
   movie = open_movie(_v(fv, "movie"))
   frames = parse_frames(_v(fv, "frames"), movie.shape[0], movie.name)
   den = Denoiser(load_model(_v(fv, "model"), _v(fv, "step")), dtype=_v(fv, "dtype"))
-  s = score(den, movie, frames)
-  print(f"held-out score of {den.model.source} on {movie.name} frames {frames[0]}:"
-        f"{frames[1]}: {s.score:.6g} (even -> odd {s.even_to_odd:.6g}, odd -> even "
-        f"{s.odd_to_even:.6g}); lower is closer to the truth, for this movie only")
+  print(score(den, movie, frames).describe(den.model.source))
   return 0
 
 
@@ -952,18 +886,7 @@ def _run_bench(fv):
                                _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
                                _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")),
                                _v(fv, "spatial"), _widths(_v(fv, "widths")))
-  path = _v(fv, "output") or bench.results_path(os.path.join("benchmarks", "results"),
-                                                records[0]["environment"])
-  bench.save_records(records, path)
-  with open(path) as f:
-    all_records = json.load(f)
-  table = bench.markdown_table(all_records)
-  from deepcad_jax.data.output import write_bytes
-  write_bytes(os.path.splitext(path)[0] + ".md", (table + "\n").encode())
-  plot = bench.plot_ladder(all_records, os.path.splitext(path)[0] + "_ladder.png")
-  print(bench.markdown_table(records))
-  print(f"\nrecords: {path} (table: {os.path.splitext(path)[0]}.md"
-        + (f", plot: {plot}" if plot else "") + ")")
+  print(bench.write_results(records, _v(fv, "output")))
   return 0
 
 

@@ -158,6 +158,120 @@ def validate(cfg: Config) -> None:
                     f"lr={cfg.train.lr}, b1={cfg.train.b1}, b2={cfg.train.b2}.")
 
 
+TILINGS = ("auto", "exact", "overlap")
+PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMETRIES)
+
+
+def parse_bytes(text: str | float | int | None) -> float | None:
+  """'8GB', '512MiB', '2e9' or a number of bytes -> bytes (None stays None)."""
+  if text is None:
+    return None
+  units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6,
+           "MIB": 2**20, "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12,
+           "TIB": 2**40}
+  if isinstance(text, (int, float)):
+    value = float(text)
+  else:
+    s = str(text).strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    try:
+      value = float(number) * units[s[len(number):]]
+    except (ValueError, KeyError):
+      value = -1
+  if not value > 0:
+    raise UserError(f"--memory-budget takes a size such as 8GB, 512MiB or 2e9 bytes; "
+                    f"got {text!r}.")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseConfig:
+  """How a `Denoiser` runs a model, checked here once (a model's own limits by
+  `check_model`). Built from keywords: `DenoiseConfig(tiling="exact", symmetries=4)`.
+
+  patch, overlap: the overlap scheme's patch (T, Y, X) and overlap factor (None: the
+    model's); giving either selects that scheme under tiling 'auto'.
+  batch_size: tiles per network call, a multiple of the devices (0: one per device).
+  dtype: compute dtype, one of DTYPES.
+  tiling: 'exact' (seamless: equal to one pass over the whole movie), 'overlap'
+    (DeepCAD-RT's scheme) or 'auto' (exact unless it needs more network voxels than the
+    overlap scheme, or the overlap scheme's patch/overlap/blend was asked for).
+  tile: exact tiling's largest tile (T, Y, X), multiples of 8 (None: from the budget).
+  memory_budget: bytes per device for exact tiles ('8GB', 2e9; None: a share of the
+    device's memory).
+  blend: blend the overlap scheme's patches with linear weights instead of cropping.
+  reference_stitching: DeepCAD-RT's stitching (its kept regions and per-patch rescale).
+  spatial: devices that split each tile's Y axis.
+  symmetries: K test-time symmetries of the (y, x) plane for uncertainty (0: off); the
+    samples per voxel are K x the model's ensemble members.
+  save_samples: keep every sample beside the mean and std.
+  """
+
+  patch: Patch | None = None
+  overlap: float | None = None
+  batch_size: int = 0
+  dtype: str = "float32"
+  tiling: str = "auto"
+  tile: Patch | None = None
+  memory_budget: float | str | None = None
+  blend: bool = False
+  reference_stitching: bool = False
+  spatial: int = 1
+  symmetries: int = 0
+  save_samples: bool = False
+
+  def __post_init__(self):
+    def put(name, value):
+      object.__setattr__(self, name, value)
+    if self.patch is not None:
+      put("patch", tuple(int(p) for p in self.patch))
+      if len(self.patch) != 3 or min(self.patch) < 8:
+        raise UserError(f"patch must be three sizes of at least 8 (T,Y,X); got "
+                        f"{self.patch}.")
+    if self.overlap is not None:
+      put("overlap", float(self.overlap))
+      if not 0 <= self.overlap < 1:
+        raise UserError(f"overlap must be in [0, 1); got {self.overlap}.")
+    if self.batch_size < 0:
+      raise UserError(f"--batch-size must be 0 (one tile per device) or more; got "
+                      f"{self.batch_size}.")
+    if self.dtype not in DTYPES:
+      raise UserError(f"compute dtype must be one of {', '.join(DTYPES)}; got "
+                      f"{self.dtype!r}.")
+    if self.tiling not in TILINGS:
+      raise UserError(f"--tiling must be one of {', '.join(TILINGS)}; got "
+                      f"{self.tiling!r}.")
+    if self.tiling == "exact" and (self.blend or self.reference_stitching):
+      raise UserError("--blend and --reference-stitching belong to the overlap scheme; "
+                      "exact tiles need neither (drop them or use --tiling overlap).")
+    if self.tile is not None:
+      put("tile", tuple(int(t) for t in self.tile))
+      if len(self.tile) != 3 or any(t < 8 or t % 8 for t in self.tile):
+        raise UserError(f"--tile must be three multiples of 8 as T,Y,X; got {self.tile}.")
+    put("memory_budget", parse_bytes(self.memory_budget))
+    if self.spatial < 1:
+      raise UserError(f"--spatial must be at least 1; got {self.spatial}.")
+    if self.symmetries < 0:
+      raise UserError(f"--uncertainty takes a number of symmetries (0: off); got "
+                      f"{self.symmetries}.")
+    if self.save_samples and not self.symmetries:
+      raise UserError("--save-samples keeps the samples of --uncertainty K; add it.")
+
+  @property
+  def overlap_scheme_asked(self) -> bool:
+    """Whether the overlap scheme's own settings (patch, overlap) were given."""
+    return self.patch is not None or self.overlap is not None
+
+  def check_model(self, model: ModelConfig) -> None:
+    """Refuse symmetries this model cannot use: at most the plane's 8, and at least 2
+    unless an ensemble's members already disagree."""
+    lowest = 1 if model.ensemble > 1 else 2
+    if self.symmetries and not lowest <= self.symmetries <= PLANE_SYMMETRIES:
+      members = f", times the {model.ensemble} members" if model.ensemble > 1 else ""
+      raise UserError(f"--uncertainty takes {lowest} to {PLANE_SYMMETRIES} (symmetries "
+                      f"of the (y, x) plane{members}); got {self.symmetries}.")
+
+
 def _section(cls, values: Mapping[str, Any], where: str):
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - names)

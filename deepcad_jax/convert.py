@@ -374,3 +374,12 @@ def load_pth_model(pth: str, para: str | None = None) -> Model:
 def convert(pth: str, output: str, para: str | None = None, overwrite: bool = False) -> str:
   """Write a deepcad-jax model directory from a DeepCAD-RT .pth; returns its path."""
   return save_model(load_pth_model(pth, para), output, overwrite)
+
+
+def describe(model: Model, written: str) -> str:
+  """What `convert` wrote, in a line for the command line."""
+  para = model.meta.provenance.get("para_file")
+  return (f"wrote {written}: features={model.features}, inference patch "
+          f"{model.config.infer.patch}, overlap {model.overlap}"
+          + (f", para from {para}" if para else
+             ", no para.yaml (defaults: patch 150^3, overlap 0.4)"))

@@ -138,6 +138,20 @@ class EventReport:
   threshold: float
   box: tuple[int, int, int]
   noise_floor: float = 0.0          # the variance is at least this
+  output: str | None = None         # the folder of z_map.tif, events.csv, events.json
+
+  def describe(self, shown: int = 10) -> str:
+    """The report's lines for the command line (the first `shown` events)."""
+    lines = [f"noise model: var = {self.noise[0]:.4g} * mean + {self.noise[1]:.4g}, at "
+             f"least {self.noise_floor:.4g} (the darkest pixels' noise)",
+             f"{len(self.events)} candidate event(s) where the raw movie exceeds the "
+             f"denoised one beyond the noise (z > {self.threshold:g} over {self.box} "
+             f"boxes); largest z {float(self.z_map.max()):.1f}"]
+    lines += [f"  t={e['t']} y={e['y']} x={e['x']}  z={e['z']:.1f}  excess "
+              f"{e['excess']:.3g}" for e in self.events[:shown]]
+    if self.output:
+      lines.append(f"map and list: {self.output}/z_map.tif, events.csv, events.json")
+    return "\n".join(lines)
 
 
 def box_z(raw: np.ndarray, den: np.ndarray, noise: tuple[float, float, float],
@@ -248,4 +262,4 @@ def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
                "noise_b": report.noise[1], "noise_floor": report.noise_floor,
                "threshold": threshold, "box": list(box), "events": report.events},
               files[-1].text(), indent=1)
-  return report
+  return dataclasses.replace(report, output=output)

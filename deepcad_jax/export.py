@@ -81,6 +81,14 @@ class ExportReport:
   parity: dict[str, float] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
 
+  def describe(self) -> str:
+    """The report's lines for the command line."""
+    extra = "".join(f" and {p}" for p in self.files[1:])
+    lines = [f"wrote {self.path} ({self.bytes / 1e6:.2f} MB, {self.format}, "
+             f"f={self.features}){extra}"]
+    lines += [f"  parity: {what}: {value:.1e}" for what, value in self.parity.items()]
+    return "\n".join(lines + [f"  {note}" for note in self.notes])
+
 
 # ------------------------------------------------------------------ the network
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -25,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepcad_jax import distributed, parallel, resources
-from deepcad_jax.augment import N_SYMMETRIES
 from deepcad_jax.checkpoint import Model
-from deepcad_jax.config import DTYPES
+from deepcad_jax.config import DenoiseConfig
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
                                     refuse_to_overwrite)
 from deepcad_jax.data.output import (PARTIAL_SUFFIX, VOLUME_FORMATS, MovieWriter,
@@ -46,13 +47,13 @@ from deepcad_jax.progress import Progress
 from deepcad_jax.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
                                 overlap_plan)
 
-__all__ = ["DenoiseStats", "Denoiser", "Engine", "Frames", "TemporalSpread", "denoise",
-           "denoise_files", "denoise_with", "memory_budget", "quantisation_note",
-           "resolve_output_dtype", "symmetry_samples", "to_dtype", "whole_movie_forward"]
+__all__ = ["DenoiseConfig", "DenoiseStats", "Denoiser", "Engine", "Frames",
+           "TemporalSpread", "as_denoiser", "denoise", "denoise_files", "denoise_with",
+           "memory_budget", "quantisation_note", "resolve_output_dtype",
+           "symmetry_samples", "to_dtype", "whole_movie_forward"]
 
 log = logging.getLogger("deepcad_jax")
 
-TILINGS = ("auto", "exact", "overlap")
 # Share of memory a tile plan may use when no --memory-budget is given: of each
 # accelerator's memory (what XLA's allocator may hold), or of the machine's RAM on CPUs.
 DEVICE_MEMORY_SHARE = 0.8
@@ -133,25 +134,6 @@ def _device_dtype(dtype) -> np.dtype:
 
 
 # ------------------------------------------------------------------ memory
-
-
-def parse_bytes(text: str | float | int | None) -> float | None:
-  """'8GB', '512MiB', '2e9' or a number of bytes -> bytes (None stays None)."""
-  if text is None or isinstance(text, (int, float)):
-    return None if text is None else float(text)
-  units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6,
-           "MIB": 2**20, "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12,
-           "TIB": 2**40}
-  s = str(text).strip().upper().replace(" ", "")
-  number = s.rstrip("KMGTIB")
-  try:
-    value = float(number) * units[s[len(number):]]
-  except (ValueError, KeyError):
-    value = -1
-  if value <= 0:
-    raise UserError(f"--memory-budget takes a size such as 8GB, 512MiB or 2e9 bytes; "
-                    f"got {text!r}.")
-  return value
 
 
 def memory_budget(devices: Sequence[jax.Device], override: float | None = None) -> float:
@@ -237,6 +219,15 @@ class Engine:
     self._compiled: dict[tuple, Any] = {}
     self._fewer: dict[int, Engine] = {}
     self.compile_s = 0.0
+
+  def with_params(self, params: Any) -> Engine:
+    """This engine on other parameters of the same shapes; it shares the compiled
+    steps (parameters are an argument of each step)."""
+    other = copy.copy(self)
+    other.host_params = params
+    other.params = jax.device_put(params, parallel.replicated(self.mesh))
+    other._fewer = {n: e.with_params(params) for n, e in self._fewer.items()}
+    return other
 
   def for_tiles(self, tiles: int) -> Engine:
     """This engine, or one over fewer of its devices when a plan has fewer tiles than
@@ -523,111 +514,103 @@ def resolve_model(model: Model | str | os.PathLike) -> Model:
   return load_model(os.fspath(model))
 
 
-@dataclasses.dataclass
+def _settings(name: str, doc: str) -> property:
+  """A read-only view of one `DenoiseConfig` field on the `Denoiser`."""
+  return property(lambda self: getattr(self.config, name), doc=doc)
+
+
 class Denoiser:
-  """A model ready to denoise: compiled once per tile layout, reused for every movie.
+  """A model ready to denoise: an immutable handle, compiled once per tile layout and
+  reused for every movie.
 
   Args:
     model: a `Model`, a model directory or a DeepCAD-RT .pth.
-    patch: the overlap scheme's patch (T, Y, X) (default: the model's inference or
-      training patch). Giving it (or `overlap`) selects the overlap scheme under
-      tiling 'auto'.
-    overlap: the overlap scheme's overlap factor (default: the model's).
-    batch_size: tiles per network call, a multiple of the devices (0: one per device).
-    dtype: compute dtype, 'float32' or 'bfloat16'.
-    blend: blend the overlap scheme's patches with linear weights instead of cropping.
+    config: how to run it (`config.DenoiseConfig`: tiling, tile, memory budget, batch
+      size, dtype, uncertainty symmetries...; default: the model's own settings).
     devices: the devices to use (default: all).
-    reference_stitching: reproduce DeepCAD-RT's stitching (overlap layout, its kept
-      regions and per-patch rescale).
-    spatial: also split each tile's Y axis over this many devices.
-    uncertainty: K test-time symmetries of the (y, x) plane (x ensemble members): the
-      output is their mean with their std beside it.
-    save_samples: keep every sample too.
-    tiling: 'exact' (seamless: equal to one pass over the whole movie), 'overlap'
-      (DeepCAD-RT's scheme) or 'auto' (exact unless it needs more network voxels than
-      the overlap scheme, or the overlap scheme's patch/overlap/blend was asked for).
-    tile: exact tiling's largest tile (T, Y, X) (default: from the memory budget).
-    memory_budget: bytes per device for exact tiles (default: DEVICE_MEMORY_SHARE of an
-      accelerator's memory, HOST_MEMORY_SHARE of RAM on CPUs).
     network: a stand-in for the model's network on tiles (tests, benchmarks).
+    **options: `DenoiseConfig` fields that replace `config`'s, e.g.
+      `Denoiser(model, tiling="exact", symmetries=4)`.
+
+  The overlap scheme's patch and overlap default to the model's inference or training
+  patch and overlap; the exact tile to the largest the memory budget holds (a share of
+  an accelerator's memory, DEVICE_MEMORY_SHARE, or of RAM on CPUs, HOST_MEMORY_SHARE).
+  `with_params` gives a handle on other parameters of the same network that reuses what
+  is compiled.
   """
 
-  model: Any
-  patch: tuple[int, int, int] | None = None
-  overlap: float | None = None
-  batch_size: int = 0
-  dtype: str = "float32"
-  blend: bool = False
-  devices: Any = None
-  reference_stitching: bool = False
-  spatial: int = 1
-  uncertainty: int = 0
-  save_samples: bool = False
-  tiling: str = "auto"
-  tile: tuple[int, int, int] | None = None
-  memory_budget: Any = None
-  network: TileFn | None = None
+  def __init__(self, model: Model | str | os.PathLike, config: DenoiseConfig | None = None,
+               *, devices: Sequence[jax.Device] | None = None,
+               network: TileFn | None = None, **options: Any):
+    config = config or DenoiseConfig()
+    if options:
+      unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DenoiseConfig)})
+      if unknown:
+        raise TypeError(f"Denoiser got unknown option(s) {', '.join(unknown)}; its "
+                        "options are DenoiseConfig's fields.")
+      config = dataclasses.replace(config, **options)
+    model = resolve_model(model)
+    config.check_model(model.config.model)
+    put = functools.partial(object.__setattr__, self)
+    put("model", model)
+    put("config", config)
+    put("patch", tuple(config.patch or model.config.infer.patch or model.patch))
+    put("overlap", model.overlap if config.overlap is None else config.overlap)
+    put("mesh", parallel.data_mesh(devices, config.spatial))
+    if network is None:
+      network = tile_network(
+          model.features, config.dtype, members=model.config.model.ensemble,
+          ensemble_impl=model.config.model.ensemble_impl, symmetries=config.symmetries,
+          keep_samples=config.save_samples, widths=model.config.model.widths,
+          std_scale=float((model.meta.calibration or {}).get("std_scale", 1.0)))
+    put("network", network)
+    put("engine", Engine(network, model.params, self.mesh, config.batch_size,
+                         scale=float(model.config.data.scale)))
+    if config.tiling == "overlap" or config.reference_stitching:
+      parallel.check_spatial(self.patch[1], config.spatial)
+    put("_plans", {})  # (shape, dtypes) -> TilePlan; plans do not depend on parameters
 
-  def __post_init__(self):
-    self.model = resolve_model(self.model)
-    self.explicit_overlap = self.patch is not None or self.overlap is not None
-    self.patch = tuple(self.patch or self.model.config.infer.patch or self.model.patch)
-    if len(self.patch) != 3 or min(self.patch) < 8:
-      raise UserError(f"patch must be three sizes of at least 8 (T,Y,X); got {self.patch}.")
-    self.overlap = self.model.overlap if self.overlap is None else float(self.overlap)
-    if not 0 <= self.overlap < 1:
-      raise UserError(f"overlap must be in [0, 1); got {self.overlap}.")
-    if self.dtype not in DTYPES:
-      raise UserError(f"compute dtype must be float32 or bfloat16; got {self.dtype!r}.")
-    if self.tiling not in TILINGS:
-      raise UserError(f"--tiling must be one of {', '.join(TILINGS)}; got {self.tiling!r}.")
-    if self.tiling == "exact" and (self.blend or self.reference_stitching):
-      raise UserError("--blend and --reference-stitching belong to the overlap scheme; "
-                      "exact tiles need neither (drop them or use --tiling overlap).")
-    if self.tile is not None:
-      self.tile = tuple(int(t) for t in self.tile)
-      if len(self.tile) != 3 or any(t < GRID or t % GRID for t in self.tile):
-        raise UserError(f"--tile must be three multiples of 8 as T,Y,X; got {self.tile}.")
-    self.memory_budget = parse_bytes(self.memory_budget)
-    members = self.model.config.model.ensemble
-    lowest = 1 if members > 1 else 2
-    if self.uncertainty and not lowest <= self.uncertainty <= N_SYMMETRIES:
-      raise UserError(f"--uncertainty takes {lowest} to {N_SYMMETRIES} (symmetries of the "
-                      "(y, x) plane" + (f", times the {members} members" if members > 1
-                                        else "") + f"); got {self.uncertainty}.")
-    if self.save_samples and not self.uncertainty:
-      raise UserError("--save-samples keeps the samples of --uncertainty K; add it.")
-    self.mesh = parallel.data_mesh(self.devices, self.spatial)
-    if self.network is None:
-      std_scale = float((self.model.meta.calibration or {}).get("std_scale", 1.0))
-      self.network = tile_network(
-          self.model.features, self.dtype, members=members,
-          ensemble_impl=self.model.config.model.ensemble_impl, symmetries=self.uncertainty, keep_samples=self.save_samples,
-          std_scale=std_scale, widths=self.model.config.model.widths)
-    self.engine = Engine(self.network, self.model.params, self.mesh, self.batch_size,
-                         scale=float(self.model.config.data.scale))
-    self.batch_size = self.engine.batch_size
-    if self.tiling == "overlap" or self.reference_stitching:
-      parallel.check_spatial(self.patch[1], self.spatial)
-    self._plans: dict[tuple, TilePlan] = {}
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise AttributeError(f"a Denoiser is immutable (setting {name!r}); build another, or "
+                         "use with_params() for other parameters of the same network.")
 
-  def set_params(self, params: Any) -> None:
-    """Use other parameters of the same network (e.g. a later training step); what is
-    compiled stays compiled."""
-    self.model = dataclasses.replace(self.model, params=params)
-    for engine in (self.engine, *self.engine._fewer.values()):
-      engine.host_params = params
-      engine.params = jax.device_put(params, parallel.replicated(engine.mesh))
+  def with_params(self, params: Any) -> Denoiser:
+    """This denoiser on other parameters of the same network (e.g. a later training
+    step): a new handle that reuses the compiled steps and the tile plans."""
+    other = copy.copy(self)
+    object.__setattr__(other, "model", self.model.with_params(params))
+    object.__setattr__(other, "engine", self.engine.with_params(params))
+    return other
+
+  dtype = _settings("dtype", "Compute dtype.")
+  tiling = _settings("tiling", "'auto', 'exact' or 'overlap'.")
+  tile = _settings("tile", "Exact tiling's largest tile, or None (from the budget).")
+  memory_budget = _settings("memory_budget", "Bytes per device for exact tiles, or None.")
+  blend = _settings("blend", "Blend the overlap scheme's patches.")
+  reference_stitching = _settings("reference_stitching", "DeepCAD-RT's stitching.")
+  spatial = _settings("spatial", "Devices splitting each tile's Y axis.")
+  symmetries = _settings("symmetries", "K test-time symmetries for uncertainty (0: off).")
+  save_samples = _settings("save_samples", "Keep every sample beside mean and std.")
+
+  @property
+  def batch_size(self) -> int:
+    """Tiles per network call (resolved: a multiple of the devices)."""
+    return self.engine.batch_size
+
+  @property
+  def explicit_overlap(self) -> bool:
+    """Whether the overlap scheme's patch or overlap was asked for."""
+    return self.config.overlap_scheme_asked
 
   @property
   def samples(self) -> int:
     """Samples per voxel with uncertainty: K symmetries x M ensemble members."""
-    return self.uncertainty * self.model.config.model.ensemble
+    return self.symmetries * self.model.config.model.ensemble
 
   @property
   def channels(self) -> int:
     """Values per output voxel: 0 (plain frames), 2 (mean, std) or 2 + samples."""
-    if not self.uncertainty:
+    if not self.symmetries:
       return 0
     return 2 + (self.samples if self.save_samples else 0)
 
@@ -779,29 +762,48 @@ INFER_FIX = ("lower --memory-budget or --batch-size, give a smaller --tile, or u
              "--tiling overlap with a smaller --patch")
 
 
+def as_denoiser(model: Model | str | os.PathLike | Denoiser,
+                config: DenoiseConfig | None = None, devices=None, **options: Any
+                ) -> Denoiser:
+  """`model` as a `Denoiser`: built with `config`, `options` (DenoiseConfig fields)
+  and `devices`, or the Denoiser given, which already holds its settings (then giving
+  settings again is refused rather than half-used)."""
+  if not isinstance(model, Denoiser):
+    return Denoiser(model, config, devices=devices, **options)
+  if options or devices is not None or config is not None:
+    given = sorted(options) + (["devices"] if devices is not None else []) + (
+        ["config"] if config is not None else [])
+    raise UserError(f"a Denoiser already holds its settings; give {', '.join(given)} "
+                    "when building it, not again here.")
+  return model
+
+
 @resources.device_memory("denoising", INFER_FIX)
-def denoise(movie: Any, model: Model | str | Denoiser, *,
-            patch: Sequence[int] | None = None, overlap: float | None = None,
-            batch_size: int = 0, dtype: str = "float32", blend: bool = False,
-            output_dtype: Any = None, devices=None, reference_stitching: bool = False,
-            uncertainty: int = 0, save_samples: bool = False, progress: bool = False,
-            tiling: str = "auto", tile: Sequence[int] | None = None,
-            memory_budget: Any = None) -> np.ndarray | tuple[np.ndarray, ...]:
+def denoise(movie: Any, model: Model | str | Denoiser, config: DenoiseConfig | None = None,
+            *, output_dtype: Any = None, devices: Sequence[jax.Device] | None = None,
+            progress: bool = False, **options: Any) -> np.ndarray | tuple[np.ndarray, ...]:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
-  `model` is a `Model`, a model directory or a `Denoiser` (then the other settings are
-  the Denoiser's). The result has the input's shape and is float32 (the network's
-  precision) unless `output_dtype` asks for another ('input': the input's dtype,
-  rounded and clipped on the device). With `uncertainty` = K the result is (mean, std)
-  over K test-time symmetries (times the ensemble's members); std is float32;
-  `save_samples` adds a third item, the float32 samples (S, T, Y, X). See `Denoiser`
-  for the other arguments.
+  Args:
+    movie: the noisy movie.
+    model: a `Model`, a model directory, a DeepCAD-RT .pth or a `Denoiser` (which holds
+      its own settings; then give no config or options).
+    config: how to run the model (`config.DenoiseConfig`; default: the model's own).
+    output_dtype: None (float32, the network's precision), 'input' (the input's dtype,
+      rounded and clipped on the device) or a dtype.
+    devices: the devices to use (default: all).
+    progress: print a progress line.
+    **options: `DenoiseConfig` fields that replace `config`'s: tiling, tile,
+      memory_budget, batch_size, dtype, symmetries, save_samples, patch, overlap, blend,
+      reference_stitching, spatial.
+
+  Returns:
+    The denoised movie in the input's shape; with `symmetries` = K, (mean, std) over K
+    test-time symmetries (times the ensemble's members), std float32; `save_samples`
+    adds a third item, the float32 samples (S, T, Y, X).
   """
   movie = as_movie(movie)
-  den = model if isinstance(model, Denoiser) else Denoiser(
-      model, patch, overlap, batch_size, dtype, blend, devices, reference_stitching,
-      uncertainty=uncertainty, save_samples=save_samples, tiling=tiling, tile=tile,
-      memory_budget=memory_budget)
+  den = as_denoiser(model, config, devices, **options)
   out_dtype = resolve_output_dtype(output_dtype, movie.dtype)
   out = np.empty(movie.shape, out_dtype)
   extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
@@ -830,6 +832,20 @@ class FileReport:
   voxels_per_s: float
   clipped: int
   rounding_rms: float = 0.0   # quantisation noise added by an integer output (counts)
+  std: str | None = None      # the std movie written beside the output (uncertainty)
+  samples: tuple[str, ...] = ()  # the sample movies (save_samples)
+  spread_over: str = ""       # what the std spans: "K symmetries x M members"
+
+  def describe(self) -> str:
+    """The report's lines for the command line."""
+    lines = [f"{self.input} -> {self.output}  {self.shape} {self.dtype}  "
+             f"{self.seconds:.2f}s  {self.voxels_per_s:.3g} voxels/s  clipped "
+             f"{self.clipped}", f"  tiling: {self.tiling}"]
+    if self.std:
+      lines.append(f"  uncertainty (std over {self.spread_over}): {self.std}")
+    if self.samples:
+      lines.append(f"  samples: {self.samples[0]} .. {self.samples[-1]}")
+    return "\n".join(lines)
 
 
 def _output_paths(inputs: list[str], src: str, output: str, together: bool = True
@@ -888,13 +904,18 @@ def _part_output(dst: str, spec: MovieSpec, together: bool = False) -> str:
   return with_name_suffix(dst, part_suffix(spec, 2, 2))
 
 
-def _report(movie: Movie, dst: str, out_dtype, stats: DenoiseStats,
+def _report(movie: Movie, dst: str, den: Denoiser, out_dtype, stats: DenoiseStats,
             seconds: float | None = None) -> FileReport:
   seconds = stats.seconds if seconds is None else seconds
+  extras = den.extra_outputs(dst)
+  members = den.model.config.model.ensemble
+  spread = f"{den.symmetries} symmetries" + (f" x {members} members" if members > 1
+                                              else "")
   return FileReport(movie.name, dst, movie.shape, str(out_dtype), stats.tiles,
                     stats.tiling, stats.recompute, seconds,
                     float(np.prod(movie.shape)) / seconds if seconds else 0.0,
-                    stats.clipped, stats.rounding_rms)
+                    stats.clipped, stats.rounding_rms, extras[0] if extras else None,
+                    tuple(extras[1:]), spread if extras else "")
 
 
 class TemporalSpread:
@@ -978,7 +999,7 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
   note = quantisation_note(dst, out_dtype, stats)
   if note:
     log.warning("%s", note)
-  return _report(movie, dst, out_dtype, stats)
+  return _report(movie, dst, den, out_dtype, stats)
 
 
 @contextlib.contextmanager
@@ -1079,7 +1100,7 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
       for q in range(n_proc):
         with contextlib.suppress(OSError):
           os.remove(_part_path(dst, q))
-    report = _report(movie, dst, out_dtype, stats, time.perf_counter() - t0)
+    report = _report(movie, dst, den, out_dtype, stats, time.perf_counter() - t0)
   distributed.barrier(f"assembled-{dst}")
   return report
 
@@ -1102,9 +1123,11 @@ def _complete_output(paths: Sequence[str], movie: Movie, out_dtype) -> str | Non
 
 
 @resources.device_memory("denoising", INFER_FIX)
-def denoise_files(input: str, output: str, model: Model | str, *, overwrite: bool = False,
-                  output_dtype: Any = None, progress: bool = True, **kwargs
-                  ) -> list[FileReport]:
+def denoise_files(input: str, output: str, model: Model | str | Denoiser,
+                  config: DenoiseConfig | None = None, *,
+                  overwrite: bool = False, output_dtype: Any = None,
+                  progress: bool = True, devices: Sequence[jax.Device] | None = None,
+                  **options: Any) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
   Each output is float32 (the network's precision) unless `output_dtype` asks for
@@ -1112,22 +1135,20 @@ def denoise_files(input: str, output: str, model: Model | str, *, overwrite: boo
   only once complete (`data.output`). Refuses to overwrite an existing output unless
   `overwrite`, and never writes over an input; for a folder, outputs already complete
   from an earlier run are skipped (a rerun after a failure finishes the rest), and a
-  missing output folder is created. `kwargs` go to `Denoiser` (patch, overlap,
-  batch_size, dtype, blend, devices, reference_stitching, spatial, uncertainty,
-  save_samples, tiling, tile, memory_budget; with uncertainty the std movie is written
-  beside each output as `*_std.tif`, and with save_samples each sample as
-  `*_sample00.tif`, ...). On several processes (`jax.distributed`), the files of a
-  folder are split between them, and a single movie's temporal slabs are; each process
-  uses its own devices.
+  missing output folder is created. `model`, `config`, `devices` and `options`
+  (DenoiseConfig fields) are as for `denoise`; with `symmetries` the std movie is written beside each
+  output as `*_std.tif`, and with `save_samples` each sample as `*_sample00.tif`, ...
+  On several processes (`jax.distributed`), the files of a folder are split between
+  them, and a single movie's temporal slabs are; each process uses its own devices.
   """
   input, output = os.fspath(input), os.fspath(output)
   inputs = list_movies(input)
   outputs = _output_paths(inputs, input, output, together=jax.process_count() == 1)
   folder = os.path.isdir(input) and not is_store(input)
   n_proc = jax.process_count()
-  if n_proc > 1:
-    kwargs.setdefault("devices", jax.local_devices())
-  den = Denoiser(model, **kwargs)
+  if n_proc > 1 and devices is None and not isinstance(model, Denoiser):
+    devices = jax.local_devices()
+  den = as_denoiser(model, config, devices, **options)
   movies = [open_movie(p) for p in inputs]
   todo = []
   for src, movie, dst in zip(inputs, movies, outputs):

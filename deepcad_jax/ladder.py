@@ -22,9 +22,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
 import numpy as np
 
 from deepcad_jax import config as config_lib

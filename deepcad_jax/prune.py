@@ -207,6 +207,20 @@ class PruneReport:
   flops_before: float          # per voxel
   flops_after: float
 
+  def describe(self, written: str | None = None) -> str:
+    """The report's lines for the command line (`written`: where the model went)."""
+    lines = [
+        f"pruned {self.source} ({self.criterion}, keep {self.keep:g}): "
+        f"{self.parameters_before:,} -> {self.parameters_after:,} parameters "
+        f"({self.parameters_after / self.parameters_before:.1%}), "
+        f"{self.flops_before:,.0f} -> {self.flops_after:,.0f} FLOPs per voxel",
+        f"widths (encoder 0..3, then decoder 2..0, two convs each): "
+        f"{list(self.widths_before)} -> {list(self.widths_after)}"]
+    if written:
+      lines.append(f"wrote {written}; fine-tune it: deepcad-jax train --init-from "
+                   f"{written} --data ... --workdir ...")
+    return "\n".join(lines)
+
 
 def prune(model: Model, keep: float, criterion: str = "l1",
           data: Movie | np.ndarray | str | None = None, batches: int = 8,

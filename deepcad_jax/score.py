@@ -66,6 +66,13 @@ class Score:
   frames: tuple[int, int]
   movie: str
 
+  def describe(self, model: str = "the model") -> str:
+    """The score in a line for the command line."""
+    return (f"held-out score of {model} on {self.movie} frames {self.frames[0]}:"
+            f"{self.frames[1]}: {self.score:.6g} (even -> odd {self.even_to_odd:.6g}, "
+            f"odd -> even {self.odd_to_even:.6g}); lower is closer to the truth, for "
+            "this movie only")
+
 
 def score(denoiser: Denoiser | Any, movie: Movie | np.ndarray | str,
           frames: tuple[int, int] | None = None, mean: float | None = None) -> Score:

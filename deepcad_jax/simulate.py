@@ -200,3 +200,10 @@ def write_simulation(folder: str, overwrite: bool = False, movie_format: str = "
     files.append(AtomicFile(paths["info"], overwrite=overwrite))
     json.dump(info, files[-1].text(), indent=1)
   return info
+
+
+def describe(info: dict) -> str:
+  """What `write_simulation` wrote, in a line for the command line."""
+  shape = tuple(info["params"]["shape"])
+  return (f"wrote {info['noisy']} and {info['clean']}: {shape}, SNR "
+          f"{info['snr_db']:.2f} dB, {info['mean_photons']:.3g} photons/voxel")

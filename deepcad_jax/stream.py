@@ -32,9 +32,10 @@ stages), `stream_files` (the files written) and `stream_view` (previews, live wi
 from deepcad_jax.stream_denoiser import CORE_FRAMES, STREAM_TILINGS, StreamDenoiser
 from deepcad_jax.stream_files import raw_path
 from deepcad_jax.stream_pipeline import Pipeline, StreamReport, run_pipeline
-from deepcad_jax.stream_sources import FolderSource, FrameSource, ReplaySource
+from deepcad_jax.stream_sources import FolderSource, FrameSource, ReplaySource, open_source
 from deepcad_jax.stream_view import LiveView, display_available, write_png, write_preview
 
 __all__ = ["CORE_FRAMES", "STREAM_TILINGS", "FolderSource", "FrameSource", "LiveView",
            "Pipeline", "ReplaySource", "StreamDenoiser", "StreamReport",
-           "display_available", "raw_path", "run_pipeline", "write_png", "write_preview"]
+           "display_available", "open_source", "raw_path", "run_pipeline", "write_png",
+           "write_preview"]

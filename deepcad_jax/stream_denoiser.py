@@ -88,7 +88,7 @@ class StreamDenoiser:
       halo, 48); below the halo the output is no longer exact.
     patch_yx, overlap, batch_size, dtype, devices: the Denoiser's, when a model is given.
     mean: 'model' (the training mean stored with the model; the default), 'running'
-      (the mean of the frames seen so far, frozen per call), or a number.
+      (the mean of the frames seen so far, frozen per call), or a number (or its text).
     mean_image: for a model trained with the mean-image prior, the (Y, X) image to give
       it (the same result as offline `denoise` with that image); default the per-pixel
       mean of the frames seen so far, frozen per call.
@@ -101,7 +101,7 @@ class StreamDenoiser:
                batch_size: int = 0, dtype: str = "float32", mean: str | float = "model",
                devices=None, mean_image: np.ndarray | None = None):
     den = model if isinstance(model, Denoiser) else Denoiser(
-        model, None, overlap, batch_size, dtype, devices=devices)
+        model, devices=devices, overlap=overlap, batch_size=batch_size, dtype=dtype)
     check_denoiser(den)
     self.den = den
     self.tiling = _choose_tiling(tiling, den, batch_frames, overlap_frames)
@@ -113,7 +113,11 @@ class StreamDenoiser:
     else:
       self.time, self.lookahead = _exact_time(core_frames, lookahead)
     if isinstance(mean, str) and mean not in ("model", "running"):
-      raise UserError(f"mean must be 'model', 'running' or a number; got {mean!r}.")
+      try:
+        mean = float(mean)
+      except ValueError:
+        raise UserError(f"mean must be 'model', 'running' or a number; got "
+                        f"{mean!r}.") from None
     if mean == "model" and den.model.mean is None:
       raise UserError(f"{den.model.source} stores no training mean (an imported .pth); "
                       "use mean='running' or give a number.")

@@ -3,7 +3,6 @@ and the denoised frames, under temporary names until the stream ends."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np

@@ -49,6 +49,9 @@ class StreamReport:
   previews: list[str] = dataclasses.field(default_factory=list)
   clipped: int = 0
   error: str | None = None
+  output_dtype: str = ""
+  tiling: str = ""                              # the stream's tiling, described
+  wait_frames: tuple[int, int] = (0, 0)         # later frames a frame waits for
 
   @property
   def frames_per_s(self) -> float:
@@ -57,6 +60,30 @@ class StreamReport:
   @property
   def voxels_per_s(self) -> float:
     return self.frames_per_s * self.frame_shape[0] * self.frame_shape[1]
+
+  def describe(self) -> str:
+    """The report's lines for the command line."""
+    rate, (lo, hi) = self.rate_hz, self.wait_frames
+    kept = ("n/a (replayed as fast as possible; the sustained rate is the most it keeps "
+            "up with)" if not rate else ("yes" if self.kept_up else "no"))
+    lines = [
+        f"frames: {self.frames_in} in, {self.frames_out} denoised, {self.dropped} dropped "
+        f"({self.frame_shape[0]}x{self.frame_shape[1]})",
+        f"sustained: {self.frames_per_s:.1f} frames/s = {self.voxels_per_s:.3g} voxels/s "
+        f"over {self.seconds:.1f} s" + (f" (source rate {rate:g} Hz)" if rate else ""),
+        f"latency (arrival to denoised output): median {self.latency_median_s:.3f} s, "
+        f"99th percentile {self.latency_p99_s:.3f} s; after the first "
+        f"{self.startup_frames} frames (which wait for the first tile): median "
+        f"{self.steady_latency_median_s:.3f} s, 99th percentile "
+        f"{self.steady_latency_p99_s:.3f} s",
+        f"kept up: {kept}; {self.clipped} voxels clipped to {self.output_dtype}",
+        f"tiling: {self.tiling}; a frame waits for {lo} to {hi} later frames"
+        + (f" ({lo / rate:.2f} to {hi / rate:.2f} s at {rate:g} Hz) plus compute"
+           if rate else " plus compute"),
+        f"raw: {self.raw}", f"denoised: {self.denoised}"]
+    if self.previews:
+      lines.append(f"previews: {len(self.previews)} PNG(s), last {self.previews[-1]}")
+    return "\n".join(lines)
 
 
 _END = object()  # the last item of a queue
@@ -96,7 +123,8 @@ class Pipeline:
     self.denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
     self.stop = threading.Event()
     self.errors: list[BaseException] = []
-    self.report = StreamReport(rate_hz=rate)
+    self.report = StreamReport(rate_hz=rate, output_dtype=str(output_dtype),
+                               tiling=stream.describe(), wait_frames=stream.latency_frames())
     self.arrival: dict[int, float] = {}  # position in the denoised stream -> arrival
     self.latencies: list[float] = []
     self.arrived = 0                     # frames the source delivered

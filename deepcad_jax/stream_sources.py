@@ -14,6 +14,7 @@ import tifffile
 
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import TIFF_SUFFIXES, open_movie, read_frames
+from deepcad_jax.data.spec import is_store
 from deepcad_jax.errors import UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -98,3 +99,11 @@ class FolderSource(FrameSource):
                  self.idle_timeout)
         return
       time.sleep(self.poll)
+
+
+def open_source(path: str, rate: float = 30.0, idle_timeout: float = 10.0) -> FrameSource:
+  """The source a path names: a folder an acquisition writes into (watched), or a movie
+  (replayed at `rate` frames/s; 0: as fast as possible)."""
+  if os.path.isdir(path) and not is_store(path):
+    return FolderSource(path, idle_timeout)
+  return ReplaySource(path, rate)

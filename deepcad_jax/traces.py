@@ -299,8 +299,12 @@ class Traces:
     return out
 
 
-def validate_band(band: Sequence[float]) -> tuple[float, float]:
-  lo, hi = (float(b) for b in band)
+def validate_band(band: Sequence[float] | str) -> tuple[float, float]:
+  """(lo, hi) percentiles from two numbers or their text 'LO,HI'."""
+  try:
+    lo, hi = (float(b) for b in (band.split(",") if isinstance(band, str) else band))
+  except ValueError:
+    raise UserError(f"--band takes two percentiles LO,HI; got {band!r}.") from None
   if not 0 <= lo < hi <= 100:
     raise UserError(f"--band takes two percentiles LO,HI with 0 <= LO < HI <= 100; got "
                     f"{lo:g},{hi:g}.")
@@ -343,13 +347,13 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
 def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
                        band: Sequence[float] = (5, 95), progress: bool = False) -> Traces:
   """Traces from a model: `raw` is denoised with `denoiser` (a `Denoiser` with
-  `uncertainty` and `save_samples`), and every sample is reduced to its traces as it
+  `symmetries` and `save_samples`), and every sample is reduced to its traces as it
   is produced; no sample movie is written."""
   raw = as_movie(raw)
   _check_rois(raw, rois)
   parse_f0(f0)
   band = validate_band(band)
-  if not (denoiser.uncertainty and denoiser.save_samples):
+  if not (denoiser.symmetries and denoiser.save_samples):
     raise UserError("traces from a model need uncertainty samples (K >= 1) and "
                     "save_samples=True on the Denoiser.")
   parts = [block_traces(b, rois) for b in denoiser.blocks(raw, progress=progress)]
@@ -460,19 +464,33 @@ class TraceReport:
   png: str | None          # None when matplotlib is missing
   plotted: list[str]
 
+  def describe(self) -> str:
+    """The report's lines for the command line."""
+    s = self.traces.summary()
+    lo, hi = s["band_percentiles"]
+    lines = [f"{s['rois']} ROI(s) x {s['frames']} frames; F0 = {s['f0']}; "
+             + (f"band {lo:g}-{hi:g}% over {s['samples']} samples, median dF/F width "
+                f"{s['median_dff_band_width']:.3g}" if s["samples"] else
+                "no samples: no band"),
+             f"csv: {self.csv}", f"summary: {self.summary}"]
+    if self.png:
+      lines.append(f"plot: {self.png} ({len(self.plotted)} ROI(s))")
+    return "\n".join(lines)
+
 
 def trace_files(rois: str, output: str, *, movie: str | None = None,
                 samples: str | Sequence[str] = (), raw: str | None = None,
-                model=None, uncertainty: int = 8, f0: str = "percentile:8",
-                band: Sequence[float] = (5, 95), plot_rois: int = 12,
+                model=None, symmetries: int = 8, f0: str = "percentile:8",
+                band: Sequence[float] | str = (5, 95), plot_rois: int = 12,
                 frame_rate: float | None = None, overwrite: bool = False,
                 progress: bool = True, **denoiser_kwargs) -> TraceReport:
   """Write traces.csv, traces.json and traces.png into the folder `output`.
 
   Either `movie` (a denoised TIFF) with optional `samples` (files or a glob), or `model`
-  with `raw`: the raw movie is then denoised here with `uncertainty` = K test-time
+  with `raw`: the raw movie is then denoised here with `symmetries` = K test-time
   symmetries (times the ensemble's members) and the samples' traces kept in memory.
   """
+  band = validate_band(band)
   paths = {k: os.path.join(output, f"traces.{k}") for k in ("csv", "json", "png")}
   refuse_to_overwrite(paths.values(), overwrite)
   if (movie is None) == (model is None):
@@ -483,7 +501,7 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
       raise UserError("--model needs --raw: the movie to denoise.")
     raw_movie = open_movie(raw)
     roi_list = read_rois(rois, raw_movie.shape[1:])
-    den = Denoiser(model, uncertainty=uncertainty, save_samples=True, **denoiser_kwargs)
+    den = Denoiser(model, symmetries=symmetries, save_samples=True, **denoiser_kwargs)
     traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress)
   else:
     mean_movie = open_movie(movie)

@@ -239,16 +239,16 @@ def _holdout_scorer(cfg: config_lib.Config, meta: ckpt.RunMeta, movies, holdout,
     return None
   held = [(m, h, mean) for m, h, mean in zip(movies, holdout, means) if h is not None]
   model = ckpt.Model(params=None, meta=meta, source="training")
-  den: list[Denoiser] = []
+  compiled: list[Denoiser] = []  # the first step's denoiser; later ones share its steps
 
   def score(params) -> float:
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
-    if not den:
-      den.append(Denoiser(dataclasses.replace(model, params=host), tiling="exact",
-                          devices=jax.local_devices()))
+    if compiled:
+      den = compiled[0].with_params(host)
     else:
-      den[0].set_params(host)
-    return scores(den[0], [m for m, _, _ in held], [h for _, h, _ in held],
+      den = Denoiser(model.with_params(host), tiling="exact", devices=jax.local_devices())
+      compiled.append(den)
+    return scores(den, [m for m, _, _ in held], [h for _, h, _ in held],
                   [mean for _, _, mean in held])
   return score
 

@@ -99,3 +99,42 @@ def test_evaluate_std_and_its_deprecated_alias(capsys, tmp_path, caplog):
   assert capsys.readouterr().out == new
   assert "deprecated" in caplog.text
   assert cli.main(base + ["--uncertainty", std, "--std", std]) == 2
+
+
+def test_denoiser_is_an_immutable_handle_checked_by_its_config(trained_model):
+  from deepcad_jax import DenoiseConfig, Denoiser, denoise
+  with pytest.raises(UserError, match="--tiling must be one of"):
+    DenoiseConfig(tiling="seamless")
+  with pytest.raises(UserError, match="compute dtype must be one of float32, bfloat16"):
+    DenoiseConfig(dtype="float16")
+  settings = DenoiseConfig(tiling="exact", tile=(24, 16, 16), memory_budget="1GB")
+  assert settings.memory_budget == 1e9 and settings.tile == (24, 16, 16)
+  den = Denoiser(trained_model, settings, symmetries=2)  # keywords replace fields
+  assert den.config == DenoiseConfig(tiling="exact", tile=(24, 16, 16), memory_budget=1e9,
+                                     symmetries=2)
+  assert den.samples == 2 * den.model.config.model.ensemble and den.channels == 2
+  with pytest.raises(AttributeError, match="immutable"):
+    den.tiling = "overlap"
+  with pytest.raises(UserError, match="already holds its settings; give dtype"):
+    denoise(np.zeros((8, 16, 16), np.float32), den, dtype="bfloat16")
+  with pytest.raises(UserError, match="Denoiser was given where a model is expected"):
+    Denoiser(den)
+
+
+def test_with_params_reuses_the_compiled_step(trained_model):
+  import jax
+  from deepcad_jax import Denoiser, denoise
+  movie, _ = noisy_movie((24, 16, 16), seed=4)
+  model = load_model(trained_model)
+  den = Denoiser(model, tiling="exact", devices=jax.devices()[:1])
+  first = denoise(movie, den, output_dtype="float32")
+  halved = jax.tree_util.tree_map(lambda p: np.asarray(p) * 0.5, model.params)
+  other = den.with_params(halved)
+  second = denoise(movie, other, output_dtype="float32")
+  assert other.engine._compiled is den.engine._compiled  # nothing compiled again
+  assert len(den.engine._compiled) == 1
+  expected = denoise(movie, model.with_params(halved), tiling="exact",
+                     devices=jax.devices()[:1], output_dtype="float32")
+  np.testing.assert_allclose(second, expected, rtol=1e-5, atol=1e-4)
+  assert not np.allclose(first, second)
+  np.testing.assert_array_equal(denoise(movie, den, output_dtype="float32"), first)

@@ -10,7 +10,6 @@ import pytest
 from conftest import noisy_movie, tiny_config, write_tiff
 from deepcad_jax import UNet3D, UserError, cli, denoise, load_model, train
 from deepcad_jax.convert import read_para, read_state_dict, to_flax_params
-from deepcad_jax.data import as_movie
 from deepcad_jax.infer import denoise_with
 from deepcad_jax.tiling import overlap_plan
 from deepcad_jax.model import param_count

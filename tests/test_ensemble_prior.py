@@ -141,16 +141,16 @@ def test_prior_ensemble_trains_saves_loads_and_denoises(prior_ensemble, devices)
 def test_members_spread_and_samples(prior_ensemble, devices):
   model = load_model(prior_ensemble)
   movie, _ = noisy_movie((24, 24, 24), seed=8)
-  mean, std, samples = denoise(movie, model, output_dtype="float32", uncertainty=2,
+  mean, std, samples = denoise(movie, model, output_dtype="float32", symmetries=2,
                                save_samples=True, devices=devices[:1])
   assert samples.shape == (4,) + movie.shape  # 2 symmetries x 2 members
   np.testing.assert_allclose(mean, samples.mean(0), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(std, samples.std(0, ddof=1), rtol=1e-4, atol=1e-3)
-  only_members, spread = denoise(movie, model, output_dtype="float32", uncertainty=1,
+  only_members, spread = denoise(movie, model, output_dtype="float32", symmetries=1,
                                  devices=devices[:1])
   assert spread.min() >= 0 and spread.mean() > 0  # the members disagree
   with pytest.raises(UserError, match="--uncertainty takes 1 to 8"):
-    Denoiser(model, uncertainty=9)
+    Denoiser(model, symmetries=9)
   with pytest.raises(UserError, match="--save-samples"):
     Denoiser(model, save_samples=True)
 
@@ -160,7 +160,7 @@ def test_stream_with_the_mean_image_equals_offline(prior_ensemble, devices):
   model = load_model(prior_ensemble)
   movie, _ = noisy_movie((30, 24, 24), seed=9)
   mean = float(movie.mean())
-  den = Denoiser(model, (16,) + model.patch[1:], devices=devices[:1])
+  den = Denoiser(model, patch=(16,) + model.patch[1:], devices=devices[:1])
   offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
   stream = StreamDenoiser(den, mean=mean, mean_image=movie.astype(np.float64).mean(0))
   for t in range(0, 30, 7):

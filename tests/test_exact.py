@@ -96,7 +96,7 @@ def test_exact_uncertainty_prior_and_ensemble_equal_the_whole_movie():
   movie = np.random.default_rng(4).poisson(50, (121, 20, 27)).astype(np.float32)
   one = jax.devices()[:1]
   den = Denoiser(scaled_model(prior=True, members=2), tiling="exact", tile=(104, 24, 32),
-                 uncertainty=2, save_samples=True, devices=one)
+                 symmetries=2, save_samples=True, devices=one)
   mean, std, samples = denoise(movie, den, output_dtype="float32")
   whole = whole_movie_forward(movie, den)
   assert relative_rms(mean, whole[..., 0]) <= 1e-5

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, denoise, denoise_files, load_model
-from deepcad_jax.data import ArrayMovie, as_movie, open_movie
+from deepcad_jax.data import ArrayMovie, open_movie
 from deepcad_jax.infer import Engine, denoise_with, to_dtype
 from deepcad_jax.parallel import data_mesh
 from deepcad_jax.predict import identity_tiles

@@ -247,7 +247,7 @@ def _check_imagej(path, axis="T"):
 def test_imagej_metadata_reaches_every_output(trained_model, tmp_path):
   src = _imagej_movie(tmp_path / "movie.tif")
   out = tmp_path / "den.tif"
-  denoise_files(src, str(out), trained_model, uncertainty=2, save_samples=True,
+  denoise_files(src, str(out), trained_model, symmetries=2, save_samples=True,
                 progress=False)
   for path in (out, tmp_path / "den_std.tif", tmp_path / "den_sample00.tif"):
     _check_imagej(str(path))
@@ -267,7 +267,7 @@ def test_ome_metadata_reaches_the_output_and_ome_names_give_ome(trained_model, t
       "PhysicalSizeY": 0.5, "PhysicalSizeYUnit": "µm", "TimeIncrement": 33.0,
       "TimeIncrementUnit": "ms", "Channel": {"Name": "GCaMP", "EmissionWavelength": 510.0}})
   out = str(tmp_path / "den.ome.tif")
-  denoise_files(src, out, trained_model, uncertainty=2, progress=False)
+  denoise_files(src, out, trained_model, symmetries=2, progress=False)
   for path in (out, str(tmp_path / "den_std.ome.tif")):
     with tifffile.TiffFile(path) as tif:
       assert tif.is_ome, path
@@ -395,7 +395,7 @@ def slow(submitted, host_dtype):  # a long run: time to be stopped between windo
 
 infer.Engine.fetch = staticmethod(slow)
 infer.denoise_files(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
-                    tiling="overlap", patch=(16, 16, 16), uncertainty=2)
+                    tiling="overlap", patch=(16, 16, 16), symmetries=2)
 """
 
 

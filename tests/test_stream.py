@@ -77,7 +77,7 @@ def test_stream_with_uncertainty_gives_and_writes_the_mean_and_std(trained_model
   movie, _ = noisy_movie((29, 24, 30), seed=3)
   mean = float(movie.mean())
   for tiling in ("exact", "overlap"):
-    den = Denoiser(trained_model, uncertainty=2, tiling=tiling)
+    den = Denoiser(trained_model, symmetries=2, tiling=tiling)
     offline = np.concatenate(list(den.blocks(as_movie(movie), mean=mean)))
     assert offline.shape == (29, 24, 30, 2)
     stream = StreamDenoiser(den, mean=mean)

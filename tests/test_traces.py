@@ -115,7 +115,7 @@ def test_traces_are_weighted_means_and_dff():
 
 def test_band_from_model_samples_contains_the_mean_trace(trained_model, tmp_path, devices):
   movie, _ = noisy_movie((24, 24, 24), seed=4)
-  mean, _, samples = denoise(movie, trained_model, output_dtype="float32", uncertainty=8,
+  mean, _, samples = denoise(movie, trained_model, output_dtype="float32", symmetries=8,
                              save_samples=True, devices=devices[:1])
   labels = np.zeros(movie.shape[1:], np.int32)
   labels[2:8, 2:8], labels[12:20, 10:22] = 1, 2

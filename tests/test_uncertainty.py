@@ -38,15 +38,15 @@ def test_symmetry_samples_invert_exactly():
 
 def test_uncertainty_maps_have_the_movie_shape_and_are_non_negative(trained_model):
   movie, _ = noisy_movie((20, 24, 28), seed=3)
-  mean, std = denoise(movie, trained_model, output_dtype="float32", uncertainty=4)
+  mean, std = denoise(movie, trained_model, output_dtype="float32", symmetries=4)
   assert mean.shape == std.shape == movie.shape and std.dtype == np.float32
   assert std.min() >= 0 and std.mean() > 0
   plain = denoise(movie, trained_model, output_dtype="float32")
   assert np.abs(mean - plain).mean() < 3 * std.mean() + 1e-3  # close to the point estimate
   with pytest.raises(UserError, match="--uncertainty takes 2 to 8"):
-    Denoiser(trained_model, uncertainty=9)
+    Denoiser(trained_model, symmetries=9)
   # Each symmetry is its own forward pass, so a non-square patch has all 8 too.
-  mean8, std8 = denoise(movie, Denoiser(trained_model, patch=(8, 16, 24), uncertainty=8),
+  mean8, std8 = denoise(movie, Denoiser(trained_model, patch=(8, 16, 24), symmetries=8),
                         output_dtype="float32")
   assert std8.shape == movie.shape and std8.mean() > 0
 
