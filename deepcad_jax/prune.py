@@ -30,8 +30,10 @@ from deepcad_jax import config as config_lib
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.data.movie import Movie, as_movie
 from deepcad_jax.errors import UserError
+from deepcad_jax.losses import loss_fn
 from deepcad_jax.model import (LAYERS, LEVELS, Conv3D, UNet3D, flops_per_voxel,
                                network_input, param_count, uniform_widths, widths_of)
+from deepcad_jax.normalise import Normalisation
 
 log = logging.getLogger("deepcad_jax")
 
@@ -102,11 +104,10 @@ def taylor_scores(model: Model, movie: Movie | np.ndarray, batches: int = 8,
     raise UserError(f"{movie.name} {movie.shape} is too small for the Taylor criterion "
                     f"(needs {2 * pt} frames of at least 8x8); use --criterion l1 or a "
                     "longer movie.")
-  mean = movie.mean()
-  scale = float(cfg.data.scale)
+  norm = Normalisation(np.float32(movie.mean()), np.float32(cfg.data.scale))
   prior_image = None
   if cfg.model.mean_prior:
-    prior_image = (movie.mean_image() - np.float32(mean)) / scale
+    prior_image = norm.to_network(movie.mean_image())
   net = UNet3D(model.features, widths=cfg.model.widths)
   rng = np.random.default_rng(seed)
 
@@ -121,8 +122,7 @@ def taylor_scores(model: Model, movie: Movie | np.ndarray, batches: int = 8,
       return out
     with nn.intercept_methods(intercept):
       out = net.apply({"params": model.params}, network_input(x, prior))[..., 0]
-    d = out - y
-    return 0.5 * jnp.mean(jnp.abs(d)) + 0.5 * jnp.mean(d * d)
+    return loss_fn(out, y)
 
   grad = jax.jit(jax.grad(loss_given_masks))
   masks = {layer: jnp.ones(w, jnp.float32) for layer, w in
@@ -132,8 +132,7 @@ def taylor_scores(model: Model, movie: Movie | np.ndarray, batches: int = 8,
     t0 = int(rng.integers(0, movie.shape[0] - 2 * pt + 1))
     y0 = int(rng.integers(0, movie.shape[1] - py + 1))
     x0 = int(rng.integers(0, movie.shape[2] - px + 1))
-    window = (movie.read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px].astype(np.float32)
-              - np.float32(mean)) / scale
+    window = norm.to_network(movie.read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px])
     prior = None if prior_image is None else prior_image[None, y0:y0 + py, x0:x0 + px]
     g = grad(masks, window[None, 0::2], window[None, 1::2], prior)
     for layer in total:

@@ -36,6 +36,7 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
 from deepcad_jax.loading import load_model
 from deepcad_jax.lock import WorkdirLock
+from deepcad_jax.losses import loss_fn
 from deepcad_jax.model import (UNet3D, add_prior_channel, ensemble_params, network_input,
                                over_members)
 from deepcad_jax.progress import Progress, format_duration
@@ -54,12 +55,6 @@ LONG_CPU_EPOCH_S = 30 * 60  # on a CPU, epochs longer than this get a suggestion
 STATE_COPIES = 4
 ACTIVATION_BYTES_PER_VOXEL_F = 40.0
 TRAIN_FIX = "lower --features, --patch or --batch-size (or add devices)"
-
-
-def loss_fn(output: jax.Array, target: jax.Array) -> jax.Array:
-  """0.5 * mean |output - target| + 0.5 * mean (output - target)^2, as the reference."""
-  d = output - target
-  return 0.5 * jnp.mean(jnp.abs(d)) + 0.5 * jnp.mean(d * d)
 
 
 def make_model(cfg: config_lib.Config) -> UNet3D:
