@@ -291,15 +291,12 @@ def _run_train(fv):
   from deepcad_jax.train import train
   _require(fv, "data", "workdir")
   _init_distributed(fv)
-  result = train(_movie(fv, "data"), _v(fv, "workdir"), _train_config(fv), fresh=_v(fv, "fresh"),
-                 init_from=_v(fv, "init-from"))
+  result = train(_movie(fv, "data"), _v(fv, "workdir"), _train_config(fv),
+                 fresh=_v(fv, "fresh"), init_from=_v(fv, "init-from"))
   import jax
-  code = 128 + (result.signal or signal.SIGINT) if result.interrupted else 0  # 130, 143
-  if jax.process_index() != 0:
-    return code
-  print(f"workdir: {result.workdir}  step {result.step}/{result.total_steps}"
-        + ("  (interrupted; run again to resume)" if result.interrupted else ""))
-  return code
+  if jax.process_index() == 0:  # one report for a run of several processes
+    print(result.describe())
+  return result.exit_code
 
 
 # ---------------------------------------------------------------- denoise

@@ -137,6 +137,16 @@ class TrainResult:
   meta: ckpt.RunMeta
   signal: int | None = None  # the signal that stopped it early (SIGINT, SIGTERM)
 
+  @property
+  def exit_code(self) -> int:
+    """0, or 128 + the signal for a run stopped early (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
+
+  def describe(self) -> str:
+    """The result in a line for the command line."""
+    return (f"workdir: {self.workdir}  step {self.step}/{self.total_steps}"
+            + ("  (interrupted; run again to resume)" if self.interrupted else ""))
+
 
 class _StopFlag:
   """Ctrl-C or SIGTERM (a cluster's preemption) sets the flag: the loop stops at the
