@@ -471,6 +471,18 @@ def test_suite2p_plane_folder_in_and_out(trained_model, movie, tiff_result, tmp_
   assert np.abs(frames).max() == 32767 and ops["deepcad_clipped"] == 0
   np.testing.assert_allclose(frames / scale, tiff_result, rtol=0, atol=0.5 / scale + 1e-6)
   assert ops["meanImg"].shape == (24, 24)
+  # suite2p >= 1.0 finds a plane folder by db.npy, settings.npy and data.bin
+  db = load_ops(str(out / "db.npy"))
+  settings = load_ops(str(out / "settings.npy"))
+  assert settings["run"]["do_registration"] == 0 and settings["fs"] == pytest.approx(30.0)
+  assert (db["Ly"], db["Lx"], db["nframes"], db["nchannels"]) == (24, 24, 40, 1)
+  assert db["reg_file"] == str(out / "data.bin") and db["keep_movie_raw"] is False
+  # suite2p's layout: save_path0 / save_folder / plane0
+  assert os.path.join(db["save_path0"], db["save_folder"], "plane0") == str(out)
+  assert db["data_path"] and db["db_path"] == str(out / "db.npy")
+  os.remove(out / "ops.npy")  # a folder described by db.npy alone reads the same
+  again = open_movie(str(out))
+  np.testing.assert_array_equal(again.read(0, 40), frames)
 
 
 def test_suite2p_scale_is_reported_and_clipping_too(tmp_path, caplog):

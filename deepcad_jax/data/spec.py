@@ -6,8 +6,8 @@ Every command takes a movie as text:
 
 - FORMAT (optional) is one of `tiff`, `hdf5`, `zarr`, `nwb`, `suite2p`, `raw`,
   `caiman`; without it the format follows the suffix (`.tif`, `.h5`/`.hdf5`, `.zarr`,
-  `.nwb`, a suite2p plane folder holding `data.bin` and `ops.npy`, `.bin`/`.raw`/`.dat`
-  with a shape, `.mmap` for CaImAn's memory-mapped movies).
+  `.nwb`, a suite2p plane folder holding `data.bin` and `ops.npy` (or `db.npy`),
+  `.bin`/`.raw`/`.dat` with a shape, `.mmap` for CaImAn's memory-mapped movies).
 - DATASET names the array inside an HDF5 file or Zarr store (`rec.h5:/imaging/data`) or
   the series of an NWB file (`rec.nwb:TwoPhotonSeries`); without it the only 3-D (or the
   only movie-like) array is read.
@@ -199,7 +199,7 @@ def detect_format(path: str, has_shape: bool = False) -> str:
     names = set(os.listdir(path))
     if {".zarray", ".zgroup", "zarr.json"} & names:
       return "zarr"
-    if "data.bin" in names and "ops.npy" in names:
+    if "data.bin" in names and names & {"ops.npy", "db.npy"}:
       return "suite2p"
     if PLANE_FOLDER.match(os.path.basename(lower)):
       return "suite2p"

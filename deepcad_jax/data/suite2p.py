@@ -1,10 +1,14 @@
-"""suite2p plane folders: `data.bin` (raw int16, (T, Y, X), C order) described by `ops.npy`.
+"""suite2p plane folders: `data.bin` (raw int16, (T, Y, X), C order) described by `ops.npy`
+(suite2p < 1.0) or `db.npy` (suite2p >= 1.0).
 
-Reading memory-maps `data.bin` with the shape `ops.npy` gives (read with the restricted
-unpickler of `safe_pickle`: no pickle code runs). Writing makes a plane folder that
-suite2p runs on with registration off: `data.bin` int16, streamed as frames come, and an
-`ops.npy` with Ly, Lx, nframes, reg_file, meanImg, fs, yrange, xrange and
-do_registration=0. Values are stored as round(value * scale), clipped to int16. By
+Reading memory-maps `data.bin` with the shape `ops.npy` or `db.npy` gives (read with the
+restricted unpickler of `safe_pickle`: no pickle code runs). Writing makes a plane folder
+that either suite2p runs on with registration off: `data.bin` int16, streamed as frames
+come; an `ops.npy` with Ly, Lx, nframes, reg_file, meanImg, fs, yrange, xrange and
+do_registration=0 (suite2p 0.x); and `db.npy` with the same description plus
+`settings.npy` with fs and do_registration=0 (suite2p 1.x, which finds a plane folder
+by those two files and data.bin). The folder paths follow suite2p's layout
+SAVE_PATH0/suite2p/planeN. Values are stored as round(value * scale), clipped to int16. By
 default the scale uses int16's range: the largest |value| becomes 32767 (the frames
 are kept as float32 beside data.bin until the last one is known, then converted block
 by block); `[scale=...]` sets it and streams int16 directly. The scale, the rounding
@@ -26,7 +30,8 @@ from deepcad_jax.errors import UserError
 log = logging.getLogger("deepcad_jax")
 
 _OPS = "suite2p's ops.npy (a pickled dict)"
-_OPS_FIX = "give the ops.npy that suite2p wrote for one plane"
+_OPS_FIX = "give the ops.npy (or db.npy) that suite2p wrote for one plane"
+DESCRIPTIONS = ("ops.npy", "db.npy")  # suite2p 0.x, 1.x: what describes a plane's data.bin
 INT16 = np.iinfo(np.int16)
 FLOAT_FILE = "data.float32.partial"  # the frames before the scale is known (auto scale)
 
@@ -51,12 +56,16 @@ def plane_folder(path: str) -> str:
 def open_plane(path: str) -> Source:
   """The movie of a suite2p plane folder, memory-mapped (int16, (nframes, Ly, Lx))."""
   folder = plane_folder(path)
-  ops_path, data_path = os.path.join(folder, "ops.npy"), os.path.join(folder, "data.bin")
-  missing = [p for p in (ops_path, data_path) if not os.path.isfile(p)]
+  data_path = os.path.join(folder, "data.bin")
+  described = [os.path.join(folder, n) for n in DESCRIPTIONS
+               if os.path.isfile(os.path.join(folder, n))]
+  missing = ([] if described else [os.path.join(folder, DESCRIPTIONS[0])]) + [
+      p for p in (data_path,) if not os.path.isfile(p)]
   if missing:
     raise UserError(f"{folder} is not a suite2p plane folder: {missing[0]} is missing; "
-                    "give the folder that holds data.bin and ops.npy (e.g. "
+                    "give the folder that holds data.bin and ops.npy or db.npy (e.g. "
                     "suite2p/plane0).")
+  ops_path = described[0]
   ops = load_ops(ops_path)
   try:
     ly, lx = int(ops["Ly"]), int(ops["Lx"])
@@ -138,21 +147,29 @@ class Suite2pSink:
     ly, lx = self.frame_shape
     final = self.name
     interval = self.metadata.frame_interval
-    ops = {
+    fs = float(1.0 / interval) if interval else 10.0
+    # suite2p's layout: save_path = save_path0 / save_folder / planeN.
+    save_folder = os.path.dirname(final)
+    db = {
         "Ly": ly, "Lx": lx, "nframes": int(count), "nframes_per_folder": [int(count)],
         "frames_per_file": [int(count)], "reg_file": os.path.join(final, "data.bin"),
-        "save_path": final, "save_path0": os.path.dirname(final), "fast_disk": final,
-        "save_folder": os.path.basename(final), "data_path": [], "filelist": [],
-        "input_format": "binary", "nplanes": 1, "nchannels": 1, "functional_chan": 1,
-        "fs": float(1.0 / interval) if interval else 10.0,
-        "do_registration": 0, "yrange": [0, ly], "xrange": [0, lx],
-        "meanImg": (self.total / max(1, count)).astype(np.float32),
+        "save_path": final, "save_path0": os.path.dirname(save_folder),
+        "save_folder": os.path.basename(save_folder), "fast_disk": final,
+        "data_path": [save_folder], "filelist": [], "file_list": [],
+        "input_format": "binary", "nplanes": 1, "iplane": 0, "nchannels": 1,
+        "functional_chan": 1, "keep_movie_raw": False, "yrange": [0, ly],
+        "xrange": [0, lx], "meanImg": (self.total / max(1, count)).astype(np.float32),
+        "db_path": os.path.join(final, "db.npy"),
+        "settings_path": os.path.join(final, "settings.npy"),
         "deepcad_scale": self.scale, "deepcad_clipped": int(self.clipped),
     }
-    with open(os.path.join(self.folder, "ops.npy"), "xb") as f:
-      np.save(f, np.array(ops, dtype=object), allow_pickle=True)  # our own dict
-      f.flush()
-      os.fsync(f.fileno())
+    for name, value in (("ops.npy", {**db, "fs": fs, "do_registration": 0}),
+                        ("db.npy", db),
+                        ("settings.npy", {"fs": fs, "run": {"do_registration": 0}})):
+      with open(os.path.join(self.folder, name), "xb") as f:
+        np.save(f, np.array(value, dtype=object), allow_pickle=True)  # our own dicts
+        f.flush()
+        os.fsync(f.fileno())
     voxels = count * ly * lx
     if self.auto:
       log.info("%s: suite2p data.bin written as int16 = round(value x %.6g): the largest "
