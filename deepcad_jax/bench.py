@@ -176,10 +176,29 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
                tiling: str = "overlap", identity: bool = False) -> dict:
   """Host array in, stitched host array out (what a user waits for).
 
-  `tiling` 'overlap' is DeepCAD-RT's protocol (`patch`, `overlap`); 'exact' sizes tiles
-  from the memory budget. With `uncertainty` = K, the mean and std over K symmetries x
-  `members`; with `identity`, the network is replaced by the identity (what the rest
-  costs).
+  A random (Poisson, uint16) movie is denoised by `denoise` with a randomly initialised
+  network; the compile time is the engines' ahead-of-time compile time.
+
+  Args:
+    env: the environment record (`environment()`).
+    movie_shape: the movie's (T, Y, X).
+    patch, overlap: the overlap scheme's patch (T, Y, X) and overlap fraction (used
+      with `tiling` 'overlap').
+    features: the network's width f.
+    dtype: compute dtype ('float32' or 'bfloat16').
+    batch_size: tiles per network call (0: one per device).
+    repeats: timed runs after the untimed warm-up.
+    name: the record's workload name.
+    devices: the devices to use (default: all).
+    uncertainty: K test-time symmetries; the mean and std over K x `members` samples
+      (0: plain denoising).
+    members: ensemble members M of the random model.
+    tiling: 'overlap' (DeepCAD-RT's protocol) or 'exact' (tiles sized from the memory
+      budget).
+    identity: replace the network by the identity (what the rest costs).
+
+  Returns:
+    One record: timing, throughput, the tile plan and the step's compiled memory.
   """
   _starting(name, f"{tiling} tiling of a {_shape(movie_shape)} movie, f={features}"
             + (f", K={uncertainty} M={members}" if uncertainty or members > 1 else "")
@@ -208,7 +227,22 @@ def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, re
 def stream_throughput(env, movie_shape, features, dtype, batch_size, name, rate=0.0,
                       core_frames=None, lookahead=None) -> dict:
   """A movie replayed through the live pipeline (acquisition, device, writing):
-  sustained voxels/s and the latency from a frame's arrival to its denoised output."""
+  sustained voxels/s and the latency from a frame's arrival to its denoised output.
+
+  Args:
+    env: the environment record (`environment()`).
+    movie_shape: the replayed (random, uint16) movie's (frames, Y, X).
+    features: the network's width f (random weights).
+    dtype: compute dtype ('float32' or 'bfloat16').
+    batch_size: tiles per network call (0: one per device).
+    name: the record's workload name.
+    rate: the replay rate in frames/s (0: as fast as the pipeline takes them).
+    core_frames, lookahead: the `StreamDenoiser`'s (None: its defaults).
+
+  Returns:
+    One record of a single run: throughput, latencies (all frames and steady state),
+    the stream's plan and the frames dropped.
+  """
   _starting(name, f"{movie_shape[0]} frames of {_shape(movie_shape[1:])} replayed"
             + (f" at {rate:g} Hz" if rate else " as fast as possible"))
   movie = np.random.default_rng(0).poisson(200, movie_shape).astype(np.uint16)
@@ -257,7 +291,15 @@ UNCERTAINTY_CASES = ((0, 1), (2, 1), (4, 1), (8, 1), (1, 3), (8, 3))
 def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_size,
                      repeats, name) -> list[dict]:
   """What uncertainty costs: plain denoising, K = 2, 4, 8 symmetries, and a 3-member
-  ensemble alone (K = 1) and with K = 8."""
+  ensemble alone (K = 1) and with K = 8 (UNCERTAINTY_CASES).
+
+  Args:
+    env, movie_shape, patch, overlap, features, dtype, batch_size, repeats, name: as
+      for `end_to_end`.
+
+  Returns:
+    One `end_to_end` record per case, with its `uncertainty` (K) and `members` (M).
+  """
   return [dict(end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size,
                           repeats, name, uncertainty=k, members=m), uncertainty=k, members=m)
           for k, m in UNCERTAINTY_CASES]
@@ -265,7 +307,23 @@ def uncertainty_cost(env, movie_shape, patch, overlap, features, dtype, batch_si
 
 def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, name,
                  devices=None, spatial=1) -> dict:
-  """The same patches already on the device: the network alone, batch by batch."""
+  """The same patches already on the device: the network alone, batch by batch.
+
+  Args:
+    env: the environment record (`environment()`).
+    n_patches: patches timed (random normal), rounded up to whole batches.
+    patch: a patch's (T, Y, X).
+    features: the network's width f (random weights).
+    dtype: compute dtype ('float32' or 'bfloat16').
+    batch_size: patches per network call (0: one per device along 'data').
+    repeats: timed runs (each over all the batches) after the untimed warm-up.
+    name: the record's workload name.
+    devices: the devices to use (default: all).
+    spatial: devices splitting each patch's Y axis.
+
+  Returns:
+    One record: timing, voxels/s of the `n_patches` patches, FLOPs and compiled memory.
+  """
   _starting(name, f"network alone, {n_patches} patch(es) of {_shape(patch)}, f={features}"
             + (f", {len(devices)} device(s)" if devices else ""))
   mesh = parallel.data_mesh(devices, spatial)
@@ -296,8 +354,23 @@ def network_only(env, n_patches, patch, features, dtype, batch_size, repeats, na
 
 def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=None,
                spatial=1, widths=None) -> dict:
-  """One sharded train step (augmentation, forward, backward, Adam); `widths`: a
-  network with its own width per layer (e.g. pruned)."""
+  """One sharded train step (augmentation, forward, backward, Adam) on random pairs.
+
+  Args:
+    env: the environment record (`environment()`).
+    patch: a pair's (T, Y, X).
+    features: the network's width f.
+    dtype: compute dtype ('float32' or 'bfloat16').
+    batch_size: the global batch of pairs (0: one per device along 'data').
+    repeats: timed steps after the untimed warm-up.
+    name: the record's workload name.
+    devices: the devices to use (default: all).
+    spatial: devices splitting each patch's Y axis.
+    widths: a network with its own width per layer (e.g. pruned; default uniform).
+
+  Returns:
+    One record: timing, voxels/s, FLOPs, compiled memory and the parameter count.
+  """
   _starting(name, f"train step on {_shape(patch)} patches, f={features}"
             + (f", {len(devices)} device(s)" if devices else ""))
   cfg = config_lib.from_dict({"model": {"features": features, "dtype": dtype,
@@ -327,7 +400,19 @@ def train_step(env, patch, features, dtype, batch_size, repeats, name, devices=N
 
 
 def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[dict]:
-  """The PyTorch twin with the same weights on the same patches (CPU or CUDA)."""
+  """The PyTorch twin with the same weights on the same patches (CPU or CUDA).
+
+  Args:
+    env: the environment record (`environment()`).
+    patch: a patch's (T, Y, X).
+    features: the network's width f (float32).
+    batch_size: patches per call.
+    repeats: timed runs after the untimed warm-up.
+    name: the records' prefix ('<name>-torch-forward', '<name>-torch-train-step').
+
+  Returns:
+    The forward and train-step records, or [] when PyTorch is not installed.
+  """
   try:
     import torch
   except ImportError:
@@ -368,6 +453,16 @@ def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[
 
 
 def ladder(env, patch, dtype, batch_size, repeats, name, widths=None) -> list[dict]:
+  """The network alone (one patch) and a train step at each width of the ladder.
+
+  Args:
+    env, patch, dtype, batch_size, repeats: as for `network_only` and `train_step`.
+    name: the records' prefix ('<name>-infer', '<name>-train').
+    widths: the features f to time (default LADDER, the paper's 64 ... 8).
+
+  Returns:
+    An inference and a training record per width, each with its parameter count.
+  """
   records = []
   for f in widths or LADDER:
     inf = network_only(env, 1, patch, f, dtype, batch_size, repeats, f"{name}-infer")
@@ -379,6 +474,17 @@ def ladder(env, patch, dtype, batch_size, repeats, name, widths=None) -> list[di
 
 
 def scaling(env, patch, features, dtype, batch_per_device, repeats, name) -> list[dict]:
+  """The network alone and a train step on 1, 2, 4, ... devices and on all of them.
+
+  Args:
+    env, patch, features, dtype, repeats: as for `network_only` and `train_step`.
+    batch_per_device: patches per device (0: 1); the global batch grows with the
+      devices, and the network alone is timed on two batches.
+    name: the records' prefix ('<name>-infer', '<name>-train').
+
+  Returns:
+    An inference and a training record per device count, with `devices_used`.
+  """
   records = []
   n = 1
   counts = []
@@ -404,9 +510,20 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                  with_torch: bool = True, movie: Sequence[int] | None = None,
                  patch: Sequence[int] | None = None, spatial: int = 1,
                  widths: Sequence[int] | None = None) -> list[dict]:
-  """Run one named workload; returns its records. `movie` and `patch` replace the
-  workload's shapes (e.g. the paper's protocol on a smaller movie); `widths` the
-  ladder's (default the paper's 64 ... 8)."""
+  """Run one named workload; returns its records, each with the environment.
+
+  Args:
+    workload: one of WORKLOADS.
+    dtype: compute dtype, one of `config.DTYPES`.
+    batch_size: patches per call (0: one per device; per device for 'scaling').
+    repeats: timed runs (default: the workload's own, 3 to 10; 'stream' runs once).
+    features: the network's width f (not the ladder's).
+    with_torch: time the PyTorch twin beside ('quick' and 'train-step').
+    movie, patch: replace the workload's shapes (e.g. the paper's protocol on a
+      smaller movie); `movie` is the replayed movie for 'stream'.
+    spatial: devices splitting each patch's Y axis ('reference-device', 'train-step').
+    widths: the ladder's features (default the paper's 64 ... 8).
+  """
   if workload not in WORKLOADS:
     raise UserError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
   if dtype not in config_lib.DTYPES:

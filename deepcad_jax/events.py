@@ -239,7 +239,18 @@ def check_files(raw: str, denoised: str, output: str, threshold: float = 6.0,
                 box: tuple[int, int, int] = (3, 5, 5), overwrite: bool = False
                 ) -> EventReport:
   """Run the check on two TIFFs (read block by block); write z_map.tif, events.csv and
-  events.json to `output`, together once complete."""
+  events.json to `output`, together once complete.
+
+  Args:
+    raw, denoised: the raw movie and its denoised version (paths of the same shape).
+    output: the folder written (made if missing).
+    threshold: the z above which a box is a candidate.
+    box: the box (T, Y, X) summed over.
+    overwrite: replace existing outputs.
+
+  Returns:
+    The `find_suppressed_events` report, with `output` set.
+  """
   paths = [os.path.join(output, n) for n in ("z_map.tif", "events.csv", "events.json")]
   refuse_to_overwrite(paths, overwrite)
   r = open_movie(raw)

@@ -492,7 +492,18 @@ def export_onnx(net: Network, output: str, opset: int = ONNX_OPSET,
                 patch: Sequence[int] | None = None, overwrite: bool = False,
                 verify: bool = True) -> ExportReport:
   """The ONNX graph at `output`, checked by onnx.checker and (when `verify` and the
-  widths are the JAX network's) by ONNX Runtime against JAX before it is written."""
+  widths are the JAX network's) by ONNX Runtime against JAX before it is written.
+
+  Args:
+    net: the network (from `network(model, "onnx")`).
+    output: the .onnx file to write.
+    opset: the ONNX opset (ONNX_OPSET, 11, is what DeepCAD-RT writes).
+    patch: (T, Y, X) fixes the input to (1, 1, T, Y, X), as DeepCAD-RT exports it for
+      TensorRT (default: N, T, Y and X dynamic).
+    overwrite: replace an existing `output`.
+    verify: compare ONNX Runtime with JAX (relative RMS at most 1e-5, else nothing is
+      written); without ONNX Runtime the parity is noted as not measured.
+  """
   refuse_to_overwrite([output], overwrite)
   model = onnx_model(net, opset, patch)
   data = model.SerializeToString()

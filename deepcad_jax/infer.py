@@ -295,7 +295,20 @@ class Engine:
   def window_arrays(layout: StepLayout, w: Window, per_slab: int, mean: float,
                     t_norm: np.ndarray | None = None, scale: float = 1.0
                     ) -> tuple[dict, tuple[int, int]]:
-    """The per-call arrays of window `w`, and the rows of its output to keep."""
+    """The per-call arrays of window `w`, and the rows of its output to keep.
+
+    Args:
+      layout: the step's static layout (`Engine.layout`).
+      w: the window.
+      per_slab: tiles per temporal slab (`TilePlan.tiles_per_slab`).
+      mean: the movie's mean intensity (subtracted before the network).
+      t_norm: blending's per-frame normalisation (`TilePlan.t_norm`); needed when
+        `layout.blend`.
+      scale: the model's intensity scale.
+
+    Returns:
+      (the arrays, the rows [r0, r1) of the call's emitted frames to keep).
+    """
     n, lt = layout.tiles, layout.tile[0]
     t_starts = np.zeros(n, np.int32)
     yx_index = np.zeros(n, np.int32)
@@ -362,7 +375,17 @@ class Engine:
   def submit(self, layout: StepLayout, w: Window, window: np.ndarray, consts: Any,
              mean: float, per_slab: int, carry: Any = None,
              t_norm: np.ndarray | None = None) -> tuple[Window, dict, tuple[int, int]]:
-    """Start one call (asynchronously): (window, device outputs, rows to keep)."""
+    """Start one call (asynchronously): (window, device outputs, rows to keep).
+
+    Args:
+      layout: the step's static layout.
+      w: the window.
+      window: its raw frames in the movie's dtype (`read_window`).
+      consts: the plan's per-movie arrays, on the devices (`consts`).
+      mean, per_slab, t_norm: as for `window_arrays`.
+      carry: blending's output window carried from the previous call (None for the
+        first call, or without blending).
+    """
     rep = parallel.replicated(self.mesh)
     arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm, self.scale)
     args = (carry, jax.device_put(window, rep), jax.device_put(arrays, rep), consts)
@@ -397,7 +420,14 @@ class Engine:
               slabs: tuple[int, int] | None = None) -> tuple[Engine, Any]:
     """Compile the step that `run` will use for `plan` (ahead of time, cached) and
     return (the engine that runs it, the executable), so that its memory can be checked
-    before any frame is read."""
+    before any frame is read.
+
+    Args:
+      plan: the tile plan.
+      movie_dtype: the movie's dtype (the window is sent in it).
+      out_dtype, channels, slabs: as for `run`.
+      prior: whether a mean image is given (a mean-prior model).
+    """
     a, b = slabs or (0, len(plan.slabs))
     engine = self.for_tiles((b - plan.warmup(a)) * plan.tiles_per_slab)
     keep = (plan.final_after(a - 1), min(plan.final_after(b - 1), plan.shape[0]))
@@ -432,8 +462,20 @@ class Engine:
           out_dtype: Any = np.float32, channels: int = 0,
           slabs: tuple[int, int] | None = None, stats: DenoiseStats | None = None,
           progress: bool = False) -> Iterator[Frames]:
-    """The movie denoised by `plan`, as consecutive `Frames` (slabs [a, b) only with
-    `slabs`: `TilePlan.split` shares a movie between processes)."""
+    """The movie denoised by `plan`, as consecutive `Frames`.
+
+    Args:
+      movie: the noisy movie.
+      plan: the tile plan for its shape.
+      mean: the movie's mean intensity (subtracted before the network, added back).
+      prior: the (Y, X) mean image a mean-prior model is given (None otherwise).
+      out_dtype: the frames' dtype (rounded and clipped, never wrapped).
+      channels: values per output voxel (`Denoiser.channels`; 0: plain frames).
+      slabs: only the plan's slabs [a, b) (`TilePlan.split` shares a movie between
+        processes; default all).
+      stats: a `DenoiseStats` filled in as it runs.
+      progress: print a progress line.
+    """
     stats = stats if stats is not None else DenoiseStats()
     a, b = slabs or (0, len(plan.slabs))
     if b <= a:
@@ -740,7 +782,17 @@ class Denoiser:
              stats: DenoiseStats | None = None, mean: float | None = None,
              progress: bool = False, prior: np.ndarray | None = None,
              slabs: tuple[int, int] | None = None) -> Iterator[Frames]:
-    """The denoised movie as consecutive `Frames` in `out_dtype` (rounded, clipped)."""
+    """The denoised movie as consecutive `Frames` in `out_dtype` (rounded, clipped).
+
+    Args:
+      movie: the noisy movie (a `Movie`, array or path).
+      out_dtype: the frames' dtype.
+      stats: a `DenoiseStats` filled in as it runs.
+      mean: the movie's mean intensity (default: computed from the movie).
+      progress: print a progress line.
+      prior: the mean image for a mean-prior model (default: the movie's own).
+      slabs: only the plan's slabs [a, b) (default all; see `Engine.run`).
+    """
     movie = as_movie(movie)
     mean = movie.mean() if mean is None else float(mean)
     plan = self.plan(movie.shape, movie.dtype, out_dtype)
@@ -752,7 +804,11 @@ class Denoiser:
              progress: bool = False, prior: np.ndarray | None = None,
              slabs: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
     """Denoised float32 blocks of frames, in order ((n, Y, X, channels) with
-    uncertainty: [mean, std, samples...])."""
+    uncertainty: [mean, std, samples...]).
+
+    Args:
+      movie, stats, mean, progress, prior, slabs: as for `frames`.
+    """
     for f in self.frames(movie, stats=stats, mean=mean, progress=progress, prior=prior,
                          slabs=slabs):
       yield f.data if f.extras is None else Channels.join(f.data, f.extras)
@@ -1130,16 +1186,30 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
                   **options: Any) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
-  Each output is float32 (the network's precision) unless `output_dtype` asks for
-  another ('input' for the input's type); it carries the input's metadata and appears
-  only once complete (`data.output`). Refuses to overwrite an existing output unless
-  `overwrite`, and never writes over an input; for a folder, outputs already complete
-  from an earlier run are skipped (a rerun after a failure finishes the rest), and a
-  missing output folder is created. `model`, `config`, `devices` and `options`
-  (DenoiseConfig fields) are as for `denoise`; with `symmetries` the std movie is written beside each
-  output as `*_std.tif`, and with `save_samples` each sample as `*_sample00.tif`, ...
-  On several processes (`jax.distributed`), the files of a folder are split between
-  them, and a single movie's temporal slabs are; each process uses its own devices.
+  Each output carries the input's metadata and appears only once complete
+  (`data.output`). An input is never written over; for a folder, outputs already
+  complete from an earlier run are skipped (a rerun after a failure finishes the rest),
+  and a missing output folder is created. With `symmetries` the std movie is written
+  beside each output as `*_std.tif`, and with `save_samples` each sample as
+  `*_sample00.tif`, ... On several processes (`jax.distributed`), the files of a folder
+  are split between them, and a single movie's temporal slabs are; each process uses
+  its own devices.
+
+  Args:
+    input: a movie (TIFF, HDF5, NWB, Zarr...) or a folder of them.
+    output: the output file, or folder for a folder input.
+    model: as for `denoise` (a `Model`, model directory, .pth or `Denoiser`).
+    config: as for `denoise`.
+    overwrite: replace existing outputs (else they are refused; in a folder, complete
+      ones are skipped).
+    output_dtype: None (float32, the network's precision), 'input' (the input's
+      dtype) or a dtype.
+    progress: print a progress line.
+    devices: the devices to use (default: all; on several processes, the local ones).
+    **options: `DenoiseConfig` fields, as for `denoise`.
+
+  Returns:
+    One `FileReport` per movie this process denoised (none for skipped outputs).
   """
   input, output = os.fspath(input), os.fspath(output)
   inputs = list_movies(input)
@@ -1212,7 +1282,22 @@ def denoise_with(movie: Any, tile_fn: TileFn, plan: TilePlan, *, params: Any = N
                  channels: int = 0, out_dtype: Any = np.float32) -> np.ndarray:
   """Any network on normalised tiles (`tile_fn(params, tiles, prior)`) applied to a
   movie with `plan`: the inference engine without a model (tests, research on tiling).
-  Returns the float32 movie (with `channels`, (T, Y, X, channels))."""
+
+  Args:
+    movie: the movie (array, path or `Movie`).
+    tile_fn: the network on normalised tiles (`predict.TileFn`).
+    plan: the tile plan for the movie's shape.
+    params: `tile_fn`'s parameters.
+    mean: the movie's mean intensity (default: computed from the movie).
+    batch_size: tiles per call (0: one per device).
+    devices: the devices to use (default: all).
+    channels: values per output voxel that `tile_fn` gives (0: plain frames).
+    out_dtype: the output's dtype.
+
+  Returns:
+    The denoised movie in `out_dtype` (float32 by default), (T, Y, X), or
+    (T, Y, X, channels) with `channels`.
+  """
   movie = as_movie(movie)
   mean = movie.mean() if mean is None else float(mean)
   engine = Engine(tile_fn, params, parallel.data_mesh(devices), batch_size)

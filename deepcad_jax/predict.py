@@ -55,9 +55,21 @@ def tile_network(features: int, dtype: Any = jnp.float32, *, members: int = 1, e
   """The network applied to normalised tiles (`normalise.Normalisation`), giving
   normalised outputs.
 
-  `features` and `widths` describe the network as `model.UNet3D` does. An ensemble's `members` are averaged. With `symmetries` = K >= 1 each tile is
-  predicted under K symmetries of the (y, x) plane with every member and the result has
-  channels [mean, std * std_scale] (+ the K x M samples with `keep_samples`).
+  Args:
+    features: the network's width f, as for `model.UNet3D`.
+    dtype: compute dtype.
+    members: ensemble members M (parameters stacked on a leading axis), averaged.
+    ensemble_impl: how the members run: 'loop' or 'vmap' (`model.over_members`).
+    symmetries: K >= 1: each tile is predicted under K symmetries of the (y, x) plane
+      with every member, and the result has channels [mean, std * std_scale]; 0: the
+      plain (member-averaged) prediction.
+    keep_samples: with `symmetries`, add the K x M samples as channels after the std.
+    std_scale: the calibration's factor on the std (`calibrate`).
+    widths: per-layer widths, as for `model.UNet3D` (default uniform from `features`).
+
+  Returns:
+    A `TileFn`: (params, tiles (B, T, Y, X), prior or None) -> (B, T, Y, X), or
+    (B, T, Y, X, C) with `symmetries`.
   """
   net = UNet3D(features=features, dtype=jnp.dtype(dtype),
                widths=None if widths is None else tuple(widths))

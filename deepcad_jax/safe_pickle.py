@@ -460,9 +460,21 @@ class _Walk:
 
 def loads(data: bytes, path: str, allowed: Globals, *, what: str, fix: str,
           persistent_load: Callable[[Any], Any] | None = None) -> Any:
-  """Unpickle untrusted `data` (read from `path`) resolving only `allowed` globals; `what`
-  names what the file should hold ("a state_dict"), `fix` is the advice that ends every
-  error. Arrays are plain numpy arrays that own their data."""
+  """Unpickle untrusted `data`, resolving only `allowed` globals. Arrays are plain
+  numpy arrays that own their data; a refused or damaged file is a `UserError`.
+
+  Args:
+    data: the pickle's bytes.
+    path: the file they were read from (named in errors).
+    allowed: the globals a file may ask for: (module, name) -> the object to use.
+    what: what the file should hold, for messages ("a state_dict").
+    fix: the advice that ends every error.
+    persistent_load: resolves persistent ids (e.g. a .pth's storages); without it a
+      persistent reference is refused.
+
+  Returns:
+    The unpickled object: plain containers, scalars, arrays and what `allowed` builds.
+  """
   try:
     _scan(data, what)
     obj = _Unpickler(io.BytesIO(data), allowed, what, persistent_load).load()

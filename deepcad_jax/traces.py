@@ -315,7 +315,17 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
             f0: str = "percentile:8", band: Sequence[float] = (5, 95),
             progress: bool = False) -> Traces:
   """Traces of `movie` (the denoised mean), of each of `samples` (movies of the same
-  shape) and of `raw`, for `rois`."""
+  shape) and of `raw`, for `rois`.
+
+  Args:
+    movie: the denoised movie (array, path or `Movie`).
+    rois: the regions.
+    samples: sample movies of the same shape, for the band (none, or at least 2).
+    raw: the raw movie, for raw traces (optional).
+    f0: dF/F's baseline: 'mean' or 'percentile:P'.
+    band: the band's (lo, hi) percentiles across samples.
+    progress: print a progress line.
+  """
   movie = as_movie(movie)
   parse_f0(f0)
   band = validate_band(band)
@@ -346,9 +356,15 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
 
 def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
                        band: Sequence[float] = (5, 95), progress: bool = False) -> Traces:
-  """Traces from a model: `raw` is denoised with `denoiser` (a `Denoiser` with
-  `symmetries` and `save_samples`), and every sample is reduced to its traces as it
-  is produced; no sample movie is written."""
+  """Traces from a model: `raw` is denoised with `denoiser`, and every sample is reduced
+  to its traces as it is produced; no sample movie is written.
+
+  Args:
+    raw: the raw movie (array, path or `Movie`).
+    rois: the regions.
+    denoiser: a `Denoiser` with `symmetries` (K >= 1) and `save_samples`.
+    f0, band, progress: as for `extract`.
+  """
   raw = as_movie(raw)
   _check_rois(raw, rois)
   parse_f0(f0)
@@ -486,9 +502,29 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
                 progress: bool = True, **denoiser_kwargs) -> TraceReport:
   """Write traces.csv, traces.json and traces.png into the folder `output`.
 
-  Either `movie` (a denoised TIFF) with optional `samples` (files or a glob), or `model`
-  with `raw`: the raw movie is then denoised here with `symmetries` = K test-time
-  symmetries (times the ensemble's members) and the samples' traces kept in memory.
+  Either `movie` (a denoised TIFF) with optional `samples`, or `model` with `raw`: the
+  raw movie is then denoised here with `symmetries` = K test-time symmetries (times the
+  ensemble's members) and the samples' traces kept in memory.
+
+  Args:
+    rois: a label TIFF, a JSON file of ROIs or suite2p's stat.npy (`read_rois`).
+    output: the folder written (made if missing).
+    movie: a denoised movie.
+    samples: its sample movies, for the band: files (a list or comma-separated) or a
+      glob (`sample_files`).
+    raw: the raw movie: raw traces beside `movie`, or what `model` denoises.
+    model: a `Model`, model directory or .pth to denoise `raw` with.
+    symmetries: with `model`, K test-time symmetries (K >= 1).
+    f0: dF/F's baseline: 'mean' or 'percentile:P'.
+    band: the band's (lo, hi) percentiles, or their text 'LO,HI'.
+    plot_rois: the most ROIs plotted.
+    frame_rate: frames/s, to plot time in seconds (default: frame numbers).
+    overwrite: replace existing outputs.
+    progress: print a progress line.
+    **denoiser_kwargs: more `Denoiser` options (with `model`).
+
+  Returns:
+    A `TraceReport`: the traces and the paths written (no plot without matplotlib).
   """
   band = validate_band(band)
   paths = {k: os.path.join(output, f"traces.{k}") for k in ("csv", "json", "png")}

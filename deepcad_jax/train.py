@@ -92,6 +92,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
   With `members` > 1 the parameters are an ensemble stacked on a leading axis: every
   member sees the same pairs under its own augmentation, and the objective is the sum
   of the members' losses, so each member gets exactly its own gradient.
+
+  Args:
+    state: the train state (parameters and Adam's state).
+    batch: 'input' and 'target' (B, T, Y, X) pairs, and 'prior' (B, Y, X) for a
+      mean-prior model.
+    key: the run's augmentation key (folded with the step here).
+    model: the network (`make_model`).
+    members: ensemble members M.
+    impl: how the members run: 'loop' or 'vmap' (`model.over_members`).
+
+  Returns:
+    (the updated state, {'loss': the loss, averaged over the members}).
   """
   key = jax.random.fold_in(key, state.step)
   prior = batch.get("prior")
@@ -291,14 +303,28 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
           ) -> TrainResult:
   """Train on a TIFF movie or a folder of them; resume from `workdir` when it holds a run.
 
-  `config` is a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
-  None for DeepCAD-RT. Training runs until `config.train.epochs` epochs are done, saving
-  a checkpoint after every epoch, every `config.train.save_every` minutes and on Ctrl-C
-  or SIGTERM (then `TrainResult.signal` says which); a save that fails raises
-  `UserError` at once. The workdir is locked for the run: a second run on it raises
-  `UserError` naming the process that holds it. `init_from` (a model directory, a
-  DeepCAD-RT .pth or a `Model`) starts a new run from its weights and width
-  (fine-tuning). `on_step(step, loss)` is called after every step.
+  Training runs until `config.train.epochs` epochs are done, saving a checkpoint after
+  every epoch, every `config.train.save_every` minutes and on Ctrl-C or SIGTERM (then
+  `TrainResult.signal` says which); a save that fails raises `UserError` at once. The
+  workdir is locked for the run: a second run on it raises `UserError` naming the
+  process that holds it.
+
+  Args:
+    data: a movie or a folder of them.
+    workdir: the run's folder (made if missing): checkpoints and metadata.
+    config: a Config, a config name ('deepcad_rt', 'ladder:32', 'tiny', a .py path) or
+      None for DeepCAD-RT.
+    fresh: remove the checkpoints in `workdir` and start over.
+    init_from: a model directory, a DeepCAD-RT .pth or a `Model`: a new run starts
+      from its weights and width (fine-tuning; `workdir` must hold no run, or give
+      `fresh`).
+    devices: the devices to use (default: all).
+    progress: print a progress line (process 0 only).
+    on_step: called as `on_step(step, loss)` after every step.
+
+  Returns:
+    A `TrainResult`: the final state, the steps done, the losses and whether the run
+    was interrupted.
   """
   cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
       config, config_lib.Config) else config

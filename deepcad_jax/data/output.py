@@ -911,8 +911,23 @@ class SplitOutputs:
              metadata: MovieMetadata | None = None, overwrite: bool = False,
              recording: tuple[str, tuple[int, ...]] | None = None
              ) -> MovieWriter | VolumePart:
-    """The writer of output `path`; `recording` is the axes and shape of the whole
-    recording a plane/channel output belongs to (`Movie.recording`)."""
+    """The writer of output `path`.
+
+    Args:
+      path: the output, possibly one plane/channel of a file
+        (`den.h5[plane=0,channel=1]`).
+      frame_shape: a frame's (Y, X).
+      dtype: the output's dtype.
+      frames: the number of frames the output will hold.
+      metadata: metadata written with it.
+      overwrite: replace an existing file.
+      recording: the axes and shape of the whole recording a plane/channel output
+        belongs to (`Movie.recording`); required for those outputs.
+
+    Returns:
+      A `MovieWriter`, or for a plane/channel output its part of the file's
+      `VolumeWriter` (created with the first part).
+    """
     spec = MovieSpec.parse(path)
     if spec.plane is None and spec.channel is None:
       return MovieWriter(path, frame_shape, dtype, frames=frames, metadata=metadata,
@@ -951,6 +966,15 @@ def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],
 
   The file appears under its name only once complete (`MovieWriter`); its disk is
   checked for space first.
+
+  Args:
+    path: the output file.
+    frames: a (T, Y, X) array, or an iterable of blocks of frames (each cast to `dtype`
+      and reshaped to (n, Y, X)).
+    shape, dtype: the movie's (T, Y, X) and dtype when `frames` is an iterable (taken
+      from the array otherwise).
+    metadata: metadata written with it.
+    overwrite: replace an existing file (the default here).
   """
   if isinstance(frames, np.ndarray):
     shape, dtype = frames.shape, frames.dtype

@@ -178,6 +178,14 @@ def pair_iterator(source: PairSource, batch_size: int, seed: int, workers: int =
   holds pairs k*B .. k*B+B-1 of that stream, and process p reads only its contiguous
   block of each. The stream is a pure function of (seed, step), so a run resumes at any
   step with any number of processes.
+
+  Args:
+    source: the training pairs.
+    batch_size: the global batch B, a multiple of `process_count`.
+    seed: the shuffle's seed.
+    workers: grain worker processes reading pairs (0: read in this process).
+    start_step: the first global batch to yield (resuming).
+    process_index, process_count: this process and how many share each batch.
   """
   if batch_size % process_count:
     raise UserError(f"batch size {batch_size} is not a multiple of the "
