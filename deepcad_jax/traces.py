@@ -535,6 +535,9 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
   if model is not None:
     if raw is None:
       raise UserError("--model needs --raw: the movie to denoise.")
+    if samples:
+      raise UserError("--samples belongs to --movie; with --model the samples are made "
+                      "here from --raw (drop --samples, or give --movie instead).")
     raw_movie = open_movie(raw)
     roi_list = read_rois(rois, raw_movie.shape[1:])
     den = Denoiser(model, symmetries=symmetries, save_samples=True, **denoiser_kwargs)

@@ -172,3 +172,7 @@ def test_cli_traces_from_files_and_from_a_model(trained_model, tmp_path, capsys)
   assert cli.main(["deepcad-jax", "traces", "--rois", str(rois), "--output",
                    str(tmp_path / "x")]) == 2
   assert "either --movie" in capsys.readouterr().err
+  assert cli.main(["deepcad-jax", "traces", "--model", trained_model, "--raw", raw,
+                   "--samples", str(tmp_path / "den_sample*.tif"), "--rois", str(rois),
+                   "--output", str(tmp_path / "y")]) == 2
+  assert "--samples belongs to --movie" in capsys.readouterr().err
