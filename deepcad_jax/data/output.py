@@ -252,6 +252,27 @@ class Output(Protocol):
   def abort(self) -> None: ...
 
 
+class TwoPhase:
+  """An `Output` used alone: `commit` is finish() then publish(); as a context manager
+  it commits on success and aborts on any exception."""
+
+  def commit(self) -> bool:
+    """finish() then publish(); False if nothing was written (no file)."""
+    if not self.finish():
+      return False
+    self.publish()
+    return True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, value, tb) -> None:
+    if kind is None:
+      self.commit()
+    else:
+      self.abort()
+
+
 def _remove(path: str) -> None:
   """Remove a file or a folder (a temporary output), ignoring what is already gone."""
   if os.path.isdir(path) and not os.path.islink(path):
@@ -279,7 +300,7 @@ def _fsync_tree(path: str) -> None:
         os.close(fd)
 
 
-class AtomicFile:
+class AtomicFile(TwoPhase):
   """One output file: its lock, a temporary file unique to this run, and the rename.
 
   Args:
@@ -446,13 +467,6 @@ class AtomicFile:
     self.done = True
     self.lock.release()
 
-  def commit(self) -> bool:
-    """finish() then publish(); False if nothing was written (no file)."""
-    if not self.finish():
-      return False
-    self.publish()
-    return True
-
   def abort(self) -> None:
     """Remove the temporary file and release the lock (idempotent)."""
     if self._text is not None:
@@ -470,15 +484,6 @@ class AtomicFile:
       with contextlib.suppress(OSError):
         os.rmdir(folder)
     self._created = []
-
-  def __enter__(self) -> AtomicFile:
-    return self
-
-  def __exit__(self, kind, value, tb) -> None:
-    if kind is None:
-      self.commit()
-    else:
-      self.abort()
 
 
 def commit(outputs: Sequence[Output]) -> list[Output]:
@@ -572,7 +577,7 @@ def _checked_frames(path: str, frames: np.ndarray, frame_shape: tuple[int, ...],
   return frames
 
 
-class MovieWriter:
+class MovieWriter(TwoPhase):
   """A movie (T, Y, X) written block by block as frames are produced.
 
   Args:
@@ -725,12 +730,6 @@ class MovieWriter:
   def publish(self) -> None:
     self.file.publish()
 
-  def commit(self) -> bool:
-    if not self.finish():
-      return False
-    self.publish()
-    return True
-
   def abort(self) -> None:
     self.closed = True
     if self._sink is not None:
@@ -741,15 +740,6 @@ class MovieWriter:
       with contextlib.suppress(Exception):
         tw.close()
     self.file.abort()
-
-  def __enter__(self) -> MovieWriter:
-    return self
-
-  def __exit__(self, kind, value, tb) -> None:
-    if kind is None:
-      self.commit()
-    else:
-      self.abort()
 
 
 class VolumeWriter:
