@@ -4,8 +4,9 @@ Writes a simulated recording (somata with calcium transients, Poisson noise) thr
 deepcad-jax's suite2p writer into DIR/suite2p/plane0, then runs suite2p's own pipeline
 on DIR with registration off (it must find the plane folder rather than convert
 anything) and reports what suite2p produced: whether it took the existing binary, the
-ROIs it detected and the traces' shape. Run it in an environment with suite2p
-installed next to deepcad-jax (suite2p is not a dependency):
+ROIs it detected and the traces' shape. suite2p 1.x (settings and db) and 0.x (ops)
+are both driven the way their documentation says. Run it in an environment with
+suite2p installed next to deepcad-jax (suite2p is not a dependency):
 
   python benchmarks/suite2p_check.py --output DIR [--json result.json]
 """
@@ -13,6 +14,8 @@ installed next to deepcad-jax (suite2p is not a dependency):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -49,24 +52,34 @@ def main() -> int:
 
   logging.getLogger("suite2p").addHandler(Keep())
   logging.getLogger("suite2p").setLevel(logging.INFO)
-  settings = suite2p.default_settings()
-  settings["torch_device"] = "cpu"
-  settings["fs"] = 30.0
-  settings["run"]["do_registration"] = 0
-  settings["io"]["save_mat"] = False
-  db = suite2p.default_db()
-  db["data_path"] = [args.output]
-  db["save_path0"] = args.output
+  version = str(getattr(suite2p, "version", "0"))
+  printed = io.StringIO()
   t0 = time.perf_counter()
-  suite2p.run_s2p(db=db, settings=settings)
+  if hasattr(suite2p, "default_settings"):  # suite2p >= 1.0: settings and db
+    settings = suite2p.default_settings()
+    settings["torch_device"] = "cpu"
+    settings["fs"] = 30.0
+    settings["run"]["do_registration"] = 0
+    settings["io"]["save_mat"] = False
+    db = suite2p.default_db()
+    db["data_path"] = [args.output]
+    db["save_path0"] = args.output
+    suite2p.run_s2p(db=db, settings=settings)
+  else:  # suite2p 0.x: one ops dict and a db
+    ops = suite2p.default_ops()
+    ops.update(fs=30.0, do_registration=0, save_mat=False)
+    with contextlib.redirect_stdout(printed):  # 0.x prints its progress
+      suite2p.run_s2p(ops=ops, db={"data_path": [args.output],
+                                   "save_path0": args.output})
+    records += printed.getvalue().splitlines()
   seconds = time.perf_counter() - t0
 
-  found = any("FOUND BINARIES AND DBS" in r for r in records)
+  found = any("FOUND BINARIES AND" in r for r in records)
   outputs = {name: os.path.exists(os.path.join(plane, name))
              for name in ("stat.npy", "F.npy", "Fneu.npy", "spks.npy", "iscell.npy")}
   traces = np.load(os.path.join(plane, "F.npy")) if outputs["F.npy"] else None
   result = {
-      "suite2p": suite2p.version, "shape": list(shape), "seconds": round(seconds, 1),
+      "suite2p": version, "shape": list(shape), "seconds": round(seconds, 1),
       "took_existing_binary": found, "outputs": outputs,
       "rois": None if traces is None else int(traces.shape[0]),
       "trace_frames": None if traces is None else int(traces.shape[1]),
