@@ -88,6 +88,23 @@ def _define_dtype(fv, default: str | None = "float32"):
                     flag_values=fv)
 
 
+def _define_run_settings(fv):
+  """The `DenoiseConfig` flags that offline denoising and the stream share."""
+  flags.DEFINE_string("memory-budget", None, "Exact tiling: memory per device for tiles, "
+                      "e.g. 8GB (default: 80%% of an accelerator's memory, 40%% of RAM on "
+                      "a CPU).", flag_values=fv)
+  flags.DEFINE_integer("spatial", 1, "Also split each tile's Y axis over this many "
+                       "devices.", flag_values=fv)
+  flags.DEFINE_integer("uncertainty", 0, "K in 2..8 (1..8 for an ensemble): predict under "
+                       "K symmetries of the (y, x) plane with every ensemble member, write "
+                       "the samples' mean as the output and their standard deviation "
+                       "beside it (*_std.tif); K x members times the compute.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
+                       "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'.",
+                       flag_values=fv)
+
+
 # ---------------------------------------------------------------- file formats
 # Every flag about how movies are read and written, in one place. They are folded into
 # the movie's spec text (`data.spec`: 'rec.h5[axes=YXT]'), which the public API takes
@@ -320,9 +337,6 @@ def _define_denoise(fv):
                     flag_values=fv)
   flags.DEFINE_string("tile", None, "Exact tiling: the largest tile T,Y,X (multiples of "
                       "8; default: as large as --memory-budget allows).", flag_values=fv)
-  flags.DEFINE_string("memory-budget", None, "Exact tiling: memory per device for tiles, "
-                      "e.g. 8GB (default: 80%% of an accelerator's memory, 40%% of RAM on "
-                      "a CPU).", flag_values=fv)
   flags.DEFINE_string("patch", None, "Overlap tiling: patch T,Y,X (default: the model's; "
                       "selects overlap tiling under --tiling auto).", flag_values=fv)
   flags.DEFINE_float("overlap", None, "Overlap tiling: overlap factor in [0, 1) (default: "
@@ -336,16 +350,7 @@ def _define_denoise(fv):
   _define_dtype(fv)
   flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
                        "instead of cropping.", flag_values=fv)
-  flags.DEFINE_integer("spatial", 1, "Also split each patch's Y axis over this many "
-                       "devices.", flag_values=fv)
-  flags.DEFINE_integer("uncertainty", 0, "K in 2..8 (1..8 for an ensemble): predict under "
-                       "K symmetries of the (y, x) plane with every ensemble member, write "
-                       "the samples' mean as the output and their standard deviation "
-                       "beside it (*_std.tif); K x members times the compute.",
-                       flag_values=fv)
-  flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
-                       "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'.",
-                       flag_values=fv)
+  _define_run_settings(fv)
   _define_distributed(fv)
 
 
@@ -688,6 +693,7 @@ def _define_stream(fv):
                      "without a new file.", flag_values=fv)
   flags.DEFINE_integer("batch-size", 0, "Patches per device call.", flag_values=fv)
   _define_dtype(fv)
+  _define_run_settings(fv)
   flags.DEFINE_string("output-dtype", "float32", "Denoised output dtype: float32, input "
                       "(the source's type, rounded), uint16...", flag_values=fv)
   flags.DEFINE_boolean("live", False, "Show raw and denoised side by side in a window "
@@ -698,6 +704,7 @@ def _define_stream(fv):
 def _run_stream(fv):
   from deepcad_jax.loading import load_model
   from deepcad_jax.data.movie import read_mean_image, refuse_to_overwrite
+  from deepcad_jax.infer import Denoiser
   from deepcad_jax.stream import (ReplaySource, StreamDenoiser, open_source, raw_path,
                                   run_pipeline)
   _require(fv, "model", "source", "output")
@@ -706,11 +713,10 @@ def _run_stream(fv):
   refuse_to_overwrite((output, raw), _v(fv, "overwrite"))
   source = open_source(_movie(fv, "source"), _v(fv, "rate"), _v(fv, "idle-timeout"))
   image = _v(fv, "mean-image")
-  stream = StreamDenoiser(load_model(_v(fv, "model")), _v(fv, "batch-frames"),
-                          _v(fv, "overlap-frames"), tiling=_v(fv, "tiling"),
-                          core_frames=_v(fv, "core-frames"), lookahead=_v(fv, "lookahead"),
-                          batch_size=_v(fv, "batch-size"), dtype=_v(fv, "dtype"),
-                          mean=_v(fv, "mean"),
+  den = Denoiser(load_model(_v(fv, "model")), _denoise_config(fv))
+  stream = StreamDenoiser(den, _v(fv, "batch-frames"), _v(fv, "overlap-frames"),
+                          tiling=_v(fv, "tiling"), core_frames=_v(fv, "core-frames"),
+                          lookahead=_v(fv, "lookahead"), mean=_v(fv, "mean"),
                           mean_image=read_mean_image(image) if image else None)
   view, preview_every = None, _v(fv, "preview-every")
   if _v(fv, "live"):

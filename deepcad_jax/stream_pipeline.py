@@ -81,6 +81,8 @@ class StreamReport:
         + (f" ({lo / rate:.2f} to {hi / rate:.2f} s at {rate:g} Hz) plus compute"
            if rate else " plus compute"),
         f"raw: {self.raw}", f"denoised: {self.denoised}"]
+    if self.extras:
+      lines.append(f"std and samples: {', '.join(self.extras)}")
     if self.previews:
       lines.append(f"previews: {len(self.previews)} PNG(s), last {self.previews[-1]}")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 from conftest import noisy_movie, write_tiff
-from deepcad_jax import Denoiser, UserError, cli
+from deepcad_jax import Denoiser, UserError, cli, denoise
 from deepcad_jax.data import as_movie, open_movie
 from deepcad_jax.predict import identity_tiles
 from deepcad_jax.stream import FolderSource, StreamDenoiser, run_pipeline
@@ -218,3 +218,26 @@ def test_stream_cli_replays_a_tiff_at_a_fixed_rate(capsys, tmp_path, trained_mod
   text = capsys.readouterr()
   assert code == 0, text.err
   assert "no display: writing preview images every 5 s" in text.out
+
+
+def test_stream_cli_writes_the_std_with_uncertainty(capsys, tmp_path, trained_model):
+  movie, _ = noisy_movie((40, 16, 16), seed=5)
+  src = write_tiff(tmp_path / "movie.tif", movie)
+  out = str(tmp_path / "live.tif")
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", out, "--rate", "0", "--preview-every", "0",
+                   "--uncertainty", "2", "--mean", str(float(movie.mean()))])
+  text = capsys.readouterr()
+  assert code == 0, text.err
+  std_file = str(tmp_path / "live_std.tif")
+  assert f"std and samples: {std_file}" in text.out
+  offline_mean, offline_std = denoise(movie, trained_model, tiling="exact", symmetries=2,
+                                      output_dtype="float32")
+  # the stream normalises by the mean it was given; offline by the movie's own (equal)
+  np.testing.assert_allclose(open_movie(out).read(0, 40), offline_mean, rtol=1e-5,
+                             atol=1e-3)
+  np.testing.assert_allclose(open_movie(std_file).read(0, 40), offline_std, rtol=1e-5,
+                             atol=1e-3)
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", str(tmp_path / "b.tif"), "--save-samples"])
+  assert code == 2 and "--save-samples keeps the samples" in capsys.readouterr().err
