@@ -91,7 +91,7 @@ def _define_dtype(fv, default: str | None = "float32"):
 def _define_run_settings(fv):
   """The `DenoiseConfig` flags that offline denoising and the stream share."""
   flags.DEFINE_string("memory-budget", None, "Exact tiling: memory per device for tiles, "
-                      "e.g. 8GB (default: 80%% of an accelerator's memory, 40%% of RAM on "
+                      "e.g. 8GB (default: 80% of an accelerator's memory, 40% of RAM on "
                       "a CPU).", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "Also split each tile's Y axis over this many "
                        "devices.", flag_values=fv)
@@ -714,6 +714,7 @@ def _run_stream(fv):
   source = open_source(_movie(fv, "source"), _v(fv, "rate"), _v(fv, "idle-timeout"))
   image = _v(fv, "mean-image")
   den = Denoiser(load_model(_v(fv, "model")), _denoise_config(fv))
+  refuse_to_overwrite(den.extra_outputs(output), _v(fv, "overwrite"))
   stream = StreamDenoiser(den, _v(fv, "batch-frames"), _v(fv, "overlap-frames"),
                           tiling=_v(fv, "tiling"), core_frames=_v(fv, "core-frames"),
                           lookahead=_v(fv, "lookahead"), mean=_v(fv, "mean"),

@@ -584,12 +584,16 @@ class Denoiser:
   def __init__(self, model: Model | str | os.PathLike, config: DenoiseConfig | None = None,
                *, devices: Sequence[jax.Device] | None = None,
                network: TileFn | None = None, **options: Any):
-    config = config or DenoiseConfig()
+    config = DenoiseConfig() if config is None else config
+    if not isinstance(config, DenoiseConfig):
+      raise TypeError(f"Denoiser's second argument is a DenoiseConfig, not "
+                      f"{type(config).__name__}; give settings by name (patch=...).")
     if options:
       unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DenoiseConfig)})
       if unknown:
-        raise TypeError(f"Denoiser got unknown option(s) {', '.join(unknown)}; its "
-                        "options are DenoiseConfig's fields.")
+        renamed = " (uncertainty is now symmetries)" if "uncertainty" in unknown else ""
+        raise TypeError(f"Denoiser got unknown option(s) {', '.join(unknown)}{renamed}; "
+                        "its options are DenoiseConfig's fields.")
       config = dataclasses.replace(config, **options)
     model = resolve_model(model)
     config.check_model(model.config.model)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from deepcad_jax import parallel
 from deepcad_jax.data.movie import ArrayMovie
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, Window
@@ -116,8 +117,10 @@ class StreamDenoiser:
       try:
         mean = float(mean)
       except ValueError:
-        raise UserError(f"mean must be 'model', 'running' or a number; got "
-                        f"{mean!r}.") from None
+        mean = float("nan")
+      if not np.isfinite(mean):
+        raise UserError(f"mean must be 'model', 'running' or a finite number; got "
+                        f"{mean!r}.")
     if mean == "model" and den.model.mean is None:
       raise UserError(f"{den.model.source} stores no training mean (an imported .pth); "
                       "use mean='running' or give a number.")
@@ -243,6 +246,7 @@ class StreamDenoiser:
       else:
         tile = self.den.exact_tile(shape)
         plan = exact_plan(shape, (tile_t,) + tuple(tile[1:]), HALO, GRID * self.den.spatial)
+      parallel.check_spatial(plan.tile[1], self.den.spatial)  # as offline plans are
       self._plans[tile_t] = plan
     return self._plans[tile_t]
 

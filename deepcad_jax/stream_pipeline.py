@@ -116,16 +116,16 @@ class Pipeline:
     self.preview_every_s = preview_every_s
     self.preview_dir = preview_dir or os.path.dirname(os.path.abspath(output))
     source_dtype = np.dtype(getattr(source, "dtype", np.float32))
+    out_dtype = resolve_output_dtype(output_dtype, source_dtype)
     self.files = StreamFiles(output, raw_output or raw_path(output),
                              getattr(source, "frame_shape", None),
-                             getattr(source, "length", None), source_dtype,
-                             resolve_output_dtype(output_dtype, source_dtype),
+                             getattr(source, "length", None), source_dtype, out_dtype,
                              stream.extra_outputs(output))
     self.acquired: queue.Queue = queue.Queue(maxsize=queue_frames)
     self.denoised: queue.Queue = queue.Queue(maxsize=max(4, queue_frames // 8))
     self.stop = threading.Event()
     self.errors: list[BaseException] = []
-    self.report = StreamReport(rate_hz=rate, output_dtype=str(output_dtype),
+    self.report = StreamReport(rate_hz=rate, output_dtype=np.dtype(out_dtype).name,
                                tiling=stream.describe(), wait_frames=stream.latency_frames())
     self.arrival: dict[int, float] = {}  # position in the denoised stream -> arrival
     self.latencies: list[float] = []

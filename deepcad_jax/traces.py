@@ -362,7 +362,8 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
   Args:
     raw: the raw movie (array, path or `Movie`).
     rois: the regions.
-    denoiser: a `Denoiser` with `symmetries` (K >= 1) and `save_samples`.
+    denoiser: a `Denoiser` with `symmetries` (K >= 2, or >= 1 for an ensemble) and
+      `save_samples`.
     f0, band, progress: as for `extract`.
   """
   raw = as_movie(raw)
@@ -370,7 +371,7 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
   parse_f0(f0)
   band = validate_band(band)
   if not (denoiser.symmetries and denoiser.save_samples):
-    raise UserError("traces from a model need uncertainty samples (K >= 1) and "
+    raise UserError("traces from a model need uncertainty samples (symmetries=K) and "
                     "save_samples=True on the Denoiser.")
   parts = [block_traces(b, rois) for b in denoiser.blocks(raw, progress=progress)]
   t = np.concatenate(parts)  # (T, R, channels): predict.Channels
@@ -514,7 +515,7 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
       glob (`sample_files`).
     raw: the raw movie: raw traces beside `movie`, or what `model` denoises.
     model: a `Model`, model directory or .pth to denoise `raw` with.
-    symmetries: with `model`, K test-time symmetries (K >= 1).
+    symmetries: with `model`, K test-time symmetries (2 to 8; 1 to 8 for an ensemble).
     f0: dF/F's baseline: 'mean' or 'percentile:P'.
     band: the band's (lo, hi) percentiles, or their text 'LO,HI'.
     plot_rois: the most ROIs plotted.

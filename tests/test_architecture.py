@@ -119,6 +119,10 @@ def test_denoiser_is_an_immutable_handle_checked_by_its_config(trained_model):
     denoise(np.zeros((8, 16, 16), np.float32), den, dtype="bfloat16")
   with pytest.raises(UserError, match="Denoiser was given where a model is expected"):
     Denoiser(den)
+  with pytest.raises(TypeError, match="second argument is a DenoiseConfig, not tuple"):
+    Denoiser(trained_model, (16, 16, 16))
+  with pytest.raises(TypeError, match="uncertainty is now symmetries"):
+    Denoiser(trained_model, uncertainty=2)
 
 
 def test_with_params_reuses_the_compiled_step(trained_model):

@@ -241,3 +241,10 @@ def test_stream_cli_writes_the_std_with_uncertainty(capsys, tmp_path, trained_mo
   code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
                    "--output", str(tmp_path / "b.tif"), "--save-samples"])
   assert code == 2 and "--save-samples keeps the samples" in capsys.readouterr().err
+  (tmp_path / "c_std.tif").write_bytes(b"")  # an earlier run's std: refused up front
+  code = cli.main(["deepcad-jax", "stream", "--model", trained_model, "--source", src,
+                   "--output", str(tmp_path / "c.tif"), "--uncertainty", "2"])
+  assert code == 2 and "c_std.tif already exists" in capsys.readouterr().err
+  assert not (tmp_path / "c.tif").exists() and not (tmp_path / "c_raw.tif").exists()
+  with pytest.raises(UserError, match="finite number"):
+    StreamDenoiser(trained_model, mean="nan")

@@ -7,7 +7,8 @@ that either suite2p runs on with registration off: `data.bin` int16, streamed as
 come; an `ops.npy` with Ly, Lx, nframes, reg_file, meanImg, fs, yrange, xrange and
 do_registration=0 (suite2p 0.x); and `db.npy` with the same description plus
 `settings.npy` with fs and do_registration=0 (suite2p 1.x, which finds a plane folder
-by those two files and data.bin). The folder paths follow suite2p's layout
+by those two files and data.bin; its `run_s2p` then replaces settings.npy with the
+settings it is given). The folder paths follow suite2p's layout
 SAVE_PATH0/suite2p/planeN. Values are stored as round(value * scale), clipped to int16. By
 default the scale uses int16's range: the largest |value| becomes 32767 (the frames
 are kept as float32 beside data.bin until the last one is known, then converted block
@@ -67,6 +68,12 @@ def open_plane(path: str) -> Source:
                     "suite2p/plane0).")
   ops_path = described[0]
   ops = load_ops(ops_path)
+  settings_path = os.path.join(folder, "settings.npy")  # suite2p 1.x keeps fs there
+  if "fs" not in ops and os.path.isfile(settings_path):
+    fs = load_ops(settings_path).get("fs")
+    if fs is not None:
+      ops = {**ops, "fs": fs}
+  name = os.path.basename(ops_path)
   try:
     ly, lx = int(ops["Ly"]), int(ops["Lx"])
   except (KeyError, TypeError, ValueError):
@@ -77,12 +84,12 @@ def open_plane(path: str) -> Source:
   frames = size // frame_bytes if frame_bytes else 0
   if frames < 1 or size % frame_bytes:
     raise UserError(f"{data_path} has {size} bytes, not a whole number of {ly} x {lx} "
-                    "int16 frames; the file is damaged or ops.npy belongs to another "
+                    f"int16 frames; the file is damaged or {name} belongs to another "
                     "plane.")
   nframes = ops.get("nframes")
   if nframes is not None and int(nframes) != frames:
-    log.warning("%s: ops.npy says %s frames but data.bin holds %d; reading %d.",
-                folder, nframes, frames, frames)
+    log.warning("%s: %s says %s frames but data.bin holds %d; reading %d.",
+                folder, name, nframes, frames, frames)
   data = np.memmap(data_path, np.int16, "r", shape=(frames, ly, lx))
   meta = MovieMetadata(kind="suite2p")
   fs = ops.get("fs")
@@ -155,7 +162,7 @@ class Suite2pSink:
         "frames_per_file": [int(count)], "reg_file": os.path.join(final, "data.bin"),
         "save_path": final, "save_path0": os.path.dirname(save_folder),
         "save_folder": os.path.basename(save_folder), "fast_disk": final,
-        "data_path": [save_folder], "filelist": [], "file_list": [],
+        "data_path": [os.path.dirname(save_folder)], "filelist": [], "file_list": [],
         "input_format": "binary", "nplanes": 1, "iplane": 0, "nchannels": 1,
         "functional_chan": 1, "keep_movie_raw": False, "yrange": [0, ly],
         "xrange": [0, lx], "meanImg": (self.total / max(1, count)).astype(np.float32),
