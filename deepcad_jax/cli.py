@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -518,7 +517,7 @@ def _define_evaluate(fv):
 
 
 def _run_evaluate(fv):
-  from deepcad_jax.metrics import evaluate_files, format_calibration, format_table
+  from deepcad_jax.metrics import describe, evaluate_files
   _require(fv, "denoised", "reference")
   std = _v(fv, "std")
   if _v(fv, "uncertainty") is not None:
@@ -528,15 +527,8 @@ def _run_evaluate(fv):
                 "--uncertainty will take a number of samples, as in the other commands.")
     std = _v(fv, "uncertainty")
   results = evaluate_files(_movie(fv, "denoised"), _movie(fv, "reference"),
-                           _movie(fv, "raw"), std)
-  print(format_table(results))
-  if "uncertainty" in results:
-    print(format_calibration(results["uncertainty"]))
-  if _v(fv, "output"):
-    from deepcad_jax.data.output import AtomicFile
-    with AtomicFile(_v(fv, "output"), overwrite=True) as f:
-      json.dump(results, f.text(), indent=1)
-    print(f"results: {_v(fv, 'output')}")
+                           _movie(fv, "raw"), std, _v(fv, "output"))
+  print(describe(results, _v(fv, "output")))
   return 0
 
 

@@ -7,11 +7,13 @@ with the reference (the paper's three box plots), summarised by quartiles.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from deepcad_jax.data.movie import open_movie
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 
 SLICES = {"xy": (0, 1, 2), "yt": (2, 0, 1), "xt": (1, 0, 2)}  # slice axis first
@@ -178,9 +180,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate_files(denoised: str, reference: str, raw: str | None = None,
-                   std: str | None = None) -> dict[str, dict[str, Any]]:
-  """Scores of a denoised TIFF (and optionally the raw one) against a reference TIFF;
-  with `std` (the *_std.tif of `denoise --uncertainty`), its calibration too."""
+                   std: str | None = None, output: str | None = None
+                   ) -> dict[str, dict[str, Any]]:
+  """Scores of a denoised movie (and optionally the raw one) against a reference; with
+  `std` (the *_std.tif of `denoise --uncertainty`), its calibration too; with `output`,
+  the results are also written there as JSON (replacing a file of that name)."""
 
   def load(path):
     m = open_movie(path)
@@ -201,4 +205,17 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None,
   results["denoised"] = evaluate(den, ref)
   if std:
     results["uncertainty"] = uncertainty_calibration(den, load(std), ref)
+  if output:
+    with AtomicFile(output, overwrite=True) as f:
+      json.dump(results, f.text(), indent=1)
   return results
+
+
+def describe(results: dict[str, dict[str, Any]], output: str | None = None) -> str:
+  """`evaluate_files`'s results for the command line."""
+  lines = [format_table(results)]
+  if "uncertainty" in results:
+    lines.append(format_calibration(results["uncertainty"]))
+  if output:
+    lines.append(f"results: {output}")
+  return "\n".join(lines)
