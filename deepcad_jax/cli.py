@@ -843,8 +843,8 @@ def _define_bench(fv):
   from deepcad_jax.bench import WORKLOADS
   flags.DEFINE_enum("workload", "quick", list(WORKLOADS), "What to measure.", flag_values=fv)
   _define_dtype(fv)
-  flags.DEFINE_integer("batch-size", 0, "Patches per step (0 = one per device).",
-                       flag_values=fv)
+  flags.DEFINE_integer("batch-size", 0, "Patches per step (0 = one per device); for "
+                       "--workload scaling, patches per device.", flag_values=fv)
   flags.DEFINE_integer("repeats", None, "Timed runs per measurement (default: by workload).",
                        flag_values=fv)
   flags.DEFINE_integer("features", 16, "Network width (16 = DeepCAD-RT).", flag_values=fv)
