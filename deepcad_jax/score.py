@@ -21,7 +21,7 @@ import numpy as np
 
 from deepcad_jax.data.movie import ArrayMovie, Movie, as_movie
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser
+from deepcad_jax.infer import Denoiser, as_denoiser
 
 MIN_FRAMES = 16  # a segment gives two sub-movies of at least 8 frames
 
@@ -79,7 +79,7 @@ def score(denoiser: Denoiser | Any, movie: Movie | np.ndarray | str,
   """The held-out score of a model (a `Denoiser`, `Model` or model path) on frames
   [a, b) of `movie` (default: all of it). `mean` normalises as training did (default:
   the segment's mean)."""
-  den = denoiser if isinstance(denoiser, Denoiser) else Denoiser(denoiser)
+  den = as_denoiser(denoiser)
   movie = as_movie(movie)
   a, b = frames or (0, movie.shape[0])
   if b - a < MIN_FRAMES:

@@ -33,7 +33,7 @@ import secrets
 import shutil
 import socket
 import time
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import tifffile
@@ -250,6 +250,20 @@ class Output(Protocol):
   def finish(self) -> bool: ...
   def publish(self) -> None: ...
   def abort(self) -> None: ...
+
+
+@contextlib.contextmanager
+def aborting(output: Any) -> Iterator[None]:
+  """Any error inside removes `output`'s partial file (`output.abort()`); an OSError
+  becomes one sentence naming `output.path`."""
+  try:
+    yield
+  except OSError as e:
+    output.abort()
+    raise os_error(e, output.path) from None
+  except BaseException:
+    output.abort()
+    raise
 
 
 class TwoPhase:
@@ -659,7 +673,7 @@ class MovieWriter(TwoPhase):
     if self._sink is not None:
       self._write_sink(frames)
       return
-    with self._aborting():
+    with aborting(self):
       first = self._tw is None
       if first:
         self._open()
@@ -673,25 +687,13 @@ class MovieWriter(TwoPhase):
         self.count += 1
 
   def _write_sink(self, frames: np.ndarray) -> None:
-    with self._aborting():
+    with aborting(self):
       if not self._started:
         self._started = True
         self._sink.open(self.file.reserve(), self.frame_shape, self.dtype, self.expected,
                         self.metadata)
       self._sink.write(self.count, frames)
       self.count += len(frames)
-
-  @contextlib.contextmanager
-  def _aborting(self) -> Iterator[None]:
-    """Any error removes the partial file (an OSError becomes one sentence)."""
-    try:
-      yield
-    except OSError as e:
-      self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
 
   def _check_count(self) -> None:
     if self.expected is not None and self.count != self.expected:
@@ -711,7 +713,7 @@ class MovieWriter(TwoPhase):
       return False
     self._check_count()
     shape = (self.count,) + self.frame_shape
-    with self._aborting():
+    with aborting(self):
       description = self._format.description(shape, self.dtype)
       self._tw.overwrite_description(description.encode("utf-8"))
       self._tw.close()
@@ -723,7 +725,7 @@ class MovieWriter(TwoPhase):
       self.file.abort()
       return False
     self._check_count()
-    with self._aborting():
+    with aborting(self):
       self._sink.close(self.count)
     return self.file.finish()
 
@@ -795,7 +797,7 @@ class VolumeWriter:
     """Frames start.. of one plane and channel, (n, Y, X), into their slice."""
     if self.aborted:
       raise RuntimeError(f"{self.path}: written after it was removed.")
-    try:
+    with aborting(self):
       if self.array is None:
         self.array = self.sink.open_volume(self.file.reserve(), self.axes, self.shape,
                                            self.dtype, self.metadata)
@@ -804,12 +806,6 @@ class VolumeWriter:
                     channel if a == "C" else slice(None) for a in self.axes)
       kept = [a for a in self.axes if a in "TYX"]
       self.array[index] = np.transpose(frames, ["TYX".index(a) for a in kept])
-    except OSError as e:
-      self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
 
   def finish(self) -> bool:
     """Close and fsync the file once every part is done (else False: not yet)."""
@@ -817,14 +813,8 @@ class VolumeWriter:
       return True
     if not self.complete:
       return False
-    try:
+    with aborting(self):
       self.sink.close(self.sizes["T"])
-    except OSError as e:
-      self.abort()
-      raise os_error(e, self.path) from None
-    except BaseException:
-      self.abort()
-      raise
     self.finished = self.file.finish()
     return self.finished
 
