@@ -101,8 +101,12 @@ class RunMeta(Mapping):
   steps_per_epoch: int | None = None
   processes: int = 1
   holdout: tuple | None = None    # per movie: [a, b) frames held out, or None
-  holdout_score: float | None = None
+  holdout_score: float | None = None  # the estimated MSE against the truth (score.py)
   holdout_curve: tuple = ()       # ([step, score], ...)
+  scale: float | None = None      # the training data's scale (normalise.py; None: the
+                                  # config's data.scale, as models before it recorded)
+  noise: tuple[dict, ...] = ()    # per training movie: its noise model (noise.py)
+  holdout_quality: Mapping[str, Any] | None = None  # the last held-out quality report
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # converted_
                                   # from, para, para_file, pruned_from, prune, ...
   calibration: Mapping[str, Any] | None = None  # calibration.json beside it (not stored)
@@ -122,7 +126,10 @@ class RunMeta(Mapping):
          "holdout": None if self.holdout is None else
          [None if h is None else list(h) for h in self.holdout],
          HOLDOUT: self.holdout_score,
-         "holdout_curve": [list(c) for c in self.holdout_curve]}
+         "holdout_curve": [list(c) for c in self.holdout_curve],
+         "scale": self.scale, "noise": [dict(n) for n in self.noise],
+         "holdout_quality": None if self.holdout_quality is None else
+         dict(self.holdout_quality)}
     return {**self.provenance, **d}
 
   @classmethod
@@ -131,7 +138,14 @@ class RunMeta(Mapping):
     what does not fit."""
     if d.get("format") not in (FORMAT, FORMAT_V1):
       raise ValueError(f"format {d.get('format')!r} is not {FORMAT}")
-    cfg = config_lib.from_dict(d["config"])
+    saved = d["config"]
+    if "normalise" not in saved.get("data", {"normalise": None}) or \
+        "loss" not in saved.get("train", {"loss": None}):
+      # Written before normalisation by spread and the choice of loss: the mean and
+      # data.scale, and DeepCAD-RT's loss, are what it was trained with.
+      saved = {**saved, "data": {"normalise": "fixed", **saved.get("data", {})},
+               "train": {"loss": "deepcad", **saved.get("train", {})}}
+    cfg = config_lib.from_dict(saved)
     features, patch = int(d["features"]), tuple(int(p) for p in d["patch"])
     if features != cfg.model.features or len(patch) != 3 or min(patch) < 8:
       raise ValueError(f"features={d['features']} and patch={d['patch']} do not fit its "
@@ -149,6 +163,10 @@ class RunMeta(Mapping):
             None if h is None else tuple(h) for h in holdout),
         holdout_score=None if d.get(HOLDOUT) is None else float(d[HOLDOUT]),
         holdout_curve=tuple(tuple(c) for c in d.get("holdout_curve") or ()),
+        scale=None if d.get("scale") is None else float(d["scale"]),
+        noise=tuple(dict(n) for n in d.get("noise") or ()),
+        holdout_quality=None if d.get("holdout_quality") is None else dict(
+            d["holdout_quality"]),
         provenance={k: v for k, v in d.items() if k not in known})
 
   def replace(self, **changes: Any) -> "RunMeta":
@@ -393,6 +411,11 @@ class Model:
   @property
   def mean(self) -> float | None:
     return self.meta.mean
+
+  @property
+  def scale(self) -> float:
+    """The training data's scale (what a stream divides by), or data.scale."""
+    return self.config.data.scale if self.meta.scale is None else self.meta.scale
 
   @property
   def overlap(self) -> float:

@@ -200,6 +200,9 @@ def _define_train(fv):
                        flag_values=fv)
   flags.DEFINE_string("init-from", None, "Start from these weights (a model directory or "
                       "a DeepCAD-RT .pth): fine-tuning.", flag_values=fv)
+  flags.DEFINE_boolean("require-gain", False, "Exit with code 3 unless the final model "
+                       "beats every baseline of the held-out score (for scripts).",
+                       flag_values=fv)
   _define_set(fv)
   _define_distributed(fv)
 
@@ -225,8 +228,13 @@ TRAIN_CONFIG_FLAGS = (
     ("b1", "train.b1", "Adam beta1."),
     ("b2", "train.b2", "Adam beta2."),
     ("workers", "data.workers", "Grain worker processes (0 = none)."),
-    ("scale", "data.scale", "Divide intensities by this before the network (DeepCAD-RT's "
-     "scale_factor; default 1)."),
+    ("normalise", "data.normalise", "spread: each movie's own mean and robust spread "
+     "(works in any units); fixed: subtract the mean and divide by --scale, as "
+     "DeepCAD-RT."),
+    ("scale", "data.scale", "With --normalise fixed: divide intensities by this before "
+     "the network (DeepCAD-RT's scale_factor)."),
+    ("loss", "train.loss", "l2: mean squared error (keeps the brightness); deepcad: "
+     "DeepCAD-RT's 0.5 L1 + 0.5 L2 (darker at low photon counts), to reproduce it."),
     ("keep", "train.keep_checkpoints", "Epoch checkpoints to keep (the latest checkpoint "
      "is always kept too)."),
     ("save-every", "train.save_every", "Minutes between checkpoints within an epoch, so a "
@@ -245,7 +253,9 @@ TRAIN_CONFIG_FLAGS = (
      "automatically)."),
 )
 CONFIG_CHOICES = {"model.dtype": config_lib.DTYPES,
-                  "model.ensemble_impl": config_lib.ENSEMBLE_IMPLS}
+                  "model.ensemble_impl": config_lib.ENSEMBLE_IMPLS,
+                  "data.normalise": config_lib.NORMALISE_MODES,
+                  "train.loss": config_lib.LOSSES}
 
 
 def _define_config_flags(fv, table) -> None:
@@ -308,7 +318,8 @@ def _run_train(fv):
   _require(fv, "data", "workdir")
   _init_distributed(fv)
   result = train(_movie(fv, "data"), _v(fv, "workdir"), _train_config(fv),
-                 fresh=_v(fv, "fresh"), init_from=_v(fv, "init-from"))
+                 fresh=_v(fv, "fresh"), init_from=_v(fv, "init-from"),
+                 require_gain=_v(fv, "require-gain"))
   import jax
   if jax.process_index() == 0:  # one report for a run of several processes
     print(result.describe())
@@ -482,8 +493,14 @@ def _define_simulate(fv):
   flags.DEFINE_float("neuropil-coupling", 0.5, "How much the neuropil follows population "
                      "activity (0: constant background, for the wobble metric).",
                      flag_values=fv)
+  flags.DEFINE_float("noise-correlation", 0.0, "Correlation of the noise of x-neighbouring "
+                     "pixels, 0 to 0.5 (real two-photon recordings: about 0.3).",
+                     flag_values=fv)
+  flags.DEFINE_float("gain", 1.0, "Intensity units per photon of the written movies (a "
+                     "detector's gain).", flag_values=fv)
+  flags.DEFINE_float("offset", 0.0, "Intensity of zero photons (a detector's offset).",
+                     flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
-  
 
 def _run_simulate(fv):
   from deepcad_jax.simulate import describe as simulation_report, write_simulation
@@ -496,7 +513,8 @@ def _run_simulate(fv):
       frame_rate=_v(fv, "frame-rate"), spike_rate=_v(fv, "spike-rate"),
       tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
       read_noise=_v(fv, "read-noise"), neuropil_coupling=_v(fv, "neuropil-coupling"),
-      seed=_v(fv, "seed"))
+      noise_correlation=_v(fv, "noise-correlation"), gain=_v(fv, "gain"),
+      offset=_v(fv, "offset"), seed=_v(fv, "seed"))
   print(simulation_report(info))
   return 0
 
@@ -819,20 +837,32 @@ def _define_score(fv):
   _define_model(fv, "Model directory or .pth.", step=True)
   flags.DEFINE_string("movie", None, "A movie (TIFF).", flag_values=fv)
   flags.DEFINE_string("frames", None, "Frames a:b to score (frames training never saw; "
-                      "e.g. -100: for the last 100; default all).", flag_values=fv)
+                      "e.g. -100: for the last 100; default: the model's held-out frames "
+                      "when it was trained on this movie, else all).", flag_values=fv)
+  flags.DEFINE_string("json", None, "Also write the report as JSON here.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace an existing --json file.",
+                       flag_values=fv)
   _define_dtype(fv)
 
 
 def _run_score(fv):
   from deepcad_jax.loading import load_model
-  from deepcad_jax.data.movie import open_movie
+  from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
   from deepcad_jax.infer import Denoiser
-  from deepcad_jax.score import parse_frames, score
+  from deepcad_jax.score import default_frames, parse_frames, score
   _require(fv, "model", "movie")
+  if _v(fv, "json"):
+    refuse_to_overwrite([_v(fv, "json")], _v(fv, "overwrite"))
   movie = open_movie(_v(fv, "movie"))
-  frames = parse_frames(_v(fv, "frames"), movie.shape[0], movie.name)
-  den = Denoiser(load_model(_v(fv, "model"), _v(fv, "step")), dtype=_v(fv, "dtype"))
-  print(score(den, movie, frames).describe(den.model.source))
+  model = load_model(_v(fv, "model"), _v(fv, "step"))
+  frames = parse_frames(_v(fv, "frames"), movie.shape[0], movie.name) if _v(
+      fv, "frames") else default_frames(model, movie)
+  den = Denoiser(model, dtype=_v(fv, "dtype"), tiling="exact")
+  result = score(den, movie, frames)
+  print(result.describe(den.model.source))
+  if _v(fv, "json"):
+    result.write_json(_v(fv, "json"), overwrite=_v(fv, "overwrite"))
+    print(f"report: {_v(fv, 'json')}")
   return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -43,8 +44,11 @@ class DataConfig:
   patch: Patch = (144, 144, 144)  # (pt, py, px): pt input frames from a 2*pt window
   pairs_per_epoch: int = 4000     # training pairs drawn per epoch, spread over all files
   workers: int = 2                # grain worker processes (0 = read in this process)
-  scale: float = 1.0              # intensities are divided by this before the network
-                                  # (DeepCAD-RT's scale_factor) and multiplied after
+  normalise: str = "spread"       # "spread": each movie's own mean and robust spread
+                                  # (independent of the recording's units); "fixed":
+                                  # the mean and `scale` (DeepCAD-RT's scale_factor)
+  scale: float = 1.0              # with normalise="fixed": intensities minus the mean
+                                  # are divided by this before the network
   holdout: float | str = 0.0      # frames never trained on, scored every epoch: the last
                                   # fraction of each movie (0.1), or a range 'a:b'; 0: none
 
@@ -52,6 +56,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   epochs: int = 10
+  loss: str = "l2"             # "l2": mean squared error (unbiased brightness);
+                               # "deepcad": 0.5 L1 + 0.5 L2, DeepCAD-RT's (losses.py)
   batch_size: int = 0          # global batch; 0 = one pair per device (the reference)
   lr: float = 5e-5             # the paper's Adam settings
   b1: float = 0.5
@@ -93,6 +99,8 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "infer": InferConfig, "parallel": ParallelConfig}
 DTYPES = ("float32", "bfloat16")
+NORMALISE_MODES = ("spread", "fixed")  # normalise.MODES
+LOSSES = ("l2", "deepcad")             # losses.LOSSES
 CONV_LAYERS = 14  # 3x3x3 convolutions of the 4-level U-Net (model.LAYERS)
 ENSEMBLE_IMPLS = ("loop", "vmap")
 
@@ -138,8 +146,13 @@ def validate(cfg: Config) -> None:
   if not cfg.train.save_every >= 0:
     raise UserError(f"train.save_every (minutes) must be 0 or more; got "
                     f"{cfg.train.save_every}.")
-  if not cfg.data.scale > 0:
-    raise UserError(f"data.scale must be positive; got {cfg.data.scale}.")
+  if not (cfg.data.scale > 0 and math.isfinite(cfg.data.scale)):
+    raise UserError(f"data.scale must be positive and finite; got {cfg.data.scale}.")
+  if cfg.data.normalise not in NORMALISE_MODES:
+    raise UserError(f"data.normalise must be one of {NORMALISE_MODES}; got "
+                    f"{cfg.data.normalise!r}.")
+  if cfg.train.loss not in LOSSES:
+    raise UserError(f"train.loss must be one of {LOSSES}; got {cfg.train.loss!r}.")
   holdout = cfg.data.holdout
   if isinstance(holdout, str):
     if holdout.count(":") != 1:

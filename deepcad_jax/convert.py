@@ -349,7 +349,8 @@ def pth_config(features: int, para: dict[str, Any]):
   train = {k: para[k] for k in ("lr", "b1", "b2") if k in para}
   return config_lib.from_dict({
       "name": "deepcad_rt_pth", "model": {"features": features},
-      "data": {"patch": train_patch, "scale": para.get("scale_factor", 1.0)},
+      "data": {"patch": train_patch, "normalise": "fixed",
+               "scale": para.get("scale_factor", 1.0)},
       "train": train,
       "infer": {"patch": patch, "overlap": para.get("overlap_factor", 0.4)}})
 

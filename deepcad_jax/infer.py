@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepcad_jax import distributed, parallel, resources
+from deepcad_jax import distributed, normalise, parallel, resources
 from deepcad_jax.checkpoint import Model
 from deepcad_jax.config import DenoiseConfig
 from deepcad_jax.data.movie import (Movie, as_movie, list_movies, open_movie,
@@ -275,7 +275,7 @@ class Engine:
                       plan.mode == "reference", _device_dtype(out_dtype).name)
 
   def consts(self, plan: TilePlan, prior: np.ndarray | None, mean: float,
-             put: bool = True) -> dict:
+             put: bool = True, scale: float | None = None) -> dict:
     """The per-movie arrays of a plan (and its normalised, padded mean image), on the
     devices (`put`)."""
     c = {"yx_starts": np.array([[ty.start, tx.start] for ty, tx in plan.yx_tiles],
@@ -286,7 +286,8 @@ class Engine:
     if plan.blend:
       c["yx_norm"] = plan.yx_norm()
     if prior is not None:
-      p = Normalisation(np.float32(mean), np.float32(self.scale)).to_network(
+      p = Normalisation(np.float32(mean), np.float32(
+          self.scale if scale is None else scale)).to_network(
           np.asarray(prior))
       c["prior"] = p[c["pad_y"]][:, c["pad_x"]]
     return jax.device_put(c, parallel.replicated(self.mesh)) if put else c
@@ -374,7 +375,8 @@ class Engine:
 
   def submit(self, layout: StepLayout, w: Window, window: np.ndarray, consts: Any,
              mean: float, per_slab: int, carry: Any = None,
-             t_norm: np.ndarray | None = None) -> tuple[Window, dict, tuple[int, int]]:
+             t_norm: np.ndarray | None = None, scale: float | None = None
+             ) -> tuple[Window, dict, tuple[int, int]]:
     """Start one call (asynchronously): (window, device outputs, rows to keep).
 
     Args:
@@ -383,11 +385,13 @@ class Engine:
       window: its raw frames in the movie's dtype (`read_window`).
       consts: the plan's per-movie arrays, on the devices (`consts`).
       mean, per_slab, t_norm: as for `window_arrays`.
+      scale: the movie's scale (`normalise`; default the engine's).
       carry: blending's output window carried from the previous call (None for the
         first call, or without blending).
     """
     rep = parallel.replicated(self.mesh)
-    arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm, self.scale)
+    arrays, rows = self.window_arrays(layout, w, per_slab, mean, t_norm,
+                                      self.scale if scale is None else scale)
     args = (carry, jax.device_put(window, rep), jax.device_put(arrays, rep), consts)
     out = self.compile(layout, args)(self.params, *args)
     for name in ("frames", "extras"):
@@ -459,7 +463,7 @@ class Engine:
     return self.compile(layout, args)
 
   def run(self, movie: Movie, plan: TilePlan, *, mean: float, prior: np.ndarray | None = None,
-          out_dtype: Any = np.float32, channels: int = 0,
+          scale: float | None = None, out_dtype: Any = np.float32, channels: int = 0,
           slabs: tuple[int, int] | None = None, stats: DenoiseStats | None = None,
           progress: bool = False) -> Iterator[Frames]:
     """The movie denoised by `plan`, as consecutive `Frames`.
@@ -468,6 +472,7 @@ class Engine:
       movie: the noisy movie.
       plan: the tile plan for its shape.
       mean: the movie's mean intensity (subtracted before the network, added back).
+      scale: the movie's scale (`normalise`; default the engine's, the model's).
       prior: the (Y, X) mean image a mean-prior model is given (None otherwise).
       out_dtype: the frames' dtype (rounded and clipped, never wrapped).
       channels: values per output voxel (`Denoiser.channels`; 0: plain frames).
@@ -482,13 +487,14 @@ class Engine:
       return
     fewer = self.for_tiles((b - plan.warmup(a)) * plan.tiles_per_slab)
     if fewer is not self:
-      yield from fewer.run(movie, plan, mean=mean, prior=prior, out_dtype=out_dtype,
+      yield from fewer.run(movie, plan, mean=mean, prior=prior, scale=scale,
+                           out_dtype=out_dtype,
                            channels=channels, slabs=slabs, stats=stats, progress=progress)
       return
     keep = (plan.final_after(a - 1), min(plan.final_after(b - 1), plan.shape[0]))
     windows = self.windows(plan, plan.warmup(a), b, keep)
     layout = self.layout(plan, windows, out_dtype, channels)
-    consts = self.consts(plan, prior, mean)
+    consts = self.consts(plan, prior, mean, scale=scale)
     t_norm = plan.t_norm() if plan.blend else None
     stats.shape, stats.tile, stats.tiles = plan.shape, plan.tile, plan.tile_count
     stats.tiling, stats.recompute = plan.describe(), plan.recompute
@@ -522,12 +528,16 @@ class Engine:
           if stats.spread is None:
             stats.spread = TemporalSpread(frames.data.shape[1:])
           stats.spread.add_sums(len(frames.data), *frames.moments)
+      elif len(frames.data):
+        if stats.spread is None:
+          stats.spread = TemporalSpread(frames.data.shape[1:])
+        stats.spread.add(frames.data)
       return frames
 
     window = self.read_window(movie, plan.padded[0], windows[0].start, layout.window)
     for i, w in enumerate(windows):
       submitted = self.submit(layout, w, window, consts, mean, plan.tiles_per_slab, carry,
-                              t_norm)
+                              t_norm, scale)
       carry = submitted[1]["carry"]
       pending.append(submitted)
       if i + 1 < len(windows):  # read the next window while the device works
@@ -611,7 +621,7 @@ class Denoiser:
           std_scale=float((model.meta.calibration or {}).get("std_scale", 1.0)))
     put("network", network)
     put("engine", Engine(network, model.params, self.mesh, config.batch_size,
-                         scale=float(model.config.data.scale)))
+                         scale=float(model.scale)))
     if config.tiling == "overlap" or config.reference_stitching:
       parallel.check_spatial(self.patch[1], config.spatial)
     put("_plans", {})  # (shape, dtypes) -> TilePlan; plans do not depend on parameters
@@ -782,10 +792,19 @@ class Denoiser:
 
   # -- running ------------------------------------------------------------------
 
+  def normalisation(self, movie: Movie, mean: float | None = None,
+                    scale: float | None = None) -> Normalisation:
+    """How `movie` is normalised for this model (`normalise.for_movie`): its own
+    mean and, for a model normalised by spread, its own spread; `mean` or `scale`
+    given override them."""
+    data = self.model.config.data
+    return normalise.for_movie(movie, data.normalise, self.model.scale, mean, scale)
+
   def frames(self, movie: Movie, *, out_dtype: Any = np.float32,
              stats: DenoiseStats | None = None, mean: float | None = None,
              progress: bool = False, prior: np.ndarray | None = None,
-             slabs: tuple[int, int] | None = None) -> Iterator[Frames]:
+             slabs: tuple[int, int] | None = None, scale: float | None = None
+             ) -> Iterator[Frames]:
     """The denoised movie as consecutive `Frames` in `out_dtype` (rounded, clipped).
 
     Args:
@@ -796,25 +815,28 @@ class Denoiser:
       progress: print a progress line.
       prior: the mean image for a mean-prior model (default: the movie's own).
       slabs: only the plan's slabs [a, b) (default all; see `Engine.run`).
+      scale: the movie's scale (default: `normalisation`).
     """
     movie = as_movie(movie)
-    mean = movie.mean() if mean is None else float(mean)
+    norm = self.normalisation(movie, mean, scale)
     plan = self.plan(movie.shape, movie.dtype, out_dtype)
-    return self.engine.run(movie, plan, mean=mean, prior=self.prior_for(movie, prior),
+    return self.engine.run(movie, plan, mean=float(norm.mean), scale=float(norm.scale),
+                           prior=self.prior_for(movie, prior),
                            out_dtype=out_dtype, channels=self.channels, slabs=slabs,
                            stats=stats, progress=progress)
 
   def blocks(self, movie: Movie, stats: DenoiseStats | None = None, mean=None,
              progress: bool = False, prior: np.ndarray | None = None,
-             slabs: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+             slabs: tuple[int, int] | None = None, scale: float | None = None
+             ) -> Iterator[np.ndarray]:
     """Denoised float32 blocks of frames, in order ((n, Y, X, channels) with
     uncertainty: [mean, std, samples...]).
 
     Args:
-      movie, stats, mean, progress, prior, slabs: as for `frames`.
+      movie, stats, mean, progress, prior, slabs, scale: as for `frames`.
     """
     for f in self.frames(movie, stats=stats, mean=mean, progress=progress, prior=prior,
-                         slabs=slabs):
+                         slabs=slabs, scale=scale):
       yield f.data if f.extras is None else Channels.join(f.data, f.extras)
 
 
@@ -895,6 +917,7 @@ class FileReport:
   std: str | None = None      # the std movie written beside the output (uncertainty)
   samples: tuple[str, ...] = ()  # the sample movies (save_samples)
   spread_over: str = ""       # what the std spans: "K symmetries x M members"
+  warning: str | None = None  # a collapsed or weak model (`quality_warning`)
 
   def describe(self) -> str:
     """The report's lines for the command line."""
@@ -905,6 +928,8 @@ class FileReport:
       lines.append(f"  uncertainty (std over {self.spread_over}): {self.std}")
     if self.samples:
       lines.append(f"  samples: {self.samples[0]} .. {self.samples[-1]}")
+    if self.warning:
+      lines.append(self.warning)
     return "\n".join(lines)
 
 
@@ -975,7 +1000,31 @@ def _report(movie: Movie, dst: str, den: Denoiser, out_dtype, stats: DenoiseStat
                     stats.tiling, stats.recompute, seconds,
                     float(np.prod(movie.shape)) / seconds if seconds else 0.0,
                     stats.clipped, stats.rounding_rms, extras[0] if extras else None,
-                    tuple(extras[1:]), spread if extras else "")
+                    tuple(extras[1:]), spread if extras else "",
+                    quality_warning(movie, dst, den, stats))
+
+
+COLLAPSED_SPREAD = 1e-3  # output temporal std / the input's spread below this: collapsed
+
+
+def quality_warning(movie: Movie, dst: str, den: Denoiser, stats: DenoiseStats
+                    ) -> str | None:
+  """One line when the output hardly varies in time (a collapsed model) or the model
+  was found no better than a simple temporal filter on its held-out frames."""
+  if stats.spread is not None and stats.spread.n > 1 and movie.shape[0] > 1:
+    out_std = float(np.sqrt(stats.spread.variance()))
+    spread = movie.spread()
+    if spread > 0 and out_std < COLLAPSED_SPREAD * spread:
+      return (f"WARNING: {dst} hardly changes over time (temporal std {out_std:.3g} "
+              f"against an intensity spread of {spread:.3g} in {movie.name}): the model "
+              f"{den.model.source} has collapsed; train it again with --fresh (another "
+              "--seed, or a lower --lr) and check `deepcad-jax score`.")
+  verdict = (den.model.meta.holdout_quality or {}).get("verdict")
+  if verdict in ("collapsed", "no better than a baseline"):
+    return (f"WARNING: {den.model.source} was {verdict} on its held-out frames when it "
+            "was trained (see `deepcad-jax score`); the denoised movie may be no better "
+            "than a temporal filter of the raw one.")
+  return None
 
 
 class TemporalSpread:
@@ -1318,8 +1367,7 @@ def whole_movie_forward(movie: np.ndarray, den: Denoiser, mean: float | None = N
   float32, mean added back; for tests and the seam measurement (needs the whole movie
   in memory)."""
   movie = np.asarray(movie, np.float32)
-  norm = Normalisation(np.float32(movie.mean() if mean is None else mean),
-                       np.float32(den.engine.scale))
+  norm = den.normalisation(as_movie(movie), mean)
   shape = movie.shape
   padded = tuple(-(-n // GRID) * GRID for n in shape)
   idx = [reflect_index(np.arange(p), n) for p, n in zip(padded, shape)]

@@ -37,7 +37,7 @@ from deepcad_jax.infer import Denoiser, compiled_bytes, denoise
 from deepcad_jax.metrics import evaluate
 from deepcad_jax.model import LADDER, flops_per_voxel, param_count, uniform_widths, widths_of
 from deepcad_jax.prune import parameters, prune
-from deepcad_jax.score import holdout_range, scores
+from deepcad_jax.score import HeldOutScorer, holdout_range
 from deepcad_jax.train import train
 
 log = logging.getLogger("deepcad_jax")
@@ -85,7 +85,8 @@ def _evaluate(run: str, kind: str, data: str, holdout, clean: str | None,
   model = load_model(run)
   movies, segs = _segments(data, holdout)
   den = Denoiser(model, tiling="exact")
-  held = scores(den, movies, segs, [m.mean() for m in movies])
+  held = HeldOutScorer(movies, segs, [None] * len(movies), [None] * len(movies))(
+      den).estimated_mse
   in_ch = model.config.model.in_channels
   widths = widths_of(model.params)
   rung = Rung(os.path.basename(run), kind, model.features, list(widths),

@@ -1,11 +1,19 @@
 """Intensities to network values and back: the one convention for training, inference,
 streaming and benchmarks.
 
-The network sees `(intensity - mean) / scale`, where `mean` is the training data's mean
-intensity (or a movie's own) and `scale` DeepCAD-RT's `scale_factor` (1 by default); the
-mean-image prior is normalised the same way. Its outputs map back with
+The network sees `(intensity - mean) / scale`. By default (`data.normalise = "spread"`)
+both come from the movie itself: its mean intensity, and a robust spread of its
+intensities (`Movie.spread`: the standard deviation of its voxels clipped to their 0.1
+and 99.9 percentiles). A recording stored with another gain or offset (another
+detector setting, another ADC) then gives the same network values, so training does not
+depend on the recording's units and a learning rate tuned once fits every recording.
+The model records the training data's mean and spread (`RunMeta.mean`, `RunMeta.scale`)
+for streams, which cannot see a whole movie first.
+
+`normalise = "fixed"` divides by `data.scale` instead, whatever the movie: DeepCAD-RT's
+`scale_factor`, kept for imported models and for reproducing it. Outputs map back with
 `value * scale + mean`; a spread (a standard deviation) with `value * scale`. The
-functions are plain arithmetic, so they serve numpy arrays on the host and traced arrays
+methods are plain arithmetic, so they serve numpy arrays on the host and traced arrays
 inside compiled steps alike.
 """
 
@@ -15,6 +23,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from deepcad_jax.errors import UserError
+
+MODES = ("spread", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +47,27 @@ class Normalisation:
   def spread_from_network(self, values: Any) -> Any:
     """A standard deviation in network units, in intensity units."""
     return values * self.scale
+
+
+def movie_scale(movie: Any, mode: str, fixed: float) -> float:
+  """The scale a movie is divided by under `mode`: its robust spread ('spread'; 1 for
+  a constant movie, which has nothing to learn), or `fixed`."""
+  if mode == "fixed":
+    return float(fixed)
+  if mode != "spread":
+    raise UserError(f"data.normalise must be one of {MODES}; got {mode!r}.")
+  spread = movie.spread()
+  return spread if spread > 0 and np.isfinite(spread) else 1.0
+
+
+def for_movie(movie: Any, mode: str, fixed: float, mean: float | None = None,
+              scale: float | None = None) -> Normalisation:
+  """The normalisation of `movie` (a `data.movie.Movie`): its own mean and, under
+  'spread', its own spread; `mean` or `scale` given override them (e.g. a model's
+  recorded ones)."""
+  m = movie.mean() if mean is None else float(mean)
+  s = movie_scale(movie, mode, fixed) if scale is None else float(scale)
+  if not (np.isfinite(m) and np.isfinite(s) and s > 0):
+    raise UserError(f"cannot normalise {movie.name} with mean {m} and scale {s}: both must "
+                    "be finite and the scale positive.")
+  return Normalisation(np.float32(m), np.float32(s))

@@ -33,7 +33,7 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.losses import loss_fn
 from deepcad_jax.model import (LAYERS, LEVELS, Conv3D, UNet3D, flops_per_voxel,
                                network_input, param_count, uniform_widths, widths_of)
-from deepcad_jax.normalise import Normalisation
+from deepcad_jax.normalise import for_movie
 
 log = logging.getLogger("deepcad_jax")
 
@@ -104,7 +104,7 @@ def taylor_scores(model: Model, movie: Movie | np.ndarray, batches: int = 8,
     raise UserError(f"{movie.name} {movie.shape} is too small for the Taylor criterion "
                     f"(needs {2 * pt} frames of at least 8x8); use --criterion l1 or a "
                     "longer movie.")
-  norm = Normalisation(np.float32(movie.mean()), np.float32(cfg.data.scale))
+  norm = for_movie(movie, cfg.data.normalise, model.scale)
   prior_image = None
   if cfg.model.mean_prior:
     prior_image = norm.to_network(movie.mean_image())
@@ -122,7 +122,7 @@ def taylor_scores(model: Model, movie: Movie | np.ndarray, batches: int = 8,
       return out
     with nn.intercept_methods(intercept):
       out = net.apply({"params": model.params}, network_input(x, prior))[..., 0]
-    return loss_fn(out, y)
+    return loss_fn(out, y, cfg.train.loss)
 
   grad = jax.jit(jax.grad(loss_given_masks))
   masks = {layer: jnp.ones(w, jnp.float32) for layer, w in

@@ -1,29 +1,59 @@
-"""A held-out, self-supervised quality score for recordings without ground truth.
+"""How good is a model on a recording without ground truth: the held-out quality score.
 
 Training predicts odd frames from even frames (and, swapped, even from odd). The score
 does the same on frames training never saw, without augmentation: the network is
 applied to the even frames of a segment and its output compared with the odd frames,
-and the other way round (odd frames predict the even frame before each),
+and the other way round. The noise of a frame is independent of its neighbours', so
 
-  score = 1/2 [ mean (f(even) - odd)^2 + mean (f(odd) - even)^2 ].
+  E (prediction - raw target)^2 = E (prediction - truth)^2 + noise variance.
 
-Because the noise of a frame is independent of its neighbours', the expected score is
-the mean squared error against the clean movie plus the noise variance, a constant of
-the data: on one segment, a lower score is a model closer to the truth.
+The noise variance of the segment comes from its noise model (`noise.py`: third
+temporal differences, which keep the noise and drop the smooth signal), so its
+subtraction gives the **estimated MSE against the truth**, in the movie's units. The
+same is done for three baselines that anyone could compute from the same frames (the
+temporal mean image of the other sub-movie, the average of the two neighbouring frames,
+and a four-frame moving average), and the model is judged against the best of them:
+
+- `better than baselines`: its estimated MSE is below every baseline's;
+- `no better than a baseline`: it is not;
+- `collapsed`: its output hardly changes over time (temporal std below 1% of the noise
+  std), whatever the numbers: a constant movie, a training run that diverged or died.
+
+The confidence interval resamples blocks of pixels (a bootstrap over an 8x8 grid of
+the frame), which carries both the frames' error and the noise estimate's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from deepcad_jax import noise as noise_lib
 from deepcad_jax.data.movie import ArrayMovie, Movie, as_movie
+from deepcad_jax.data.output import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser, as_denoiser
 
 MIN_FRAMES = 16  # a segment gives two sub-movies of at least 8 frames
+GRID = 8         # blocks per axis for the bootstrap
+RESAMPLES = 1000
+COLLAPSE_RATIO = 0.01  # output temporal std / noise std below this: collapsed
+BETTER, NO_BETTER, COLLAPSED = ("better than baselines", "no better than a baseline",
+                                "collapsed")
+VERDICTS = (BETTER, NO_BETTER, COLLAPSED)
+BASELINES = ("temporal mean", "neighbour average", "moving average 4")
+ADVICE = {
+    COLLAPSED: "its output hardly changes over time: train again with --fresh (another "
+               "--seed, or a lower --lr), and check the loss curve",
+    NO_BETTER: "a simple temporal filter does as well: train longer (--epochs), on more "
+               "data, or with a larger --patch; check that frames are independent noisy "
+               "samples (not already filtered or interpolated)",
+}
 
 
 def parse_frames(text: str | None, n: int, name: str = "the movie") -> tuple[int, int]:
@@ -59,51 +89,269 @@ def holdout_range(n: int, holdout: float | str) -> tuple[int, int] | None:
 
 
 @dataclasses.dataclass
+class Blocks:
+  """Sums per pixel block of one or more segments: the raw material of a `Score`."""
+
+  squared: dict[str, np.ndarray]  # method -> (blocks,) sum of (prediction - target)^2
+  noise: np.ndarray               # (blocks,) sum of the targets' noise variance
+  count: np.ndarray               # (blocks,) target voxels
+  output_var: float = 0.0         # sum over pixels of the model output's temporal variance
+  raw_var: float = 0.0            # the same of the raw targets
+  pixels: int = 0
+
+  @staticmethod
+  def join(parts: Sequence["Blocks"]) -> "Blocks":
+    return Blocks({k: np.concatenate([p.squared[k] for p in parts]) for k in parts[0].squared},
+                  np.concatenate([p.noise for p in parts]),
+                  np.concatenate([p.count for p in parts]),
+                  sum(p.output_var for p in parts), sum(p.raw_var for p in parts),
+                  sum(p.pixels for p in parts))
+
+
+@dataclasses.dataclass
 class Score:
-  score: float             # the mean of the two directions
-  even_to_odd: float
-  odd_to_even: float
-  frames: tuple[int, int]
-  movie: str
+  """The held-out quality of a model on a segment (see the module doc); intensities
+  are in the movie's units, MSEs in its units squared."""
+
+  heldout_mse: float          # mean (prediction - raw target)^2, both directions
+  noise_variance: float       # the targets' average noise variance (noise model)
+  estimated_mse: float        # heldout_mse - noise_variance: the error against the truth
+  estimated_mse_ci: tuple[float, float]  # 95% (block bootstrap)
+  baselines: dict[str, float]  # name -> estimated MSE
+  verdict: str                # one of VERDICTS
+  output_temporal_std: float  # the model output's temporal std (RMS over pixels)
+  raw_temporal_std: float     # the raw targets'
+  frames: tuple[int, int] | None = None
+  movie: str = ""
+  noise: noise_lib.NoiseModel | None = None
+  even_to_odd: float | None = None
+  odd_to_even: float | None = None
+
+  @property
+  def score(self) -> float:
+    """The estimated MSE (lower is better); the checkpoint metric."""
+    return self.estimated_mse
+
+  @property
+  def best_baseline(self) -> tuple[str, float]:
+    name = min(self.baselines, key=self.baselines.get)
+    return name, self.baselines[name]
+
+  @property
+  def gain_db(self) -> float:
+    """10 log10(best baseline's estimated MSE / the model's): > 0 is better."""
+    best = self.best_baseline[1]
+    if best <= 0 or self.estimated_mse <= 0:
+      return math.inf if best > 0 >= self.estimated_mse else -math.inf
+    return 10 * math.log10(best / self.estimated_mse)
+
+  @property
+  def warning(self) -> str | None:
+    """One line naming a collapsed model or one no better than a baseline, with what
+    to try; None for a good one."""
+    if self.verdict == BETTER:
+      return None
+    return (f"WARNING: the model is {self.verdict} on held-out frames of {self.movie}: "
+            f"{ADVICE[self.verdict]}.")
+
+  def to_json(self) -> dict:
+    d = {"heldout_mse": self.heldout_mse, "noise_variance": self.noise_variance,
+         "estimated_mse": self.estimated_mse, "estimated_mse_ci": list(self.estimated_mse_ci),
+         "baselines": dict(self.baselines), "best_baseline": self.best_baseline[0],
+         "gain_db": _finite(self.gain_db), "verdict": self.verdict,
+         "output_temporal_std": self.output_temporal_std,
+         "raw_temporal_std": self.raw_temporal_std, "movie": self.movie,
+         "frames": None if self.frames is None else list(self.frames),
+         "even_to_odd": self.even_to_odd, "odd_to_even": self.odd_to_even}
+    if self.noise is not None:
+      d["noise_model"] = self.noise.to_json()
+    return d
 
   def describe(self, model: str = "the model") -> str:
-    """The score in a line for the command line."""
-    return (f"held-out score of {model} on {self.movie} frames {self.frames[0]}:"
-            f"{self.frames[1]}: {self.score:.6g} (even -> odd {self.even_to_odd:.6g}, "
-            f"odd -> even {self.odd_to_even:.6g}); lower is closer to the truth, for "
-            "this movie only")
+    """The score in a few lines for the command line."""
+    where = self.movie + (f" frames {self.frames[0]}:{self.frames[1]}" if self.frames else "")
+    lo, hi = self.estimated_mse_ci
+    best, value = self.best_baseline
+    lines = [
+        f"held-out quality of {model} on {where}: estimated MSE against the truth "
+        f"{self.estimated_mse:.4g} (95% CI {lo:.4g} to {hi:.4g}; raw held-out MSE "
+        f"{self.heldout_mse:.4g} minus noise variance {self.noise_variance:.4g})",
+        "  baselines (estimated MSE): " + ", ".join(
+            f"{k} {v:.4g}" for k, v in self.baselines.items()),
+        f"  gain over the best baseline ({best}, {value:.4g}): {self.gain_db:+.2f} dB; "
+        f"output temporal std {self.output_temporal_std:.4g} (raw "
+        f"{self.raw_temporal_std:.4g}, noise {math.sqrt(max(self.noise_variance, 0)):.4g})",
+        f"  verdict: {self.verdict}"]
+    if self.noise is not None:
+      lines.insert(1, "  " + self.noise.describe())
+    if self.warning:
+      lines.append(self.warning)
+    return "\n".join(lines)
+
+  def write_json(self, path: str, overwrite: bool = False) -> None:
+    """The report as JSON at `path`, written atomically."""
+    with AtomicFile(path, overwrite=overwrite) as f:
+      json.dump(self.to_json(), f.text(), indent=1)
+
+
+def _finite(x: float) -> float | None:
+  return x if math.isfinite(x) else None
+
+
+def _block_index(shape: tuple[int, int]) -> np.ndarray:
+  """(Y, X) -> block number on a GRID x GRID grid (fewer where the frame is small)."""
+  rows = np.minimum(np.arange(shape[0]) * GRID // max(1, shape[0]), GRID - 1)
+  cols = np.minimum(np.arange(shape[1]) * GRID // max(1, shape[1]), GRID - 1)
+  return rows[:, None] * GRID + cols[None, :]
+
+
+def baseline_predictions(source: np.ndarray, target_is_later: bool) -> dict[str, np.ndarray]:
+  """The baselines' predictions of the targets from the source sub-movie (n, Y, X):
+  target k lies between source frames k and k+1 (`target_is_later`: even -> odd) or
+  k-1 and k (odd -> even)."""
+  n = len(source)
+  k = np.arange(n)
+  lo = k if target_is_later else k - 1
+  around = [np.clip(lo + d, 0, n - 1) for d in (-1, 0, 1, 2)]
+  return {"temporal mean": np.broadcast_to(source.mean(0), source.shape),
+          "neighbour average": 0.5 * (source[around[1]] + source[around[2]]),
+          "moving average 4": sum(source[i] for i in around) / 4.0}
+
+
+def segment_blocks(denoiser: Denoiser, movie: Movie, frames: tuple[int, int],
+                   mean: float | None = None, scale: float | None = None,
+                   noise: noise_lib.NoiseModel | None = None,
+                   baselines: Blocks | None = None) -> tuple[Blocks, noise_lib.NoiseModel]:
+  """The block sums of the model (and, unless given, the baselines) on frames [a, b)
+  of `movie`, normalised as the denoiser normalises the whole movie (or by `mean` and
+  `scale`); the segment's noise model (fitted unless given)."""
+  a, b = frames
+  norm = denoiser.normalisation(movie, mean, scale)
+  segment = movie.read(a, b).astype(np.float64)
+  if not np.isfinite(segment).all():
+    raise UserError(f"{movie.name} holds NaN or infinite values in frames {a}:{b}; "
+                    "replace them (e.g. with 0) first.")
+  if noise is None:
+    noise = noise_lib.fit_movie(ArrayMovie(segment, movie.name))
+    noise = dataclasses.replace(noise, frames=(a, b))
+  even, odd = segment[0::2], segment[1::2]
+  n = min(len(even), len(odd))
+  even, odd = even[:n], odd[:n]
+  index = _block_index(segment.shape[1:]).ravel()
+  blocks = GRID * GRID
+  per_block = np.bincount(index, minlength=blocks).astype(np.float64)
+  variance = noise.variance(segment.mean(0)).ravel()
+  noise_sum = np.bincount(index, variance, minlength=blocks) * 2 * n
+  count = per_block * 2 * n
+
+  def block_sums(residual_pairs) -> np.ndarray:
+    total = np.zeros(blocks)
+    for pred, target in residual_pairs:
+      total += np.bincount(index, ((pred - target) ** 2).sum(0).ravel(), minlength=blocks)
+    return total
+
+  outputs = []
+  for source in (even, odd):
+    out = np.concatenate([f.data for f in denoiser.frames(
+        ArrayMovie(source.astype(np.float32), movie.name), mean=float(norm.mean),
+        scale=float(norm.scale))]).astype(np.float64)
+    outputs.append(out)
+  squared = {"model": block_sums(zip(outputs, (odd, even)))}
+  output_var = sum(float(o.var(0).sum()) for o in outputs) / 2
+  raw_var = sum(float(t.var(0).sum()) for t in (odd, even)) / 2
+  if baselines is None:
+    preds = [baseline_predictions(even, True), baseline_predictions(odd, False)]
+    for name in BASELINES:
+      squared[name] = block_sums(zip((preds[0][name], preds[1][name]), (odd, even)))
+  else:
+    squared.update({k: v for k, v in baselines.squared.items() if k != "model"})
+  if not np.isfinite(squared["model"]).all():
+    output_var = float("nan")
+  return Blocks(squared, noise_sum, count, output_var, raw_var,
+                int(np.prod(segment.shape[1:]))), noise
+
+
+def summarise(blocks: Blocks, movie: str = "", frames: tuple[int, int] | None = None,
+              noise: noise_lib.NoiseModel | None = None, seed: int = 0) -> Score:
+  """The `Score` of block sums (bootstrap over blocks for the interval)."""
+  used = blocks.count > 0
+  count, noise_sum = blocks.count[used], blocks.noise[used]
+  squared = {k: v[used] for k, v in blocks.squared.items()}
+  total = count.sum()
+  noise_var = float(noise_sum.sum() / total)
+  heldout = float(squared["model"].sum() / total)
+  rng = np.random.default_rng(seed)
+  picks = rng.integers(0, len(count), size=(RESAMPLES, len(count)))
+  boot = (squared["model"][picks].sum(1) - noise_sum[picks].sum(1)) / count[picks].sum(1)
+  lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+  baselines = {k: float(v.sum() / total) - noise_var for k, v in squared.items()
+               if k != "model"}
+  pixels = max(1, blocks.pixels)
+  out_std = math.sqrt(blocks.output_var / pixels) if np.isfinite(blocks.output_var) else \
+      float("nan")
+  raw_std = math.sqrt(blocks.raw_var / pixels)
+  estimated = heldout - noise_var
+  if not math.isfinite(estimated) or not out_std >= COLLAPSE_RATIO * math.sqrt(
+      max(noise_var, 0.0)):
+    verdict = COLLAPSED
+  elif estimated < min(baselines.values()):
+    verdict = BETTER
+  else:
+    verdict = NO_BETTER
+  return Score(heldout, noise_var, estimated, (lo, hi), baselines, verdict, out_std,
+               raw_std, frames, movie, noise)
+
+
+def default_frames(model: Any, movie: Movie) -> tuple[int, int]:
+  """The frames to score by default: the model's held-out frames of `movie` when it was
+  trained on a movie of that name and shape (training never saw them), else all."""
+  name = os.path.basename(movie.name)
+  for data, held in zip(model.meta.data, model.meta.holdout or ()):
+    if held is not None and data.get("name") == name and \
+        tuple(data.get("shape", ())) == tuple(movie.shape):
+      return int(held[0]), int(held[1])
+  return 0, movie.shape[0]
 
 
 def score(denoiser: Denoiser | Any, movie: Movie | np.ndarray | str,
-          frames: tuple[int, int] | None = None, mean: float | None = None) -> Score:
-  """The held-out score of a model (a `Denoiser`, `Model` or model path) on frames
-  [a, b) of `movie` (default: all of it). `mean` normalises as training did (default:
-  the segment's mean)."""
-  den = as_denoiser(denoiser)
+          frames: tuple[int, int] | None = None, mean: float | None = None,
+          scale: float | None = None) -> Score:
+  """The held-out quality of a model (a `Denoiser`, `Model` or model path) on frames
+  [a, b) of `movie` (default: all of it). The movie is normalised as a whole, as in
+  training (`mean`, `scale` override that)."""
+  den = as_denoiser(denoiser, tiling="exact") if not isinstance(denoiser, Denoiser) \
+      else denoiser
   movie = as_movie(movie)
   a, b = frames or (0, movie.shape[0])
   if b - a < MIN_FRAMES:
     raise UserError(f"{movie.name}: frames {a}:{b} are too few for the score (at least "
                     f"{MIN_FRAMES}).")
-  segment = movie.read(a, b).astype(np.float32)
-  even, odd = segment[0::2], segment[1::2]
-  n = min(len(even), len(odd))
-  even, odd = even[:n], odd[:n]
-  mean = float(segment.mean()) if mean is None else float(mean)
-  parts = []
-  for source, target in ((even, odd), (odd, even)):
-    out = np.concatenate([f.data for f in den.frames(ArrayMovie(source, movie.name),
-                                                       mean=mean)])
-    parts.append(float(np.mean((out.astype(np.float64) - target) ** 2)))
-  return Score(float(np.mean(parts)), parts[0], parts[1], (a, b), movie.name)
+  blocks, nm = segment_blocks(den, movie, (a, b), mean, scale)
+  return summarise(blocks, movie.name, (a, b), nm)
 
 
-def scores(denoiser: Denoiser, movies: Sequence[Movie], segments: Sequence[tuple[int, int]],
-           means: Sequence[float] | None = None) -> float:
-  """The held-out score over several movies' segments, weighted by their frames."""
-  total, weight = 0.0, 0
-  for i, (m, seg) in enumerate(zip(movies, segments)):
-    s = score(denoiser, m, seg, None if means is None else means[i])
-    total += s.score * (seg[1] - seg[0])
-    weight += seg[1] - seg[0]
-  return total / max(1, weight)
+class HeldOutScorer:
+  """Scores parameters on fixed held-out segments of several movies, as training does
+  every epoch: the noise models and the baselines are computed once."""
+
+  def __init__(self, movies: Sequence[Movie], segments: Sequence[tuple[int, int]],
+               means: Sequence[float], scales: Sequence[float]):
+    self.movies, self.segments = list(movies), list(segments)
+    self.means, self.scales = list(means), list(scales)
+    self._fixed: list[tuple[Blocks, noise_lib.NoiseModel]] | None = None
+
+  def __call__(self, den: Denoiser) -> Score:
+    parts, fixed = [], []
+    for i, (m, seg) in enumerate(zip(self.movies, self.segments)):
+      known = None if self._fixed is None else self._fixed[i]
+      blocks, nm = segment_blocks(den, m, seg, self.means[i], self.scales[i],
+                                  None if known is None else known[1],
+                                  None if known is None else known[0])
+      parts.append(blocks)
+      fixed.append((blocks, nm))
+    if self._fixed is None:
+      self._fixed = fixed
+    name = ", ".join(m.name for m in self.movies)
+    single = len(self.movies) == 1
+    return summarise(Blocks.join(parts), name, self.segments[0] if single else None,
+                     fixed[0][1] if single else None)

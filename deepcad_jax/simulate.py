@@ -42,6 +42,10 @@ class SimulationParams:
   neuropil_coupling: float = 0.5  # how much the neuropil follows population activity
                                   # (0: a constant background, e.g. to measure wobble)
   read_noise: float = 1.0        # Gaussian read noise, in photons
+  noise_correlation: float = 0.0  # correlation of the noise of x-neighbouring pixels
+                                  # (0 to 0.5; e.g. 0.36 as an amplifier's bandwidth)
+  gain: float = 1.0              # intensity units per photon of the written movies
+  offset: float = 0.0            # intensity of zero photons (a camera's or ADC's offset)
   seed: int = 0
 
   def __post_init__(self):
@@ -51,6 +55,12 @@ class SimulationParams:
                       "2 frames of 8x8 pixels.")
     if self.read_noise < 0 or self.tau_rise <= 0 or self.tau_decay <= 0:
       raise UserError("read noise must be >= 0 and rise/decay times positive.")
+    if not 0 <= self.noise_correlation <= 0.5:
+      raise UserError(f"the noise correlation of neighbouring pixels must be in [0, 0.5]; "
+                      f"got {self.noise_correlation}.")
+    if not (np.isfinite(self.gain) and self.gain > 0 and np.isfinite(self.offset)):
+      raise UserError(f"the gain must be positive and the offset finite; got gain "
+                      f"{self.gain}, offset {self.offset}.")
 
 
 # Peak bytes per voxel while simulating (float32 clean and noisy movies, Poisson counts
@@ -130,6 +140,14 @@ def photon_scale(clean: np.ndarray, snr: float, read_noise: float) -> float:
   return (r * b + np.sqrt((r * b)**2 + 4 * a * r * c)) / (2 * a)
 
 
+def correlate_along_x(noise: np.ndarray, r: float) -> np.ndarray:
+  """Noise whose x-neighbours correlate by `r` (<= 0.5), of the same variance:
+  (n[x] + k n[x-1]) / sqrt(1 + k^2) with k / (1 + k^2) = r."""
+  k = (1 - np.sqrt(1 - 4 * r * r)) / (2 * r)
+  shifted = np.concatenate([noise[..., -1:], noise[..., :-1]], axis=-1)
+  return ((noise + k * shifted) / np.sqrt(1 + k * k)).astype(np.float32)
+
+
 def simulate(params: SimulationParams | None = None, **overrides: Any
              ) -> tuple[np.ndarray, np.ndarray, dict]:
   """(noisy, clean, info): float32 movies (T, Y, X) in photons, and what was made."""
@@ -160,8 +178,15 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
   clean *= np.float32(scale)
   noisy = rng.poisson(clean).astype(np.float32)
   noisy += rng.normal(0, p.read_noise, size=noisy.shape).astype(np.float32)
+  if p.noise_correlation > 0:
+    noisy = clean + correlate_along_x(noisy - clean, p.noise_correlation)
+  snr = snr_db(noisy, clean)  # in photons: an offset would change the clean power
+  mean_photons = float(clean.mean())
+  if p.gain != 1 or p.offset != 0:
+    clean = clean * np.float32(p.gain) + np.float32(p.offset)
+    noisy = noisy * np.float32(p.gain) + np.float32(p.offset)
   info = {"params": dataclasses.asdict(p), "neurons": n, "photon_scale": scale,
-          "mean_photons": float(clean.mean()), "snr_db": snr_db(noisy, clean),
+          "mean_photons": mean_photons, "snr_db": snr,
           "spikes": int(spikes.sum())}
   return noisy, clean, info
 

@@ -40,7 +40,8 @@ from deepcad_jax.losses import loss_fn
 from deepcad_jax.model import (UNet3D, add_prior_channel, ensemble_params, network_input,
                                over_members)
 from deepcad_jax.progress import Progress, format_duration
-from deepcad_jax.score import holdout_range, scores
+from deepcad_jax import noise as noise_lib
+from deepcad_jax.score import BETTER, HeldOutScorer, Score, holdout_range
 
 log = logging.getLogger("deepcad_jax")
 
@@ -55,6 +56,9 @@ LONG_CPU_EPOCH_S = 30 * 60  # on a CPU, epochs longer than this get a suggestion
 STATE_COPIES = 4
 ACTIVATION_BYTES_PER_VOXEL_F = 40.0
 TRAIN_FIX = "lower --features, --patch or --batch-size (or add devices)"
+REQUIRE_GAIN_EXIT = 3   # train --require-gain, when the model does not beat the baselines
+NOISE_FIT_FRAMES = 1000  # frames of each training movie its noise model is fitted on
+FINAL_CHECK_FRAMES = 200  # without held-out frames: the training frames checked at the end
 
 
 def make_model(cfg: config_lib.Config) -> UNet3D:
@@ -85,7 +89,7 @@ def member_keys(key: jax.Array, members: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-               model: nn.Module, members: int = 1, impl: str = "loop"
+               model: nn.Module, members: int = 1, impl: str = "loop", loss: str = "l2"
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Augment the batch, compute the loss and its gradient, and apply Adam.
 
@@ -101,6 +105,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
     model: the network (`make_model`).
     members: ensemble members M.
     impl: how the members run: 'loop' or 'vmap' (`model.over_members`).
+    loss: the loss's name (`losses.LOSSES`).
 
   Returns:
     (the updated state, {'loss': the loss, averaged over the members}).
@@ -111,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
   def member_loss(params, member_key):
     x, y, *p = augment_batch(member_key, batch["input"], batch["target"], prior)
     out = model.apply({"params": params}, network_input(x, p[0] if p else None))
-    return loss_fn(out, y[..., None])
+    return loss_fn(out, y[..., None], loss)
 
   if members == 1:
     loss, grads = jax.value_and_grad(member_loss)(state.params, key)
@@ -127,10 +132,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
 
 
 def compile_step(model: nn.Module, mesh, members: int = 1, impl: str = "loop",
-                 prior: bool = False) -> Callable:
+                 prior: bool = False, loss: str = "l2") -> Callable:
   """`train_step` jitted over `mesh`: batch sharded on 'data', state replicated."""
   repl, data = parallel.replicated(mesh), parallel.pair_shardings(mesh, prior)
-  return jax.jit(functools.partial(train_step, model=model, members=members, impl=impl),
+  return jax.jit(functools.partial(train_step, model=model, members=members, impl=impl,
+                                   loss=loss),
                  in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                  donate_argnums=0)
 
@@ -148,16 +154,35 @@ class TrainResult:
   patch: tuple[int, int, int]
   meta: ckpt.RunMeta
   signal: int | None = None  # the signal that stopped it early (SIGINT, SIGTERM)
+  quality: Score | None = None  # the final model's held-out quality (score.py)
+  require_gain: bool = False    # exit non-zero unless the model beats the baselines
 
   @property
   def exit_code(self) -> int:
-    """0, or 128 + the signal for a run stopped early (130 Ctrl-C, 143 SIGTERM)."""
-    return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
+    """0; 128 + the signal for a run stopped early (130 Ctrl-C, 143 SIGTERM); 3 when
+    `require_gain` was asked and the model does not beat every baseline."""
+    if self.interrupted:
+      return 128 + (self.signal or signal.SIGINT)
+    if self.require_gain and (self.quality is None or self.quality.verdict != BETTER):
+      return REQUIRE_GAIN_EXIT
+    return 0
 
   def describe(self) -> str:
-    """The result in a line for the command line."""
-    return (f"workdir: {self.workdir}  step {self.step}/{self.total_steps}"
-            + ("  (interrupted; run again to resume)" if self.interrupted else ""))
+    """The result for the command line: the run, its quality and any warning."""
+    lines = [f"workdir: {self.workdir}  step {self.step}/{self.total_steps}"
+             + ("  (interrupted; run again to resume)" if self.interrupted else "")]
+    if self.quality is not None:
+      q = self.quality
+      best, value = q.best_baseline
+      lines.append(f"held-out quality: estimated MSE {q.estimated_mse:.4g} (95% CI "
+                   f"{q.estimated_mse_ci[0]:.4g} to {q.estimated_mse_ci[1]:.4g}); best "
+                   f"baseline {best} {value:.4g}; gain {q.gain_db:+.2f} dB: {q.verdict}")
+      if q.warning:
+        lines.append(q.warning)
+    if self.exit_code == REQUIRE_GAIN_EXIT:
+      lines.append("--require-gain: the model does not beat every baseline; exit code "
+                   f"{REQUIRE_GAIN_EXIT}.")
+    return "\n".join(lines)
 
 
 class _StopFlag:
@@ -193,8 +218,16 @@ class _StopFlag:
 
 def _data_summary(source: PairSource) -> list[dict]:
   return [{"name": os.path.basename(m.name), "shape": list(m.shape),
-           "dtype": str(m.dtype), "mean": mean}
-          for m, mean in zip(source.movies, source.means)]
+           "dtype": str(m.dtype), "mean": mean, "scale": scale}
+          for m, mean, scale in zip(source.movies, source.means, source.scales)]
+
+
+# Settings a resumed run must share with the run it resumes, and the value a run
+# written before the setting existed was trained with.
+RESUME_SETTINGS = {"train": {"lr": None, "b1": None, "b2": None, "seed": None,
+                             "batch_size": None, "loss": "deepcad"},
+                   "data": {"pairs_per_epoch": None, "normalise": "fixed", "scale": None,
+                            "holdout": None}}
 
 
 def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
@@ -219,12 +252,24 @@ def _check_resumable(workdir: str, old: dict, cfg: config_lib.Config,
     raise UserError(f"{workdir} was trained on other data "
                     f"({[d['name'] for d in old['data']]}); {fix} (or fine-tune with "
                     "--init-from).")
-  for key in ("train", "data"):
-    for field in ("lr", "b1", "b2", "seed", "batch_size", "pairs_per_epoch"):
-      if field in old_cfg[key] and old_cfg[key][field] != getattr(getattr(cfg, key), field):
-        raise UserError(f"{workdir} was trained with {key}.{field}="
-                        f"{old_cfg[key][field]}, but this run asks for "
-                        f"{getattr(getattr(cfg, key), field)}; {fix}.")
+  for key, fields in RESUME_SETTINGS.items():
+    for field, before_it_existed in fields.items():
+      old_value = old_cfg[key].get(field, before_it_existed)
+      if old_value is None and field not in old_cfg[key]:
+        continue
+      new_value = getattr(getattr(cfg, key), field)
+      if isinstance(old_value, list):
+        old_value = tuple(old_value)
+      if old_value != new_value:
+        raise UserError(f"{workdir} was trained with {key}.{field}={old_value!r}, but this "
+                        f"run asks for {new_value!r}; give the same setting to resume, or "
+                        f"{fix}.")
+  for before, now in zip(old["data"], data):
+    for field in ("mean", "scale"):
+      a, b = before.get(field), now.get(field)
+      if a is not None and b is not None and not np.isclose(a, b, rtol=1e-6, atol=0):
+        raise UserError(f"{now['name']} has {field} {b:.6g} now but {a:.6g} when "
+                        f"{workdir} was trained on it (the file changed); {fix}.")
 
 
 def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config, Any]:
@@ -249,25 +294,49 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
   return cfg, params
 
 
-def _holdout_scorer(cfg: config_lib.Config, meta: ckpt.RunMeta, movies, holdout, means):
-  """params -> the held-out score over every movie's held-out frames (None without
-  held-out frames). The predict step compiles once; each call only swaps parameters."""
-  if all(h is None for h in holdout):
-    return None
-  held = [(m, h, mean) for m, h, mean in zip(movies, holdout, means) if h is not None]
+def _holdout_scorer(meta: ckpt.RunMeta, source: PairSource, final_check: bool = False
+                    ) -> Callable[[Any], Score] | None:
+  """params -> the held-out quality over every movie's held-out frames (`score.py`),
+  each movie normalised as in training. Without held-out frames: None, or with
+  `final_check` the last frames of the first movie (seen in training, so optimistic;
+  it still names a collapsed model). The predict step compiles once; each call only
+  swaps parameters."""
+  rows = [(m, h, mean, scale) for m, h, mean, scale in
+          zip(source.movies, source.holdout, source.means, source.scales) if h is not None]
+  if not rows:
+    if not final_check:
+      return None
+    m = source.movies[0]
+    t = m.shape[0]
+    rows = [(m, (max(0, t - FINAL_CHECK_FRAMES), t), source.means[0], source.scales[0])]
+  scorer = HeldOutScorer(*zip(*rows))
   model = ckpt.Model(params=None, meta=meta, source="training")
   compiled: list[Denoiser] = []  # the first step's denoiser; later ones share its steps
 
-  def score(params) -> float:
+  def score(params) -> Score:
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
     if compiled:
       den = compiled[0].with_params(host)
     else:
       den = Denoiser(model.with_params(host), tiling="exact", devices=jax.local_devices())
       compiled.append(den)
-    return scores(den, [m for m, _, _ in held], [h for _, h, _ in held],
-                  [mean for _, _, mean in held])
+    return scorer(den)
   return score
+
+
+def _noise_models(source: PairSource) -> tuple[dict, ...]:
+  """Each training movie's noise model (on its first NOISE_FIT_FRAMES frames)."""
+  fits = []
+  for m in source.movies:
+    frames = (0, min(m.shape[0], NOISE_FIT_FRAMES))
+    try:
+      nm = noise_lib.fit_movie(m, frames)
+    except UserError as e:  # a movie with no frame-to-frame variation: nothing to learn
+      log.warning("%s", e)
+      continue
+    log.info("%s", nm.describe())
+    fits.append(nm.to_json())
+  return tuple(fits)
 
 
 def training_bytes(cfg: config_lib.Config, per_device_batch: int) -> tuple[int, float, float]:
@@ -299,8 +368,8 @@ def check_training_memory(cfg: config_lib.Config, per_device_batch: int, devices
 @resources.device_memory("training", TRAIN_FIX)
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
           fresh: bool = False, init_from: Any = None, devices=None,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None
-          ) -> TrainResult:
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          require_gain: bool = False) -> TrainResult:
   """Train on a TIFF movie or a folder of them; resume from `workdir` when it holds a run.
 
   Training runs until `config.train.epochs` epochs are done, saving a checkpoint after
@@ -321,10 +390,12 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     devices: the devices to use (default: all).
     progress: print a progress line (process 0 only).
     on_step: called as `on_step(step, loss)` after every step.
+    require_gain: make `TrainResult.exit_code` 3 unless the final model beats every
+      baseline of the held-out score (`score.py`).
 
   Returns:
-    A `TrainResult`: the final state, the steps done, the losses and whether the run
-    was interrupted.
+    A `TrainResult`: the final state, the steps done, the losses, whether the run
+    was interrupted, and the final model's held-out quality (`quality`).
   """
   cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
       config, config_lib.Config) else config
@@ -360,23 +431,30 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   check_training_memory(cfg, batch_size // n_dev, list(mesh.devices.flat), workdir)
 
   source = PairSource(movies, patch, cfg.data.pairs_per_epoch, seed=cfg.train.seed,
-                      scale=cfg.data.scale, prior=cfg.model.mean_prior, holdout=holdout)
+                      scale=cfg.data.scale, normalise=cfg.data.normalise,
+                      prior=cfg.model.mean_prior, holdout=holdout)
   summary = _data_summary(source)
   weights = np.array([np.prod(m.shape) for m in movies], np.float64)
   meta = ckpt.RunMeta(
       config=cfg, patch=tuple(patch), data=tuple(summary),
       mean=float(np.dot(weights, source.means) / weights.sum()), batch_size=batch_size,
-      steps_per_epoch=steps_per_epoch, holdout=tuple(holdout))
+      steps_per_epoch=steps_per_epoch, holdout=tuple(holdout),
+      scale=float(np.dot(weights, source.scales) / weights.sum()),
+      noise=_noise_models(source) if jax.process_index() == 0 else ())
+  log.info("Normalisation: %s.", "; ".join(
+      f"{os.path.basename(m.name)} (x - {mean:.6g}) / {scale:.6g}"
+      for m, mean, scale in zip(movies, source.means, source.scales)))
 
   _check_workdir(workdir)
   main = jax.process_index() == 0
   # One run per workdir: process 0 holds its lock (every process may share the folder).
   lock = WorkdirLock(workdir).acquire() if main else None
   try:
-    return _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size, steps_per_epoch,
-                total_steps, fresh=fresh, resume_ok=init_from is None,
-                init_params_from=init_params_from, progress=progress and main,
-                on_step=on_step)
+    result = _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size,
+                  steps_per_epoch, total_steps, fresh=fresh, resume_ok=init_from is None,
+                  init_params_from=init_params_from, progress=progress and main,
+                  on_step=on_step)
+    return dataclasses.replace(result, require_gain=require_gain)
   finally:
     if lock is not None:
       lock.release()
@@ -517,10 +595,11 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
                             start_step=start, process_index=jax.process_index(),
                             process_count=jax.process_count())
   step_fn = compile_step(make_model(cfg), mesh, cfg.model.ensemble,
-                         cfg.model.ensemble_impl, cfg.model.mean_prior)
+                         cfg.model.ensemble_impl, cfg.model.mean_prior, cfg.train.loss)
   key = jax.random.key(cfg.train.seed + 1)
   data_sharding = parallel.pair_shardings(mesh, cfg.model.mean_prior)
-  scorer = _holdout_scorer(cfg, meta, source.movies, source.holdout, source.means)
+  scorer = _holdout_scorer(meta, source)
+  quality: Score | None = None
   if start and scorer is not None:  # the curve so far, from the checkpoint resumed
     meta = meta.replace(holdout_curve=ckpt.RunMeta.from_json(
         ckpt.read_meta(mgr, start)).holdout_curve)
@@ -588,11 +667,18 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
                               processes=jax.process_count(),
                               holdout_score=None)  # a mid-epoch save is not scored
           if scorer is not None and (step % steps_per_epoch == 0 or step == total_steps):
-            score = scorer(state.params)
-            meta = meta.replace(holdout_score=score,
-                                holdout_curve=meta.holdout_curve + ((step, score),))
-            log.info("step %d (epoch %.3g): held-out score %.6g", step,
-                     step / steps_per_epoch, score)
+            quality = scorer(state.params)
+            meta = meta.replace(
+                holdout_score=quality.estimated_mse, holdout_quality=quality.to_json(),
+                holdout_curve=meta.holdout_curve + ((step, quality.estimated_mse),))
+            best, value = quality.best_baseline
+            log.info("step %d (epoch %.3g): held-out estimated MSE %.4g (95%% CI %.4g to "
+                     "%.4g; held-out MSE %.4g minus noise variance %.4g); best baseline "
+                     "%s %.4g; gain %+.2f dB: %s", step, step / steps_per_epoch,
+                     quality.estimated_mse, *quality.estimated_mse_ci, quality.heldout_mse,
+                     quality.noise_variance, best, value, quality.gain_db, quality.verdict)
+          elif step % steps_per_epoch == 0 or step == total_steps:
+            quality = None
           _save(mgr, workdir, step, state, meta)
           if save_interval is not None:
             save_interval = interval_since(last_save)
@@ -606,5 +692,17 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
     if hasattr(data_iter, "close"):
       data_iter.close()  # stops grain's worker processes now, not at garbage collection
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
+  if quality is None and not interrupted and main:
+    check = _holdout_scorer(meta, source, final_check=True)
+    quality = check(state.params)
+    log.info("Checked the final model on frames %d:%d of %s (seen in training, so the "
+             "numbers are optimistic; train with --holdout for an unbiased score): %s.",
+             *check_frames(source), source.movies[0].name, quality.verdict)
   return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
-                     interrupted, patch, meta, stopped_by)
+                     interrupted, patch, meta, stopped_by, quality)
+
+
+def check_frames(source: PairSource) -> tuple[int, int]:
+  """The frames the final check scores when nothing is held out."""
+  t = source.movies[0].shape[0]
+  return max(0, t - FINAL_CHECK_FRAMES), t

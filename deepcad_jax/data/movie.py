@@ -39,6 +39,8 @@ INPUT_FORMATS = ("TIFF (.tif), HDF5 (.h5), Zarr (.zarr), NWB (.nwb), a suite2p p
                  "folder, a CaImAn memmap (.mmap), or raw:FILE[shape=TxYxX,dtype=...]")
 FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
+SPREAD_SAMPLE = 2_000_000     # voxels sampled for a movie's robust spread
+SPREAD_CLIP = 0.001           # the spread clips the lowest and highest 0.1%
 
 
 class Movie:
@@ -51,6 +53,7 @@ class Movie:
   # order) and shape, for an output that keeps them in one file
   recording: tuple[str, tuple[int, ...]] | None = None
   _mean_image64: np.ndarray | None = None  # temporal mean image, from one pass
+  _sample: np.ndarray | None = None        # every k-th voxel, from the same pass
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     raise NotImplementedError
@@ -76,6 +79,19 @@ class Movie:
     image = self._scan()
     return float(image.mean()) if image.size else 0.0
 
+  def spread(self) -> float:
+    """A robust spread of the movie's intensities, in its units: the standard
+    deviation of its voxels clipped to their 0.1 and 99.9 percentiles (from a sample
+    of up to SPREAD_SAMPLE voxels spread evenly over the whole movie). It scales with
+    the recording's gain and ignores its offset, so intensities divided by it do not
+    depend on the units (`normalise`); 0 for a constant movie."""
+    self._scan()
+    sample = self._sample
+    if sample is None or sample.size < 2:
+      return 0.0
+    lo, hi = np.quantile(sample, [SPREAD_CLIP, 1 - SPREAD_CLIP])
+    return float(np.clip(sample, lo, hi).std())
+
   def mean_image(self) -> np.ndarray:
     """Temporal mean image (Y, X), float32, of the whole movie (the mean-image prior)."""
     return self._scan().astype(np.float32)
@@ -86,13 +102,18 @@ class Movie:
     if self._mean_image64 is not None:
       return self._mean_image64
     total = np.zeros(self.shape[1:], np.float64)
+    frame = int(np.prod(self.shape[1:]))
+    every = max(1, -(-frame * self.shape[0] // SPREAD_SAMPLE))
+    sample = []
     for t0, block in self.chunks():
       if block.dtype.kind == "f" and not np.isfinite(block).all():
         bad = int(np.argmax(~np.isfinite(block).reshape(len(block), -1).all(1))) + t0
         raise UserError(f"{self.name} {self.shape} contains NaN or infinite values "
                         f"(first in frame {bad}); replace them (e.g. with 0) first.")
       total += block.sum(0, dtype=np.float64)
+      sample.append(block.reshape(-1)[(-t0 * frame) % every::every].astype(np.float64))
     self._mean_image64 = total / max(1, self.shape[0])
+    self._sample = np.concatenate(sample) if sample else None
     return self._mean_image64
 
 

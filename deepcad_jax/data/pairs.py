@@ -25,7 +25,7 @@ import numpy as np
 from deepcad_jax.data.movie import Movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.model import MIN_SIZE
-from deepcad_jax.normalise import Normalisation
+from deepcad_jax.normalise import Normalisation, movie_scale
 
 
 def _floor_to(n: int, m: int) -> int:
@@ -79,13 +79,15 @@ class PairSource(grain.sources.RandomAccessDataSource):
   patch: tuple[int, int, int]
   length: int
   seed: int = 0
-  scale: float = 1.0  # intensities divided by this after the mean is subtracted
+  scale: float = 1.0  # with normalise 'fixed': intensities minus the mean divided by this
+  normalise: str = "fixed"  # 'spread': each movie's own robust spread (normalise.py)
   prior: bool = False  # add each file's temporal mean image (normalised) as 'prior'
   holdout: Sequence[tuple[int, int] | None] | None = None  # per movie: frames [a, b)
                                                            # no pair may touch
 
   def __post_init__(self):
     self.means = [float(m.mean()) for m in self.movies]
+    self.scales = [movie_scale(m, self.normalise, self.scale) for m in self.movies]
     self.priors = [m.mean_image() for m in self.movies] if self.prior else None
     pt, py, px = self.patch
     self.holdout = list(self.holdout or [None] * len(self.movies))
@@ -126,7 +128,7 @@ class PairSource(grain.sources.RandomAccessDataSource):
     f, t0, y0, x0 = self.position(int(index))
     pt, py, px = self.patch
     window = self.movies[f].read(t0, t0 + 2 * pt)[:, y0:y0 + py, x0:x0 + px]
-    norm = Normalisation(np.float32(self.means[f]), np.float32(self.scale))
+    norm = Normalisation(np.float32(self.means[f]), np.float32(self.scales[f]))
     window = norm.to_network(window)
     pair = {"input": window[0::2], "target": window[1::2]}
     if self.priors is not None:
