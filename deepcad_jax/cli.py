@@ -482,6 +482,8 @@ def _define_simulate(fv):
                     "plane folders noisy/ and clean/, int16).", flag_values=fv)
   flags.DEFINE_string("shape", "300,128,128", "Movie shape T,Y,X.", flag_values=fv)
   flags.DEFINE_float("snr", -2.0, "Target SNR of the noisy movie (dB).", flag_values=fv)
+  flags.DEFINE_float("photons", None, "Mean photons per voxel instead of --snr.",
+                     flag_values=fv)
   flags.DEFINE_integer("neurons", None, "Number of neurons (default: by area).",
                        flag_values=fv)
   flags.DEFINE_integer("vessels", 1, "Number of blood vessels.", flag_values=fv)
@@ -513,7 +515,8 @@ def _run_simulate(fv):
       frame_rate=_v(fv, "frame-rate"), spike_rate=_v(fv, "spike-rate"),
       tau_rise=_v(fv, "tau-rise"), tau_decay=_v(fv, "tau-decay"),
       read_noise=_v(fv, "read-noise"), neuropil_coupling=_v(fv, "neuropil-coupling"),
-      noise_correlation=_v(fv, "noise-correlation"), gain=_v(fv, "gain"),
+      photons=_v(fv, "photons"), noise_correlation=_v(fv, "noise-correlation"),
+      gain=_v(fv, "gain"),
       offset=_v(fv, "offset"), seed=_v(fv, "seed"))
   print(simulation_report(info))
   return 0

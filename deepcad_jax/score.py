@@ -129,8 +129,9 @@ class Score:
 
   @property
   def score(self) -> float:
-    """The estimated MSE (lower is better); the checkpoint metric."""
-    return self.estimated_mse
+    """The raw held-out MSE (what `score` reported before the noise correction); the
+    estimated MSE is `estimated_mse`, the checkpoint metric."""
+    return self.heldout_mse
 
   @property
   def best_baseline(self) -> tuple[str, float]:
@@ -173,7 +174,7 @@ class Score:
     lo, hi = self.estimated_mse_ci
     best, value = self.best_baseline
     lines = [
-        f"held-out quality of {model} on {where}: estimated MSE against the truth "
+        f"held-out score of {model} on {where}: estimated MSE against the truth "
         f"{self.estimated_mse:.4g} (95% CI {lo:.4g} to {hi:.4g}; raw held-out MSE "
         f"{self.heldout_mse:.4g} minus noise variance {self.noise_variance:.4g})",
         "  baselines (estimated MSE): " + ", ".join(

@@ -30,6 +30,7 @@ from deepcad_jax.metrics import snr_db
 class SimulationParams:
   shape: tuple[int, int, int] = (300, 128, 128)  # (T, Y, X)
   snr_db: float = -2.0           # target SNR of the noisy movie against the clean one
+  photons: float | None = None   # mean photons per voxel instead (then snr_db is ignored)
   neurons: int | None = None     # default: about one per 300 pixels
   soma_radius: float = 5.0       # pixels
   vessels: int = 1
@@ -55,6 +56,8 @@ class SimulationParams:
                       "2 frames of 8x8 pixels.")
     if self.read_noise < 0 or self.tau_rise <= 0 or self.tau_decay <= 0:
       raise UserError("read noise must be >= 0 and rise/decay times positive.")
+    if self.photons is not None and not (np.isfinite(self.photons) and self.photons > 0):
+      raise UserError(f"--photons must be a positive number; got {self.photons}.")
     if not 0 <= self.noise_correlation <= 0.5:
       raise UserError(f"the noise correlation of neighbouring pixels must be in [0, 0.5]; "
                       f"got {self.noise_correlation}.")
@@ -174,7 +177,8 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
   clean *= vessels[None]
   clean = clean.astype(np.float32)
 
-  scale = photon_scale(clean, p.snr_db, p.read_noise)
+  scale = photon_scale(clean, p.snr_db, p.read_noise) if p.photons is None else \
+      p.photons / float(clean.mean(dtype=np.float64))
   clean *= np.float32(scale)
   noisy = rng.poisson(clean).astype(np.float32)
   noisy += rng.normal(0, p.read_noise, size=noisy.shape).astype(np.float32)
