@@ -30,7 +30,7 @@ import tensorstore as ts
 from deepcad_jax import config as config_lib
 from deepcad_jax.data.output import os_error
 from deepcad_jax.errors import UserError
-from deepcad_jax.model import ensemble_params
+from deepcad_jax.model import add_output_offset, ensemble_params
 
 FORMAT = "deepcad-jax/2"   # items params, opt, meta
 FORMAT_V1 = "deepcad-jax/1"  # one item `state` (params and optimizer together): read
@@ -107,6 +107,9 @@ class RunMeta(Mapping):
                                   # config's data.scale, as models before it recorded)
   noise: tuple[dict, ...] = ()    # per training movie: its noise model (noise.py)
   holdout_quality: Mapping[str, Any] | None = None  # the last held-out quality report
+  output_offset: float = 0.0      # network units added to the output when the model is
+                                  # loaded: the brightness correction fitted on the
+                                  # held-out frames (score.py); 0 once applied
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # converted_
                                   # from, para, para_file, pruned_from, prune, ...
   calibration: Mapping[str, Any] | None = None  # calibration.json beside it (not stored)
@@ -129,7 +132,7 @@ class RunMeta(Mapping):
          "holdout_curve": [list(c) for c in self.holdout_curve],
          "scale": self.scale, "noise": [dict(n) for n in self.noise],
          "holdout_quality": None if self.holdout_quality is None else
-         dict(self.holdout_quality)}
+         dict(self.holdout_quality), "output_offset": self.output_offset}
     return {**self.provenance, **d}
 
   @classmethod
@@ -167,6 +170,7 @@ class RunMeta(Mapping):
         noise=tuple(dict(n) for n in d.get("noise") or ()),
         holdout_quality=None if d.get("holdout_quality") is None else dict(
             d["holdout_quality"]),
+        output_offset=float(d.get("output_offset") or 0.0),
         provenance={k: v for k, v in d.items() if k not in known})
 
   def replace(self, **changes: Any) -> "RunMeta":
@@ -440,6 +444,10 @@ def load_run(path: str, step: int | str | None = None) -> Model:
     step, meta, params = _load(mgr, path, step)
   finally:
     mgr.close()
+  if meta.output_offset:  # the brightness correction, into the final bias (once)
+    params = add_output_offset(params, meta.output_offset)
+    meta = meta.replace(output_offset=0.0, provenance={
+        **meta.provenance, "output_offset_applied": meta.output_offset})
   return Model(params=params, meta=meta.replace(calibration=_read_calibration(path)),
                source=f"{path}@{step}")
 

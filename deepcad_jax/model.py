@@ -306,3 +306,13 @@ def add_prior_channel(params: Any) -> Any:
   pad[-2] = (0, 1)  # the input-channel axis of (..., k, k, k, in, out)
   first["kernel"] = np.pad(first["kernel"], pad)
   return {**params, "encoder_0": {**params["encoder_0"], "conv1": first}}
+
+
+def add_output_offset(params: Any, offset: float) -> Any:
+  """The parameters of the same network whose output is `offset` higher everywhere
+  (in network units): the final 1x1x1 conv's bias moved by it, for every ensemble
+  member (the brightness correction fitted on held-out frames, `score.py`)."""
+  params = jax.tree_util.tree_map(np.asarray, params)
+  final = dict(params["final"])
+  final["bias"] = (final["bias"] + np.float32(offset)).astype(final["bias"].dtype)
+  return {**params, "final": final}

@@ -63,10 +63,14 @@ def movie_scale(movie: Any, mode: str, fixed: float) -> float:
 def for_movie(movie: Any, mode: str, fixed: float, mean: float | None = None,
               scale: float | None = None) -> Normalisation:
   """The normalisation of `movie` (a `data.movie.Movie`): its own mean and, under
-  'spread', its own spread; `mean` or `scale` given override them (e.g. a model's
-  recorded ones)."""
+  'spread', its own spread. A `scale` given is used as it is; a `mean` given (a
+  model's recorded one, a stream's) comes with the model's scale `fixed`, since the
+  movie's own spread goes with its own mean."""
   m = movie.mean() if mean is None else float(mean)
-  s = movie_scale(movie, mode, fixed) if scale is None else float(scale)
+  if scale is not None:
+    s = float(scale)
+  else:
+    s = movie_scale(movie, mode, fixed) if mean is None else float(fixed)
   if not (np.isfinite(m) and np.isfinite(s) and s > 0):
     raise UserError(f"cannot normalise {movie.name} with mean {m} and scale {s}: both must "
                     "be finite and the scale positive.")

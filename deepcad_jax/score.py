@@ -95,6 +95,8 @@ class Blocks:
   squared: dict[str, np.ndarray]  # method -> (blocks,) sum of (prediction - target)^2
   noise: np.ndarray               # (blocks,) sum of the targets' noise variance
   count: np.ndarray               # (blocks,) target voxels
+  residual: np.ndarray            # (blocks,) sum of (target - model prediction)
+  scale: np.ndarray               # (blocks,) the movie's scale (normalise.py)
   output_var: float = 0.0         # sum over pixels of the model output's temporal variance
   raw_var: float = 0.0            # the same of the raw targets
   pixels: int = 0
@@ -104,6 +106,8 @@ class Blocks:
     return Blocks({k: np.concatenate([p.squared[k] for p in parts]) for k in parts[0].squared},
                   np.concatenate([p.noise for p in parts]),
                   np.concatenate([p.count for p in parts]),
+                  np.concatenate([p.residual for p in parts]),
+                  np.concatenate([p.scale for p in parts]),
                   sum(p.output_var for p in parts), sum(p.raw_var for p in parts),
                   sum(p.pixels for p in parts))
 
@@ -126,6 +130,8 @@ class Score:
   noise: noise_lib.NoiseModel | None = None
   even_to_odd: float | None = None
   odd_to_even: float | None = None
+  brightness_offset: float = 0.0  # network units the model's output was low by on
+                                  # these frames; the MSEs above are after it
 
   @property
   def score(self) -> float:
@@ -163,7 +169,8 @@ class Score:
          "output_temporal_std": self.output_temporal_std,
          "raw_temporal_std": self.raw_temporal_std, "movie": self.movie,
          "frames": None if self.frames is None else list(self.frames),
-         "even_to_odd": self.even_to_odd, "odd_to_even": self.odd_to_even}
+         "even_to_odd": self.even_to_odd, "odd_to_even": self.odd_to_even,
+         "brightness_offset": self.brightness_offset}
     if self.noise is not None:
       d["noise_model"] = self.noise.to_json()
     return d
@@ -258,6 +265,8 @@ def segment_blocks(denoiser: Denoiser, movie: Movie, frames: tuple[int, int],
         scale=float(norm.scale))]).astype(np.float64)
     outputs.append(out)
   squared = {"model": block_sums(zip(outputs, (odd, even)))}
+  residual = sum(np.bincount(index, (t - o).sum(0).ravel(), minlength=blocks)
+                 for o, t in zip(outputs, (odd, even)))
   output_var = sum(float(o.var(0).sum()) for o in outputs) / 2
   raw_var = sum(float(t.var(0).sum()) for t in (odd, even)) / 2
   if baselines is None:
@@ -268,16 +277,29 @@ def segment_blocks(denoiser: Denoiser, movie: Movie, frames: tuple[int, int],
     squared.update({k: v for k, v in baselines.squared.items() if k != "model"})
   if not np.isfinite(squared["model"]).all():
     output_var = float("nan")
-  return Blocks(squared, noise_sum, count, output_var, raw_var,
-                int(np.prod(segment.shape[1:]))), noise
+  return Blocks(squared, noise_sum, count, residual, np.full(blocks, float(norm.scale)),
+                output_var, raw_var, int(np.prod(segment.shape[1:]))), noise
 
 
 def summarise(blocks: Blocks, movie: str = "", frames: tuple[int, int] | None = None,
-              noise: noise_lib.NoiseModel | None = None, seed: int = 0) -> Score:
-  """The `Score` of block sums (bootstrap over blocks for the interval)."""
+              noise: noise_lib.NoiseModel | None = None, seed: int = 0,
+              correct_brightness: bool = True) -> Score:
+  """The `Score` of block sums (bootstrap over blocks for the interval). With
+  `correct_brightness`, the model's mean residual (in network units, so one number
+  fits movies of any units) is fitted and taken out first: the brightness correction
+  training stores with the model (`RunMeta.output_offset`)."""
   used = blocks.count > 0
   count, noise_sum = blocks.count[used], blocks.noise[used]
   squared = {k: v[used] for k, v in blocks.squared.items()}
+  offset = 0.0
+  if correct_brightness:
+    res, scale = blocks.residual[used], blocks.scale[used]
+    offset = float((res / scale).sum() / count.sum())
+    if np.isfinite(offset):  # sum (r - b s)^2 = sum r^2 - 2 b s sum r + b^2 s^2 n
+      squared["model"] = squared["model"] - 2 * offset * scale * res + \
+          offset ** 2 * scale ** 2 * count
+    else:
+      offset = 0.0
   total = count.sum()
   noise_var = float(noise_sum.sum() / total)
   heldout = float(squared["model"].sum() / total)
@@ -300,7 +322,7 @@ def summarise(blocks: Blocks, movie: str = "", frames: tuple[int, int] | None = 
   else:
     verdict = NO_BETTER
   return Score(heldout, noise_var, estimated, (lo, hi), baselines, verdict, out_std,
-               raw_std, frames, movie, noise)
+               raw_std, frames, movie, noise, brightness_offset=offset)
 
 
 def default_frames(model: Any, movie: Movie) -> tuple[int, int]:

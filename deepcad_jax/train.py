@@ -670,14 +670,25 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
             quality = scorer(state.params)
             meta = meta.replace(
                 holdout_score=quality.estimated_mse, holdout_quality=quality.to_json(),
-                holdout_curve=meta.holdout_curve + ((step, quality.estimated_mse),))
+                holdout_curve=meta.holdout_curve + ((step, quality.estimated_mse),),
+                output_offset=quality.brightness_offset)
             best, value = quality.best_baseline
             log.info("step %d (epoch %.3g): held-out estimated MSE %.4g (95%% CI %.4g to "
                      "%.4g; held-out MSE %.4g minus noise variance %.4g); best baseline "
                      "%s %.4g; gain %+.2f dB: %s", step, step / steps_per_epoch,
                      quality.estimated_mse, *quality.estimated_mse_ci, quality.heldout_mse,
                      quality.noise_variance, best, value, quality.gain_db, quality.verdict)
-          elif step % steps_per_epoch == 0 or step == total_steps:
+          elif step == total_steps and main:
+            # Nothing held out: the last frames of the first movie (seen in training,
+            # so optimistic) still name a collapsed model and fit the brightness.
+            quality = _holdout_scorer(meta, source, final_check=True)(state.params)
+            meta = meta.replace(holdout_quality=quality.to_json(),
+                                output_offset=quality.brightness_offset)
+            log.info("Checked the final model on frames %d:%d of %s (seen in training, "
+                     "so the numbers are optimistic; train with --holdout for an unbiased "
+                     "score): %s.", *check_frames(source), source.movies[0].name,
+                     quality.verdict)
+          elif step % steps_per_epoch == 0:
             quality = None
           _save(mgr, workdir, step, state, meta)
           if save_interval is not None:
@@ -692,12 +703,6 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
     if hasattr(data_iter, "close"):
       data_iter.close()  # stops grain's worker processes now, not at garbage collection
   log.info("Trained to step %d in %s.", step, format_duration(time.perf_counter() - t0))
-  if quality is None and not interrupted and main:
-    check = _holdout_scorer(meta, source, final_check=True)
-    quality = check(state.params)
-    log.info("Checked the final model on frames %d:%d of %s (seen in training, so the "
-             "numbers are optimistic; train with --holdout for an unbiased score): %s.",
-             *check_frames(source), source.movies[0].name, quality.verdict)
   return TrainResult(os.path.abspath(workdir), state, step, total_steps, losses,
                      interrupted, patch, meta, stopped_by, quality)
 

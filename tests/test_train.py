@@ -17,7 +17,9 @@ def test_loss_is_half_l1_plus_half_l2():
   out = jnp.array([1.0, 2.0, 4.0])
   target = jnp.array([0.0, 4.0, 4.0])
   # |d| = 1, 2, 0 -> mean 1; d^2 = 1, 4, 0 -> mean 5/3
-  assert float(loss_fn(out, target)) == pytest.approx(0.5 * 1 + 0.5 * 5 / 3)
+  assert float(loss_fn(out, target, "deepcad")) == pytest.approx(0.5 * 1 + 0.5 * 5 / 3)
+  # The default, l2: the mean squared error alone.
+  assert float(loss_fn(out, target)) == pytest.approx(5 / 3)
 
 
 def _batch(n=4, shape=(8, 16, 16), seed=0):
