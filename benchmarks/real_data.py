@@ -73,6 +73,9 @@ def main() -> None:
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.output, exist_ok=True)
   rows = []
+  result = {"machine": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "recipe": "train --config demo --holdout 0.2",
+            "rows": rows}
   with tempfile.TemporaryDirectory() as folder:
     for name, path in recordings:
       for seed in seeds:
@@ -84,11 +87,8 @@ def main() -> None:
               f"brightness {row['brightness_ratio']:.4f}; temporal std "
               f"{row['output_temporal_std']:.4g} (raw {row['raw_temporal_std']:.4g}, noise "
               f"{row['noise_std']:.4g}); {row['train_seconds']:.0f} s", flush=True)
-  result = {"machine": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "recipe": "train --config demo --holdout 0.2",
-            "rows": rows}
-  with open(os.path.join(args.output, "real_data.json"), "w") as f:
-    json.dump(result, f, indent=1)
+        with open(os.path.join(args.output, "real_data.json"), "w") as f:
+          json.dump(result, f, indent=1)  # after every row: a long run keeps its rows
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def network(model: Model, fmt: str, member: int | None = None) -> Network:
     raise UserError(f"{source} has layer widths other than f, 2f, 4f, 8f for f={f} (a "
                     f"pruned network), which {what} cannot express; export it as onnx.")
   return Network(params=params, features=f, uniform=uniform,
-                 scale=float(model.config.data.scale), model=model, member=member)
+                 scale=float(model.scale), model=model, member=member)
 
 
 @functools.lru_cache(maxsize=8)
@@ -314,7 +314,7 @@ def para_yaml(model: Model, features: int) -> str:
             "fmap": str(features), "lr": _yaml_float(cfg.train.lr),
             "overlap_factor": _yaml_float(cfg.infer.overlap),
             "patch_t": str(patch[0]), "patch_x": str(patch[2]), "patch_y": str(patch[1]),
-            "scale_factor": _yaml_float(cfg.data.scale)}
+            "scale_factor": _yaml_float(model.scale)}
   return "".join(f"{k}: {v}\n" for k, v in sorted(values.items()))
 
 
