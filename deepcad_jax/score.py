@@ -228,29 +228,36 @@ def baseline_predictions(source: np.ndarray, target_is_later: bool) -> dict[str,
 
 def segment_blocks(denoiser: Denoiser, movie: Movie, frames: tuple[int, int],
                    mean: float | None = None, scale: float | None = None,
-                   noise: noise_lib.NoiseModel | None = None,
-                   baselines: Blocks | None = None) -> tuple[Blocks, noise_lib.NoiseModel]:
-  """The block sums of the model (and, unless given, the baselines) on frames [a, b)
-  of `movie`, normalised as the denoiser normalises the whole movie (or by `mean` and
-  `scale`); the segment's noise model (fitted unless given)."""
+                   fixed: tuple[Blocks, noise_lib.NoiseModel] | None = None
+                   ) -> tuple[Blocks, noise_lib.NoiseModel]:
+  """The block sums of the model on frames [a, b) of `movie`, normalised as the
+  denoiser normalises the whole movie (or by `mean` and `scale`), and the segment's
+  noise model. What does not depend on the model (the baselines, the noise, the raw
+  variation) is computed unless `fixed` (an earlier call's result) gives it.
+
+  The noise subtracted is each pixel's own high-pass estimate (`noise.py`), which the
+  fitted line reproduces on average: unlike the line with its floor, it adds no bias
+  where the error to estimate is a small fraction of the noise.
+  """
   a, b = frames
   norm = denoiser.normalisation(movie, mean, scale)
   segment = movie.read(a, b).astype(np.float64)
   if not np.isfinite(segment).all():
     raise UserError(f"{movie.name} holds NaN or infinite values in frames {a}:{b}; "
                     "replace them (e.g. with 0) first.")
-  if noise is None:
-    noise = noise_lib.fit_movie(ArrayMovie(segment, movie.name))
-    noise = dataclasses.replace(noise, frames=(a, b))
   even, odd = segment[0::2], segment[1::2]
   n = min(len(even), len(odd))
   even, odd = even[:n], odd[:n]
   index = _block_index(segment.shape[1:]).ravel()
   blocks = GRID * GRID
-  per_block = np.bincount(index, minlength=blocks).astype(np.float64)
-  variance = noise.variance(segment.mean(0)).ravel()
-  noise_sum = np.bincount(index, variance, minlength=blocks) * 2 * n
-  count = per_block * 2 * n
+  if fixed is None:
+    stats = noise_lib.pixel_statistics(ArrayMovie(segment, movie.name))
+    noise = noise_lib.fit(stats, name=movie.name, frames=(a, b))
+    per_block = np.bincount(index, minlength=blocks).astype(np.float64)
+    noise_sum = np.bincount(index, stats.variance.ravel(), minlength=blocks) * 2 * n
+    count = per_block * 2 * n
+  else:
+    noise, noise_sum, count = fixed[1], fixed[0].noise, fixed[0].count
 
   def block_sums(residual_pairs) -> np.ndarray:
     total = np.zeros(blocks)
@@ -268,13 +275,14 @@ def segment_blocks(denoiser: Denoiser, movie: Movie, frames: tuple[int, int],
   residual = sum(np.bincount(index, (t - o).sum(0).ravel(), minlength=blocks)
                  for o, t in zip(outputs, (odd, even)))
   output_var = sum(float(o.var(0).sum()) for o in outputs) / 2
-  raw_var = sum(float(t.var(0).sum()) for t in (odd, even)) / 2
-  if baselines is None:
+  if fixed is None:
+    raw_var = sum(float(t.var(0).sum()) for t in (odd, even)) / 2
     preds = [baseline_predictions(even, True), baseline_predictions(odd, False)]
     for name in BASELINES:
       squared[name] = block_sums(zip((preds[0][name], preds[1][name]), (odd, even)))
   else:
-    squared.update({k: v for k, v in baselines.squared.items() if k != "model"})
+    raw_var = fixed[0].raw_var
+    squared.update({k: v for k, v in fixed[0].squared.items() if k != "model"})
   if not np.isfinite(squared["model"]).all():
     output_var = float("nan")
   return Blocks(squared, noise_sum, count, residual, np.full(blocks, float(norm.scale)),
@@ -367,9 +375,7 @@ class HeldOutScorer:
     parts, fixed = [], []
     for i, (m, seg) in enumerate(zip(self.movies, self.segments)):
       known = None if self._fixed is None else self._fixed[i]
-      blocks, nm = segment_blocks(den, m, seg, self.means[i], self.scales[i],
-                                  None if known is None else known[1],
-                                  None if known is None else known[0])
+      blocks, nm = segment_blocks(den, m, seg, self.means[i], self.scales[i], known)
       parts.append(blocks)
       fixed.append((blocks, nm))
     if self._fixed is None:
