@@ -30,7 +30,7 @@ from deepcad_jax import checkpoint as ckpt
 from deepcad_jax import config as config_lib
 from deepcad_jax import distributed, parallel, resources
 from deepcad_jax.augment import augment_batch
-from deepcad_jax.data.movie import list_movies, open_movie
+from deepcad_jax.data.movie import ArrayMovie, list_movies, open_movie
 from deepcad_jax.data.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
 from deepcad_jax.infer import Denoiser
@@ -59,6 +59,7 @@ TRAIN_FIX = "lower --features, --patch or --batch-size (or add devices)"
 REQUIRE_GAIN_EXIT = 3   # train --require-gain, when the model does not beat the baselines
 NOISE_FIT_FRAMES = 1000  # frames of each training movie its noise model is fitted on
 FINAL_CHECK_FRAMES = 200  # without held-out frames: the training frames checked at the end
+BRIGHTNESS_SEGMENTS, BRIGHTNESS_FRAMES = 4, 64  # where the final brightness offset is fit
 
 
 def make_model(cfg: config_lib.Config) -> UNet3D:
@@ -322,6 +323,36 @@ def _holdout_scorer(meta: ckpt.RunMeta, source: PairSource, final_check: bool = 
       compiled.append(den)
     return scorer(den)
   return score
+
+
+def brightness_offset(meta: ckpt.RunMeta, source: PairSource, params: Any) -> float:
+  """How much the denoised movie is darker than the raw one, in network units: the
+  mean of (raw - denoised) / scale over segments spread evenly over every training
+  movie, each denoised as `denoise` does (all frames at once, exact tiling). The
+  noise averages out of the raw mean, so this is the network's bias; a model adds it
+  to its output when loaded (`RunMeta.output_offset`), and keeps the brightness of
+  the recording (a short run does not pin its output's mean by itself)."""
+  host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+  den = Denoiser(ckpt.Model(host, meta, "training"), tiling="exact",
+                 devices=jax.local_devices())
+  total, count = 0.0, 0
+  for m, mean, scale in zip(source.movies, source.means, source.scales):
+    for a, b in spread_segments(m.shape[0], BRIGHTNESS_SEGMENTS, BRIGHTNESS_FRAMES):
+      raw = m.read(a, b).astype(np.float64)
+      out = np.concatenate([f.data for f in den.frames(
+          ArrayMovie(raw.astype(np.float32), m.name), mean=mean, scale=scale)])
+      total += float((raw - out).sum()) / scale
+      count += raw.size
+  return total / max(count, 1)
+
+
+def spread_segments(frames: int, count: int, length: int) -> list[tuple[int, int]]:
+  """Up to `count` segments of `length` frames spread evenly over `frames` (one
+  segment of all frames when they are fewer than `count` segments need)."""
+  if frames <= count * length:
+    return [(0, frames)]
+  starts = np.linspace(0, frames - length, count).round().astype(int)
+  return [(int(a), int(a) + length) for a in starts]
 
 
 def _noise_models(source: PairSource) -> tuple[dict, ...]:
@@ -690,6 +721,12 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
                      quality.verdict)
           elif step % steps_per_epoch == 0:
             quality = None
+          if step == total_steps and main:
+            offset = brightness_offset(meta, source, state.params)
+            meta = meta.replace(output_offset=offset)
+            log.info("Brightness offset %.4g (network units): the denoised movie's mean "
+                     "against the raw one's, on frames spread over the training data; "
+                     "stored with the model.", offset)
           _save(mgr, workdir, step, state, meta)
           if save_interval is not None:
             save_interval = interval_since(last_save)
