@@ -12,12 +12,29 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import logging  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tifffile  # noqa: E402
 
+from deepcad_jax import cli  # noqa: E402
 from deepcad_jax import config as config_lib  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cli_logs_reach_caplog(monkeypatch):
+  """The CLI stops its logger propagating (one line per message at a terminal); in
+  tests its records must still reach pytest's caplog handler on the root logger, or
+  every test after the first CLI call would see no log at all."""
+  setup = cli._setup_logging
+
+  def setup_and_propagate():
+    setup()
+    logging.getLogger("deepcad_jax").propagate = True
+  monkeypatch.setattr(cli, "_setup_logging", setup_and_propagate)
+  logging.getLogger("deepcad_jax").propagate = True
 
 
 @pytest.fixture(scope="session")
