@@ -60,6 +60,8 @@ class TrainConfig:
                                # "deepcad": 0.5 L1 + 0.5 L2, DeepCAD-RT's (losses.py)
   batch_size: int = 0          # global batch; 0 = one pair per device (the reference)
   lr: float = 5e-5             # the paper's Adam settings
+  lr_schedule: str = "constant"  # "constant" (the paper), or "cosine": decays to 5% of
+                               # lr over the run's epochs
   b1: float = 0.5
   b2: float = 0.9
   seed: int = 0
@@ -101,6 +103,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 DTYPES = ("float32", "bfloat16")
 NORMALISE_MODES = ("spread", "fixed")  # normalise.MODES
 LOSSES = ("l2", "deepcad")             # losses.LOSSES
+LR_SCHEDULES = ("constant", "cosine")
 CONV_LAYERS = 14  # 3x3x3 convolutions of the 4-level U-Net (model.LAYERS)
 ENSEMBLE_IMPLS = ("loop", "vmap")
 
@@ -151,6 +154,9 @@ def validate(cfg: Config) -> None:
   if cfg.data.normalise not in NORMALISE_MODES:
     raise UserError(f"data.normalise must be one of {NORMALISE_MODES}; got "
                     f"{cfg.data.normalise!r}.")
+  if cfg.train.lr_schedule not in LR_SCHEDULES:
+    raise UserError(f"train.lr_schedule must be one of {LR_SCHEDULES}; got "
+                    f"{cfg.train.lr_schedule!r}.")
   if cfg.train.loss not in LOSSES:
     raise UserError(f"train.loss must be one of {LOSSES}; got {cfg.train.loss!r}.")
   holdout = cfg.data.holdout

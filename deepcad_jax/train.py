@@ -56,6 +56,7 @@ LONG_CPU_EPOCH_S = 30 * 60  # on a CPU, epochs longer than this get a suggestion
 STATE_COPIES = 4
 ACTIVATION_BYTES_PER_VOXEL_F = 40.0
 TRAIN_FIX = "lower --features, --patch or --batch-size (or add devices)"
+COSINE_FLOOR = 0.05      # train.lr_schedule 'cosine' ends at this fraction of the lr
 REQUIRE_GAIN_EXIT = 3   # train --require-gain, when the model does not beat the baselines
 NOISE_FIT_FRAMES = 1000  # frames of each training movie its noise model is fitted on
 FINAL_CHECK_FRAMES = 200  # without held-out frames: the training frames checked at the end
@@ -67,11 +68,18 @@ def make_model(cfg: config_lib.Config) -> UNet3D:
                 widths=cfg.model.widths)
 
 
-def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
-  return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
+def make_optimizer(cfg: config_lib.TrainConfig, total_steps: int = 0
+                   ) -> optax.GradientTransformation:
+  """Adam at `cfg.lr`, constant, or ('cosine') decaying to COSINE_FLOOR of it over
+  `total_steps`: the late steps then refine instead of jumping around."""
+  lr: Any = cfg.lr
+  if cfg.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps), alpha=COSINE_FLOOR)
+  return optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
 
 
-def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
+def create_state(cfg: config_lib.Config, params: Any = None, total_steps: int = 0
+                 ) -> TrainState:
   """A fresh train state (random params from the seed, or the given params); an
   ensemble's members are stacked on a leading axis, and Adam, being elementwise,
   updates each on its own."""
@@ -80,7 +88,7 @@ def create_state(cfg: config_lib.Config, params: Any = None) -> TrainState:
                              cfg.model.in_channels, cfg.model.widths)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return TrainState.create(apply_fn=make_model(cfg).apply, params=params,
-                           tx=make_optimizer(cfg.train))
+                           tx=make_optimizer(cfg.train, total_steps))
 
 
 def member_keys(key: jax.Array, members: int) -> jax.Array:
@@ -226,7 +234,8 @@ def _data_summary(source: PairSource) -> list[dict]:
 # Settings a resumed run must share with the run it resumes, and the value a run
 # written before the setting existed was trained with.
 RESUME_SETTINGS = {"train": {"lr": None, "b1": None, "b2": None, "seed": None,
-                             "batch_size": None, "loss": "deepcad"},
+                             "batch_size": None, "loss": "deepcad",
+                             "lr_schedule": "constant"},
                    "data": {"pairs_per_epoch": None, "normalise": "fixed", "scale": None,
                             "holdout": None}}
 
@@ -603,7 +612,7 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
   n_dev = parallel.device_count(mesh)
   main = jax.process_index() == 0
   repl = parallel.replicated(mesh)
-  state = jax.device_put(create_state(cfg, init_params_from), repl)
+  state = jax.device_put(create_state(cfg, init_params_from, total_steps), repl)
   start = 0
   if mgr.latest_step() is not None:
     if not resume_ok:
