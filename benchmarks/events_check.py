@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from deepcad_jax import denoise, load_model
-from deepcad_jax.events import find_suppressed_events
-from deepcad_jax.simulate import simulate
+from deepcad_jax.analysis.events import find_suppressed_events
+from deepcad_jax.analysis.simulate import simulate
 
 
 def _plant(noisy: np.ndarray, clean: np.ndarray, n: int, seed: int, amplitude: float

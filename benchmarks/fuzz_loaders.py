@@ -1132,7 +1132,7 @@ class Runner:
 
   def __init__(self, seed: int, folder: str, pth_reader: str):
     from deepcad_jax.errors import UserError
-    from deepcad_jax.traces import load_ops, read_suite2p_stat, rois_from_suite2p
+    from deepcad_jax.analysis.traces import load_ops, read_suite2p_stat, rois_from_suite2p
     self.UserError = UserError
     self.seed, self.folder = seed, folder
     self.canary = Canary(os.path.join(folder, "canary"))
@@ -1345,7 +1345,7 @@ def main(argv=None) -> int:
                  "counts as a hang")
   p.add_argument("--memory-gib", type=float, default=4.0, help="address space a worker "
                  "may add")
-  p.add_argument("--pth-reader", default="deepcad_jax.convert:read_state_dict",
+  p.add_argument("--pth-reader", default="deepcad_jax.model_io.convert:read_state_dict",
                  help="MODULE:FUNCTION or FILE.py:FUNCTION that reads a .pth")
   p.add_argument("--json", help="write the summary here")
   p.add_argument("--replay", help="FORMAT:INDEX: run one case in this process, verbosely")

@@ -16,8 +16,8 @@ import numpy as np
 import tifffile
 
 from conftest import noisy_movie, write_tiff
-from deepcad_jax.loading import load_model
-from deepcad_jax.export import export
+from deepcad_jax.model_io.loading import load_model
+from deepcad_jax.model_io.export import export
 
 SHAPE = (40, 24, 24)
 

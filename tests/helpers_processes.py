@@ -7,7 +7,7 @@ import subprocess
 import sys
 import weakref
 
-_HOLDER = ("import sys; from deepcad_jax.lock import WorkdirLock; "
+_HOLDER = ("import sys; from deepcad_jax.runtime.locks import WorkdirLock; "
            "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()")
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepcad_jax.augment import (apply_symmetry, augment_batch, invert_symmetry,
+from deepcad_jax.core.augment import (apply_symmetry, augment_batch, invert_symmetry,
                                  symmetries_for, variant)
 
 

@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from deepcad_jax import bench, cli
-from deepcad_jax.tiling import patch_plan
+from deepcad_jax import cli
+
+from deepcad_jax.bench import workloads as bench
+from deepcad_jax.denoising.tiling import patch_plan
 
 REQUIRED = {"workload", "device", "dtype", "batch_size", "median_s", "compile_s",
             "peak_memory_bytes", "voxels_per_s", "jax_version", "commit"}

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import UNet3D, UserError, cli, denoise, load_model, train
-from deepcad_jax.convert import read_para, read_state_dict, to_flax_params
-from deepcad_jax.infer import denoise_with
-from deepcad_jax.tiling import overlap_plan
-from deepcad_jax.model import param_count
+from deepcad_jax import UNet3D, UserError, cli, denoise, load_model
+from deepcad_jax import train
+from deepcad_jax.model_io.convert import read_para, read_state_dict, to_flax_params
+from deepcad_jax.denoising.denoiser import denoise_with
+from deepcad_jax.denoising.tiling import overlap_plan
+from deepcad_jax.core.network import param_count
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch "
                             "(pip install torch==2.13.0)")
-from deepcad_jax.torch_reference import Network_3D_Unet, from_flax_params  # noqa: E402
+from deepcad_jax.model_io.torch_reference import Network_3D_Unet, from_flax_params  # noqa: E402
 
 
 def _save(model_or_state, path):
@@ -43,7 +44,7 @@ def test_parity_with_pytorch(tmp_path, features, shape):
 
 
 def test_flax_weights_round_trip_to_pytorch():
-  from deepcad_jax.model import init_params
+  from deepcad_jax.core.network import init_params
   params = init_params(4, 0)
   net = from_flax_params(params, 4)
   x = np.random.default_rng(1).normal(size=(1, 1, 16, 16, 16)).astype(np.float32)

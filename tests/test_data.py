@@ -4,8 +4,8 @@ import tifffile
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import UserError
-from deepcad_jax.data import (PairSource, as_movie, fit_patch, list_movies, open_movie,
-                              pair_iterator, write_movie)
+from deepcad_jax.data import as_movie, list_movies, open_movie, write_movie
+from deepcad_jax.training.pairs import PairSource, fit_patch, pair_iterator
 
 
 def _indexed_movie(t=40, y=16, x=16):
@@ -80,7 +80,7 @@ def test_imagej_hyperstack_singleton_axes_are_squeezed(tmp_path):
 
 
 def test_bigtiff_written_in_blocks_reads_back(tmp_path, monkeypatch):
-  import deepcad_jax.data.output as output_mod
+  import deepcad_jax.data.writers as output_mod
   monkeypatch.setattr(output_mod, "BIGTIFF_BYTES", 100)  # force BigTIFF for a small file
   movie = np.arange(6 * 4 * 5, dtype=np.float32).reshape(6, 4, 5)
   path = str(tmp_path / "big.tif")

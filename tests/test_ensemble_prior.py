@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import Denoiser, UserError, cli, denoise, load_model, train
+from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
+from deepcad_jax import train
 from deepcad_jax import config as config_lib
-from deepcad_jax import parallel
-from deepcad_jax.checkpoint import Model
-from deepcad_jax.data import PairSource, open_movie
-from deepcad_jax.infer import sample_path, std_path
-from deepcad_jax.model import (UNet3D, ensemble_params, member, network_input,
+from deepcad_jax.runtime import parallel
+from deepcad_jax.model_io.checkpoint import Model
+from deepcad_jax.data import open_movie
+from deepcad_jax.training.pairs import PairSource
+from deepcad_jax.denoising.denoiser import sample_path, std_path
+from deepcad_jax.core.network import (UNet3D, ensemble_params, member, network_input,
                                over_members)
 from deepcad_jax.stream import StreamDenoiser
-from deepcad_jax.train import _adopt, compile_step, create_state, make_model
+from deepcad_jax.training.loop import _adopt, compile_step, create_state, make_model
 
 
 def _batch(n=2, shape=(8, 16, 16), seed=0, prior=False):

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import write_tiff
-from deepcad_jax import UserError, cli, events
-from deepcad_jax.events import find_suppressed_events, noise_model
-from deepcad_jax.simulate import simulate
+from deepcad_jax import UserError, cli
+from deepcad_jax.analysis import events
+from deepcad_jax.analysis.events import find_suppressed_events, noise_model
+from deepcad_jax.analysis.simulate import simulate
 
 
 def _planted(seed=3):

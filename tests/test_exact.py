@@ -13,11 +13,11 @@ import pytest
 
 from deepcad_jax import config as config_lib
 from deepcad_jax import Denoiser, UserError, denoise
-from deepcad_jax.checkpoint import Model
-from deepcad_jax.infer import denoise_with, whole_movie_forward
-from deepcad_jax.model import UNet3D, init_params
-from deepcad_jax.predict import tile_network
-from deepcad_jax.tiling import (HALO, exact_halo, exact_plan, overlap_plan,
+from deepcad_jax.model_io.checkpoint import Model
+from deepcad_jax.denoising.denoiser import denoise_with, whole_movie_forward
+from deepcad_jax.core.network import UNet3D, init_params
+from deepcad_jax.denoising.step import tile_network
+from deepcad_jax.denoising.tiling import (HALO, exact_halo, exact_plan, overlap_plan,
                                 reach_by_residue)
 
 
@@ -144,7 +144,7 @@ def test_auto_chooses_exact_unless_it_costs_more(trained_model):
 def test_the_compiled_step_is_checked_against_the_memory_budget(trained_model, monkeypatch):
   # When the estimate per voxel is too low, the first tile does not fit by XLA's own
   # analysis of the compiled step, and the plan shrinks it until it does.
-  from deepcad_jax import infer
+  from deepcad_jax.denoising import denoiser as infer
   estimate = infer.bytes_per_voxel
   monkeypatch.setattr(infer, "bytes_per_voxel", lambda *a, **k: estimate(*a, **k) / 4)
   den = Denoiser(trained_model, tiling="exact", memory_budget="600MB",
@@ -157,7 +157,7 @@ def test_the_compiled_step_is_checked_against_the_memory_budget(trained_model, m
 
 
 def test_reflect_padding_matches_numpy():
-  from deepcad_jax.predict import reflect_index
+  from deepcad_jax.denoising.step import reflect_index
   for n in (1, 2, 5, 8):
     a = np.arange(n)
     for pad in (0, 1, 3, 7, 20):

@@ -13,15 +13,15 @@ import tifffile
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
-from deepcad_jax.data import caiman
-from deepcad_jax.data import output as output_mod
-from deepcad_jax.data import zarr_store
+from deepcad_jax.data.formats import caiman
+from deepcad_jax.data import writers as output_mod
+from deepcad_jax.data.formats import zarr_store
 from deepcad_jax.data.movie import list_movies, open_movie
-from deepcad_jax.data.output import write_movie
+from deepcad_jax.data.writers import write_movie
 from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import denoise, denoise_files
-from deepcad_jax.traces import load_ops
+from deepcad_jax.denoising.denoiser import denoise, denoise_files
+from deepcad_jax.analysis.traces import load_ops
 
 h5py = pytest.importorskip("h5py")
 zarr = pytest.importorskip("zarr")

@@ -5,10 +5,10 @@ import pytest
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, denoise, denoise_files, load_model
 from deepcad_jax.data import ArrayMovie, open_movie
-from deepcad_jax.infer import Engine, denoise_with, to_dtype
-from deepcad_jax.parallel import data_mesh
-from deepcad_jax.predict import identity_tiles
-from deepcad_jax.tiling import overlap_plan
+from deepcad_jax.denoising.denoiser import Engine, denoise_with, to_dtype
+from deepcad_jax.runtime.parallel import data_mesh
+from deepcad_jax.denoising.step import identity_tiles
+from deepcad_jax.denoising.tiling import overlap_plan
 
 
 def _run(movie, patch, overlap, batch_size=3, blend=False, mean=None):

@@ -17,12 +17,13 @@ import pytest
 import tifffile
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import UserError, parallel, resources
-from deepcad_jax import calibrate as calibrate_lib
+from deepcad_jax import UserError
+from deepcad_jax.runtime import parallel, resources
+from deepcad_jax.analysis import calibrate as calibrate_lib
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.infer import compiled_bytes
+from deepcad_jax.denoising.denoiser import compiled_bytes
 
-train_lib = importlib.import_module("deepcad_jax.train")  # the package exports train()
+train_lib = importlib.import_module("deepcad_jax.training.loop")  # the package exports train()
 
 
 def _fake_denoise(error_tracks: bool):

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import tiny_config, write_tiff
 from deepcad_jax import cli
-from deepcad_jax.ladder import run_ladder
-from deepcad_jax.simulate import simulate
+from deepcad_jax.research.ladder import run_ladder
+from deepcad_jax.analysis.simulate import simulate
 
 
 @pytest.fixture(scope="module")

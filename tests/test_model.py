@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deepcad_jax import UNet3D, UserError
-from deepcad_jax.model import LADDER, init_params, param_count, upsample_nearest
+from deepcad_jax.core.network import LADDER, init_params, param_count, upsample_nearest
 
 
 @pytest.mark.parametrize("features,count", [(16, 1_020_337), (64, 16_315_585)])

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import load_model, train
+from deepcad_jax import load_model
+from deepcad_jax import train
 from deepcad_jax.data import open_movie
-from deepcad_jax.infer import Denoiser, denoise, whole_movie_forward
+from deepcad_jax.denoising.denoiser import Denoiser, denoise, whole_movie_forward
 
 WORKER = """
 import os, sys
@@ -122,7 +123,8 @@ def test_two_process_denoise_of_a_folder_splits_the_files(data, trained_model):
 
 
 def test_incomplete_multi_process_flags_get_one_clear_sentence(capsys, monkeypatch):
-  from deepcad_jax import cli, distributed
+  from deepcad_jax import cli
+  from deepcad_jax.runtime import distributed
   for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(name, raising=False)

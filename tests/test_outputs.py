@@ -19,12 +19,12 @@ import tifffile
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
-from deepcad_jax.data import output as output_mod
+from deepcad_jax.data import writers as output_mod
 from deepcad_jax.data.metadata import read_metadata
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.data.output import AtomicFile, MovieWriter, lock_path, write_movie
+from deepcad_jax.data.writers import AtomicFile, MovieWriter, lock_path, write_movie
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, denoise, denoise_files
+from deepcad_jax.denoising.denoiser import Denoiser, denoise, denoise_files
 from deepcad_jax.stream import ReplaySource, StreamDenoiser, run_pipeline
 
 
@@ -124,7 +124,7 @@ def test_locks_of_other_hosts_and_unreadable_locks_are_respected(tmp_path, monke
 
 
 def test_atomic_text_files_commit_together(tmp_path):
-  from deepcad_jax.data.output import commit
+  from deepcad_jax.data.writers import commit
   a, b = AtomicFile(str(tmp_path / "a.json")), AtomicFile(str(tmp_path / "b.csv"))
   json.dump({"x": 1}, a.text())
   b.text().write("t,y\n")
@@ -322,7 +322,7 @@ def test_simulated_movies_record_their_frame_interval(tmp_path, capsys):
 HOLDER = """
 import sys
 import numpy as np
-from deepcad_jax.data.output import MovieWriter
+from deepcad_jax.data.writers import MovieWriter
 writer = MovieWriter(sys.argv[1], (24, 24), np.float32, frames=40)  # locks it
 writer.write(np.zeros((8, 24, 24), np.float32))  # and starts its temporary file
 print("locked", flush=True)
@@ -381,7 +381,7 @@ def test_two_concurrent_runs_never_mix_their_outputs(trained_model, tmp_path):
 
 SIGTERM_RUN = """
 import signal, sys, time
-from deepcad_jax import infer
+from deepcad_jax.denoising import denoiser as infer
 
 def stop(*_):
   raise KeyboardInterrupt  # what the CLI does with SIGTERM: unwind like Ctrl-C

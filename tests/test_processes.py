@@ -23,11 +23,13 @@ import pytest
 
 import deepcad_jax
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import UserError, cli, load_model, metrics, train
-from deepcad_jax import progress as progress_module
+from deepcad_jax import UserError, cli, load_model
+from deepcad_jax.analysis import metrics
+from deepcad_jax import train
+from deepcad_jax.runtime import progress as progress_module
 from deepcad_jax.errors import Terminated
-from deepcad_jax.lock import LOCK_NAME, WorkdirLock
-from deepcad_jax.progress import Progress
+from deepcad_jax.runtime.locks import LOCK_NAME, WorkdirLock
+from deepcad_jax.runtime.progress import Progress
 from helpers_processes import descendants, running, start_lock_holder, stop
 
 
@@ -272,7 +274,7 @@ def test_a_failed_save_stops_training_at_once_in_one_sentence(tmp_path, movie_pa
 
 def test_no_room_for_a_checkpoint_is_refused_before_writing(tmp_path, movie_path, devices,
                                                            monkeypatch):
-  train_module = sys.modules["deepcad_jax.train"]  # the package's `train` is the function
+  train_module = sys.modules["deepcad_jax.training.loop"]  # the package's `train` is the function
   real = train_module.shutil.disk_usage
   saves = []
 
@@ -375,7 +377,7 @@ def test_eta_leaves_compilation_out(monkeypatch):
 
 def test_train_says_compiling_and_estimates_the_epoch(tmp_path, movie_path, devices, logs,
                                                        capsys, monkeypatch):
-  monkeypatch.setattr(sys.modules["deepcad_jax.train"], "LONG_CPU_EPOCH_S", 0.0)
+  monkeypatch.setattr(sys.modules["deepcad_jax.training.loop"], "LONG_CPU_EPOCH_S", 0.0)
   train(movie_path, str(tmp_path / "run"), _tiny(), devices=devices[:1])
   err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step")]
   assert err[0] == "step 0/16  compiling the training step..."

@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import Denoiser, UserError, cli, denoise, load_model, train
-from deepcad_jax.convert import save_model
-from deepcad_jax.model import (LAYERS, UNet3D, flops_per_voxel, init_params, param_count,
+from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
+from deepcad_jax import train
+from deepcad_jax.model_io.convert import save_model
+from deepcad_jax.core.network import (LAYERS, UNet3D, flops_per_voxel, init_params, param_count,
                                uniform_widths, widths_of)
-from deepcad_jax.prune import choose_channels, l1_scores, parameters, prune, prune_params
+from deepcad_jax.research.prune import choose_channels, l1_scores, parameters, prune, prune_params
 
 
 def test_explicit_widths_generalise_the_uniform_network():

@@ -5,8 +5,8 @@ import pytest
 from conftest import write_tiff
 from deepcad_jax import Denoiser, UserError, cli, load_model
 from deepcad_jax.data.movie import ArrayMovie
-from deepcad_jax.score import holdout_range, parse_frames, score
-from deepcad_jax.simulate import simulate
+from deepcad_jax.analysis.score import holdout_range, parse_frames, score
+from deepcad_jax.analysis.simulate import simulate
 
 
 def test_the_score_is_the_error_against_the_truth_plus_the_noise(trained_model):
@@ -57,7 +57,7 @@ def test_held_out_frames_are_never_trained_on_and_scored_every_epoch(tmp_path):
   from conftest import tiny_config
   from deepcad_jax import train
   from deepcad_jax.data.movie import ArrayMovie
-  from deepcad_jax.data.pairs import PairSource
+  from deepcad_jax.training.pairs import PairSource
   movie = simulate(shape=(80, 24, 24), snr_db=0.0, seed=2)[0]
   src = PairSource([ArrayMovie(movie)], (8, 16, 16), 400, holdout=[(40, 60)])
   for i in range(400):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from deepcad_jax.errors import UserError
-from deepcad_jax.metrics import (evaluate, psnr_db, slice_correlations, snr_db,
+from deepcad_jax.analysis.metrics import (evaluate, psnr_db, slice_correlations, snr_db,
                                  uncertainty_calibration, wobble)
-from deepcad_jax.simulate import gcamp_kernel, simulate
+from deepcad_jax.analysis.simulate import gcamp_kernel, simulate
 
 
 def test_snr_and_psnr_against_hand_computed_values():
@@ -63,7 +63,7 @@ def test_gcamp_kernel_shape():
 
 
 def test_wobble_is_the_temporal_std_over_static_pixels():
-  from deepcad_jax.metrics import evaluate, format_table, static_voxels, wobble
+  from deepcad_jax.analysis.metrics import evaluate, format_table, static_voxels, wobble
   ref = np.full((6, 2, 2), 10.0)
   ref[:, 0, 0] = np.arange(6)  # the only changing pixel
   assert static_voxels(ref).sum() == 3
@@ -80,7 +80,7 @@ def test_wobble_is_the_temporal_std_over_static_pixels():
 
 
 def test_constant_background_simulation():
-  from deepcad_jax.metrics import static_voxels
+  from deepcad_jax.analysis.metrics import static_voxels
   _, clean, _ = simulate(shape=(40, 32, 32), neuropil_coupling=0.0, seed=2)
   assert 0.2 < static_voxels(clean).mean() < 0.9
   _, coupled, _ = simulate(shape=(40, 32, 32), seed=2)
@@ -90,7 +90,7 @@ def test_constant_background_simulation():
 def test_cli_simulate_with_a_constant_background(tmp_path, capsys):
   from deepcad_jax import cli
   from deepcad_jax.data import open_movie
-  from deepcad_jax.metrics import static_voxels
+  from deepcad_jax.analysis.metrics import static_voxels
   assert cli.main(["deepcad-jax", "simulate", "--output", str(tmp_path), "--shape",
                    "20,32,32", "--neuropil-coupling", "0"]) == 0
   clean = open_movie(str(tmp_path / "clean.tif")).read(0, 20)

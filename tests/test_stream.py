@@ -8,7 +8,7 @@ import tifffile
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, cli, denoise
 from deepcad_jax.data import as_movie, open_movie
-from deepcad_jax.predict import identity_tiles
+from deepcad_jax.denoising.step import identity_tiles
 from deepcad_jax.stream import FolderSource, StreamDenoiser, run_pipeline
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from deepcad_jax.tiling import axis_plan, padded_patch, patch_plan
+from deepcad_jax.denoising.tiling import axis_plan, padded_patch, patch_plan
 
 
 def test_reference_protocol_has_75_patches():

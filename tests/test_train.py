@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import noisy_movie, tiny_config, write_tiff
-from deepcad_jax import UserError, load_model, train
-from deepcad_jax import parallel
-from deepcad_jax.data import PairSource, open_movie
-from deepcad_jax.train import compile_step, create_state, loss_fn, make_model
+from deepcad_jax import UserError, load_model
+from deepcad_jax import train
+from deepcad_jax.runtime import parallel
+from deepcad_jax.data import open_movie
+from deepcad_jax.training.pairs import PairSource
+from deepcad_jax.training.loop import compile_step, create_state, loss_fn, make_model
 
 
 def test_loss_is_half_l1_plus_half_l2():

@@ -7,10 +7,10 @@ import pytest
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
-from deepcad_jax.augment import apply_symmetry, invert_symmetry
+from deepcad_jax.core.augment import apply_symmetry, invert_symmetry
 from deepcad_jax.data import open_movie
-from deepcad_jax.infer import std_path, symmetry_samples
-from deepcad_jax.metrics import uncertainty_calibration
+from deepcad_jax.denoising.denoiser import std_path, symmetry_samples
+from deepcad_jax.analysis.metrics import uncertainty_calibration
 
 
 def test_symmetry_samples_invert_exactly():

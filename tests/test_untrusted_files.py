@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from deepcad_jax import UserError
-from deepcad_jax.convert import read_state_dict
-from deepcad_jax.traces import load_ops, read_rois, read_suite2p_stat
+from deepcad_jax.model_io.convert import read_state_dict
+from deepcad_jax.analysis.traces import load_ops, read_rois, read_suite2p_stat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(ROOT, "benchmarks", "fuzz_loaders.py")

@@ -25,11 +25,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import tifffile
 
-from deepcad_jax.data import caiman, hdf5, nwb, raw, suite2p, zarr_store
+from deepcad_jax.data.formats import caiman, hdf5, nwb, raw, suite2p, zarr_store
 from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
                                    scanimage_interleave)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
-from deepcad_jax.data.output import write_movie  # noqa: F401 (re-exported)
+from deepcad_jax.data.writers import write_movie  # noqa: F401 (re-exported)
 from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
 

@@ -1,0 +1,1 @@
+"""Measuring results: metrics, held-out scores, calibration, events, traces, simulated movies."""

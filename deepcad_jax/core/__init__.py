@@ -1,0 +1,1 @@
+"""The network and its pure, jit-compiled math: the U-Net, augmentation, loss, normalisation."""

@@ -1,0 +1,1 @@
+"""Denoising a movie with a trained model: tiling, the compiled step, memory budgets, the engine, the Denoiser and its files."""

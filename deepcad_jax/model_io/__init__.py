@@ -1,0 +1,1 @@
+"""Trained models on disk: checkpoints, loading, the DeepCAD-RT .pth import, safe unpickling, export."""

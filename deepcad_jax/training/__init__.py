@@ -1,0 +1,1 @@
+"""Training: the loop, the step, the training-pair pipeline (needs grain and optax)."""
