@@ -27,7 +27,7 @@ from deepcad_jax import config as config_lib
 from deepcad_jax import train
 from deepcad_jax.data.movie import open_movie
 from deepcad_jax.data.writers import write_movie
-from deepcad_jax.denoising.denoiser import denoise_files
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.analysis.metrics import snr_db
 from deepcad_jax.analysis.simulate import simulate
 

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 from deepcad_jax.config import Config, DenoiseConfig, load_config
 from deepcad_jax.core.network import LADDER, UNet3D
-from deepcad_jax.denoising.denoiser import Denoiser, denoise, denoise_files
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.checkpoint import Model, RunMeta
 from deepcad_jax.model_io.loading import load_model

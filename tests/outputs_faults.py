@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import deepcad_jax.data.writers as output_mod
+import deepcad_jax.runtime.files as output_mod
 
 READ_ONLY = "ro"  # the folder the read-only patches act on, under the row's root
 

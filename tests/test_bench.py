@@ -5,6 +5,7 @@ import pytest
 from deepcad_jax import cli
 
 from deepcad_jax.bench import workloads as bench
+from deepcad_jax.bench.results import markdown_table
 from deepcad_jax.denoising.tiling import patch_plan
 
 REQUIRED = {"workload", "device", "dtype", "batch_size", "median_s", "compile_s",
@@ -78,7 +79,7 @@ def test_torch_ratio_lines():
   records = [dict(common, workload="quick-train-step", median_s=0.08),
              dict(common, workload="quick-torch-train-step", median_s=0.16,
                   framework="torch 2.13")]
-  table = bench.markdown_table(records)
+  table = markdown_table(records)
   assert "JAX / PyTorch time, train-step 16x32x32: 0.50 (0.08 s vs 0.16 s" in table
 
 

@@ -14,11 +14,12 @@ from deepcad_jax.runtime import parallel
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.data import open_movie
 from deepcad_jax.training.pairs import PairSource
-from deepcad_jax.denoising.denoiser import sample_path, std_path
+from deepcad_jax.denoising.outputs import sample_path, std_path
 from deepcad_jax.core.network import (UNet3D, ensemble_params, member, network_input,
                                over_members)
 from deepcad_jax.stream import StreamDenoiser
-from deepcad_jax.training.loop import _adopt, compile_step, create_state, make_model
+from deepcad_jax.training.loop import _adopt
+from deepcad_jax.training.step import compile_step, create_state, make_model
 
 
 def _batch(n=2, shape=(8, 16, 16), seed=0, prior=False):

@@ -15,8 +15,10 @@ from conftest import noisy_movie, write_tiff
 from deepcad_jax import UserError, cli, config as config_lib, load_model
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.model_io.convert import pth_config, read_para, read_state_dict, to_flax_params
-from deepcad_jax.model_io.export import (export, forward, network, onnx_model, relative_rms,
-                                run_onnx, torch_state_dict, write_torch_state_dict)
+from deepcad_jax.model_io.export import export
+from deepcad_jax.model_io.export.onnx import onnx_model, run_onnx
+from deepcad_jax.model_io.export.network import forward, network, relative_rms
+from deepcad_jax.model_io.export.pth import torch_state_dict, write_torch_state_dict
 from deepcad_jax.core.network import init_params
 
 SHAPE = (2, 1, 12, 20, 18)  # odd sizes after pooling; what the export's own check runs

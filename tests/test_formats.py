@@ -15,12 +15,14 @@ from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
 from deepcad_jax.data.formats import caiman
 from deepcad_jax.data import writers as output_mod
+from deepcad_jax.runtime.files import outputs_together
 from deepcad_jax.data.formats import zarr_store
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.data.writers import write_movie
 from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import denoise, denoise_files
+from deepcad_jax.denoising.denoiser import denoise
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.analysis.traces import load_ops
 
 h5py = pytest.importorskip("h5py")
@@ -249,11 +251,11 @@ def test_one_file_appears_only_when_every_plane_is_written(tmp_path):
   out = str(tmp_path / "v.h5")
   recording = ("TZYX", (3, 2, 4, 4))
   with output_mod.SplitOutputs() as split:
-    with output_mod.outputs_together(split.writer(
+    with outputs_together(split.writer(
         f"{out}[plane=0]", (4, 4), np.float32, frames=3, recording=recording)) as ws:
       ws[0].write(frames)
     assert not os.path.exists(out)  # plane 0 is complete, the file is not
-    with output_mod.outputs_together(split.writer(
+    with outputs_together(split.writer(
         f"{out}[plane=1]", (4, 4), np.float32, frames=3, recording=recording)) as ws:
       ws[0].write(2 * frames)
   with h5py.File(out, "r") as f:
@@ -261,11 +263,11 @@ def test_one_file_appears_only_when_every_plane_is_written(tmp_path):
   # a plane that fails removes the whole file, and nothing of it is left
   with pytest.raises(ZeroDivisionError):
     with output_mod.SplitOutputs() as split:
-      with output_mod.outputs_together(split.writer(
+      with outputs_together(split.writer(
           f"{tmp_path / 'w.h5'}[plane=0]", (4, 4), np.float32, frames=3,
           recording=recording)) as ws:
         ws[0].write(frames)
-      with output_mod.outputs_together(split.writer(
+      with outputs_together(split.writer(
           f"{tmp_path / 'w.h5'}[plane=1]", (4, 4), np.float32, frames=3,
           recording=recording)) as ws:
         ws[0].write(frames[:1])
@@ -273,7 +275,7 @@ def test_one_file_appears_only_when_every_plane_is_written(tmp_path):
   # a run that ends with a plane never written is a bug, said so, and leaves nothing
   with pytest.raises(RuntimeError, match="not every plane and channel was written"):
     with output_mod.SplitOutputs() as split:
-      with output_mod.outputs_together(split.writer(
+      with outputs_together(split.writer(
           f"{tmp_path / 'x.h5'}[plane=0]", (4, 4), np.float32, frames=3,
           recording=recording)) as ws:
         ws[0].write(frames)

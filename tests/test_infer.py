@@ -5,7 +5,9 @@ import pytest
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, denoise, denoise_files, load_model
 from deepcad_jax.data import ArrayMovie, open_movie
-from deepcad_jax.denoising.denoiser import Engine, denoise_with, to_dtype
+from deepcad_jax.denoising.denoiser import denoise_with
+from deepcad_jax.denoising.outputs import to_dtype
+from deepcad_jax.denoising.engine import Engine
 from deepcad_jax.runtime.parallel import data_mesh
 from deepcad_jax.denoising.step import identity_tiles
 from deepcad_jax.denoising.tiling import overlap_plan

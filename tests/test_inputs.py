@@ -4,7 +4,6 @@ both read paths, and a memory-mapped file that shrinks while it is read."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -21,9 +20,10 @@ from deepcad_jax import UserError
 from deepcad_jax.runtime import parallel, resources
 from deepcad_jax.analysis import calibrate as calibrate_lib
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.denoising.denoiser import compiled_bytes
+from deepcad_jax.denoising.memory import compiled_bytes
 
-train_lib = importlib.import_module("deepcad_jax.training.loop")  # the package exports train()
+from deepcad_jax.training import loop as train_lib
+from deepcad_jax.training import step as step_lib
 
 
 def _fake_denoise(error_tracks: bool):
@@ -104,10 +104,10 @@ def test_training_memory_estimate_is_a_lower_bound_of_xla_analysis(devices):
   analysis of the compiled step says."""
   for features, patch in ((4, (8, 16, 16)), (8, (16, 32, 32))):
     cfg = tiny_config(**{"model.features": features, "data.patch": patch})
-    n, state, activations = train_lib.training_bytes(cfg, 1)
-    step = train_lib.compile_step(train_lib.make_model(cfg),
-                                  parallel.data_mesh(devices[:1]))
-    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    n, state, activations = step_lib.training_bytes(cfg, 1)
+    step = step_lib.compile_step(step_lib.make_model(cfg),
+                                 parallel.data_mesh(devices[:1]))
+    abstract = jax.eval_shape(lambda: step_lib.create_state(cfg))
     batch = {k: jax.ShapeDtypeStruct((1,) + patch, jnp.float32) for k in ("input", "target")}
     key = jax.eval_shape(lambda: jax.random.key(0))
     measured = compiled_bytes(step.lower(abstract, batch, key).compile())

@@ -19,12 +19,14 @@ import tifffile
 
 from conftest import noisy_movie, write_tiff
 from deepcad_jax import cli
-from deepcad_jax.data import writers as output_mod
+from deepcad_jax.runtime import files as output_mod
 from deepcad_jax.data.metadata import read_metadata
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.data.writers import AtomicFile, MovieWriter, lock_path, write_movie
+from deepcad_jax.data.writers import MovieWriter, write_movie
+from deepcad_jax.runtime.files import AtomicFile, lock_path
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import Denoiser, denoise, denoise_files
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.stream import ReplaySource, StreamDenoiser, run_pipeline
 
 
@@ -124,7 +126,7 @@ def test_locks_of_other_hosts_and_unreadable_locks_are_respected(tmp_path, monke
 
 
 def test_atomic_text_files_commit_together(tmp_path):
-  from deepcad_jax.data.writers import commit
+  from deepcad_jax.runtime.files import commit
   a, b = AtomicFile(str(tmp_path / "a.json")), AtomicFile(str(tmp_path / "b.csv"))
   json.dump({"x": 1}, a.text())
   b.text().write("t,y\n")
@@ -381,20 +383,20 @@ def test_two_concurrent_runs_never_mix_their_outputs(trained_model, tmp_path):
 
 SIGTERM_RUN = """
 import signal, sys, time
-from deepcad_jax.denoising import denoiser as infer
+from deepcad_jax.denoising import engine, files
 
 def stop(*_):
   raise KeyboardInterrupt  # what the CLI does with SIGTERM: unwind like Ctrl-C
 
 signal.signal(signal.SIGTERM, stop)
-fetch = infer.Engine.fetch
+fetch = engine.Engine.fetch
 
 def slow(submitted, host_dtype):  # a long run: time to be stopped between windows
   time.sleep(0.5)
   return fetch(submitted, host_dtype)
 
-infer.Engine.fetch = staticmethod(slow)
-infer.denoise_files(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
+engine.Engine.fetch = staticmethod(slow)
+files.denoise_files(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
                     tiling="overlap", patch=(16, 16, 16), symmetries=2)
 """
 

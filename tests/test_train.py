@@ -12,7 +12,8 @@ from deepcad_jax import train
 from deepcad_jax.runtime import parallel
 from deepcad_jax.data import open_movie
 from deepcad_jax.training.pairs import PairSource
-from deepcad_jax.training.loop import compile_step, create_state, loss_fn, make_model
+from deepcad_jax.core.losses import loss_fn
+from deepcad_jax.training.step import compile_step, create_state, make_model
 
 
 def test_loss_is_half_l1_plus_half_l2():

@@ -9,7 +9,8 @@ from conftest import noisy_movie, write_tiff
 from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
 from deepcad_jax.core.augment import apply_symmetry, invert_symmetry
 from deepcad_jax.data import open_movie
-from deepcad_jax.denoising.denoiser import std_path, symmetry_samples
+from deepcad_jax.denoising.step import symmetry_samples
+from deepcad_jax.denoising.outputs import std_path
 from deepcad_jax.analysis.metrics import uncertainty_calibration
 
 

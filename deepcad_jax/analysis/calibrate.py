@@ -26,7 +26,7 @@ from typing import Any
 from deepcad_jax.model_io.checkpoint import CALIBRATION
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.data.writers import AtomicFile
+from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.denoiser import Denoiser, denoise
 from deepcad_jax.analysis.metrics import format_calibration, uncertainty_calibration

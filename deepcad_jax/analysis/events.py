@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax.data.movie import Movie, as_movie, open_movie, refuse_to_overwrite
-from deepcad_jax.data.writers import AtomicFile, MovieWriter, os_error, outputs_together
+from deepcad_jax.data.writers import MovieWriter
+from deepcad_jax.runtime.files import AtomicFile, os_error, outputs_together
 from deepcad_jax.errors import UserError
 
 BLOCK_BYTES = 32 * 2**20  # float64 bytes of one block of frames

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.data.writers import AtomicFile
+from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.errors import UserError
 
 SLICES = {"xy": (0, 1, 2), "yt": (2, 0, 1), "xt": (1, 0, 2)}  # slice axis first

@@ -20,8 +20,8 @@ import numpy as np
 from deepcad_jax.runtime import resources
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.movie import refuse_to_overwrite
-from deepcad_jax.data.writers import (AtomicFile, MovieWriter, check_space, movie_bytes,
-                                     os_error, outputs_together)
+from deepcad_jax.data.writers import MovieWriter, movie_bytes
+from deepcad_jax.runtime.files import AtomicFile, check_space, os_error, outputs_together
 from deepcad_jax.errors import UserError
 from deepcad_jax.analysis.metrics import snr_db
 

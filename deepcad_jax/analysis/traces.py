@@ -26,7 +26,7 @@ import numpy as np
 from deepcad_jax.model_io import safe_pickle
 from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
                                     refuse_to_overwrite)
-from deepcad_jax.data.writers import AtomicFile, os_error
+from deepcad_jax.runtime.files import AtomicFile, os_error
 from deepcad_jax.data.formats.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
 from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.denoiser import Denoiser

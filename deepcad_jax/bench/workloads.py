@@ -10,35 +10,29 @@ is timed on the same patches in the same run, so CPU and GPU results compare fai
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
 import logging
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.runtime import parallel
-from deepcad_jax.model_io.checkpoint import Model
-from deepcad_jax.data.writers import AtomicFile
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import Denoiser, compiled_bytes, denoise
-from deepcad_jax.core.network import LADDER, UNet3D, ensemble_params, init_params, param_count
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.denoising.memory import compiled_bytes
+from deepcad_jax.core.network import LADDER, UNet3D, init_params, param_count
 from deepcad_jax.denoising.step import identity_tiles
 from deepcad_jax.stream import StreamDenoiser, run_pipeline
 from deepcad_jax.denoising.tiling import patch_plan
-from deepcad_jax.training.loop import compile_step, create_state, make_model
+from deepcad_jax.training.step import compile_step, create_state, make_model
+from deepcad_jax.bench.measure import (_compile, _compiled_memory, _flops, _patches,
+                                       _random_model, _record, _shape, _starting,
+                                       environment, measure)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -53,122 +47,6 @@ WORKLOADS = ("quick", "reference", "reference-device", "train-step", "ladder", "
 TILINGS = ("overlap", "exact")  # what `reference` and `overhead` put side by side
 
 
-@dataclasses.dataclass
-class Timing:
-  compile_s: float
-  times: list[float]
-
-  @property
-  def median_s(self) -> float:
-    return statistics.median(self.times)
-
-
-def measure(fn: Callable, args: Sequence[Any], repeats: int,
-            compile_s: float | None = None) -> Timing:
-  """Time `fn(*args)` `repeats` times after one untimed warm-up call.
-
-  `compile_s` is the ahead-of-time compile time where the caller compiled; otherwise
-  the warm-up call (which compiles) is reported as the compile time.
-  """
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(max(1, repeats)):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return Timing(first if compile_s is None else compile_s, times)
-
-
-def _compile(jitted, *args):
-  t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def peak_memory_bytes(device: jax.Device | None = None) -> tuple[int, str]:
-  """(bytes, source): the device's peak allocation, or this process's peak RSS on CPU."""
-  device = device or jax.devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS"
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float(cost.get("flops", 0.0)) or None if cost else None
-
-
-def _compiled_memory(compiled) -> int | None:
-  return compiled_bytes(compiled)
-
-
-def environment() -> dict[str, Any]:
-  dev = jax.devices()[0]
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, timeout=10,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    commit = ""
-  return {"device": dev.device_kind, "platform": dev.platform,
-          "device_count": jax.device_count(), "jax_version": jax.__version__,
-          "jaxlib_version": jaxlib.__version__, "commit": commit or "unknown",
-          "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "date": datetime.date.today().isoformat()}
-
-
-def _shape(shape) -> str:
-  return "x".join(str(int(n)) for n in shape)
-
-
-def _starting(name: str, what: str) -> None:
-  """A line as each measurement starts (a workload runs for minutes; see it move)."""
-  log.info("bench: %s (%s): compiling and timing...", name, what)
-
-
-def _record(workload: str, env: dict, dtype: str, batch_size: int, timing: Timing | None,
-            **extra) -> dict[str, Any]:
-  mem, mem_source = peak_memory_bytes()
-  rec = {"workload": workload, "device": env["device"], "dtype": dtype,
-         "batch_size": batch_size, "jax_version": env["jax_version"],
-         "commit": env["commit"], "peak_memory_bytes": mem, "peak_memory_source": mem_source}
-  if timing is not None:
-    rec.update(median_s=timing.median_s, compile_s=timing.compile_s,
-               min_s=min(timing.times), max_s=max(timing.times), runs=len(timing.times))
-  rec.update(extra)
-  if "voxels" in rec and "median_s" in rec:
-    rec["voxels_per_s"] = rec["voxels"] / rec["median_s"]
-  if rec.get("flops") and "median_s" in rec:
-    rec["flop_per_s"] = rec["flops"] / rec["median_s"]
-  log.info("bench: %s done: median %.4g s over %d run(s)%s%s", workload,
-           rec.get("median_s", float("nan")), rec.get("runs", 0),
-           f", compile {rec['compile_s']:.3g} s" if "compile_s" in rec else "",
-           f", {rec['voxels_per_s']:.3g} voxels/s" if "voxels_per_s" in rec else "")
-  return rec
-
-
-def _random_model(features: int, patch, overlap: float, members: int = 1) -> Model:
-  cfg = config_lib.from_dict({"name": f"bench-f{features}",
-                              "model": {"features": features, "ensemble": members},
-                              "infer": {"patch": list(patch), "overlap": overlap}})
-  return Model.create(ensemble_params(features, 0, members), cfg, mean=0.0,
-                      source="random")
-
-
-def _patches(n: int, patch, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=(n,) + tuple(patch)).astype(np.float32)
-
-
-# ------------------------------------------------------------------ workloads
 
 
 def end_to_end(env, movie_shape, patch, overlap, features, dtype, batch_size, repeats,
@@ -584,147 +462,4 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
   return recs
 
 
-# ------------------------------------------------------------------ results
 
-
-def results_path(folder: str, env: dict) -> str:
-  slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-  return os.path.join(folder, f"{slug}_{env['date']}.json")
-
-
-def save_records(records: list[dict], path: str) -> None:
-  """Append records to a JSON list (one file per device kind and date)."""
-  existing = []
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
-  with AtomicFile(path, overwrite=True) as f:
-    json.dump(existing + records, f.text(), indent=1)
-
-
-def write_results(records: list[dict], path: str | None = None) -> str:
-  """Append `records` to `path` (default: benchmarks/results/<device>_<date>.json),
-  rewrite its markdown table and ladder plot beside it; returns the report: this run's
-  table and where the files are."""
-  path = path or results_path(os.path.join("benchmarks", "results"),
-                              records[0]["environment"])
-  save_records(records, path)
-  with open(path) as f:
-    all_records = json.load(f)
-  stem = os.path.splitext(path)[0]
-  with AtomicFile(stem + ".md", overwrite=True) as f:
-    f.text().write(markdown_table(all_records) + "\n")
-  plot = plot_ladder(all_records, stem + "_ladder.png")
-  return (markdown_table(records) + f"\n\nrecords: {path} (table: {stem}.md"
-          + (f", plot: {plot}" if plot else "") + ")")
-
-
-def _paper_figure(r: dict) -> str:
-  """The paper's figure for a record measured at the paper's protocol, else ''."""
-  p150 = list(PAPER["patch"])
-  if r["workload"] == "reference" and r.get("movie") == list(PAPER["movie"]) and (
-      r.get("patch") == p150 or r.get("tiling") == "exact"):
-    return (f"{PAPER['inference_s']} s on an RTX 3090 (recorded in "
-            f"{PAPER['acquisition_s']} s)")
-  if r["workload"] == "reference-device" and r.get("patch") == p150 and \
-      r.get("patches") == PAPER["patches"]:
-    return f"{PAPER['inference_s']} s end to end"
-  if r["workload"] == "train-step" and r.get("patch") == p150:
-    return f"{PAPER['train_step_s']} s/step"
-  return ""
-
-
-def _torch_ratios(records: list[dict]) -> list[str]:
-  """'JAX / PyTorch' time ratios for records measured side by side (same patch)."""
-  lines = []
-  for r in records:
-    if "-torch-" not in r["workload"]:
-      continue
-    prefix, kind = r["workload"].split("-torch-")
-    want = (f"{prefix}-ladder-infer" if prefix == "quick" else None, "reference-device") \
-        if kind == "forward" else (f"{prefix}-train-step" if prefix == "quick" else
-                                   "train-step",)
-    for j in records:
-      if j["workload"] in want and j.get("patch") == r.get("patch") and \
-          j.get("features") == r.get("features") and j.get("patches", 1) == 1 and \
-          j["dtype"] == "float32" and j.get("commit") == r.get("commit"):
-        lines.append(f"JAX / PyTorch time, {kind} {'x'.join(map(str, r['patch']))}: "
-                     f"{j['median_s'] / r['median_s']:.2f} ({j['median_s']:.4g} s vs "
-                     f"{r['median_s']:.4g} s, {r.get('framework', 'torch')}).")
-        break
-  return lines + ([""] if lines else [])
-
-
-def markdown_table(records: list[dict]) -> str:
-  """Measured records, and the paper's figures where a record used the paper's protocol."""
-  rows = ["| workload | shape | device | dtype | batch | median s | compile s | voxels/s | "
-          "recompute | TFLOP/s | peak memory MB | paper |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in records:
-    tflops = f"{r['flop_per_s'] / 1e12:.3g}" if r.get("flop_per_s") else ""
-    vps = f"{r['voxels_per_s']:.3g}" if r.get("voxels_per_s") else ""
-    name = r["workload"] + (f" f={r['features']}" if "ladder" in r["workload"] else "")
-    name += f" ({r['devices_used']} dev)" if "devices_used" in r else ""
-    if "uncertainty" in r:
-      name += f" K={r['uncertainty']} M={r['members']}"
-    if r.get("tiling"):
-      name += f" ({r['tiling']})"
-    shape = "x".join(map(str, r["movie"])) + " movie, " if "movie" in r else ""
-    shape += ("x".join(map(str, r["patch"])) + " tiles") if "patch" in r else ""
-    if r.get("patches"):
-      shape += f" x{r['patches']}"
-    if "latency_p99_s" in r:
-      shape += (f"; latency median {r['latency_median_s']:.3g} s, p99 "
-                f"{r['latency_p99_s']:.3g} s")
-    recompute = f"{r['recompute']:.2f}" if r.get("recompute") else ""
-    rows.append(f"| {name} | {shape} | {r['device']} | {r['dtype']} | {r['batch_size']} | "
-                f"{r.get('median_s', float('nan')):.4g} | {r.get('compile_s', 0):.3g} | "
-                f"{vps} | {recompute} | {tflops} | {r['peak_memory_bytes'] / 2**20:.0f} | "
-                f"{_paper_figure(r)} |")
-  rows.append("")
-  rows += _torch_ratios(records)
-  rows.append(f"Paper (Li et al. 2022): {PAPER['inference_s']} s for the 490x490x300 "
-              f"movie (75 patches of 150^3) on one RTX 3090 (PyTorch, batch 1), recorded "
-              f"in {PAPER['acquisition_s']} s; {PAPER['train_step_s']} s per 150^3 "
-              "training step; 701 MB GPU memory for the TensorRT float16 deployment. "
-              "Shapes are T x Y x X. Peak memory is the device's peak allocation on GPUs "
-              "and the process's peak RSS on CPUs (cumulative over the run). Voxels/s "
-              "counts movie voxels for end-to-end and stream rows and network voxels "
-              "otherwise; recompute is network voxels / movie voxels (overlap: "
-              "DeepCAD-RT's overlapping patches; exact: seamless tiles as large as the "
-              "memory budget allows). A stream row's median s is the whole replay.")
-  return "\n".join(rows)
-
-
-def plot_ladder(records: list[dict], path: str) -> str | None:
-  """Time and memory against parameters for the ladder (needs matplotlib)."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return None
-  rows = [r for r in records if "ladder" in r["workload"] and "parameters" in r]
-  if not rows:
-    return None
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  for kind, marker in (("infer", "o"), ("train", "s")):
-    sel = sorted((r for r in rows if r["workload"].endswith(kind)),
-                 key=lambda r: r["parameters"])
-    xs = [r["parameters"] for r in sel]
-    axes[0].plot(xs, [r["median_s"] for r in sel], marker=marker, label=kind)
-    axes[1].plot(xs, [r.get("compiled_memory_bytes") or 0 for r in sel], marker=marker,
-                 label=kind)
-  for ax, label in zip(axes, ("median time per patch batch (s)", "compiled memory (bytes)")):
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(label)
-    ax.legend()
-  fig.suptitle(f"Pruning ladder on {rows[0]['device']} ({rows[0]['dtype']})")
-  fig.tight_layout()
-  try:
-    with AtomicFile(path, overwrite=True) as f:
-      fig.savefig(f.open(), dpi=120, format="png")
-  finally:
-    plt.close(fig)
-  return path

@@ -10,9 +10,9 @@ import time
 
 from deepcad_jax.model_io import checkpoint as ckpt
 from deepcad_jax.config import load_config
-from deepcad_jax.data.writers import AtomicFile
+from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import denoise_files
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.analysis.metrics import evaluate_files, format_table
 from deepcad_jax.analysis.simulate import write_simulation
 from deepcad_jax.training.loop import train

@@ -6,8 +6,8 @@ The training-pair pipeline, which needs grain, lives in `deepcad_jax.training.pa
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import (ArrayMovie, Movie, TiffMovie, as_movie, list_movies,
                                     open_movie, refuse_to_overwrite)
-from deepcad_jax.data.writers import (AtomicFile, MovieWriter, check_space, commit,
-                                      write_movie)
+from deepcad_jax.data.writers import MovieWriter, write_movie
+from deepcad_jax.runtime.files import AtomicFile, check_space, commit
 
 __all__ = ["ArrayMovie", "AtomicFile", "Movie", "MovieMetadata", "MovieWriter",
            "TiffMovie", "as_movie", "check_space", "commit", "list_movies", "open_movie",

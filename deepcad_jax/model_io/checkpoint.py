@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.data.writers import os_error
+from deepcad_jax.runtime.files import os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.core.network import ensemble_params
 

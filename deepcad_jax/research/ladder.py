@@ -27,13 +27,15 @@ from typing import Sequence
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.bench.workloads import environment, train_step
+from deepcad_jax.bench.workloads import train_step
+from deepcad_jax.bench.measure import environment
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.model_io.checkpoint import save_model
 from deepcad_jax.data.movie import list_movies, open_movie
-from deepcad_jax.data.writers import AtomicFile
+from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import Denoiser, compiled_bytes, denoise
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.denoising.memory import compiled_bytes
 from deepcad_jax.analysis.metrics import evaluate
 from deepcad_jax.core.network import LADDER, flops_per_voxel, param_count, uniform_widths, widths_of
 from deepcad_jax.research.prune import parameters, prune

@@ -1,4 +1,4 @@
-"""One training run per workdir: an advisory lock file naming its holder.
+"""Locks: one training run per workdir, and whether a lock's holder still runs.
 
 `WorkdirLock(workdir)` takes an exclusive `flock` on `workdir/train.lock` and writes the
 holder's PID, host and start time into it. The kernel drops the lock when the holder
@@ -6,7 +6,8 @@ exits, however it exits (kill -9 included), so a lock file left behind is stale 
 construction: the next run takes it over and says whose it was. A second run on a held
 workdir gets one sentence naming the PID that holds it. Where the file system has no
 `flock` (some network mounts), the PID in the file decides: a live process on this host
-holds it, a dead one left it stale.
+holds it, a dead one left it stale. `alive` (shared with the output locks of
+`runtime.files`) says whether a lock's holder may still run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ log = logging.getLogger("deepcad_jax")
 LOCK_NAME = "train.lock"
 
 
-def lock_path(workdir: str) -> str:
+def workdir_lock_path(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), LOCK_NAME)
 
 
@@ -41,14 +42,21 @@ def _read(fd: int) -> dict:
     return {}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int, host: str) -> bool:
+  """Whether process `pid` of `host` may still run (another host's: assumed so)."""
+  if host != socket.gethostname() or os.name == "nt":
+    return True
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:  # another user's live process
+  except PermissionError:
     return True
-  return True
+  try:  # a zombie (exited, not yet reaped) no longer writes anything
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 def _describe(holder: dict) -> str:
@@ -63,7 +71,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = lock_path(workdir)
+    self.path = workdir_lock_path(workdir)
     self._fd: int | None = None
 
   def acquire(self) -> "WorkdirLock":
@@ -121,7 +129,7 @@ class WorkdirLock:
     holder = _read(fd)
     pid = holder.get("pid")
     if isinstance(pid, int) and pid != os.getpid() and \
-        holder.get("host") == socket.gethostname() and _alive(pid):
+        holder.get("host") == socket.gethostname() and alive(pid, holder["host"]):
       return holder
     return None
 

@@ -15,16 +15,9 @@ from typing import Any, Callable, Sequence, TypeVar
 import jax
 
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.files import format_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def format_bytes(n: float) -> str:
-  """1.5e9 -> '1.5 GB' (decimal units, 3 significant digits)."""
-  for unit, size in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-    if abs(n) >= size:
-      return f"{n / size:.3g} {unit}"
-  return f"{int(n)} bytes"
 
 
 def host_available_bytes() -> int | None:

@@ -16,7 +16,8 @@ import numpy as np
 from deepcad_jax.runtime import parallel
 from deepcad_jax.data.movie import ArrayMovie
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import Denoiser, Window
+from deepcad_jax.denoising.denoiser import Denoiser
+from deepcad_jax.denoising.engine import Window
 from deepcad_jax.denoising.step import Channels
 from deepcad_jax.denoising.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to, exact_plan, gap,
                                 overlap_plan)

@@ -8,9 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepcad_jax.data.metadata import MovieMetadata
-from deepcad_jax.data.writers import BIGTIFF_BYTES, MovieWriter, check_space, movie_bytes
+from deepcad_jax.data.writers import BIGTIFF_BYTES, MovieWriter, movie_bytes
+from deepcad_jax.runtime.files import check_space
 from deepcad_jax.data.spec import with_name_suffix
-from deepcad_jax.denoising.denoiser import DenoiseStats, TemporalSpread, quantisation_note, to_dtype
+from deepcad_jax.denoising.outputs import (DenoiseStats, TemporalSpread,
+                                           quantisation_note, to_dtype)
 from deepcad_jax.denoising.step import Channels
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from deepcad_jax.runtime import resources
 from deepcad_jax.data.writers import output_format
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.denoiser import resolve_output_dtype
+from deepcad_jax.denoising.outputs import resolve_output_dtype
 from deepcad_jax.denoising.step import Channels
 from deepcad_jax.stream.denoiser import StreamDenoiser
 from deepcad_jax.stream.files import StreamFiles, raw_path

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import struct
 import sys
-import zlib
 
 import numpy as np
 
-from deepcad_jax.data.writers import write_bytes
+from deepcad_jax.data.png import png_bytes
+from deepcad_jax.runtime.files import write_bytes
 from deepcad_jax.errors import UserError
 
 
@@ -18,15 +17,7 @@ def write_png(path: str, image: np.ndarray) -> None:
   written atomically."""
   lo, hi = np.percentile(image, [0.5, 99.5]) if image.size else (0, 1)
   img = np.clip((image - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
-  raw = b"".join(b"\x00" + row.tobytes() for row in img)
-  write_bytes(path, b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(
-      ">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0)) +
-      _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b""))
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-  return (struct.pack(">I", len(data)) + tag + data +
-          struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+  write_bytes(path, png_bytes(img, level=6))
 
 
 def write_preview(path: str, raw: np.ndarray, denoised: np.ndarray) -> None:
