@@ -1,4 +1,5 @@
-"""Test set-up: four simulated CPU devices (set before jax is imported) and small fixtures."""
+"""Test set-up: four simulated CPU devices (set before jax is imported) and the shared
+fixtures; plain helpers live in `tests.helpers`."""
 
 import os
 
@@ -13,11 +14,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tifffile  # noqa: E402
 
-from deepcad_jax import config as config_lib  # noqa: E402
+from tests.helpers import noisy_movie, tiny_config, write_tiff  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,26 +26,6 @@ def devices():
     pytest.skip(f"needs 4 devices; this {devs[0].platform} machine has {len(devs)}")
   assert len(devs) == 4, "conftest must set 4 simulated devices before jax is imported"
   return devs
-
-
-def write_tiff(path, array, **kwargs):
-  tifffile.imwrite(path, array, photometric="minisblack", **kwargs)
-  return str(path)
-
-
-def noisy_movie(shape=(40, 24, 24), seed=0, dtype=np.uint16):
-  """A slowly varying bright pattern with Poisson noise."""
-  rng = np.random.default_rng(seed)
-  t, y, x = shape
-  yy, xx = np.mgrid[:y, :x]
-  base = 60 + 40 * np.sin(yy / 4.0) * np.cos(xx / 5.0)
-  clean = base[None] * (1 + 0.3 * np.sin(np.arange(t) / 6.0))[:, None, None]
-  return rng.poisson(clean).astype(dtype), clean.astype(np.float32)
-
-
-def tiny_config(**changes):
-  cfg = config_lib.load_config("tiny")
-  return config_lib.override(cfg, **changes) if changes else cfg
 
 
 @pytest.fixture(scope="session")

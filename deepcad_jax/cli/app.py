@@ -29,7 +29,8 @@ log = logging.getLogger("deepcad_jax")
 
 # The commands, in the order `usage` lists them; each module of this package defines
 # (and registers here) the commands of one activity.
-ORDER = ('demo', 'train', 'denoise', 'traces', 'events', 'calibrate', 'convert', 'export', 'stream', 'bench', 'prune', 'ladder', 'score', 'simulate', 'evaluate')
+ORDER = ("demo", "train", "denoise", "traces", "events", "calibrate", "convert", "export",
+         "stream", "bench", "prune", "ladder", "score", "simulate", "evaluate")
 COMMANDS = {c.name: c for c in sorted(
     [*train.COMMANDS, *denoise.COMMANDS, *models.COMMANDS, *analysis.COMMANDS,
      *research.COMMANDS], key=lambda c: ORDER.index(c.name))}

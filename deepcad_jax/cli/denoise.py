@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from absl import flags
 
-from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed, _define_dtype,
-                                   _define_formats, _define_model, _define_output,
-                                   _define_run_settings, _init_distributed, _movie, _output, _require, _triple, _v)
+from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed,
+                                   _define_dtype, _define_formats, _define_model,
+                                   _define_output, _define_run_settings,
+                                   _init_distributed, _movie, _output, _require, _triple,
+                                   _v)
 
 
 def _define_denoise(fv):

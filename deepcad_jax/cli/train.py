@@ -8,7 +8,8 @@ from __future__ import annotations
 from absl import flags
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed, _define_formats, _define_set, _holdout,
+from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed,
+                                   _define_formats, _define_set, _holdout,
                                    _init_distributed, _movie, _require, _triple, _v)
 
 

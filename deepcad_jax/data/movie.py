@@ -1,5 +1,5 @@
 """Movies (T, Y, X): lazy readers of every input format, and in-memory arrays (writing:
-`data.output`).
+`data.writers`).
 
 A movie is named by a spec (`data.spec`): a TIFF, an HDF5 file or Zarr store (and the
 array inside), an NWB file (and its imaging series), a suite2p plane folder or a raw

@@ -5,7 +5,7 @@ A `Denoiser` holds a model compiled for inference. For each movie it picks a
 overlap scheme; see `Denoiser.plan`) and an `Engine` runs it: the movie is read one
 window of frames at a time (a temporal slab, or a few when several devices share the
 work), each window goes to the device once in its own dtype, and the compiled
-`predict.predict_step` does everything else there (normalisation, tiles, network,
+`step.predict_step` does everything else there (normalisation, tiles, network,
 stitching, dtype conversion). While the device computes window k, the host reads window
 k+1 and writes window k-1's frames, so memory holds a few windows, never the movie.
 """
@@ -26,18 +26,18 @@ import numpy as np
 from deepcad_jax.runtime import parallel, resources
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.config import DenoiseConfig
-from deepcad_jax.data.movie import (Movie, as_movie)
+from deepcad_jax.data.movie import Movie, as_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.core.network import uniform_widths
 from deepcad_jax.core.normalise import Normalisation
-from deepcad_jax.denoising.step import (Channels, TileFn, reflect_index, tile_network)
-from deepcad_jax.denoising.tiling import (GRID, HALO, TilePlan, choose_exact_tile, exact_plan,
-                                overlap_plan)
+from deepcad_jax.denoising.step import Channels, TileFn, reflect_index, tile_network
+from deepcad_jax.denoising.tiling import (GRID, HALO, TilePlan, choose_exact_tile,
+                                          exact_plan, overlap_plan)
 from deepcad_jax.denoising.engine import Engine, Frames
 from deepcad_jax.denoising.memory import bytes_per_voxel, compiled_bytes, memory_budget
-from deepcad_jax.denoising.outputs import (DenoiseStats, resolve_output_dtype, sample_path,
-                                          std_path)
+from deepcad_jax.denoising.outputs import (DenoiseStats, resolve_output_dtype,
+                                           sample_path, std_path)
 
 __all__ = ["Denoiser", "as_denoiser", "denoise", "denoise_with", "resolve_model",
            "whole_movie_forward"]
@@ -384,7 +384,7 @@ def denoise_with(movie: Any, tile_fn: TileFn, plan: TilePlan, *, params: Any = N
 
   Args:
     movie: the movie (array, path or `Movie`).
-    tile_fn: the network on normalised tiles (`predict.TileFn`).
+    tile_fn: the network on normalised tiles (`step.TileFn`).
     plan: the tile plan for the movie's shape.
     params: `tile_fn`'s parameters.
     mean: the movie's mean intensity (default: computed from the movie).

@@ -17,13 +17,13 @@ import jax
 import numpy as np
 
 from deepcad_jax.runtime import parallel
-from deepcad_jax.data.movie import (Movie)
+from deepcad_jax.data.movie import Movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.core.normalise import Normalisation
 from deepcad_jax.denoising.step import (StepLayout, TileFn, compile_predict_step,
-                                 frame_padding, reflect_index)
+                                        frame_padding, reflect_index)
 from deepcad_jax.runtime.progress import Progress
-from deepcad_jax.denoising.tiling import (TilePlan)
+from deepcad_jax.denoising.tiling import TilePlan
 from deepcad_jax.denoising.outputs import DenoiseStats, TemporalSpread, to_dtype
 
 log = logging.getLogger("deepcad_jax")
@@ -77,7 +77,7 @@ class Engine:
   """Runs tile plans through the compiled predict step on a mesh of devices.
 
   Args:
-    tile_fn: the network on normalised tiles (`predict.tile_network`, or a stand-in).
+    tile_fn: the network on normalised tiles (`step.tile_network`, or a stand-in).
     params: its parameters (host arrays; put on the devices once, replicated).
     mesh: the devices (`parallel.data_mesh`).
     batch_size: tiles per network call; a multiple of the mesh's data axis (0: one per

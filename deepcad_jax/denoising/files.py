@@ -28,11 +28,11 @@ from deepcad_jax.runtime.files import (PARTIAL_SUFFIX, check_space, os_error,
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
                                    with_name_suffix)
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.step import (Channels)
+from deepcad_jax.denoising.step import Channels
 from deepcad_jax.denoising.denoiser import INFER_FIX, Denoiser, as_denoiser
 from deepcad_jax.denoising.engine import Frames
-from deepcad_jax.denoising.outputs import (DenoiseStats, quantisation_note, resolve_output_dtype,
-                                          to_dtype)
+from deepcad_jax.denoising.outputs import (DenoiseStats, quantisation_note,
+                                           resolve_output_dtype, to_dtype)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -275,7 +275,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
   Each output carries the input's metadata and appears only once complete
-  (`data.output`). An input is never written over; for a folder, outputs already
+  (`runtime.files`). An input is never written over; for a folder, outputs already
   complete from an earlier run are skipped (a rerun after a failure finishes the rest),
   and a missing output folder is created. With `symmetries` the std movie is written
   beside each output as `*_std.tif`, and with `save_samples` each sample as

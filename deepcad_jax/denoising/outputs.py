@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deepcad_jax.data.spec import (with_name_suffix)
+from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.errors import UserError
 
 

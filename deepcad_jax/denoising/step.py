@@ -59,7 +59,7 @@ def tile_network(features: int, dtype: Any = jnp.float32, *, members: int = 1, e
     features: the network's width f, as for `model.UNet3D`.
     dtype: compute dtype.
     members: ensemble members M (parameters stacked on a leading axis), averaged.
-    ensemble_impl: how the members run: 'loop' or 'vmap' (`model.over_members`).
+    ensemble_impl: how the members run: 'loop' or 'vmap' (`network.over_members`).
     symmetries: K >= 1: each tile is predicted under K symmetries of the (y, x) plane
       with every member, and the result has channels [mean, std * std_scale]; 0: the
       plain (member-averaged) prediction.

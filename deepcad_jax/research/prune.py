@@ -32,7 +32,8 @@ from deepcad_jax.data.movie import Movie, as_movie
 from deepcad_jax.errors import UserError
 from deepcad_jax.core.losses import loss_fn
 from deepcad_jax.core.network import (LAYERS, LEVELS, Conv3D, UNet3D, flops_per_voxel,
-                               network_input, param_count, uniform_widths, widths_of)
+                                      network_input, param_count, uniform_widths,
+                                      widths_of)
 from deepcad_jax.core.normalise import Normalisation
 
 log = logging.getLogger("deepcad_jax")

@@ -3,7 +3,7 @@
 `StreamDenoiser` takes frames as they arrive (`push`) and hands back denoised frames in
 order (`pull`). It cuts time with the same `tiling.AxisTiling` and (y, x) with the same
 `tiling.TilePlan` as offline denoising, and runs each temporal tile through the same
-`infer.Engine` and compiled predict step. Every pushed frame comes out exactly once.
+`engine.Engine` and compiled predict step. Every pushed frame comes out exactly once.
 
 - exact (default): tiles of `halo + core_frames + lookahead` frames every `core_frames`
   frames, each keeping its `core_frames` (the first keeps its halo too), and at the end
@@ -24,9 +24,9 @@ queue fills and the `policy` decides, visibly: 'block' (back-pressure: acquisiti
 waits, frames are late but none is lost) or 'drop' (frames that find the queue full are
 dropped, counted and reported; the raw movie keeps them, the denoised one does not).
 
-This module is the public face of the live mode; the parts live in `stream_denoiser`
-(`StreamDenoiser`), `stream_sources` (frame sources), `stream_pipeline` (the three
-stages), `stream_files` (the files written) and `stream_view` (previews, live window).
+This module is the public face of the live mode; the parts live in its modules `denoiser`
+(`StreamDenoiser`), `sources` (frame sources), `pipeline` (the three stages), `files`
+(the files written) and `view` (previews, live window).
 """
 
 from deepcad_jax.stream.denoiser import CORE_FRAMES, STREAM_TILINGS, StreamDenoiser

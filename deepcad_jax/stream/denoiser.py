@@ -2,7 +2,7 @@
 
 It cuts time with the same `tiling.AxisTiling` and (y, x) with the same
 `tiling.TilePlan` as offline denoising, and runs each temporal tile through the same
-`infer.Engine` and compiled predict step (see `deepcad_jax.stream` for the two tilings).
+`engine.Engine` and compiled predict step (see `deepcad_jax.stream` for the two tilings).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.denoiser import Denoiser
 from deepcad_jax.denoising.engine import Window
 from deepcad_jax.denoising.step import Channels
-from deepcad_jax.denoising.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to, exact_plan, gap,
-                                overlap_plan)
+from deepcad_jax.denoising.tiling import (GRID, HALO, AxisTiling, TilePlan, ceil_to,
+                                          exact_plan, gap, overlap_plan)
 
 log = logging.getLogger("deepcad_jax")
 

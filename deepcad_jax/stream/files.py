@@ -1,4 +1,4 @@
-"""The files a live stream writes, all through `data.output.MovieWriter`: the raw frames
+"""The files a live stream writes, all through `data.writers.MovieWriter`: the raw frames
 and the denoised frames, under temporary names until the stream ends."""
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Training: the loop, the step, the training-pair pipeline (needs grain and optax)."""
+"""Training: the loop, one step and the training-pair pipeline (needs grain and
+optax)."""

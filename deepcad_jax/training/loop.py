@@ -30,7 +30,7 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.denoiser import Denoiser
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.runtime.locks import WorkdirLock
-from deepcad_jax.core.network import (add_prior_channel)
+from deepcad_jax.core.network import add_prior_channel
 from deepcad_jax.runtime.progress import Progress, format_duration
 from deepcad_jax.analysis.score import holdout_range, scores
 from deepcad_jax.training.step import (TRAIN_FIX, TrainState, check_training_memory, compile_step,

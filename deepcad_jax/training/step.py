@@ -18,8 +18,7 @@ from deepcad_jax import config as config_lib
 from deepcad_jax.runtime import parallel, resources
 from deepcad_jax.core.augment import augment_batch
 from deepcad_jax.core.losses import loss_fn
-from deepcad_jax.core.network import (UNet3D, ensemble_params, network_input,
-                               over_members)
+from deepcad_jax.core.network import UNet3D, ensemble_params, network_input, over_members
 from deepcad_jax.runtime.files import format_bytes
 
 
@@ -82,7 +81,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
     key: the run's augmentation key (folded with the step here).
     model: the network (`make_model`).
     members: ensemble members M.
-    impl: how the members run: 'loop' or 'vmap' (`model.over_members`).
+    impl: how the members run: 'loop' or 'vmap' (`network.over_members`).
 
   Returns:
     (the updated state, {'loss': the loss, averaged over the members}).

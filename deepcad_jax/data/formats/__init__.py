@@ -1,1 +1,2 @@
-"""Movie file formats beyond TIFF: HDF5, Zarr, NWB, CaImAn memmaps, Suite2p binaries, raw."""
+"""Movie file formats beyond TIFF: HDF5, Zarr, NWB, CaImAn memmaps, suite2p binaries,
+raw binaries."""

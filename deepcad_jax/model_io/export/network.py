@@ -161,7 +161,7 @@ def relative_rms(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _written(path: str, write: Callable[[BinaryIO], None]) -> AtomicFile:
-  """`write` into a temporary file beside `path` (`data.output.AtomicFile`), finished
+  """`write` into a temporary file beside `path` (`runtime.files.AtomicFile`), finished
   but not yet renamed: `publish()` (or `commit` with others) makes it appear."""
   f = AtomicFile(path, overwrite=True)
   try:
