@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deepcad_jax.model_io import safe_pickle
+from deepcad_jax.data import safe_pickle
 from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
                                     refuse_to_overwrite)
 from deepcad_jax.runtime.files import AtomicFile, os_error

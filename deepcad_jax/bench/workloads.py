@@ -295,7 +295,7 @@ def torch_side_by_side(env, patch, features, batch_size, repeats, name) -> list[
     import torch
   except ImportError:
     return []
-  from deepcad_jax.model_io.torch_reference import from_flax_params
+  from deepcad_jax.export.torch_reference import from_flax_params
   device = "cuda" if torch.cuda.is_available() else "cpu"
   net = from_flax_params(init_params(features, 0), features).to(device)
   x = torch.from_numpy(_patches(batch_size, patch)[:, None]).to(device)

@@ -66,7 +66,7 @@ _EXPORT_ONLY = {"patch": ("onnx",), "verify": ("onnx",), "opset": ("onnx", "bioi
 
 def _run_export(fv):
   from deepcad_jax.model_io.loading import load_model
-  from deepcad_jax.model_io.export import export
+  from deepcad_jax.export import export
   _require(fv, "model", "format", "output")
   fmt = _v(fv, "format")
   for name, formats in _EXPORT_ONLY.items():

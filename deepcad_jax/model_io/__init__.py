@@ -1,2 +1,2 @@
-"""Trained models on disk: checkpoints, loading, the DeepCAD-RT .pth import, safe
-unpickling, export (`export/`: .pth, ONNX, bioimage.io)."""
+"""Trained models on disk: the model format (checkpoints, `Model`, `RunMeta`), loading a
+model from a path, and the DeepCAD-RT .pth import."""

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.model_io import safe_pickle
+from deepcad_jax.data import safe_pickle
 from deepcad_jax.model_io.checkpoint import Model, RunMeta, save_model
 from deepcad_jax.errors import UserError
 from deepcad_jax.core.network import LEVELS, init_params

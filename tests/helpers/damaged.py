@@ -17,7 +17,7 @@ import tifffile
 
 from tests.helpers import noisy_movie, write_tiff
 from deepcad_jax.model_io.loading import load_model
-from deepcad_jax.model_io.export import export
+from deepcad_jax.export import export
 
 SHAPE = (40, 24, 24)
 

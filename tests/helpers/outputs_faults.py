@@ -68,7 +68,7 @@ def movie_folder(files, name: str = "in") -> str:
 
 def exported_pth(files) -> str:
   """The row's model exported as DeepCAD-RT's .pth (with para.yaml), declared inputs."""
-  from deepcad_jax.model_io.export import export
+  from deepcad_jax.export import export
   path = str(files.root / "model.pth")
   export(files.model, path, "pth")
   files.input(files.root / "para.yaml")

@@ -17,7 +17,7 @@ from deepcad_jax.core.network import param_count
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch "
                             "(pip install torch==2.13.0)")
-from deepcad_jax.model_io.torch_reference import Network_3D_Unet, from_flax_params  # noqa: E402
+from deepcad_jax.export.torch_reference import Network_3D_Unet, from_flax_params  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -15,10 +15,10 @@ from tests.helpers import noisy_movie, write_tiff
 from deepcad_jax import UserError, cli, config as config_lib, load_model
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.model_io.convert import pth_config, read_para, read_state_dict, to_flax_params
-from deepcad_jax.model_io.export import export
-from deepcad_jax.model_io.export.onnx import onnx_model, run_onnx
-from deepcad_jax.model_io.export.network import forward, network, relative_rms
-from deepcad_jax.model_io.export.pth import torch_state_dict, write_torch_state_dict
+from deepcad_jax.export import export
+from deepcad_jax.export.onnx import onnx_model, run_onnx
+from deepcad_jax.export.network import forward, network, relative_rms
+from deepcad_jax.export.pth import torch_state_dict, write_torch_state_dict
 from deepcad_jax.core.network import init_params
 
 SHAPE = (2, 1, 12, 20, 18)  # odd sizes after pooling; what the export's own check runs
@@ -99,7 +99,7 @@ def test_pth_round_trip_is_bit_exact_and_deterministic(tmp_path):
 def test_pth_loads_in_pytorch_strictly_and_matches_jax(tmp_path, trained_model):
   import torch
 
-  from deepcad_jax.model_io.torch_reference import Network_3D_Unet
+  from deepcad_jax.export.torch_reference import Network_3D_Unet
   out = tmp_path / "model.pth"
   assert cli.main(["deepcad-jax", "export", "--model", trained_model, "--format", "pth",
                    "--output", str(out)]) == 0
@@ -121,7 +121,7 @@ def test_pth_loads_in_pytorch_strictly_and_matches_jax(tmp_path, trained_model):
 def test_torch_saved_pth_round_trips_bit_exact(tmp_path):
   import torch
 
-  from deepcad_jax.model_io.torch_reference import Network_3D_Unet
+  from deepcad_jax.export.torch_reference import Network_3D_Unet
   torch.manual_seed(0)
   original = Network_3D_Unet(16).state_dict()
   torch.save(original, tmp_path / "in.pth")

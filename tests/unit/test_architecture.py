@@ -1,5 +1,6 @@
-"""The package's structure: the model format's owner, the normalisation convention,
-inference without the training stack, and the CLI's shared pieces."""
+"""The package's structure: folders by activity that import one way, small modules, no
+import cycles, the model format's owner, the normalisation convention, inference
+without the training stack, and the CLI's shared pieces."""
 
 import json
 import os
@@ -22,6 +23,65 @@ def test_inference_imports_no_training_stack():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True).stdout
   assert out.strip() == "[]"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE = os.path.join(ROOT, "deepcad_jax")
+# The folders of the package, bottom up: a module may import its own folder's modules
+# and those of folders below it, never above (docs/architecture.md).
+LAYERS = [("errors",), ("config", "core"), ("runtime",), ("data",), ("model_io",),
+          ("denoising",), ("analysis", "stream"), ("training",), ("export", "research", "bench"),
+          ("cli",), ("__init__", "__main__")]  # the package's face: the public API, the CLI
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _modules():
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        yield os.path.join(folder, name)
+
+
+def test_the_folders_are_the_architecture():
+  """At most two levels below the package, a few modules in each, none much over 600
+  lines, and every folder of the package is one of the layers."""
+  for path in _modules():
+    rel = os.path.relpath(path, PACKAGE).split(os.sep)
+    assert len(rel) <= 3, rel  # deepcad_jax/<activity>/<sub>/module.py at most
+    assert rel[0][:-3] in RANK or rel[0] in RANK, rel
+    with open(path) as f:
+      assert sum(1 for _ in f) <= 620, path
+  for folder, dirs, files in os.walk(PACKAGE):
+    modules = [f for f in files if f.endswith(".py") and f != "__init__.py"]
+    if folder != PACKAGE and "__pycache__" not in folder:
+      assert len(modules) <= 9, (folder, modules)
+
+
+def test_imports_point_down_the_layers():
+  import ast
+  for path in _modules():
+    rel = os.path.relpath(path, PACKAGE).split(os.sep)
+    here = rel[0][:-3] if len(rel) == 1 else rel[0]
+    tree = ast.parse(open(path).read())
+    for node in tree.body:  # module level: imports inside functions are the CLI's own
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deepcad_jax"):
+        parts = node.module.split(".")
+        targets = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+        for target in targets:
+          if target in RANK and not (here == "config" and target == "core"):
+            assert RANK[target] <= RANK[here], f"{path} imports {node.module}"
+
+
+def test_no_import_cycles_and_no_imports_inside_functions_but_the_documented_ones(tmp_path):
+  out = tmp_path / "metrics.json"
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "code_metrics.py"),
+                  "--root", ROOT, "--json", str(out)], capture_output=True, check=True)
+  metrics = json.loads(out.read_text())
+  assert metrics["cycles_module_level"] == [] and metrics["cycles_with_function_imports"] == []
+  documented = {"deepcad_jax.bench.workloads",         # torch, when there
+                "deepcad_jax.export.torch_reference"}  # shipped alone with torch
+  lazy = set(metrics["imports_inside_functions"])
+  assert all(m.startswith("deepcad_jax.cli.") or m in documented for m in lazy), lazy
 
 
 def test_run_meta_round_trips_and_reads_as_a_mapping():

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from deepcad_jax.model_io import safe_pickle
+from deepcad_jax.data import safe_pickle
 from deepcad_jax.data.axes import Source
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError

@@ -21,9 +21,9 @@ from deepcad_jax.errors import UserError
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.denoising.tiling import ceil_to, reach_by_residue
 from deepcad_jax.data.png import png_bytes
-from deepcad_jax.model_io.export.network import ExportReport, Network, _need, forward, relative_rms
-from deepcad_jax.model_io.export.onnx import ONNX_OPSET, onnx_model, run_onnx
-from deepcad_jax.model_io.export.pth import torch_state_dict, write_torch_state_dict
+from deepcad_jax.export.network import ExportReport, Network, _need, forward, relative_rms
+from deepcad_jax.export.onnx import ONNX_OPSET, onnx_model, run_onnx
+from deepcad_jax.export.pth import torch_state_dict, write_torch_state_dict
 
 log = logging.getLogger("deepcad_jax")
 

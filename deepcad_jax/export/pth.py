@@ -17,7 +17,7 @@ from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.model_io.convert import key_map, read_state_dict
 from deepcad_jax.data.movie import refuse_to_overwrite
 from deepcad_jax.runtime.files import commit
-from deepcad_jax.model_io.export.network import ExportReport, Network, _get, _written
+from deepcad_jax.export.network import ExportReport, Network, _get, _written
 
 
 def torch_state_dict(params: dict) -> dict[str, np.ndarray]:

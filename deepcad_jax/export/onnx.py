@@ -19,9 +19,9 @@ from deepcad_jax.data.movie import refuse_to_overwrite
 from deepcad_jax.errors import UserError
 from deepcad_jax.core.network import LEVELS, MIN_SIZE
 from deepcad_jax.runtime.files import write_bytes
-from deepcad_jax.model_io.export.network import (ExportReport, Network, _get, _need,
+from deepcad_jax.export.network import (ExportReport, Network, _get, _need,
                                                  forward, relative_rms)
-from deepcad_jax.model_io.export.pth import torch_state_dict
+from deepcad_jax.export.pth import torch_state_dict
 
 log = logging.getLogger("deepcad_jax")
 

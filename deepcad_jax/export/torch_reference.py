@@ -83,7 +83,7 @@ def from_flax_params(params, features: int) -> Network_3D_Unet:
   """A PyTorch twin loaded with the same weights as Flax `params` (the inverse of
   `deepcad_jax.model_io.convert.to_flax_params`)."""
   # deliberate: this file is shipped alone in bioimage.io packages (torch only)
-  from deepcad_jax.model_io.export.pth import torch_state_dict
+  from deepcad_jax.export.pth import torch_state_dict
   state = {k: torch.from_numpy(v) for k, v in torch_state_dict(params).items()}
   net = Network_3D_Unet(features)
   net.load_state_dict(state)

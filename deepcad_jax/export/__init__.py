@@ -12,8 +12,9 @@
   the PyTorch state dict as weights, test tensors, a cover, documentation and citations.
 
 Every file appears under its final name only once complete and checked. This module is
-the one entry point, `export`; `network` holds what the formats share, and `pth`, `onnx`
-and `bioimageio` one format each.
+the one entry point, `export`; `network` holds what the formats share, `pth`, `onnx`
+and `bioimageio` one format each, and `torch_reference` is the PyTorch twin of the
+network (for parity tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Sequence
 
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.checkpoint import Model
-from deepcad_jax.model_io.export.bioimageio import export_bioimageio
-from deepcad_jax.model_io.export.network import ExportReport, network
-from deepcad_jax.model_io.export.onnx import ONNX_OPSET, check_opset, export_onnx
-from deepcad_jax.model_io.export.pth import export_pth
+from deepcad_jax.export.bioimageio import export_bioimageio
+from deepcad_jax.export.network import ExportReport, network
+from deepcad_jax.export.onnx import ONNX_OPSET, check_opset, export_onnx
+from deepcad_jax.export.pth import export_pth
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.runtime.files import os_error
 
