@@ -1,4 +1,4 @@
-"""Measure what README "Did the network remove real events?" reports.
+"""Measure what docs/trust.md "Did the network remove real events?" reports.
 
 On simulated movies (300x64x64 at -2 dB by default) it plants brief transients in the
 raw movie (3 frames of 6x6 pixels, Poisson counts at --amplitude times the movie's

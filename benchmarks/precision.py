@@ -1,4 +1,4 @@
-"""Measure what README "Output precision" reports: what rounding the output costs.
+"""Measure what docs/denoising.md "Output precision" reports: what rounding the output costs.
 
 On photon-limited simulated movies (noise std about 1 count) stored as a camera would
 (uint16 counts), it trains the demo network, denoises through the public API into the

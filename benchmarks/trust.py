@@ -1,4 +1,4 @@
-"""Measure what README "How much can I trust the result?" reports.
+"""Measure what docs/trust.md "How much can I trust the result?" reports.
 
 On simulated movies with ground truth (several photon levels; a constant background so
 that wobble can be measured), it trains the demo network with and without the

@@ -7,7 +7,7 @@
 * `onnx`: the network as an ONNX graph built with the `onnx` package's helpers
   (Conv, Relu, MaxPool, nearest Resize, Concat), NCDHW like DeepCAD-RT's own export:
   input `input` (N, 1, T, Y, X), output `output`, opset 11 unless asked otherwise.
-  Neither jax2onnx nor jax2tf + tf2onnx can convert this network (see the README).
+  Neither jax2onnx nor jax2tf + tf2onnx can convert this network (see docs/deepcad-rt.md).
 * `bioimageio`: a BioImage Model Zoo package (model spec 0.5) with the ONNX graph and
   the PyTorch state dict as weights, test tensors, a cover, documentation and citations.
 

@@ -12,7 +12,7 @@ order (`pull`). It cuts time with the same `tiling.AxisTiling` and (y, x) with t
   over the whole recording, so the stream equals offline `denoise` exactly; a frame
   leaves `core_frames + lookahead` frames after it arrived at the latest, plus compute.
   A shorter `lookahead` (a multiple of 8) lowers that latency and gives up exactness
-  near the end of each core (measured in the README).
+  near the end of each core (measured in docs/streaming.md).
 - overlap: DeepCAD-RT's batches of `batch_frames` every `batch_frames - overlap_frames`
   frames, the centre kept, tiled in (y, x) with the model's patch and overlap; equal to
   offline `denoise` with the overlap scheme.

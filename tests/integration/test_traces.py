@@ -124,7 +124,7 @@ def test_band_from_model_samples_contains_the_mean_trace(trained_model, tmp_path
                    f0="percentile:10", band=(5, 95))
   lo, hi = traces.f_band
   assert traces.samples.shape == (8, 24, 2)
-  # 8 samples, 5th-95th percentile: the samples' mean always lies inside (see README).
+  # 8 samples, 5th-95th percentile: the samples' mean always lies inside (see docs/trust.md).
   assert np.all(traces.denoised >= lo - 1e-3) and np.all(traces.denoised <= hi + 1e-3)
   assert np.all(hi - lo > 0)
   dlo, dhi = traces.dff_band
