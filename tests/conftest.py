@@ -1,6 +1,7 @@
 """Test set-up: four simulated CPU devices (set before jax is imported) and the shared
 fixtures; plain helpers live in `tests.helpers`."""
 
+import logging
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -17,6 +18,18 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.helpers import noisy_movie, tiny_config, write_tiff  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _package_logger_as_it_was():
+  """The CLI points the package's logger at stderr and stops it propagating (cli/app.py);
+  put it back after each test, so that what a test sees in caplog does not depend on
+  which tests ran a command before it."""
+  logger = logging.getLogger("deepcad_jax")
+  propagate, level, handlers = logger.propagate, logger.level, list(logger.handlers)
+  yield
+  logger.propagate, logger.handlers[:] = propagate, handlers
+  logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

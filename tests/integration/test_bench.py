@@ -19,6 +19,7 @@ def test_reference_protocol_geometry():
   assert abs(voxels - 2.53e8) < 0.01e8  # "about 2.53e8 voxels through the network"
 
 
+@pytest.mark.slow
 def test_quick_workload_records_and_files(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(bench, "LADDER", (4,))  # one rung keeps the test short
   out = tmp_path / "results.json"
@@ -83,6 +84,7 @@ def test_torch_ratio_lines():
   assert "JAX / PyTorch time, train-step 16x32x32: 0.50 (0.08 s vs 0.16 s" in table
 
 
+@pytest.mark.slow
 def test_the_gpu_suite_runs_every_step_at_small_shapes(tmp_path):
   """benchmarks/gpu_suite.sh --small: what a GPU machine runs, at CPU-sized shapes."""
   import os

@@ -41,6 +41,7 @@ def _steps(cfg, batch, devices, n=2, spatial=1):
   return jax.device_get(state.params), float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_ensemble_member_zero_is_the_single_model_and_members_differ(devices):
   batch = _batch()
   single, single_loss = _steps(tiny_config(), batch, devices[:1])
@@ -71,6 +72,7 @@ def test_ensemble_vmap_equals_loop():
   assert not np.allclose(loop[0], loop[1])
 
 
+@pytest.mark.slow
 def test_prior_step_split_over_data_and_space_equals_one_device(devices):
   batch = _batch(shape=(8, 32, 16), prior=True)
   cfg = tiny_config(**{"model.mean_prior": True})
@@ -203,6 +205,7 @@ def test_resume_refuses_another_prior_or_ensemble(tmp_path, devices):
             devices=devices[:1], progress=False)
 
 
+@pytest.mark.slow
 def test_cli_trains_an_ensemble_with_prior_and_writes_samples(tmp_path, capsys):
   movie, _ = noisy_movie((40, 24, 24), seed=2)
   src = write_tiff(tmp_path / "m.tif", movie)

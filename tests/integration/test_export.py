@@ -289,6 +289,7 @@ def test_flags_for_another_format_are_refused(tmp_path, capsys, trained_model):
 # ------------------------------------------------------------------ bioimage.io
 
 
+@pytest.mark.slow
 def test_bioimageio_package_passes_bioimageio_core(tmp_path, capsys, trained_model):
   pytest.importorskip("bioimageio.core", reason="needs bioimageio.core (pip install "
                       "'deepcad-jax[test]')")

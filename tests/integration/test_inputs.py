@@ -65,6 +65,7 @@ def test_calibrate_refuses_a_std_that_does_not_track_the_error(tmp_path, trained
   assert not list((tmp_path / "model").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_one_short_file_in_a_folder_is_named_with_its_cost(tmp_path, devices, caplog):
   data = tmp_path / "movies"
   data.mkdir()
@@ -99,6 +100,7 @@ def test_running_out_of_memory_is_one_sentence():
     other()
 
 
+@pytest.mark.slow
 def test_training_memory_estimate_is_a_lower_bound_of_xla_analysis(devices):
   """The refusal must never refuse what fits: the estimate stays below what XLA's own
   analysis of the compiled step says."""

@@ -9,6 +9,8 @@ from deepcad_jax import cli
 from deepcad_jax.research.ladder import run_ladder
 from deepcad_jax.analysis.simulate import simulate
 
+pytestmark = pytest.mark.slow  # the ladder trains every rung
+
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):

@@ -85,6 +85,7 @@ def test_taylor_pruning_keeps_what_the_loss_uses(trained_model):
     prune(model, 0.5, "random")
 
 
+@pytest.mark.slow
 def test_a_pruned_model_saves_loads_denoises_and_fine_tunes(trained_model, tmp_path):
   model = load_model(trained_model)
   pruned, _ = prune(model, 0.5)

@@ -29,6 +29,7 @@ def _batch(n=4, shape=(8, 16, 16), seed=0):
           "target": rng.normal(size=(n,) + shape).astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(devices):
   cfg = tiny_config()
   batch = _batch()
@@ -91,6 +92,7 @@ def test_data_parallel_training_on_four_devices(tmp_path, movie_path, devices):
           devices=devices, progress=False)
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path, movie_path, devices):
   cfg = tiny_config(**{"train.epochs": 2})
   full = train(movie_path, str(tmp_path / "full"), cfg, devices=devices[:1], progress=False)
@@ -151,6 +153,7 @@ def test_small_movies_train_with_a_smaller_patch(tmp_path, devices, caplog):
   assert load_model(str(tmp_path / "run")).patch == (8, 8, 16)
 
 
+@pytest.mark.slow
 def test_spatial_sharding_gives_the_same_step(devices):
   cfg = tiny_config()
   batch = _batch(n=2, shape=(8, 32, 16))  # 2 rows per device at the deepest level

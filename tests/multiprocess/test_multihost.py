@@ -64,6 +64,7 @@ def _leaves(params):
   return jax.tree_util.tree_leaves(jax.device_get(params))
 
 
+@pytest.mark.slow
 def test_two_process_training_equals_one_process_and_resumes(data, devices):
   root, movie = data
   two = str(root / "two")

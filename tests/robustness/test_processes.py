@@ -115,6 +115,7 @@ def _wait_for(predicate, timeout=120.0, every=0.1):
   return False
 
 
+@pytest.mark.slow
 def test_kill_9_takes_the_grain_workers_along(tmp_path, movie_path):
   err = tmp_path / "stderr.txt"
   with open(err, "w") as f:
@@ -138,6 +139,7 @@ def test_kill_9_takes_the_grain_workers_along(tmp_path, movie_path):
       os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_workers_quietly(tmp_path, movie_path):
   """A terminal's Ctrl-C reaches grain's workers too: they leave it to the parent."""
   err = tmp_path / "stderr.txt"
@@ -240,6 +242,7 @@ def _leftovers(run) -> list[str]:
 
 
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
+@pytest.mark.slow
 def test_a_failed_save_stops_training_at_once_in_one_sentence(tmp_path, movie_path, devices):
   """A real write failure: the run's file-size limit is lowered after its first
   checkpoint, so the next save fails inside Orbax's writer threads (EFBIG; ENOSPC takes
@@ -292,6 +295,7 @@ def test_no_room_for_a_checkpoint_is_refused_before_writing(tmp_path, movie_path
   assert _steps(run) == [16] and not _leftovers(run)
 
 
+@pytest.mark.slow
 def test_save_every_keeps_the_latest_and_the_epoch_checkpoints(tmp_path, movie_path, devices):
   run = str(tmp_path / "run")
   seen = {}
@@ -313,6 +317,7 @@ def test_save_every_keeps_the_latest_and_the_epoch_checkpoints(tmp_path, movie_p
   assert seen[15] == [] and seen[20] == [16] and _steps(run + "0") == [16, 32]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_resumes_to_the_same_parameters(tmp_path, movie_path):
   """Every run in a process of its own (the same XLA set-up, so the same float
   rounding): uninterrupted; killed mid-epoch after a --save-every checkpoint; resumed."""
