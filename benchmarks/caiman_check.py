@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax.data import open_movie
-from deepcad_jax.data.output import write_movie, written_path
+from deepcad_jax.data.writers import write_movie, written_path
 
 
 def _functions(path: str, names: set[str]) -> str:

@@ -1,4 +1,4 @@
-"""Measure what README "Did the network remove real events?" reports.
+"""Measure what docs/trust.md "Did the network remove real events?" reports.
 
 On simulated movies (300x64x64 at -2 dB by default) it plants brief transients in the
 raw movie (3 frames of 6x6 pixels, Poisson counts at --amplitude times the movie's
@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from deepcad_jax import denoise, load_model
-from deepcad_jax.events import find_suppressed_events
-from deepcad_jax.simulate import simulate
+from deepcad_jax.analysis.events import find_suppressed_events
+from deepcad_jax.analysis.simulate import simulate
 
 
 def _plant(noisy: np.ndarray, clean: np.ndarray, n: int, seed: int, amplitude: float

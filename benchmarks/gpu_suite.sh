@@ -27,10 +27,10 @@ export PYTHONUNBUFFERED=1
 if [ "$small" = "--small" ]; then
   movie=32,64,64; patch=16,32,32; stream_movie=96,64,64; ladder_patch=16,32,32
   widths=8,4; repeats=1; limit=300
-  tests="tests/test_exact.py::test_the_receptive_field_is_derived_and_measured_alike"
+  tests="tests/integration/test_exact.py::test_the_receptive_field_is_derived_and_measured_alike"
 elif [ -z "$small" ]; then
   movie=300,490,490; patch=150,150,150; stream_movie=600,512,512; ladder_patch=64,128,128
-  widths=64,48,32,24,16,12,8; repeats=5; tests="tests/test_exact.py"; limit=150
+  widths=64,48,32,24,16,12,8; repeats=5; tests="tests/integration/test_exact.py"; limit=150
 else
   echo "error: the second argument may only be --small; got '$small'." >&2
   exit 2

@@ -1,4 +1,4 @@
-"""Measure what README "Output precision" reports: what rounding the output costs.
+"""Measure what docs/denoising.md "Output precision" reports: what rounding the output costs.
 
 On photon-limited simulated movies (noise std about 1 count) stored as a camera would
 (uint16 counts), it trains the demo network, denoises through the public API into the
@@ -26,10 +26,10 @@ import numpy as np
 from deepcad_jax import config as config_lib
 from deepcad_jax import train
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.data.output import write_movie
-from deepcad_jax.infer import denoise_files
-from deepcad_jax.metrics import snr_db
-from deepcad_jax.simulate import simulate
+from deepcad_jax.data.writers import write_movie
+from deepcad_jax.denoising.files import denoise_files
+from deepcad_jax.analysis.metrics import snr_db
+from deepcad_jax.analysis.simulate import simulate
 
 
 def scaled_uint16(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Does the ground-truth-free quality score tell the truth, and is the brightness kept?
 
-Two tables on simulated movies (`deepcad_jax.simulate`), each model trained with the
+Two tables on simulated movies (`deepcad_jax.analysis.simulate`), each model trained with the
 documented CPU recipe (`--config demo --holdout 0.2`):
 
 1. score: at -5, -2 and +3 dB input SNR, with white and spatially correlated noise
@@ -28,12 +28,12 @@ import numpy as np
 import tifffile
 
 from deepcad_jax import config as config_lib
-from deepcad_jax import score as score_lib
-from deepcad_jax import simulate
+from deepcad_jax.analysis import score as score_lib
+from deepcad_jax.analysis import simulate
 from deepcad_jax.data.movie import ArrayMovie, open_movie
-from deepcad_jax.infer import Denoiser, denoise
-from deepcad_jax.loading import load_model
-from deepcad_jax.train import train
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.model_io.loading import load_model
+from deepcad_jax.training.loop import train
 
 SCORE_SHAPE = (600, 128, 128)  # 120 held-out frames: the score's noise estimate needs
                                # many voxels where the model's error is 1% of the noise

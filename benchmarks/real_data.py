@@ -26,8 +26,8 @@ import numpy as np
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.infer import denoise
-from deepcad_jax.train import train
+from deepcad_jax.denoising.denoiser import denoise
+from deepcad_jax.training.loop import train
 
 RECIPE = {"config": "demo", "data.holdout": 0.2}
 

@@ -24,10 +24,12 @@ import time
 import jax
 import numpy as np
 
-from deepcad_jax import Denoiser, config as config_lib, denoise, load_model, train
+from deepcad_jax import Denoiser, config as config_lib, denoise, load_model
+
+from deepcad_jax import train
 from deepcad_jax.data.movie import write_movie
-from deepcad_jax.metrics import snr_db
-from deepcad_jax.simulate import simulate
+from deepcad_jax.analysis.metrics import snr_db
+from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.stream import StreamDenoiser
 
 

@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from deepcad_jax.data import open_movie
-from deepcad_jax.data.output import write_movie
-from deepcad_jax.simulate import SimulationParams, simulate
+from deepcad_jax.data.writers import write_movie
+from deepcad_jax.analysis.simulate import SimulationParams, simulate
 
 
 def main() -> int:

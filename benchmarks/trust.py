@@ -1,4 +1,4 @@
-"""Measure what README "How much can I trust the result?" reports.
+"""Measure what docs/trust.md "How much can I trust the result?" reports.
 
 On simulated movies with ground truth (several photon levels; a constant background so
 that wobble can be measured), it trains the demo network with and without the
@@ -21,11 +21,12 @@ import jax
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax import denoise, load_model, train
+from deepcad_jax import denoise, load_model
+from deepcad_jax import train
 from deepcad_jax.data.movie import write_movie
-from deepcad_jax.metrics import snr_db, uncertainty_calibration, wobble
-from deepcad_jax.simulate import simulate
-from deepcad_jax.traces import extract, plot, rois_from_json, write_csv
+from deepcad_jax.analysis.metrics import snr_db, uncertainty_calibration, wobble
+from deepcad_jax.analysis.simulate import simulate
+from deepcad_jax.analysis.traces import extract, plot, rois_from_json, write_csv
 
 
 def _train(noisy_path: str, workdir: str, **changes) -> tuple[str, float]:

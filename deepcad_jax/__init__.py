@@ -5,17 +5,16 @@ Inference (`load_model`, `DenoiseConfig`, `Denoiser`, `denoise`) imports no trai
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
-from deepcad_jax.checkpoint import Model, RunMeta
 from deepcad_jax.config import Config, DenoiseConfig, load_config
+from deepcad_jax.core.network import LADDER, UNet3D
+from deepcad_jax.denoising.denoiser import Denoiser, denoise
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.errors import UserError
-from deepcad_jax.infer import Denoiser, denoise, denoise_files
-from deepcad_jax.loading import load_model
-from deepcad_jax.model import LADDER, UNet3D
+from deepcad_jax.model_io.checkpoint import Model, RunMeta
+from deepcad_jax.model_io.loading import load_model
 
 _TRAINING = ("train", "TrainResult")
 
@@ -24,24 +23,10 @@ __all__ = ["Config", "DenoiseConfig", "Denoiser", "denoise", "denoise_files", "L
            "load_model", "train"]
 
 
-class _Package(types.ModuleType):
-  """The package module: the submodule `deepcad_jax.train`, when imported, is bound
-  here as the function `train` (the public API), not as the module."""
-
-  def __setattr__(self, name: str, value) -> None:
-    if name == "train" and isinstance(value, types.ModuleType):
-      value = value.train
-    super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __getattr__(name: str):
   """`train` and `TrainResult`, imported on first use (a deliberate lazy import)."""
   if name in _TRAINING:
-    module = importlib.import_module("deepcad_jax.train")
-    # Importing the submodule bound the package's `train` to it: bind the function.
+    module = importlib.import_module("deepcad_jax.training.loop")
     globals().update({n: getattr(module, n) for n in _TRAINING})
     return globals()[name]
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

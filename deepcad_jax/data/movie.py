@@ -1,5 +1,4 @@
-"""Movies (T, Y, X): lazy readers of every input format, and in-memory arrays (writing:
-`data.output`).
+"""Movies (T, Y, X): lazy readers of every input format, and arrays (`data.writers`).
 
 A movie is named by a spec (`data.spec`): a TIFF, an HDF5 file or Zarr store (and the
 array inside), an NWB file (and its imaging series), a suite2p plane folder or a raw
@@ -8,11 +7,9 @@ binary file, with the axis order and the interleaving where the file does not sa
 and channel: `list_movies` names them (`rec.h5[plane=0,channel=1]`), `open_movie` opens
 one.
 
-A `Movie` exposes `shape`, `dtype`, `read(t0, t1)` (frames as a numpy array), `mean()`
-(float64, computed chunk by chunk) and `metadata` (pixel size, frame interval, ImageJ
-and OME fields, carried to the outputs). TIFFs are memory-mapped when tifffile can (plain,
-uncompressed files) and otherwise read page range by page range, so a large recording is
-never loaded whole.
+A `Movie` has `shape`, `dtype`, `read(t0, t1)`, `mean()` and `spread()` (one pass) and
+`metadata` (carried to outputs). TIFFs are memory-mapped when tifffile can, else read
+page range by page range: a large recording is never loaded whole.
 """
 
 from __future__ import annotations
@@ -25,11 +22,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import tifffile
 
-from deepcad_jax.data import caiman, hdf5, nwb, raw, suite2p, zarr_store
+from deepcad_jax.data.formats import caiman, hdf5, nwb, raw, suite2p, zarr_store
 from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
                                    scanimage_interleave)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
-from deepcad_jax.data.output import write_movie  # noqa: F401 (re-exported)
+from deepcad_jax.data.writers import write_movie  # noqa: F401 (re-exported)
 from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
 
@@ -39,8 +36,7 @@ INPUT_FORMATS = ("TIFF (.tif), HDF5 (.h5), Zarr (.zarr), NWB (.nwb), a suite2p p
                  "folder, a CaImAn memmap (.mmap), or raw:FILE[shape=TxYxX,dtype=...]")
 FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
-SPREAD_SAMPLE = 2_000_000     # voxels sampled for a movie's robust spread
-SPREAD_CLIP = 0.001           # the spread clips the lowest and highest 0.1%
+SPREAD_SAMPLE, SPREAD_CLIP = 2_000_000, 0.001  # a movie's spread: voxels sampled, clip
 
 
 class Movie:
@@ -80,31 +76,26 @@ class Movie:
     return float(image.mean()) if image.size else 0.0
 
   def spread(self) -> float:
-    """A robust spread of the movie's intensities, in its units: the standard
-    deviation of its voxels clipped to their 0.1 and 99.9 percentiles (from a sample
-    of up to SPREAD_SAMPLE voxels spread evenly over the whole movie). It scales with
-    the recording's gain and ignores its offset, so intensities divided by it do not
-    depend on the units (`normalise`); 0 for a constant movie."""
-    self._scan()
-    sample = self._sample
-    if sample is None or sample.size < 2:
+    """The std of the voxels clipped to their 0.1 and 99.9 percentiles (a sample of up
+    to SPREAD_SAMPLE voxels over the whole movie): it scales with the gain and ignores
+    the offset (`core.normalise`); 0 for a constant movie."""
+    if self._scan() is None or self._sample is None or self._sample.size < 2:
       return 0.0
-    lo, hi = np.quantile(sample, [SPREAD_CLIP, 1 - SPREAD_CLIP])
-    return float(np.clip(sample, lo, hi).std())
+    lo, hi = np.quantile(self._sample, [SPREAD_CLIP, 1 - SPREAD_CLIP])
+    return float(np.clip(self._sample, lo, hi).std())
 
   def mean_image(self) -> np.ndarray:
     """Temporal mean image (Y, X), float32, of the whole movie (the mean-image prior)."""
     return self._scan().astype(np.float32)
 
   def _scan(self) -> np.ndarray:
-    """The float64 temporal mean image, from one pass over the file (then cached);
-    rejects NaN or infinite values."""
+    """The float64 temporal mean image and the spread's sample, from one pass (then
+    cached); rejects NaN or infinite values."""
     if self._mean_image64 is not None:
       return self._mean_image64
     total = np.zeros(self.shape[1:], np.float64)
     frame = int(np.prod(self.shape[1:]))
-    every = max(1, -(-frame * self.shape[0] // SPREAD_SAMPLE))
-    sample = []
+    every, sample = max(1, -(-frame * self.shape[0] // SPREAD_SAMPLE)), []
     for t0, block in self.chunks():
       if block.dtype.kind == "f" and not np.isfinite(block).all():
         bad = int(np.argmax(~np.isfinite(block).reshape(len(block), -1).all(1))) + t0

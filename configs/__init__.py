@@ -1,1 +1,0 @@
-"""Named configurations; each module exposes get_config(arg=None) -> Config."""

@@ -1,0 +1,2 @@
+"""Measuring results: metrics, held-out scores, calibration, events, traces, simulated
+movies."""

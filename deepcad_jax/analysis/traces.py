@@ -1,0 +1,566 @@
+"""Fluorescence traces of regions of interest, with confidence bands from samples.
+
+ROIs come from a label image (TIFF, 0 = background), a JSON file of polygons, masks or
+pixel lists, or suite2p's `stat.npy`. Each ROI is a weighted set of pixels; its trace is
+the weighted mean of those pixels in every frame, read from the movie block by block.
+dF/F uses a baseline F0 that is either a percentile of the trace or its mean.
+
+The band comes from samples of the whole denoised movie (`denoise --uncertainty K
+--save-samples`, or computed here from a model): each sample gives a whole trace, and
+the band at each frame is a percentile range across those traces, so the correlation
+between neighbouring pixels of one sample is kept (a per-pixel std would ignore it).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+
+from deepcad_jax.data import safe_pickle
+from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
+                                    refuse_to_overwrite)
+from deepcad_jax.runtime.files import AtomicFile, os_error
+from deepcad_jax.data.formats.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
+from deepcad_jax.errors import UserError
+from deepcad_jax.denoising.denoiser import Denoiser
+from deepcad_jax.denoising.step import Channels
+from deepcad_jax.runtime.progress import Progress
+
+log = logging.getLogger("deepcad_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Roi:
+  """A region: flat pixel indices into a (Y, X) frame and weights that sum to 1."""
+
+  name: str
+  index: np.ndarray
+  weight: np.ndarray
+
+  @property
+  def pixels(self) -> int:
+    return int(self.index.size)
+
+
+def _roi(name: str, mask_or_index, shape, weight=None, where: str = "") -> Roi:
+  index = np.asarray(mask_or_index)
+  if index.dtype == bool:
+    if index.shape != tuple(shape):
+      raise UserError(f"{where}mask of ROI {name!r} is {index.shape}, but the frames are "
+                      f"{tuple(shape)}.")
+    index = np.flatnonzero(index)
+  w = np.ones(index.size) if weight is None else np.asarray(weight, np.float64)
+  if index.size == 0 or not np.isfinite(w).all() or w.sum() <= 0:
+    raise UserError(f"{where}ROI {name!r} has no pixels (or no positive weight) inside "
+                    f"the {shape[0]}x{shape[1]} frame.")
+  return Roi(name, index.astype(np.int64), w / w.sum())
+
+
+def rois_from_labels(labels: np.ndarray, where: str = "") -> list[Roi]:
+  """One ROI per non-zero label of a (Y, X) integer image, named by its label."""
+  labels = np.asarray(labels)
+  if labels.ndim != 2 or labels.dtype.kind not in "iub":
+    raise UserError(f"{where}a label image must be a 2-D integer image; got "
+                    f"{labels.dtype} {labels.shape}.")
+  flat = labels.ravel()
+  return [_roi(str(int(v)), np.flatnonzero(flat == v), labels.shape, where=where)
+          for v in np.unique(flat) if v != 0]
+
+
+def polygon_mask(vertices: Sequence[Sequence[float]], shape: tuple[int, int]) -> np.ndarray:
+  """Pixels whose centres (integer (y, x) coordinates) lie inside a polygon of (y, x)
+  vertices (even-odd rule)."""
+  v = np.asarray(vertices, np.float64)
+  if v.ndim != 2 or v.shape[1] != 2 or len(v) < 3:
+    raise UserError(f"a polygon needs at least 3 [y, x] vertices; got {v.tolist()}.")
+  yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float64)
+  inside = np.zeros(shape, bool)
+  for (ay, ax), (by, bx) in zip(v, np.roll(v, -1, axis=0)):
+    if ay == by:
+      continue  # a horizontal edge crosses no row of centres
+    crosses = (ay > yy) != (by > yy)
+    x_at = ax + (yy - ay) * (bx - ax) / (by - ay)
+    inside ^= crosses & (xx < x_at)
+  return inside
+
+
+def rois_from_json(spec, shape: tuple[int, int], where: str = "") -> list[Roi]:
+  """ROIs from {"rois": [...]} or a list of entries, each with a "name" and one of
+  "polygon" ([[y, x], ...]), "mask" (a (Y, X) list of 0/1) or "pixels" ([[y, x], ...],
+  optional "weights")."""
+  entries = spec.get("rois") if isinstance(spec, dict) else spec
+  if not isinstance(entries, list) or not entries:
+    raise UserError(f"{where}expected {{\"rois\": [...]}} or a list of ROIs, each with "
+                    "'polygon', 'mask' or 'pixels'.")
+  rois = []
+  for i, entry in enumerate(entries):
+    name = str(entry.get("name", i + 1)) if isinstance(entry, dict) else str(i + 1)
+    if not isinstance(entry, dict):
+      raise UserError(f"{where}ROI {i + 1} is not an object with 'polygon', 'mask' or "
+                      "'pixels'.")
+    if "polygon" in entry:
+      rois.append(_roi(name, polygon_mask(entry["polygon"], shape), shape, where=where))
+    elif "mask" in entry:
+      rois.append(_roi(name, np.asarray(entry["mask"]).astype(bool), shape, where=where))
+    elif "pixels" in entry:
+      yx = np.asarray(entry["pixels"], np.int64).reshape(-1, 2)
+      if (yx < 0).any() or (yx[:, 0] >= shape[0]).any() or (yx[:, 1] >= shape[1]).any():
+        raise UserError(f"{where}ROI {name!r} has pixels outside the "
+                        f"{shape[0]}x{shape[1]} frame.")
+      rois.append(_roi(name, yx[:, 0] * shape[1] + yx[:, 1], shape, entry.get("weights"),
+                       where))
+    else:
+      raise UserError(f"{where}ROI {name!r} has none of 'polygon', 'mask', 'pixels'.")
+  return rois
+
+
+_STAT = "suite2p's stat.npy (an array of dicts)"
+_STAT_FIX = "give the stat.npy that suite2p wrote"
+
+
+def _stat_field(path: str, i: int, entry: dict, key: str, kinds: str,
+                size: int | None) -> int:
+  """Checks that stat[i][key] is a 1-D array (or list) of the given dtype kinds and size;
+  returns its size."""
+  try:
+    value = np.asarray(entry[key])
+  except (TypeError, ValueError, OverflowError):
+    value = None
+  if value is None or value.ndim != 1 or value.dtype.kind not in kinds or (
+      size is not None and value.size != size) or (
+      value.dtype.kind == "f" and not np.isfinite(value).all()):
+    raise UserError(f"{path}: ROI {i} has a malformed {key!r} (suite2p writes one "
+                    f"number per pixel); {_STAT_FIX}.")
+  return int(value.size)
+
+
+def read_suite2p_stat(path: str) -> list[dict]:
+  """suite2p's stat.npy (an object array of dicts), read without running pickle code
+  (`safe_pickle`: numpy arrays and scalars only, rebuilt by copying); each ROI's pixel
+  lists are checked."""
+  stat = list(safe_pickle.load_npy(path, safe_pickle.NUMPY, what=_STAT,
+                                   fix=_STAT_FIX).ravel())
+  if not all(isinstance(s, dict) and "ypix" in s and "xpix" in s for s in stat):
+    raise UserError(f"{path} is not suite2p's stat.npy: entries need 'ypix' and 'xpix'; "
+                    f"{_STAT_FIX}.")
+  for i, s in enumerate(stat):
+    n = _stat_field(path, i, s, "ypix", "iuf", None)
+    _stat_field(path, i, s, "xpix", "iuf", n)
+    if "lam" in s:
+      _stat_field(path, i, s, "lam", "iuf", n)
+    if "overlap" in s:
+      _stat_field(path, i, s, "overlap", "biu", n)
+  return stat
+
+
+def rois_from_suite2p(stat: list[dict], shape: tuple[int, int], where: str = "") -> list[Roi]:
+  """suite2p's weighting: pixels weighted by 'lam', pixels shared with another ROI
+  ('overlap') left out, as suite2p extracts F."""
+  rois = []
+  for i, s in enumerate(stat):
+    y, x = np.asarray(s["ypix"], np.int64), np.asarray(s["xpix"], np.int64)
+    lam = np.asarray(s.get("lam", np.ones(y.size)), np.float64)
+    keep = ~np.asarray(s.get("overlap", np.zeros(y.size, bool)), bool)
+    keep &= (y >= 0) & (y < shape[0]) & (x >= 0) & (x < shape[1])
+    if not keep.any():
+      keep = (y >= 0) & (y < shape[0]) & (x >= 0) & (x < shape[1])
+    rois.append(_roi(str(i), y[keep] * shape[1] + x[keep], shape, lam[keep], where))
+  return rois
+
+
+def read_rois(path: str, frame_shape: tuple[int, int]) -> list[Roi]:
+  """ROIs from a label TIFF, a JSON file or suite2p's stat.npy, for (Y, X) frames."""
+  where = f"{path}: "
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist; give a label TIFF, a JSON of ROIs or "
+                    "suite2p's stat.npy.")
+  lower = path.lower()
+  if lower.endswith((".tif", ".tiff")):
+    labels = np.squeeze(read_frames(path))
+    if labels.shape != tuple(frame_shape):
+      raise UserError(f"{where}the label image is {labels.shape} but the frames are "
+                      f"{tuple(frame_shape)}.")
+    rois = rois_from_labels(labels, where)
+  elif lower.endswith(".json"):
+    with open(path) as f:
+      try:
+        spec = json.load(f)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{where}not valid JSON ({e}).") from None
+    rois = rois_from_json(spec, frame_shape, where)
+  elif lower.endswith(".npy"):
+    rois = rois_from_suite2p(read_suite2p_stat(path), frame_shape, where)
+  else:
+    raise UserError(f"{path}: ROIs must be a label .tif, a .json or suite2p's stat.npy.")
+  if not rois:
+    raise UserError(f"{path} holds no ROI.")
+  return rois
+
+
+# ------------------------------------------------------------------ traces
+
+
+def block_traces(block: np.ndarray, rois: Sequence[Roi]) -> np.ndarray:
+  """(n, Y, X[, C]) frames -> (n, R[, C]) weighted ROI means."""
+  flat = block.reshape((block.shape[0], -1) + block.shape[3:])
+  return np.stack([np.tensordot(flat[:, r.index].astype(np.float64), r.weight,
+                                axes=([1], [0])) for r in rois], axis=1)
+
+
+def movie_traces(movie, rois: Sequence[Roi]) -> np.ndarray:
+  """(T, R) traces of a movie (array, path or Movie), read block by block."""
+  movie = as_movie(movie)
+  _check_rois(movie, rois)
+  return np.concatenate([block_traces(b, rois) for _, b in movie.chunks()]) if \
+      movie.shape[0] else np.zeros((0, len(rois)))
+
+
+def _check_rois(movie: Movie, rois: Sequence[Roi]) -> None:
+  size = movie.shape[1] * movie.shape[2]
+  for r in rois:
+    if r.index.max() >= size:
+      raise UserError(f"ROI {r.name!r} lies outside the {movie.shape[1]}x"
+                      f"{movie.shape[2]} frames of {movie.name}.")
+
+
+def parse_f0(spec: str) -> tuple[str, float]:
+  """'mean' or 'percentile:P' (0 <= P <= 100)."""
+  kind, _, value = str(spec).partition(":")
+  if kind == "mean" and not value:
+    return "mean", 0.0
+  if kind == "percentile":
+    try:
+      p = float(value or 8)
+    except ValueError:
+      p = -1.0
+    if 0 <= p <= 100:
+      return "percentile", p
+  raise UserError(f"--f0 takes 'mean' or 'percentile:P' with P in [0, 100]; got {spec!r}.")
+
+
+def baseline(traces: np.ndarray, f0: str = "percentile:8") -> np.ndarray:
+  """F0 along the time axis (-2 of (..., T, R)): a percentile of each trace or its mean."""
+  kind, p = parse_f0(f0)
+  if kind == "mean":
+    return traces.mean(axis=-2, keepdims=True)
+  return np.percentile(traces, p, axis=-2, keepdims=True)
+
+
+def dff(traces: np.ndarray, f0: str = "percentile:8") -> np.ndarray:
+  """(F - F0) / F0 for (..., T, R) traces; NaN where F0 is not positive."""
+  base = baseline(traces, f0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(base > 0, (traces - base) / np.where(base > 0, base, 1), np.nan)
+
+
+@dataclasses.dataclass
+class Traces:
+  """Per-ROI traces: the denoised F, optionally the raw F and the samples' F."""
+
+  names: list[str]
+  pixels: list[int]
+  denoised: np.ndarray                 # (T, R)
+  raw: np.ndarray | None = None        # (T, R)
+  samples: np.ndarray | None = None    # (S, T, R)
+  f0: str = "percentile:8"
+  band: tuple[float, float] = (5.0, 95.0)
+
+  def band_of(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile range across samples of (S, T, R) values."""
+    lo, hi = np.nanpercentile(values, self.band, axis=0)
+    return lo, hi
+
+  @property
+  def f_band(self) -> tuple[np.ndarray, np.ndarray] | None:
+    return None if self.samples is None else self.band_of(self.samples)
+
+  @property
+  def dff_band(self) -> tuple[np.ndarray, np.ndarray] | None:
+    return None if self.samples is None else self.band_of(dff(self.samples, self.f0))
+
+  def summary(self) -> dict:
+    out = {"rois": len(self.names), "frames": int(self.denoised.shape[0]), "f0": self.f0,
+           "band_percentiles": list(self.band),
+           "samples": 0 if self.samples is None else int(self.samples.shape[0])}
+    if self.samples is not None:
+      lo, hi = self.dff_band
+      out["median_dff_band_width"] = float(np.nanmedian(hi - lo))
+      flo, fhi = self.f_band
+      out["mean_trace_inside_f_band"] = float(np.mean(
+          (self.denoised >= flo - 1e-6 * np.abs(flo)) &
+          (self.denoised <= fhi + 1e-6 * np.abs(fhi))))
+    return out
+
+
+def validate_band(band: Sequence[float] | str) -> tuple[float, float]:
+  """(lo, hi) percentiles from two numbers or their text 'LO,HI'."""
+  try:
+    lo, hi = (float(b) for b in (band.split(",") if isinstance(band, str) else band))
+  except ValueError:
+    raise UserError(f"--band takes two percentiles LO,HI; got {band!r}.") from None
+  if not 0 <= lo < hi <= 100:
+    raise UserError(f"--band takes two percentiles LO,HI with 0 <= LO < HI <= 100; got "
+                    f"{lo:g},{hi:g}.")
+  return lo, hi
+
+
+def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
+            f0: str = "percentile:8", band: Sequence[float] = (5, 95),
+            progress: bool = False) -> Traces:
+  """Traces of `movie` (the denoised mean), of each of `samples` (movies of the same
+  shape) and of `raw`, for `rois`.
+
+  Args:
+    movie: the denoised movie (array, path or `Movie`).
+    rois: the regions.
+    samples: sample movies of the same shape, for the band (none, or at least 2).
+    raw: the raw movie, for raw traces (optional).
+    f0: dF/F's baseline: 'mean' or 'percentile:P'.
+    band: the band's (lo, hi) percentiles across samples.
+    progress: print a progress line.
+  """
+  movie = as_movie(movie)
+  parse_f0(f0)
+  band = validate_band(band)
+  if len(samples) == 1:
+    raise UserError("a band needs at least 2 samples; give more --samples.")
+  movies = [as_movie(s) for s in samples]
+  raw = None if raw is None else as_movie(raw)
+  for other in movies + ([raw] if raw is not None else []):
+    if other.shape != movie.shape:
+      raise UserError(f"{other.name} is {other.shape}, but {movie.name} is {movie.shape}; "
+                      "give the samples and raw movie of this denoised movie.")
+  bar = Progress(1 + len(movies) + (raw is not None), "movies read", enabled=progress)
+  den = movie_traces(movie, rois)
+  bar.update(1)
+  sample_traces = None
+  if movies:
+    sample_traces = np.empty((len(movies),) + den.shape)
+    for i, s in enumerate(movies):
+      sample_traces[i] = movie_traces(s, rois)
+      bar.update(2 + i)
+  raw_traces = None
+  if raw is not None:
+    raw_traces = movie_traces(raw, rois)
+    bar.update(bar.total)
+  return Traces([r.name for r in rois], [r.pixels for r in rois], den, raw_traces,
+                sample_traces, f0, band)
+
+
+def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
+                       band: Sequence[float] = (5, 95), progress: bool = False) -> Traces:
+  """Traces from a model: `raw` is denoised with `denoiser`, and every sample is reduced
+  to its traces as it is produced; no sample movie is written.
+
+  Args:
+    raw: the raw movie (array, path or `Movie`).
+    rois: the regions.
+    denoiser: a `Denoiser` with `symmetries` (K >= 2, or >= 1 for an ensemble) and
+      `save_samples`.
+    f0, band, progress: as for `extract`.
+  """
+  raw = as_movie(raw)
+  _check_rois(raw, rois)
+  parse_f0(f0)
+  band = validate_band(band)
+  if not (denoiser.symmetries and denoiser.save_samples):
+    raise UserError("traces from a model need uncertainty samples (symmetries=K) and "
+                    "save_samples=True on the Denoiser.")
+  parts = [block_traces(b, rois) for b in denoiser.blocks(raw, progress=progress)]
+  t = np.concatenate(parts)  # (T, R, channels): predict.Channels
+  return Traces([r.name for r in rois], [r.pixels for r in rois], Channels.mean(t),
+                movie_traces(raw, rois), np.moveaxis(Channels.samples(t), -1, 0), f0,
+                band)
+
+
+# ------------------------------------------------------------------ outputs
+
+
+CSV_COLUMNS = ("roi", "frame", "raw_F", "F", "F_lo", "F_hi", "raw_dff", "dff", "dff_lo",
+               "dff_hi")
+
+
+def write_csv(traces: Traces, path: str) -> None:
+  """One row per (ROI, frame); empty cells where there is no raw movie or no samples."""
+  T, R = traces.denoised.shape
+  cols = {"F": traces.denoised, "dff": dff(traces.denoised, traces.f0)}
+  if traces.raw is not None:
+    cols.update(raw_F=traces.raw, raw_dff=dff(traces.raw, traces.f0))
+  if traces.samples is not None:
+    (cols["F_lo"], cols["F_hi"]), (cols["dff_lo"], cols["dff_hi"]) = \
+        traces.f_band, traces.dff_band
+  with AtomicFile(path, overwrite=True) as f:
+    w = csv.writer(f.text(newline=""))
+    w.writerow(CSV_COLUMNS)
+    for r, name in enumerate(traces.names):
+      for t in range(T):
+        w.writerow([name, t] + [_cell(cols[c][t, r]) if c in cols else ""
+                                for c in CSV_COLUMNS[2:]])
+
+
+def _cell(v: float) -> str:
+  return "" if not np.isfinite(v) else f"{v:.6g}"
+
+
+def plot(traces: Traces, path: str, max_rois: int = 12, frame_rate: float | None = None
+         ) -> list[str]:
+  """A grid of dF/F panels (raw, denoised, band), one per ROI (the first `max_rois`).
+  Needs matplotlib; returns the names plotted."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise UserError("the plot needs matplotlib: pip install 'deepcad-jax[plot]' (the CSV "
+                    "was written).") from None
+  names = traces.names[:max_rois]
+  n = len(names)
+  cols = 1 if n <= 4 else 2
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 1.9 * rows + 0.6), squeeze=False,
+                           sharex=True)
+  t = np.arange(traces.denoised.shape[0], dtype=np.float64)
+  if frame_rate:
+    t = t / frame_rate
+  den = dff(traces.denoised, traces.f0)
+  raw = dff(traces.raw, traces.f0) if traces.raw is not None else None
+  band = traces.dff_band
+  for i, name in enumerate(names):
+    ax = axes[i // cols][i % cols]
+    if raw is not None:
+      ax.plot(t, raw[:, i], color="0.7", lw=0.6, label="raw")
+    if band is not None:
+      ax.fill_between(t, band[0][:, i], band[1][:, i], color="tab:blue", alpha=0.3,
+                      lw=0, label=f"band ({traces.band[0]:g}-{traces.band[1]:g}%)")
+    ax.plot(t, den[:, i], color="tab:blue", lw=0.9, label="denoised")
+    ax.set_ylabel("dF/F")
+    ax.set_title(f"ROI {name} ({traces.pixels[i]} px)", fontsize=9, loc="left")
+  for j in range(n, rows * cols):
+    axes[j // cols][j % cols].axis("off")
+  for ax in axes[-1]:
+    ax.set_xlabel("time (s)" if frame_rate else "frame")
+  axes[0][0].legend(fontsize=7, loc="upper right", ncol=3)
+  fig.tight_layout()
+  try:
+    with AtomicFile(path, overwrite=True) as f:
+      fig.savefig(f.open(), dpi=110, format="png")
+  finally:
+    plt.close(fig)
+  return names
+
+
+def sample_files(spec: str | Sequence[str]) -> list[str]:
+  """--samples: a comma-separated list of files, or a glob pattern such as
+  'den_sample*.tif' (sorted)."""
+  items = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
+  files = []
+  for item in items:
+    matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+    if not matches:
+      raise UserError(f"--samples {item} matches no file.")
+    files.extend(matches)
+  for f in files:
+    if not os.path.isfile(f):
+      raise UserError(f"sample {f} does not exist.")
+  return files
+
+
+
+@dataclasses.dataclass
+class TraceReport:
+  traces: Traces
+  csv: str
+  summary: str
+  png: str | None          # None when matplotlib is missing
+  plotted: list[str]
+
+  def describe(self) -> str:
+    """The report's lines for the command line."""
+    s = self.traces.summary()
+    lo, hi = s["band_percentiles"]
+    lines = [f"{s['rois']} ROI(s) x {s['frames']} frames; F0 = {s['f0']}; "
+             + (f"band {lo:g}-{hi:g}% over {s['samples']} samples, median dF/F width "
+                f"{s['median_dff_band_width']:.3g}" if s["samples"] else
+                "no samples: no band"),
+             f"csv: {self.csv}", f"summary: {self.summary}"]
+    if self.png:
+      lines.append(f"plot: {self.png} ({len(self.plotted)} ROI(s))")
+    return "\n".join(lines)
+
+
+def trace_files(rois: str, output: str, *, movie: str | None = None,
+                samples: str | Sequence[str] = (), raw: str | None = None,
+                model=None, symmetries: int = 8, f0: str = "percentile:8",
+                band: Sequence[float] | str = (5, 95), plot_rois: int = 12,
+                frame_rate: float | None = None, overwrite: bool = False,
+                progress: bool = True, **denoiser_kwargs) -> TraceReport:
+  """Write traces.csv, traces.json and traces.png into the folder `output`.
+
+  Either `movie` (a denoised TIFF) with optional `samples`, or `model` with `raw`: the
+  raw movie is then denoised here with `symmetries` = K test-time symmetries (times the
+  ensemble's members) and the samples' traces kept in memory.
+
+  Args:
+    rois: a label TIFF, a JSON file of ROIs or suite2p's stat.npy (`read_rois`).
+    output: the folder written (made if missing).
+    movie: a denoised movie.
+    samples: its sample movies, for the band: files (a list or comma-separated) or a
+      glob (`sample_files`).
+    raw: the raw movie: raw traces beside `movie`, or what `model` denoises.
+    model: a `Model`, model directory or .pth to denoise `raw` with.
+    symmetries: with `model`, K test-time symmetries (2 to 8; 1 to 8 for an ensemble).
+    f0: dF/F's baseline: 'mean' or 'percentile:P'.
+    band: the band's (lo, hi) percentiles, or their text 'LO,HI'.
+    plot_rois: the most ROIs plotted.
+    frame_rate: frames/s, to plot time in seconds (default: frame numbers).
+    overwrite: replace existing outputs.
+    progress: print a progress line.
+    **denoiser_kwargs: more `Denoiser` options (with `model`).
+
+  Returns:
+    A `TraceReport`: the traces and the paths written (no plot without matplotlib).
+  """
+  band = validate_band(band)
+  paths = {k: os.path.join(output, f"traces.{k}") for k in ("csv", "json", "png")}
+  refuse_to_overwrite(paths.values(), overwrite)
+  if (movie is None) == (model is None):
+    raise UserError("give either --movie (a denoised movie, with --samples for a band) "
+                    "or --model with --raw (denoised here, with a band).")
+  if model is not None:
+    if raw is None:
+      raise UserError("--model needs --raw: the movie to denoise.")
+    if samples:
+      raise UserError("--samples belongs to --movie; with --model the samples are made "
+                      "here from --raw (drop --samples, or give --movie instead).")
+    raw_movie = open_movie(raw)
+    roi_list = read_rois(rois, raw_movie.shape[1:])
+    den = Denoiser(model, symmetries=symmetries, save_samples=True, **denoiser_kwargs)
+    traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress)
+  else:
+    mean_movie = open_movie(movie)
+    roi_list = read_rois(rois, mean_movie.shape[1:])
+    files = sample_files(samples) if samples else []
+    traces = extract(mean_movie, roi_list, [open_movie(f) for f in files],
+                     open_movie(raw) if raw else None, f0, band, progress)
+  try:
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise os_error(e, paths["csv"]) from None
+  write_csv(traces, paths["csv"])
+  with AtomicFile(paths["json"], overwrite=True) as f:
+    json.dump({**traces.summary(), "names": traces.names, "pixels": traces.pixels},
+              f.text(), indent=1)
+  png, plotted = paths["png"], []
+  try:
+    plotted = plot(traces, png, plot_rois, frame_rate)
+  except UserError as e:
+    log.warning("%s", e)
+    png = None
+  return TraceReport(traces, paths["csv"], paths["json"], png, plotted)

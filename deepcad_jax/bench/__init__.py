@@ -1,0 +1,1 @@
+"""Benchmarks of training, denoising and streaming throughput."""

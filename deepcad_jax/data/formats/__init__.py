@@ -1,0 +1,2 @@
+"""Movie file formats beyond TIFF: HDF5, Zarr, NWB, CaImAn memmaps, suite2p binaries,
+raw binaries."""

@@ -1,0 +1,1 @@
+"""Research tools: pruning a trained model and the ladder of model sizes."""

@@ -1,0 +1,2 @@
+"""Where the code runs: the device mesh, several processes, resources, progress, atomic
+files and locks."""

@@ -1,0 +1,94 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import noisy_movie, write_tiff
+from deepcad_jax import Denoiser, UserError, cli, denoise, load_model
+from deepcad_jax.core.augment import apply_symmetry, invert_symmetry
+from deepcad_jax.data import open_movie
+from deepcad_jax.denoising.step import symmetry_samples
+from deepcad_jax.denoising.outputs import std_path
+from deepcad_jax.analysis.metrics import uncertainty_calibration
+
+
+def test_symmetry_samples_invert_exactly():
+  batch = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
+  out = symmetry_samples(lambda b, p: b[None], batch, 8)  # identity network
+  assert out.shape == (8, 2, 4, 8, 8)
+  for sample in out:
+    np.testing.assert_array_equal(sample, batch)
+  # A network that is not equivariant (it weights X positions) gives different samples,
+  # each its answer for that orientation brought back.
+  ramp = jnp.arange(8.0)
+  out = symmetry_samples(lambda b, p: (b * ramp)[None], batch, 8)
+  assert float(out.std(0).min()) >= 0 and float(out.std(0).mean()) > 0
+  for s in range(8):
+    np.testing.assert_allclose(out[s], invert_symmetry(apply_symmetry(batch, s) * ramp, s))
+  # The prior gets the same symmetry as the frames.
+  prior = jax.random.normal(jax.random.key(1), (2, 8, 8))
+  out = symmetry_samples(lambda b, p: (b * p[:, None])[None], batch, 8, prior)
+  for sample in out:
+    np.testing.assert_allclose(sample, batch * prior[:, None], rtol=1e-6)
+  # Members come out as separate samples: K symmetries x M members.
+  out = symmetry_samples(lambda b, p: jnp.stack([b, 2 * b, 3 * b]), batch, 4)
+  assert out.shape == (12, 2, 4, 8, 8)
+
+
+def test_uncertainty_maps_have_the_movie_shape_and_are_non_negative(trained_model):
+  movie, _ = noisy_movie((20, 24, 28), seed=3)
+  mean, std = denoise(movie, trained_model, output_dtype="float32", symmetries=4)
+  assert mean.shape == std.shape == movie.shape and std.dtype == np.float32
+  assert std.min() >= 0 and std.mean() > 0
+  plain = denoise(movie, trained_model, output_dtype="float32")
+  assert np.abs(mean - plain).mean() < 3 * std.mean() + 1e-3  # close to the point estimate
+  with pytest.raises(UserError, match="--uncertainty takes 2 to 8"):
+    Denoiser(trained_model, symmetries=9)
+  # Each symmetry is its own forward pass, so a non-square patch has all 8 too.
+  mean8, std8 = denoise(movie, Denoiser(trained_model, patch=(8, 16, 24), symmetries=8),
+                        output_dtype="float32")
+  assert std8.shape == movie.shape and std8.mean() > 0
+
+
+def test_coverage_against_hand_made_cases():
+  ref = np.zeros((1, 1, 4))
+  movie = np.array([[[0.5, -1.5, 3.0, 0.0]]])
+  std = np.ones((1, 1, 4))
+  c = uncertainty_calibration(movie, std, ref)
+  assert c["coverage_1std"] == pytest.approx(0.5)   # |0.5| and |0| are within 1
+  assert c["coverage_2std"] == pytest.approx(0.75)  # and |-1.5|
+  # Errors 0.5, 1.5, 3, 0 over std 1: the 68.27% quantile of the ratio.
+  assert c["std_scale"] == pytest.approx(np.quantile([0.5, 1.5, 3.0, 0.0], 0.6827))
+  assert c["coverage_1std_rescaled"] >= 0.5
+  std2 = np.array([[[0.5, 1.5, 3.0, 1e-3]]])  # std that follows the error
+  assert uncertainty_calibration(movie, std2, ref)["corr_std_error"] > 0.99
+
+
+def test_cli_uncertainty_evaluate_and_calibrate(capsys, tmp_path, trained_model):
+  import shutil
+  model = str(tmp_path / "model")
+  shutil.copytree(trained_model, model)
+  noisy, clean = noisy_movie((24, 24, 24), seed=11)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  ref = write_tiff(tmp_path / "clean.tif", clean)
+  out = str(tmp_path / "den.tif")
+  assert cli.main(["deepcad-jax", "denoise", "--model", model, "--input", src, "--output",
+                   out, "--uncertainty", "8"]) == 0
+  assert "uncertainty (std over 8 symmetries)" in capsys.readouterr().out
+  std_before = open_movie(std_path(out)).read(0, 24)
+  assert cli.main(["deepcad-jax", "evaluate", "--denoised", out, "--reference", ref,
+                   "--uncertainty", std_path(out)]) == 0
+  text = capsys.readouterr().out
+  assert "within 1 std" in text and "corr(std, |error|)" in text
+  assert cli.main(["deepcad-jax", "calibrate", "--model", model, "--noisy", src,
+                   "--clean", ref, "--accept-uncorrelated"]) == 0
+  record = json.load(open(tmp_path / "model" / "calibration.json"))
+  assert load_model(model).meta["calibration"]["std_scale"] == record["std_scale"]
+  assert record["measured"]["coverage_1std_rescaled"] == pytest.approx(0.6827, abs=0.01)
+  assert cli.main(["deepcad-jax", "denoise", "--model", model, "--input", src, "--output",
+                   out, "--uncertainty", "8", "--overwrite"]) == 0
+  std_after = open_movie(std_path(out)).read(0, 24)
+  np.testing.assert_allclose(std_after, std_before * record["std_scale"], rtol=1e-4,
+                             atol=1e-5)
