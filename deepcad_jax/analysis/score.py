@@ -17,7 +17,8 @@ and a four-frame moving average), and the model is judged against the best of th
 - `better than baselines`: its estimated MSE is below every baseline's;
 - `no better than a baseline`: it is not;
 - `collapsed`: its output hardly changes over time (temporal std below 1% of the noise
-  std), whatever the numbers: a constant movie, a training run that diverged or died.
+  std) and it does not beat the baselines: a constant movie, a run that diverged or
+  died (a still output that beats them is a still scene, denoised).
 
 The confidence interval resamples blocks of pixels (a bootstrap over an 8x8 grid of
 the frame), which carries both the frames' error and the noise estimate's.
@@ -322,11 +323,11 @@ def summarise(blocks: Blocks, movie: str = "", frames: tuple[int, int] | None = 
       float("nan")
   raw_std = math.sqrt(blocks.raw_var / pixels)
   estimated = heldout - noise_var
-  if not math.isfinite(estimated) or not out_std >= COLLAPSE_RATIO * math.sqrt(
-      max(noise_var, 0.0)):
+  still = not out_std >= COLLAPSE_RATIO * math.sqrt(max(noise_var, 0.0))
+  if math.isfinite(estimated) and estimated < min(baselines.values()):
+    verdict = BETTER  # a still output that beats them all is a still scene, well denoised
+  elif not math.isfinite(estimated) or still:
     verdict = COLLAPSED
-  elif estimated < min(baselines.values()):
-    verdict = BETTER
   else:
     verdict = NO_BETTER
   return Score(heldout, noise_var, estimated, (lo, hi), baselines, verdict, out_std,
