@@ -74,6 +74,7 @@ def _affine_variant(noisy: np.ndarray, gain: float, offset: float, dtype) -> np.
   return values.astype(dtype)
 
 
+@pytest.mark.slow
 def test_training_and_denoising_do_not_depend_on_the_units(tmp_path, devices):
   """The same movie at gain 0.01..1000 and offset -1000..+1000, stored as float32,
   uint16 or int16, trained with the same seed and steps, gives the same denoised
@@ -197,6 +198,7 @@ def test_require_gain_exit_code():
 # ---------------------------------------------------------------- resuming
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then, named", [
     (["--normalise", "fixed", "--scale", "100"], ["--normalise", "fixed"], "data.scale"),
     (["--normalise", "fixed"], [], "data.normalise"),
