@@ -153,7 +153,8 @@ def find_suppressed_events(raw, denoised, threshold: float = 6.0,
     raise UserError(f"raw {raw_m.name} {raw_m.shape} and denoised {den_m.name} "
                     f"{den_m.shape} differ in shape; give the denoised version of this raw "
                     "movie.")
-  nm = noise_lib.fit(noise_lib.pixel_statistics(raw_m, name=raw_m.name), name=raw_m.name)
+  nm = noise_lib.fit(noise_lib.pixel_statistics(raw_m, name=raw_m.name,
+                                               what="the raw movie"), name=raw_m.name)
   a, b, floor = nm.a, nm.b, nm.floor
   correlation = nm.box_factor(tuple(box))  # correlated neighbours sum to more
   t_all = raw_m.shape[0]

@@ -125,8 +125,9 @@ def _lag_sums(r: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def pixel_statistics(movie: Movie | np.ndarray, frames: tuple[int, int] | None = None,
-                     name: str = "the movie") -> PixelStatistics:
-  """One pass over frames [a, b) of `movie` (default all), block by block."""
+                     name: str = "the movie", what: str = "") -> PixelStatistics:
+  """One pass over frames [a, b) of `movie` (default all), block by block; `what`
+  names the movie's role in messages (e.g. 'the raw movie')."""
   movie = as_movie(movie, name)
   a, b = frames or (0, movie.shape[0])
   if b - a < MIN_FRAMES:
@@ -141,7 +142,8 @@ def pixel_statistics(movie: Movie | np.ndarray, frames: tuple[int, int] | None =
   for t0 in range(a, b, step):
     block = movie.read(t0, min(b, t0 + step)).astype(np.float64)
     if not np.isfinite(block).all():
-      raise UserError(f"{movie.name} holds NaN or infinite values (frames {t0} to "
+      raise UserError(f"{what + ' ' if what else ''}{movie.name} holds NaN or infinite "
+                      f"values (frames {t0} to "
                       f"{t0 + len(block) - 1}); replace them (e.g. with 0) first.")
     total += block.sum(0)
     series = block if tail is None else np.concatenate([tail, block])

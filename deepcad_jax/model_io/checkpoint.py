@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -43,6 +44,7 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
 
 
+DISCARD_TRIES, DISCARD_WAIT_S = 30, 0.1  # discard_partial: up to 3 s for writer threads
 HOLDOUT = "holdout_score"  # the metric a checkpoint may carry; lower is better
 
 
@@ -249,10 +251,16 @@ def size_on_disk(workdir: str, step: int) -> int:
 def discard_partial(workdir: str) -> None:
   """Remove what failed saves left (Orbax's temporary folders); call when none runs."""
   folder = checkpoint_dir(workdir)
-  if os.path.isdir(folder):
-    for name in os.listdir(folder):
-      if ".orbax-checkpoint-tmp" in name:
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  # A writer thread of the failed save may still be finishing a file in it: try again
+  # for a moment until the folder stays gone.
+  for _ in range(DISCARD_TRIES):
+    partial = [n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n] if \
+        os.path.isdir(folder) else []
+    if not partial:
+      return
+    for name in partial:
+      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    time.sleep(DISCARD_WAIT_S)
 
 
 def _items(mgr: ocp.CheckpointManager, step: int) -> set[str]:
