@@ -48,6 +48,11 @@ BETTER, NO_BETTER, COLLAPSED = ("better than baselines", "no better than a basel
                                 "collapsed")
 VERDICTS = (BETTER, NO_BETTER, COLLAPSED)
 BASELINES = ("temporal mean", "neighbour average", "moving average 4")
+NOISE_TOO_HIGH = (
+    "  note: the estimated MSE is below zero, so the noise variance is overestimated: "
+    "the recording changes faster than its frame rate resolves (motion between frames, "
+    "or a filtered or interpolated movie); the MSEs are then lower bounds, and the "
+    "comparison with the baselines (which does not depend on the noise) still holds")
 ADVICE = {
     COLLAPSED: "its output hardly changes over time: train again with --fresh (another "
                "--seed, or a lower --lr), and check the loss curve",
@@ -193,6 +198,8 @@ class Score:
         f"  verdict: {self.verdict}"]
     if self.noise is not None:
       lines.insert(1, "  " + self.noise.describe())
+    if self.estimated_mse_ci[1] < 0:
+      lines.append(NOISE_TOO_HIGH)
     if self.warning:
       lines.append(self.warning)
     return "\n".join(lines)
