@@ -15,14 +15,12 @@ runs need a real process). `test_fault_matrix_size` reports how many rows there 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -34,47 +32,8 @@ from tests.helpers.outputs_faults import (READ_ONLY, also, disk_full, exported_p
                             held_lock, little_space, movie_folder, read_only_fs,
                             readonly_folder, rois_json)
 from tests.helpers.processes import hold_lock, workdir_with_a_checkpoints_file
-
-
-@dataclasses.dataclass
-class Files:
-  """The folder a row builds its inputs in, and what it declares about them."""
-
-  root: Path
-  model: str
-  inputs: list[str] = dataclasses.field(default_factory=list)
-  outputs: list[str] = dataclasses.field(default_factory=list)
-
-  def input(self, path) -> str:
-    """Declare `path` an input: it must be byte-identical after the run."""
-    self.inputs.append(str(path))
-    return str(path)
-
-  def output(self, path) -> str:
-    """Declare `path` an output the failing run must not leave behind."""
-    self.outputs.append(str(path))
-    return str(path)
-
-  def movie(self, name="movie.tif", shape=(40, 24, 24), seed=0, **kwargs) -> str:
-    return self.input(write_tiff(self.root / name, noisy_movie(shape, seed)[0], **kwargs))
-
-  def raw(self, name: str, data: bytes) -> str:
-    path = self.root / name
-    path.write_bytes(data)
-    return self.input(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-  """One row: `deepcad-jax COMMAND ARGS` where `make(files)` returns ARGS."""
-
-  name: str
-  command: str
-  make: Callable[[Files], list[str]]
-  expect: str            # regex the one `error:` line must match
-  code: int = 2
-  process: bool = False  # run in a fresh process
-  patch: Callable[[pytest.MonkeyPatch, Files], None] | None = None  # in-process faults
+from tests.helpers.fault_matrix import Fault, Files
+from tests.robustness import fault_rows_commands, fault_rows_data
 
 
 def _truncated_tiff(files: Files, name="cut.tif") -> str:
@@ -464,7 +423,7 @@ FAULTS: list[Fault] = [
                      workdir_with_a_checkpoints_file(f)],
           r"run/checkpoints is a file, not a folder"),
 
-]
+] + fault_rows_data.ROWS + fault_rows_commands.ROWS
 
 
 def _digest(path: str) -> str:
@@ -520,6 +479,9 @@ def run_fault(fault: Fault, root: Path, model: str) -> tuple[int, str, str, File
 def test_fault(fault, tmp_path, trained_model):
   code, out, err, files = run_fault(fault, tmp_path, trained_model)
   assert "Traceback" not in out + err, err[-3000:]
+  if fault.check is not None:
+    fault.check(files, code, out, err)
+    return
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, err[-3000:]
   assert re.search(fault.expect, errors[0]), errors[0]
