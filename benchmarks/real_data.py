@@ -43,6 +43,8 @@ def run_one(name: str, path: str, seed: int, folder: str) -> dict:
   work = os.path.join(folder, f"{name}_seed{seed}")
   t0 = time.perf_counter()
   result = train(path, work, cfg, progress=False)
+  if result.interrupted:  # a signal stopped training: no row for a half-trained model
+    raise SystemExit(result.exit_code)
   train_s = time.perf_counter() - t0
   raw = open_movie(path)
   frames = raw.read(0, raw.shape[0]).astype(np.float64)

@@ -1,7 +1,7 @@
-"""The demo: a small network trained for a minute or two on a simulated movie.
+"""The demo: a small network trained for a few minutes on a simulated movie.
 
-A higher learning rate than the paper's (1e-3), decaying along a cosine over 2,000 steps,
-so a laptop CPU sees a real result in a minute or two: the CPU recipe for a first try on
+A higher learning rate than the paper's (1e-3), decaying along a cosine over 4,000 steps,
+so a laptop CPU sees a real result in a few minutes: the CPU recipe for a first try on
 a real recording (`--holdout 0.2` scores it; docs/training.md). `demo:quick` is a much
 shorter run for tests.
 
@@ -20,6 +20,6 @@ def get_config(arg=None) -> Config:
       model=ModelConfig(features=4 if quick else 8),
       data=DataConfig(patch=(8, 16, 16) if quick else (16, 32, 32),
                       pairs_per_epoch=16 if quick else 100, workers=0),
-      train=TrainConfig(epochs=2 if quick else 20, lr=1e-3, log_every=10,
+      train=TrainConfig(epochs=2 if quick else 40, lr=1e-3, log_every=10,
                         lr_schedule="constant" if quick else "cosine"),
       infer=InferConfig(overlap=0.25))

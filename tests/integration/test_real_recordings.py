@@ -6,10 +6,12 @@ Unit-independent normalisation, the noise model, the noise-corrected held-out sc
 
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
+import tifffile
 
 from tests.helpers import tiny_config, write_tiff
 from deepcad_jax import UserError, cli, denoise, load_model, train
@@ -20,6 +22,8 @@ from deepcad_jax.data.movie import ArrayMovie
 from deepcad_jax.analysis.metrics import snr_db
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.denoising.denoiser import Denoiser
+from deepcad_jax.core.network import add_output_offset
+from deepcad_jax.training.quality import spread_segments
 from deepcad_jax.training.loop import REQUIRE_GAIN_EXIT, TrainResult
 
 
@@ -215,3 +219,24 @@ def test_resume_refuses_changed_settings(tmp_path, capsys, first, then, named):
   assert cli.main(base + ["--epochs", "2"] + then) == 2
   err = capsys.readouterr().err
   assert named in err and "--fresh" in err and "Traceback" not in err
+
+
+def test_brightness_segments_count_only_frames_with_their_context():
+  """A short movie is one segment; a long one gets segments whose context fits."""
+  assert spread_segments(300, 4, 64, context=32) == [(0, 300)]
+  segments = spread_segments(2000, 4, 64, context=32)
+  assert len(segments) == 4 and all(b - a == 64 for a, b in segments)
+  assert segments[0][0] == 0 and segments[-1][1] == 2000
+
+
+def test_the_denoised_movie_keeps_the_raw_mean(trained_model):
+  """The brightness offset fitted at the end of training makes the denoised training
+  movie's mean the raw one's (the tiny model alone is several percent off)."""
+  model = load_model(trained_model)
+  noisy = tifffile.imread(os.path.join(os.path.dirname(trained_model), "movie.tif"))
+  out = denoise(noisy, Denoiser(model, tiling="exact")).astype(np.float64)
+  assert abs(out.mean() / noisy.astype(np.float64).mean() - 1) < 0.01
+  raw_model = model.with_params(add_output_offset(
+      model.params, -model.meta.provenance["output_offset_applied"]))
+  without = denoise(noisy, Denoiser(raw_model, tiling="exact")).astype(np.float64)
+  assert abs(without.mean() / noisy.mean() - 1) > abs(out.mean() / noisy.mean() - 1)

@@ -420,7 +420,7 @@ def _help_default(text: str, flag: str) -> str:
 @pytest.mark.parametrize("args, expect", [
     ([], {"config": "deepcad_rt", "epochs": "10", "pairs-per-epoch": "4000",
           "patch": "144,144,144", "lr": "5e-05", "workers": "2", "save-every": "5.0"}),
-    (["--config", "demo"], {"config": "demo", "epochs": "20", "pairs-per-epoch": "100",
+    (["--config", "demo"], {"config": "demo", "epochs": "40", "pairs-per-epoch": "100",
                             "patch": "16,32,32", "lr": "0.001", "workers": "0"}),
     (["--config=tiny", "--epochs", "7"], {"config": "tiny", "epochs": "2", "features": "4"}),
 ])
