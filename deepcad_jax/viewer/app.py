@@ -77,7 +77,9 @@ def open_view(raw: str, denoised: str | None = None, std: str | None = None,
   inspect.setup(names["raw"], names.get("denoised"), names.get("std"))
   t = movies["raw"].shape[0] // 2 if frame is None else frame
   viewer.dims.set_current_step(0, t)
-  viewer.grid.enabled = grid and len(movies) > 1
+  if grid and len(movies) > 1:
+    viewer.grid.shape = (1, len(movies))
+    viewer.grid.enabled = True
   if roi_list is not None:
     labels = viewer.add_labels(label_image(roi_list, frame_shape), name="ROIs",
                                opacity=0.5)

@@ -75,6 +75,7 @@ class Panel(QWidget):
     viewer = napari_viewer
     self.viewer = viewer
     self.worker = None
+    self.cancelled = False
     self.form = QFormLayout()
     self.run_button = QPushButton(self.run_text)
     self.stop_button = QPushButton("Stop")
@@ -106,6 +107,7 @@ class Panel(QWidget):
       self.fail(work.sentence(e, self.what))
       return
     self.status.setText(f"{self.what}...")
+    self.cancelled = False
     self.run_button.setEnabled(False)
     self.stop_button.setEnabled(True)
     self.worker = work.start(self.what, self.work, *args, on_yield=self.progressed,
@@ -118,11 +120,13 @@ class Panel(QWidget):
 
   def stop(self) -> None:
     if self.worker is not None:
+      self.cancelled = True
       self.worker.quit()
-      self.status.setText("cancelled.")
 
   def finished(self) -> None:
     self.worker = None
+    if self.cancelled:
+      self.status.setText("cancelled.")
     self.run_button.setEnabled(True)
     self.stop_button.setEnabled(False)
 
@@ -378,6 +382,8 @@ class StreamWidget(Panel):
     return name
 
   def progressed(self, value) -> None:
+    if self.cancelled:
+      return
     _, i, n, frame, out = value
     self.progress.setMaximum(n)
     self.progress.setValue(i)

@@ -292,7 +292,7 @@ def test_inspect_a_drawn_roi_plots_traces_with_a_band(viewer, qtbot, trained_mod
   w = _inspect(viewer, trained_model, movie_file)
   assert viewer.layers["den"].contrast_limits == viewer.layers["movie.tif"].contrast_limits
   shapes = w.add_shapes()
-  shapes.add_ellipses(np.array([[6, 6], [14, 14]]))
+  shapes.add_ellipses(np.array([[10, 10], [4, 4]]))  # centre, radii
   qtbot.waitUntil(lambda: w.traces is not None and w.worker is None, timeout=WAIT_MS)
   [roi] = w.traces["rois"]
   assert roi.name == "shape 1" and 30 < roi.pixels < 80
