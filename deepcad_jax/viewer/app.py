@@ -21,6 +21,7 @@ from deepcad_jax.viewer.layers import movie_layer
 from deepcad_jax.viewer.widgets import DenoiseWidget, StreamWidget, TrainWidget
 
 WINDOW = (1400, 820)  # the window's size (pixels) for screenshots
+GAP = 2               # pixels between the movies shown side by side
 
 __all__ = ["DenoiseWidget", "InspectWidget", "StreamWidget", "TrainWidget", "open_view"]
 
@@ -55,7 +56,8 @@ def open_view(raw: str, denoised: str | None = None, std: str | None = None,
     show: show the window (False: headless, for a screenshot).
     frame: the frame shown (default the middle one).
     pixel: (y, x) of a pixel whose trace is plotted when no ROIs are given.
-    grid: raw, denoised and std side by side (else stacked).
+    grid: raw, denoised and std side by side (else stacked); a click on any of them
+      plots that pixel.
   """
   movies = {"raw": open_movie(raw)}
   for flag, path in (("--denoised", denoised), ("--std", std)):
@@ -77,9 +79,10 @@ def open_view(raw: str, denoised: str | None = None, std: str | None = None,
   inspect.setup(names["raw"], names.get("denoised"), names.get("std"))
   t = movies["raw"].shape[0] // 2 if frame is None else frame
   viewer.dims.set_current_step(0, t)
-  if grid and len(movies) > 1:
-    viewer.grid.shape = (1, len(movies))
-    viewer.grid.enabled = True
+  if grid:  # side by side: the ROIs and the clicked pixel are drawn over the raw movie
+    for i, name in enumerate(names.values()):
+      viewer.layers[name].translate = (0, 0, i * (frame_shape[1] + GAP))
+    viewer.reset_view()
   if roi_list is not None:
     labels = viewer.add_labels(label_image(roi_list, frame_shape), name="ROIs",
                                opacity=0.5)

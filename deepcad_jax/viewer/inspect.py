@@ -29,6 +29,7 @@ from deepcad_jax.viewer.widgets import LayerChoice
 
 BAND_SIGMAS = 2.0
 MAX_PLOTTED = 4  # ROIs plotted at once (the first ones)
+PIXEL_LAYER = "clicked pixel"
 
 
 def shape_masks(layer: Shapes, frame: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
@@ -196,11 +197,14 @@ class InspectWidget(QWidget):
     layer = viewer.layers.selection.active
     if isinstance(layer, (Shapes, Labels)) and layer.mode != "pan_zoom":
       return
-    raw = self.raw.layer()
-    if raw is None or event.type != "mouse_press":
+    if event.type != "mouse_press":
       return
-    y, x = (int(round(v)) for v in raw.world_to_data(event.position)[-2:])
-    self.show_pixel(y, x)
+    for layer in self.layers():  # the first of raw, denoised, std under the mouse
+      if layer is not None:
+        y, x = (int(round(v)) for v in layer.world_to_data(event.position)[-2:])
+        if 0 <= y < layer.data.shape[-2] and 0 <= x < layer.data.shape[-1]:
+          self.show_pixel(y, x)
+          return
 
   def show_pixel(self, y: int, x: int) -> None:
     try:
@@ -212,6 +216,12 @@ class InspectWidget(QWidget):
       return
     mask = np.zeros(frame, bool)
     mask[y, x] = True
+    if PIXEL_LAYER in self.viewer.layers:
+      self.viewer.layers[PIXEL_LAYER].data = [[y, x]]
+    else:
+      self.viewer.add_points([[y, x]], name=PIXEL_LAYER, symbol="square", size=3,
+                             face_color="transparent", border_color="cyan",
+                             border_width=0.15)
     self.show_rois(masks_to_rois([(f"pixel (y={y}, x={x})", mask)]))
 
   def show_shapes(self, layer: Shapes) -> None:
