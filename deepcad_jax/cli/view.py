@@ -57,16 +57,16 @@ def _run_view(fv):
     if os.path.exists(shot) and not _v(fv, "overwrite"):
       raise UserError(f"{shot} already exists; add --overwrite to replace it or choose "
                       "another --screenshot.")
-  if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or
-                                               os.environ.get("WAYLAND_DISPLAY")):
-    raise UserError("deepcad-jax view needs a display (none is set); on a machine "
-                    "without one run it under a virtual one: xvfb-run -a deepcad-jax "
-                    "view ...")
   try:
     import napari
     from deepcad_jax.viewer import app
   except ImportError:
     raise UserError(NO_NAPARI) from None
+  if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or
+                                               os.environ.get("WAYLAND_DISPLAY")):
+    raise UserError("deepcad-jax view needs a display (none is set); on a machine "
+                    "without one run it under a virtual one: xvfb-run -a deepcad-jax "
+                    "view ...")
   viewer, inspect = app.open_view(
       _v(fv, "raw"), _v(fv, "denoised"), _v(fv, "std"), _v(fv, "rois"), _v(fv, "model"),
       show=shot is None, frame=_v(fv, "frame"), pixel=_pixel(_v(fv, "pixel")))

@@ -361,6 +361,11 @@ def test_view_bad_input_and_without_napari(tmp_path, monkeypatch, capsys, movie_
   assert cli.main(["deepcad-jax", "view", "--raw", flat, "--screenshot", out]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "flat.tif" in err
+  with monkeypatch.context() as m:
+    m.delenv("DISPLAY")
+    m.delenv("WAYLAND_DISPLAY", raising=False)
+    assert cli.main(["deepcad-jax", "view", "--raw", movie_file]) == 2
+    assert "xvfb-run -a deepcad-jax view" in capsys.readouterr().err
   monkeypatch.setitem(sys.modules, "napari", None)
   assert cli.main(["deepcad-jax", "view", "--raw", movie_file]) == 2
   err = capsys.readouterr().err
