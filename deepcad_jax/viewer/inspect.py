@@ -118,6 +118,9 @@ class InspectWidget(QWidget):
     self.quality: list[str] = []
     self.traces: dict | None = None  # the last traces plotted (tests, screenshots)
     self._watched: set[int] = set()
+    self._linked: set[tuple[int, int]] = set()
+    self._model: str | None = None
+    self._request: object | None = None  # the latest traces asked for
     viewer.mouse_drag_callbacks.append(self._on_click)
     viewer.layers.events.inserted.connect(self._watch_new_layer)
     for layer in viewer.layers:
@@ -139,15 +142,18 @@ class InspectWidget(QWidget):
     """Raw and denoised share their display (contrast, colormap); the model of the
     denoised layer (when it came from Denoise) gives the held-out quality."""
     raw, den, std = self.layers()
-    if raw is not None and den is not None and raw is not den:
+    if raw is not None and den is not None and raw is not den and \
+        (id(raw), id(den)) not in self._linked:
       den.contrast_limits = raw.contrast_limits
       link_layers([raw, den], ("contrast_limits", "colormap", "gamma"))
+      self._linked.add((id(raw), id(den)))
     model = (den.metadata.get("deepcad_model") if den is not None else None)
-    if model:
+    if model and model != self._model:
       self.show_model(model)
 
   def show_model(self, path: str) -> None:
     """The held-out quality and noise model stored with a model."""
+    self._model = path
     try:
       self.quality = describe_quality(load_model(path).meta)
     except UserError as e:
@@ -252,11 +258,13 @@ class InspectWidget(QWidget):
     except UserError as e:
       work.notify_error(str(e))
       return
+    request = self._request = object()
     self.worker = work.start("the traces", self._traces, rois[:MAX_PLOTTED], movies,
-                             on_done=self.plot, on_finish=self._finished)
+                             on_done=self.plot, on_finish=lambda: self._finished(request))
 
-  def _finished(self) -> None:
-    self.worker = None
+  def _finished(self, request: object) -> None:
+    if request is self._request:  # an older request, cancelled, does not count
+      self.worker = None
 
   @staticmethod
   def _traces(rois: list[Roi], movies: list):

@@ -204,6 +204,7 @@ class TrainWidget(Panel):
     self.losses.clear()
     self.scores.clear()
     self.result = None
+    self.progress.setRange(0, 0)  # busy until the run says how many steps it has
     self.timer.start()
     return data, workdir, cfg
 
@@ -245,13 +246,13 @@ class TrainWidget(Panel):
   def finished(self) -> None:
     super().finished()
     self.timer.stop()
+    if self.progress.maximum() == 0:
+      self.progress.setRange(0, 1)
     self.redraw()
 
   def redraw(self) -> None:
     """The loss (left) and the held-out estimated MSE (right) against the step."""
     losses, scores = list(self.losses), list(self.scores)
-    if losses:
-      self.progress.setValue(losses[-1][0])
     self.figure.clear()
     ax = self.figure.add_subplot(111)
     if losses:

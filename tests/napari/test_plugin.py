@@ -85,6 +85,21 @@ def test_the_manifest_is_valid_and_registered_by_an_entry_point():
     assert 'deepcad-jax = "deepcad_jax.viewer:napari.yaml"' in f.read()
 
 
+def test_napari_opens_the_plugin_widgets_reader_and_sample(viewer, movie_file):
+  from npe2 import PluginManager, PluginManifest
+  pm = PluginManager.instance()
+  if "deepcad-jax" not in pm._manifests:  # installed from another checkout: this one's
+    pm.register(PluginManifest.from_file(os.path.join(ROOT, "deepcad_jax", "viewer",
+                                                      "napari.yaml")))
+  for name in ("Train", "Denoise", "Inspect", "Stream"):
+    _, widget = viewer.window.add_plugin_dock_widget("deepcad-jax", name)
+    assert type(widget).__name__ == f"{name}Widget"
+  [layer] = viewer.open(movie_file, plugin="deepcad-jax")
+  assert isinstance(layer.data, vl.LazyMovie) and layer.data.shape == (64, 24, 24)
+  viewer.open_sample("deepcad-jax", "demo")
+  assert viewer.layers[-1].data.shape == (300, 64, 64) and len(viewer.layers) == 3
+
+
 def test_the_core_imports_without_napari_or_qt():
   code = ("import sys; sys.modules['napari'] = None; sys.modules['qtpy'] = None; "
           "import deepcad_jax, deepcad_jax.cli; from deepcad_jax import denoise, train; "
