@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from deepcad_jax import __version__
-from deepcad_jax.cli import analysis, denoise, models, research, train
+from deepcad_jax.cli import analysis, denoise, models, research, train, view
 from deepcad_jax.errors import Terminated, UserError
 
 log = logging.getLogger("deepcad_jax")
@@ -29,11 +29,11 @@ log = logging.getLogger("deepcad_jax")
 
 # The commands, in the order `usage` lists them; each module of this package defines
 # (and registers here) the commands of one activity.
-ORDER = ("demo", "train", "denoise", "traces", "events", "calibrate", "convert", "export",
+ORDER = ("demo", "train", "denoise", "view", "traces", "events", "calibrate", "convert", "export",
          "stream", "bench", "prune", "ladder", "score", "simulate", "evaluate")
 COMMANDS = {c.name: c for c in sorted(
     [*train.COMMANDS, *denoise.COMMANDS, *models.COMMANDS, *analysis.COMMANDS,
-     *research.COMMANDS], key=lambda c: ORDER.index(c.name))}
+     *research.COMMANDS, *view.COMMANDS], key=lambda c: ORDER.index(c.name))}
 
 
 def version() -> str:

@@ -10,6 +10,7 @@ import time
 
 from deepcad_jax.model_io import checkpoint as ckpt
 from deepcad_jax.config import load_config
+from deepcad_jax.config.demo import SIMULATIONS
 from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.files import denoise_files
@@ -19,9 +20,6 @@ from deepcad_jax.training.loop import train
 
 log = logging.getLogger("deepcad_jax")
 
-# The simulated recordings (T, Y, X) and their noise level.
-SIMULATIONS = {"full": dict(shape=(300, 64, 64), snr_db=-2.0),
-               "quick": dict(shape=(48, 32, 32), snr_db=-2.0)}
 
 
 def run_demo(workdir: str = "deepcad-jax-demo", quick: bool = False, seed: int = 0,

@@ -12,6 +12,11 @@ shorter run for tests.
 from deepcad_jax.config import (Config, DataConfig, InferConfig, ModelConfig,
                                 TrainConfig)
 
+# The demo's simulated recordings (T, Y, X) and their noise level (`deepcad-jax demo`,
+# the napari plugin's sample data).
+SIMULATIONS = {"full": dict(shape=(300, 64, 64), snr_db=-2.0),
+               "quick": dict(shape=(48, 32, 32), snr_db=-2.0)}
+
 
 def get_config(arg=None) -> Config:
   quick = arg == "quick"

@@ -95,10 +95,15 @@ class _StopFlag:
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-  def __init__(self):
-    self.set = False
+  def __init__(self, event: threading.Event | None = None):
+    self._signalled = False
+    self._event = event  # a caller's stop request (a GUI's Stop button)
     self.signum: int | None = None
     self._previous = {}
+
+  @property
+  def set(self) -> bool:
+    return self._signalled or (self._event is not None and self._event.is_set())
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -108,7 +113,7 @@ class _StopFlag:
   def _handle(self, signum, frame):
     if self.set and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    self.set = True
+    self._signalled = True
     self.signum = self.signum or signum
     log.warning("%s: stopping after this step and saving a checkpoint%s.",
                 signal.Signals(signum).name,
@@ -203,7 +208,8 @@ def _adopt(cfg: config_lib.Config, start: ckpt.Model) -> tuple[config_lib.Config
 def train(data: str, workdir: str, config: config_lib.Config | str | None = None, *,
           fresh: bool = False, init_from: Any = None, devices=None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None,
-          require_gain: bool = False) -> TrainResult:
+          require_gain: bool = False, stop: threading.Event | None = None,
+          on_score: Callable[[int, float], None] | None = None) -> TrainResult:
   """Train on a TIFF movie or a folder of them; resume from `workdir` when it holds a run.
 
   Training runs until `config.train.epochs` epochs are done, saving a checkpoint after
@@ -224,6 +230,9 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     devices: the devices to use (default: all).
     progress: print a progress line (process 0 only).
     on_step: called as `on_step(step, loss)` after every step.
+    stop: an event checked after every step: once set, the run saves a checkpoint and
+      returns (`interrupted`; the same call resumes it), as on Ctrl-C.
+    on_score: called as `on_score(step, estimated_mse)` after each held-out score.
     require_gain: make `TrainResult.exit_code` 3 unless the final model beats every
       baseline of the held-out score (`score.py`).
 
@@ -287,7 +296,7 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
     result = _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size,
                   steps_per_epoch, total_steps, fresh=fresh, resume_ok=init_from is None,
                   init_params_from=init_params_from, progress=progress and main,
-                  on_step=on_step)
+                  on_step=on_step, stop=stop, on_score=on_score)
     return dataclasses.replace(result, require_gain=require_gain)
   finally:
     if lock is not None:
@@ -312,7 +321,8 @@ def _check_workdir(workdir: str) -> None:
 def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: ckpt.RunMeta, mesh,
          patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
          fresh: bool, resume_ok: bool, init_params_from: Any, progress: bool,
-         on_step: Callable[[int, float], None] | None) -> TrainResult:
+         on_step: Callable[[int, float], None] | None, stop: threading.Event | None = None,
+         on_score: Callable[[int, float], None] | None = None) -> TrainResult:
   """The checkpointed loop of `train`, on a workdir this process may use."""
   if fresh and jax.process_index() == 0:
     ckpt.clear(workdir)
@@ -323,7 +333,8 @@ def _run(workdir: str, cfg: config_lib.Config, source: PairSource, meta: ckpt.Ru
   try:
     return _loop(mgr, workdir, cfg, source, meta, mesh, patch, paths, batch_size,
                  steps_per_epoch, total_steps, resume_ok=resume_ok,
-                 init_params_from=init_params_from, progress=progress, on_step=on_step)
+                 init_params_from=init_params_from, progress=progress, on_step=on_step,
+                 stop=stop, on_score=on_score)
   finally:
     mgr.close()
     if jax.process_index() == 0:
@@ -402,7 +413,8 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
           mesh,
           patch, paths, batch_size: int, steps_per_epoch: int, total_steps: int, *,
           resume_ok: bool, init_params_from: Any, progress: bool,
-          on_step: Callable[[int, float], None] | None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None, stop: threading.Event | None = None,
+          on_score: Callable[[int, float], None] | None = None) -> TrainResult:
   n_dev = parallel.device_count(mesh)
   main = jax.process_index() == 0
   repl = parallel.replicated(mesh)
@@ -464,7 +476,7 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
 
   bar.status(step, "compiling the training step...")
   try:
-    with _StopFlag() as stop:
+    with _StopFlag(stop) as stop:
       while step < total_steps:
         batch = distributed.global_batch(next(data_iter), data_sharding)
         t_step = time.perf_counter()
@@ -493,8 +505,9 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
                      loss=f"{loss:.4g}")
           if on_step is not None:
             on_step(step, loss)
+        stopping = stop.set  # read once: a step either saves and stops, or goes on
         timed = save_interval is not None and step - last_save[0] >= save_interval
-        if step % steps_per_epoch == 0 or step == total_steps or stop.set or timed:
+        if step % steps_per_epoch == 0 or step == total_steps or stopping or timed:
           meta = meta.replace(step=step, epoch=step / steps_per_epoch,
                               pairs_consumed=step * batch_size,
                               loss=losses[-1][1] if losses else None,
@@ -512,6 +525,8 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
                      "%s %.4g; gain %+.2f dB: %s", step, step / steps_per_epoch,
                      quality.estimated_mse, *quality.estimated_mse_ci, quality.heldout_mse,
                      quality.noise_variance, best, value, quality.gain_db, quality.verdict)
+            if on_score is not None:
+              on_score(step, quality.estimated_mse)
           elif step == total_steps and main:
             # Nothing held out: the last frames of the first movie (seen in training,
             # so optimistic) still name a collapsed model and fit the brightness.
@@ -534,7 +549,7 @@ def _loop(mgr, workdir: str, cfg: config_lib.Config, source: PairSource, meta: c
           if save_interval is not None:
             save_interval = interval_since(last_save)
           last_save = (step, time.perf_counter())
-        if stop.set:
+        if stopping:
           interrupted, stopped_by = True, stop.signum
           log.warning("Interrupted at step %d; checkpoint saved. Run the same command to "
                       "resume.", step)

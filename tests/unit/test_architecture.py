@@ -31,7 +31,7 @@ PACKAGE = os.path.join(ROOT, "deepcad_jax")
 # and those of folders below it, never above (docs/architecture.md).
 LAYERS = [("errors",), ("config", "core"), ("runtime",), ("data",), ("model_io",),
           ("denoising",), ("analysis", "stream"), ("training",), ("export", "research", "bench"),
-          ("cli",), ("__init__", "__main__")]  # the package's face: the public API, the CLI
+          ("viewer",), ("cli",), ("__init__", "__main__")]  # the package's face: the public API, the CLI
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
