@@ -67,10 +67,11 @@ def written_path(path: str | MovieSpec, frame_shape, frames: int | None) -> str:
 def _sink(spec: MovieSpec, kind: str):
   """The writer of a non-TIFF format (`open`, `write`, `close`, `abort`)."""
   if kind == "hdf5":
-    return hdf5.HDF5Sink(spec.dataset, spec.compression)
+    return hdf5.HDF5Sink(spec.dataset, spec.compression, final=spec.path)
   if kind == "zarr":
     ome = split_name(spec.path)[1].lower() == ".ome.zarr"
-    return zarr_store.ZarrSink(spec.dataset, spec.compression, ome, spec.zarr_format)
+    return zarr_store.ZarrSink(spec.dataset, spec.compression, ome, spec.zarr_format,
+                               final=spec.path)
   if kind == "nwb":
     return nwb.NWBSink(spec.dataset, spec.nwb_group == "acquisition")
   if kind == "caiman":
@@ -138,6 +139,7 @@ class MovieWriter(TwoPhase):
     if self.kind == "caiman":  # the name holds the shape
       spec = spec.with_(path=written_path(spec, self.frame_shape, frames))
       self._text = spec.path
+    self.target = spec.path  # the file or folder on disk (for its disk's free space)
     self._sink = None if self.kind == "tiff" else _sink(spec, self.kind)
     self._started = False
     self.file = AtomicFile(spec.path, overwrite=overwrite,
@@ -271,6 +273,7 @@ class VolumeWriter:
     if self.kind not in VOLUME_FORMATS:
       raise ValueError(f"{path}: {self.kind} outputs hold one movie; write one per plane.")
     self.path = str(spec)
+    self.target = spec.path
     self.sink = _sink(spec, self.kind)
     sizes = dict(zip(axes, (int(n) for n in shape)))
     self.axes = self.sink.axes_for(axes)
