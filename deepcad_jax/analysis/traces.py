@@ -475,8 +475,9 @@ def sample_files(spec: str | Sequence[str]) -> list[str]:
       raise UserError(f"--samples {item} matches no file.")
     files.extend(matches)
   for f in files:
-    if not os.path.isfile(f):
+    if not os.path.lexists(f):
       raise UserError(f"sample {f} does not exist.")
+    check_input(f, folder=False)
   return files
 
 

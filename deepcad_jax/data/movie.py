@@ -115,10 +115,10 @@ class ArrayMovie(Movie):
     self.array = array
     self.name = name
     self.shape = tuple(int(s) for s in array.shape)
-    self.dtype = np.dtype(array.dtype)
+    self.dtype = np.dtype(array.dtype).newbyteorder("=")  # read in native order
 
   def read(self, t0: int, t1: int) -> np.ndarray:
-    return np.asarray(self.array[t0:t1])
+    return native(self.array[t0:t1])
 
 
 class TiffMovie(Movie):

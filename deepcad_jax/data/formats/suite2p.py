@@ -60,9 +60,9 @@ def open_plane(path: str) -> Source:
   folder = plane_folder(path)
   data_path = os.path.join(folder, "data.bin")
   described = [os.path.join(folder, n) for n in DESCRIPTIONS
-               if os.path.isfile(os.path.join(folder, n))]
+               if os.path.lexists(os.path.join(folder, n))]
   missing = ([] if described else [os.path.join(folder, DESCRIPTIONS[0])]) + [
-      p for p in (data_path,) if not os.path.isfile(p)]
+      p for p in (data_path,) if not os.path.lexists(p)]
   if missing:
     raise UserError(f"{folder} is not a suite2p plane folder: {missing[0]} is missing; "
                     "give the folder that holds data.bin and ops.npy or db.npy (e.g. "
