@@ -306,11 +306,22 @@ def _pick(spec: MovieSpec, what: str, chosen: int | None, count: int, other: int
   return chosen
 
 
+def _check_raw_options(spec: MovieSpec) -> None:
+  """A raw binary's shape, dtype and offset given for another format are refused, never
+  silently ignored (the file says its own)."""
+  given = [k for k in ("shape", "dtype", "offset") if getattr(spec, k) is not None]
+  if given and spec.kind not in ("raw", "folder", "unknown"):
+    raise UserError(f"{spec.path}: {', '.join(given)} (--raw-shape, --raw-dtype) describe "
+                    f"raw binary files only, and this is a {spec.kind} file, which says "
+                    "its own; leave them out.")
+
+
 def open_movie(path: "str | MovieSpec") -> Movie:
   """Open one movie, validating it is (T, Y, X): a TIFF, or any format `data.spec`
   names (one plane and channel of it)."""
   spec = MovieSpec.parse(path)
   check_input(spec.path)  # exists, and no FIFO, device or looping link
+  _check_raw_options(spec)
   kind = spec.kind
   if kind == "tiff" and not _uses_layout(spec):
     source, plain = tiff_source(spec.path)
@@ -362,6 +373,7 @@ def refuse_to_overwrite(paths: Iterable[str], overwrite: bool) -> None:
 def movie_parts(path: "str | MovieSpec") -> list[str]:
   """The movies of one recording: itself, or one spec per plane and channel."""
   spec = MovieSpec.parse(path)
+  _check_raw_options(spec)
   if spec.kind == "tiff" and not _uses_layout(spec):
     source, plain = tiff_source(spec.path)
     if plain:

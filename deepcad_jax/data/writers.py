@@ -50,7 +50,17 @@ def output_space(path: "str | MovieSpec", shape: Sequence[int], dtype) -> tuple[
     voxels = int(np.prod(shape))
     need = voxels * 2 + (voxels * 4 if spec.scale is None else 0) + \
         int(np.prod(shape[1:])) * 8 + 2**16
+  if spec.kind in ("hdf5", "zarr") and spec.dataset and os.path.exists(spec.path):
+    need += _size_on_disk(spec.path)  # the copy that keeps the file's other arrays
   return spec.path, need
+
+
+def _size_on_disk(path: str) -> int:
+  """Bytes of a file, or of every file in a folder (a Zarr store)."""
+  if not os.path.isdir(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path)
+             for n in names)
 
 
 # Output options, the formats they apply to, and the flag or bracket that gives them: an

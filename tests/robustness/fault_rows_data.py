@@ -263,6 +263,11 @@ ROWS: list[Fault] = [
           lambda f: ["--model", f.model, "--input", f.movie(), "--compression", "gzip"]
           + _den(f), r"den\.tif: compression=gzip applies to HDF5 and Zarr outputs only, "
           r"and this output is TIFF; leave out --compression"),
+    Fault("denoise: --raw-shape and --raw-dtype on a TIFF input", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--raw-shape", "40x24x24",
+                     "--raw-dtype", "uint16"] + _den(f),
+          r"movie\.tif: shape, dtype \(--raw-shape, --raw-dtype\) describe raw binary "
+          r"files only, and this is a tiff file"),
     Fault("denoise: --nwb-acquisition on an HDF5 output", "denoise",
           lambda f: ["--model", f.model, "--input", f.movie(), "--nwb-acquisition"]
           + _den(f, "den.h5"), r"den\.h5: nwb_group=acquisition applies to NWB outputs "
