@@ -39,6 +39,16 @@ def _succeeded(output: str, shape=SHAPE):
   return check
 
 
+def _trained(files: Files, code: int, out: str, err: str) -> None:
+  """A check: training succeeded and saved a checkpoint that gives finite weights."""
+  from deepcad_jax.model_io.loading import load_model
+  assert code == 0, err[-3000:]
+  model = load_model(str(files.root / "run"))
+  if model.mean is not None:  # the training data's mean, as read: in native order
+    true = float(noisy_movie(SHAPE)[0].mean())
+    assert abs(model.mean - true) < 1e-3 * true, (model.mean, true)
+
+
 def _kept_hdf5(files: Files, code: int, out: str, err: str) -> None:
   import h5py
   assert code == 0, err[-3000:]
@@ -190,6 +200,9 @@ ROWS: list[Fault] = [
           lambda f: ["--model", f.model, "--input", damaged.hdf5_movie(
               f, data=noisy_movie(SHAPE)[0].astype(">f4"))] + _den(f), "",
           check=_succeeded("den.tif")),
+    Fault("train: big-endian TIFF", "train",
+          lambda f: ["--config", "tiny", "--epochs", "1", "--data", _big_endian_tiff(f),
+                     "--workdir", str(f.root / "run")], "", check=_trained),
     Fault("stream: big-endian raw", "stream",
           lambda f: ["--model", f.model, "--source", _big_endian_raw(f), "--rate", "0",
                      "--output", str(f.root / "live.tif")], "",

@@ -64,7 +64,7 @@ def refuse_external_link(name: str, where: str, target: tuple[str, str]) -> None
                   "link could reach any file); give that file and dataset itself.")
 
 
-def check_in_file(data, name: str, path: str) -> None:
+def check_in_file(data, name: str, path: str, depth: int = 0) -> None:
   """Refuse a dataset whose values are not all inside the file `path`: external raw
   storage (any file, e.g. /etc/passwd) and virtual datasets whose sources are outside
   the file's folder, missing, or not the datasets they name (else read as the fill
@@ -77,6 +77,9 @@ def check_in_file(data, name: str, path: str) -> None:
                     "could reach any file): copy the data into the file (e.g. with h5py).")
   if not data.is_virtual:
     return
+  if depth > 3:
+    raise UserError(f"{name} is a virtual dataset of virtual datasets nested more than "
+                    "3 deep (or in a loop); copy the data into one dataset.")
   folder = os.path.dirname(os.path.realpath(path))
   for source in data.virtual_sources():
     file = source.file_name
@@ -97,7 +100,8 @@ def check_in_file(data, name: str, path: str) -> None:
               f.get(source.dset_name), h5py.Dataset):
             problem = f"has no dataset {source.dset_name}"
           else:
-            check_in_file(f[source.dset_name], f"{target}:{source.dset_name}", target)
+            check_in_file(f[source.dset_name], f"{target}:{source.dset_name}", target,
+                          depth + 1)
       except OSError as e:
         problem = f"cannot be read ({e})"
     if problem is not None:
