@@ -10,6 +10,7 @@ noise, the noisy movie has the requested SNR (dB, as the paper defines it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from deepcad_jax.runtime import resources
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.movie import refuse_to_overwrite
-from deepcad_jax.data.writers import MovieWriter, movie_bytes
+from deepcad_jax.data.writers import MovieWriter, output_space
 from deepcad_jax.runtime.files import AtomicFile, check_space, os_error, outputs_together
 from deepcad_jax.errors import UserError
 from deepcad_jax.analysis.metrics import snr_db
@@ -213,21 +214,33 @@ def write_simulation(folder: str, overwrite: bool = False, movie_format: str = "
   refuse_to_overwrite(paths.values(), overwrite)
   params = SimulationParams(**kwargs)
   check_memory(params, f"{folder}: ")
-  check_space([(paths[k], movie_bytes(params.shape, np.float32)) for k in ("noisy", "clean")])
+  check_space([output_space(paths[k], params.shape, np.float32)
+               for k in ("noisy", "clean")])
   noisy, clean, info = simulate(params)
+  made, above = [], os.path.abspath(folder)
+  while not os.path.isdir(above) and os.path.dirname(above) != above:
+    made.append(above)  # folders this run creates: removed again if it fails
+    above = os.path.dirname(above)
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
     raise os_error(e, paths["noisy"]) from None
   info.update(noisy=paths["noisy"], clean=paths["clean"])
   metadata = MovieMetadata(kind="tiff", frame_interval=1.0 / params.frame_rate)
-  with outputs_together() as files:
-    for key, movie in (("noisy", noisy), ("clean", clean)):
-      files.append(MovieWriter(paths[key], movie.shape[1:], np.float32,
-                               frames=len(movie), metadata=metadata, overwrite=overwrite))
-      files[-1].write(movie)
-    files.append(AtomicFile(paths["info"], overwrite=overwrite))
-    json.dump(info, files[-1].text(), indent=1)
+  try:
+    with outputs_together() as files:
+      for key, movie in (("noisy", noisy), ("clean", clean)):
+        files.append(MovieWriter(paths[key], movie.shape[1:], np.float32,
+                                 frames=len(movie), metadata=metadata,
+                                 overwrite=overwrite))
+        files[-1].write(movie)
+      files.append(AtomicFile(paths["info"], overwrite=overwrite))
+      json.dump(info, files[-1].text(), indent=1)
+  except BaseException:
+    for path in made:  # deepest first; only if left empty
+      with contextlib.suppress(OSError):
+        os.rmdir(path)
+    raise
   return info
 
 

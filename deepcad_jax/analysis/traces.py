@@ -29,6 +29,7 @@ from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
 from deepcad_jax.runtime.files import AtomicFile, os_error
 from deepcad_jax.data.formats.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.paths import check_input
 from deepcad_jax.denoising.denoiser import Denoiser
 from deepcad_jax.denoising.step import Channels
 from deepcad_jax.runtime.progress import Progress
@@ -178,9 +179,10 @@ def rois_from_suite2p(stat: list[dict], shape: tuple[int, int], where: str = "")
 def read_rois(path: str, frame_shape: tuple[int, int]) -> list[Roi]:
   """ROIs from a label TIFF, a JSON file or suite2p's stat.npy, for (Y, X) frames."""
   where = f"{path}: "
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise UserError(f"{path} does not exist; give a label TIFF, a JSON of ROIs or "
                     "suite2p's stat.npy.")
+  check_input(path, folder=False)  # no FIFO, device or looping link
   lower = path.lower()
   if lower.endswith((".tif", ".tiff")):
     labels = np.squeeze(read_frames(path))
@@ -194,6 +196,12 @@ def read_rois(path: str, frame_shape: tuple[int, int]) -> list[Roi]:
         spec = json.load(f)
       except json.JSONDecodeError as e:
         raise UserError(f"{where}not valid JSON ({e}).") from None
+      except RecursionError:
+        raise UserError(f"{where}the JSON is nested too deeply to be a list of ROIs; "
+                        "give {\"rois\": [{\"name\": ..., \"polygon\": [[y, x], ...]}]}."
+                        ) from None
+      except UnicodeDecodeError as e:
+        raise UserError(f"{where}not UTF-8 text ({e}); give a JSON file of ROIs.") from None
     rois = rois_from_json(spec, frame_shape, where)
   elif lower.endswith(".npy"):
     rois = rois_from_suite2p(read_suite2p_stat(path), frame_shape, where)
@@ -467,8 +475,9 @@ def sample_files(spec: str | Sequence[str]) -> list[str]:
       raise UserError(f"--samples {item} matches no file.")
     files.extend(matches)
   for f in files:
-    if not os.path.isfile(f):
+    if not os.path.lexists(f):
       raise UserError(f"sample {f} does not exist.")
+    check_input(f, folder=False)
   return files
 
 

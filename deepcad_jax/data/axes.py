@@ -47,6 +47,50 @@ class Source:
   interleave: tuple[int, int] | None = None   # (planes, channels) the file's metadata says
 
 
+def axes_from_attr(value) -> str | None:
+  """Axes from a file's `axes` attribute: a string ('TYX', b'TYX'), or a sequence or
+  array of names or letters ([b't', b'y', b'x'], ['time', 'y', 'x']); None otherwise."""
+  if isinstance(value, bytes):
+    value = value.decode("utf-8", "replace")
+  if isinstance(value, str):
+    return value.strip().upper() or None
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return axes_from_attr(value.item())
+  if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+    names = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value]
+    if not all(isinstance(n, str) for n in names):
+      return None
+    if all(len(n.strip()) == 1 for n in names):
+      return "".join(n.strip() for n in names).upper()
+    return axes_from_names(names)
+  return None
+
+
+def check_dtype(name: str, dtype) -> np.dtype:
+  """The dtype of a movie, in native byte order, once it is a real number type (integer
+  or floating point); one sentence for complex, string, compound or other values."""
+  dtype = np.dtype(dtype)
+  if dtype.kind in "uif" and dtype.fields is None:
+    return dtype.newbyteorder("=")
+  what = {"c": "complex numbers", "S": "byte strings", "U": "text", "O": "Python objects "
+          "or variable-length strings", "V": "records (a compound type)", "b": "booleans",
+          "M": "dates", "m": "time spans"}.get(dtype.kind, f"values of type {dtype}")
+  if dtype.fields is not None:
+    what = "records (a compound type)"
+  fix = ("save its real part or magnitude as float32" if dtype.kind == "c" else
+         "save the movie as integers or floats (e.g. uint16, float32)")
+  raise UserError(f"{name} holds {what} ({dtype}), not intensities; deepcad-jax reads "
+                  f"movies of integers or floats: {fix}.")
+
+
+def native(block: np.ndarray) -> np.ndarray:
+  """`block` in the machine's byte order (a big-endian file's frames are converted)."""
+  block = np.asarray(block)
+  if not block.dtype.isnative:
+    block = block.astype(block.dtype.newbyteorder("="))
+  return block
+
+
 def axes_from_names(names) -> str | None:
   """'TYX'-style axes from metadata names (['t', 'y', 'x'], OME-Zarr axis dicts), or
   None when any name is unknown."""
@@ -77,7 +121,7 @@ class FrameGrid:
     n, y, x = (int(s) for s in frames.shape)
     per_volume = self.planes * self.channels
     self.shape = (n // per_volume, self.planes, self.channels, y, x)
-    self.dtype = np.dtype(frames.dtype)
+    self.dtype = np.dtype(frames.dtype).newbyteorder("=")
 
   def __getitem__(self, index: tuple) -> np.ndarray:
     t, z, c = index[:3]
@@ -87,8 +131,8 @@ class FrameGrid:
     if t1 <= t0:
       return np.zeros((0,) + self.shape[3:], self.dtype)
     start, stop = t0 * step + first, (t1 - 1) * step + first + 1
-    return np.asarray(self.frames[start:stop:step] if step > 1 else
-                      self.frames[start:stop])
+    return native(self.frames[start:stop:step] if step > 1 else
+                  self.frames[start:stop])
 
 
 @dataclasses.dataclass
@@ -122,6 +166,7 @@ def layout(source: Source, axes: str | None = None, planes: int | None = None,
   3-D array; with `planes`/`channels` (or the file's ScanImage metadata) the frames
   are de-interleaved. Refuses, in one sentence, axes that do not fit."""
   array, name = source.array, source.name
+  check_dtype(name, array.dtype)
   shape = tuple(int(s) for s in array.shape)
   interleave = (planes or 1, channels or 1) if (planes or channels) else source.interleave
   if interleave and interleave != (1, 1):
@@ -195,7 +240,7 @@ def read_movie_frames(lay: Layout, plane: int, channel: int, t0: int, t1: int
       kept.append(axis)
     else:
       index.append({"Z": plane, "C": channel}.get(axis, 0))
-  block = np.asarray(lay.array[tuple(index)])
+  block = native(lay.array[tuple(index)])
   return np.transpose(block, [kept.index(a) for a in "TYX"])
 
 

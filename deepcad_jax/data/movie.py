@@ -14,8 +14,6 @@ page range by page range: a large recording is never loaded whole.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from typing import Iterable, Iterator
 
@@ -23,18 +21,20 @@ import numpy as np
 import tifffile
 
 from deepcad_jax.data.formats import caiman, hdf5, nwb, raw, suite2p, zarr_store
-from deepcad_jax.data.axes import (Layout, Source, layout, read_movie_frames,
-                                   scanimage_interleave)
+from deepcad_jax.data.axes import (Layout, Source, check_dtype, layout, native,
+                                   read_movie_frames)
+from deepcad_jax.data.formats.tiff import (check_series, data_end, movie_shape, open_tiff,
+                                           read_frames, tiff_source, tifffile_problems)
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.writers import write_movie  # noqa: F401 (re-exported)
 from deepcad_jax.data.spec import MovieSpec, is_store
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.paths import check_input
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MOVIE_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".nwb", ".zarr", ".mmap")  # in a folder
 INPUT_FORMATS = ("TIFF (.tif), HDF5 (.h5), Zarr (.zarr), NWB (.nwb), a suite2p plane "
                  "folder, a CaImAn memmap (.mmap), or raw:FILE[shape=TxYxX,dtype=...]")
-FRAME_AXES = "TZQIR"          # tifffile axis codes that can hold frames
 CHUNK_BYTES = 256 * 2**20     # frames read at a time when scanning a file
 SPREAD_SAMPLE, SPREAD_CLIP = 2_000_000, 0.001  # a movie's spread: voxels sampled, clip
 
@@ -115,16 +115,16 @@ class ArrayMovie(Movie):
     self.array = array
     self.name = name
     self.shape = tuple(int(s) for s in array.shape)
-    self.dtype = np.dtype(array.dtype)
+    self.dtype = np.dtype(array.dtype).newbyteorder("=")  # read in native order
 
   def read(self, t0: int, t1: int) -> np.ndarray:
-    return np.asarray(self.array[t0:t1])
+    return native(self.array[t0:t1])
 
 
 class TiffMovie(Movie):
   """A TIFF file read lazily: memory map when possible, page ranges otherwise.
 
-  The file is checked when opened (see `_check_series`), so that a truncated or
+  The file is checked when opened (see `data.formats.tiff.check_series`), so that a truncated or
   damaged file, a colour image or a file of several series is refused with one sentence
   before any work; a frame that still cannot be read later raises `UserError` too.
   """
@@ -132,12 +132,12 @@ class TiffMovie(Movie):
   def __init__(self, path: str):
     self.name = path
     self.path = path
-    with _tifffile_problems() as problems, _open_tiff(path) as tif:
-      series = _check_series(path, tif, problems)
-      self.shape, self._frame_axis = _movie_shape(path, series.shape, series.axes)
-      self.dtype = np.dtype(series.dtype)
+    with tifffile_problems() as problems, open_tiff(path) as tif:
+      series = check_series(path, tif, problems)
+      self.shape, self._frame_axis = movie_shape(path, series.shape, series.axes)
+      self.dtype = check_dtype(path, series.dtype)
       self._pages_are_frames = len(series.pages) == self.shape[0]
-      self._data_end = _data_end(series)
+      self._data_end = data_end(series)
     self._map = None
     try:
       self._map = tifffile.memmap(path, mode="r").reshape(self.shape)
@@ -152,17 +152,17 @@ class TiffMovie(Movie):
   def metadata(self) -> MovieMetadata:
     """Pixel size, frame interval, ImageJ and OME fields of the file (read once)."""
     if getattr(self, "_metadata", None) is None:
-      with _open_tiff(self.path) as tif:
+      with open_tiff(self.path) as tif:
         self._metadata = read_metadata(tif, self._frame_axis)
     return self._metadata
 
   def read(self, t0: int, t1: int) -> np.ndarray:
     try:
-      with _tifffile_problems() as problems:
+      with tifffile_problems() as problems:
         frames = self._read(t0, t1)
       if problems:
         raise ValueError(problems[0])
-      return frames
+      return native(frames)
     except UserError:
       raise
     except (ValueError, OSError, RuntimeError, tifffile.TiffFileError) as e:
@@ -199,198 +199,6 @@ class TiffMovie(Movie):
       self._map = None
 
 
-class _Problems(logging.Handler):
-  """Collects what tifffile logs at ERROR level (a broken page chain, a shaped series
-  that does not fit its data) instead of printing it."""
-
-  def __init__(self):
-    super().__init__(logging.ERROR)
-    self.messages: list[str] = []
-
-  def emit(self, record: logging.LogRecord) -> None:
-    message = record.getMessage()  # without tifffile's '<tifffile.TiffPages @8> '
-    self.messages.append(message.split("> ", 1)[1] if message.startswith("<") and
-                         "> " in message else message)
-
-
-@contextlib.contextmanager
-def _tifffile_problems() -> Iterator[list[str]]:
-  """tifffile's error messages while the block runs, kept from the terminal (warnings,
-  e.g. metadata it ignored, are dropped: the checks below judge the data itself)."""
-  logger = logging.getLogger("tifffile")
-  handler = _Problems()
-  propagate = logger.propagate
-  logger.addHandler(handler)
-  logger.propagate = False
-  try:
-    yield handler.messages
-  finally:
-    logger.removeHandler(handler)
-    logger.propagate = propagate
-
-
-def _open_tiff(path: str) -> tifffile.TiffFile:
-  if os.path.isdir(path):
-    raise UserError(f"{path} is a folder; give one TIFF movie file here.")
-  if os.path.isfile(path) and os.path.getsize(path) == 0:
-    raise UserError(f"{path} is empty (0 bytes); the copy or the recording did not "
-                    "finish: copy it again.")
-  try:
-    return tifffile.TiffFile(path)
-  except FileNotFoundError:
-    raise UserError(f"{path} does not exist; check the path.") from None
-  except PermissionError:
-    raise UserError(f"{path} cannot be read (permission denied); check its "
-                    "permissions.") from None
-  except (tifffile.TiffFileError, ValueError, OSError) as e:
-    raise UserError(f"{path} is not a readable TIFF file ({e}); give a .tif movie "
-                    "with frames as pages.") from None
-
-
-def _check_series(path: str, tif: tifffile.TiffFile, problems: list[str]):
-  """The one image series of a TIFF, once it is known to be whole: refuses a damaged
-  or truncated file, several series, colour samples, zero frames, and metadata that
-  describes more or fewer frames than the file holds."""
-  damaged = "; copy it again from the original (or re-save it)"
-  try:
-    all_series = tif.series
-    pages = len(tif.pages)  # walks the whole page chain: finds a cut-off file
-  except (tifffile.TiffFileError, ValueError, OSError, IndexError) as e:
-    raise UserError(f"{path} is damaged ({e}){damaged}.") from None
-  if problems:
-    raise UserError(f"{path} is damaged or truncated (tifffile: {problems[0]})"
-                    f"{damaged}.")
-  if not all_series:
-    raise UserError(f"{path} holds no image data{damaged}.")
-  if len(all_series) > 1:
-    shapes = ", ".join(str(tuple(s.shape)) for s in all_series[:4])
-    raise UserError(f"{path} holds {len(all_series)} image series ({shapes}"
-                    f"{', ...' if len(all_series) > 4 else ''}) and only one movie per "
-                    "file is read; save each series as its own TIFF (e.g. "
-                    "tifffile.imwrite(f'part{i}.tif', tifffile.imread(path, series=i))).")
-  series = all_series[0]
-  photometric = getattr(series.keyframe, "photometric", None)
-  samples = dict(zip(series.axes, series.shape)).get("S", 1)
-  if samples > 1 or photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR):
-    raise UserError(f"{path} is a colour image (shape {tuple(series.shape)}, axes "
-                    f"{series.axes}, {samples} samples per pixel); deepcad-jax denoises "
-                    "grayscale movies (T, Y, X): save one channel per file, or convert "
-                    "it to grayscale.")
-  if 0 in tuple(series.shape):
-    raise UserError(f"{path} holds no frames (shape {tuple(series.shape)}); export the "
-                    "recording again.")
-  end, size = _data_end(series), os.path.getsize(path)
-  if end > size:
-    raise UserError(f"{path} is truncated: its header describes {tuple(series.shape)} "
-                    f"{series.dtype} data ending at byte {end}, but the file has {size} "
-                    f"bytes{damaged}.")
-  frames = int(np.prod(series.shape[:-2], dtype=np.int64))
-  if pages > frames:
-    raise UserError(f"{path} holds {pages} pages but its metadata describes "
-                    f"{frames} frame(s) {tuple(series.shape)}, so frames would be lost; "
-                    "re-save it with the right frame count (e.g. ImageJ: Image > "
-                    "Properties; or tifffile.imwrite with every page).")
-  return series
-
-
-def _data_end(series) -> int:
-  """The byte after the last image data a series refers to."""
-  if series.dataoffset is not None:
-    return int(series.dataoffset) + int(series.nbytes)
-  end = 0
-  for page in series.pages:
-    if page is not None:
-      end = max([end] + [int(o) + int(n) for o, n in zip(page.dataoffsets,
-                                                          page.databytecounts)])
-  return end
-
-
-def _movie_shape(path: str, shape, axes: str) -> tuple[tuple[int, int, int], str]:
-  """(T, Y, X) of a TIFF series: singleton axes squeezed, one frame axis allowed."""
-  if len(shape) != len(axes) or axes[-2:] != "YX":
-    if len(shape) == 3:
-      return tuple(int(s) for s in shape), "?"
-    raise UserError(f"{path} has shape {tuple(shape)} with axes {axes!r}; expected a "
-                    "movie with frames, rows and columns (T, Y, X).")
-  extra = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if n > 1]
-  if not extra:
-    raise UserError(f"{path} is a single 2-D image of shape {tuple(shape[-2:])}; "
-                    "a movie needs many frames (T, Y, X).")
-  if len(extra) > 1 or extra[0][0] not in FRAME_AXES:
-    desc = ", ".join(f"{a}={n}" for a, n in extra)
-    raise UserError(f"{path} has shape {tuple(shape)} (axes {axes}) with more than one "
-                    f"axis besides Y and X ({desc}); save one movie (T, Y, X) per file, "
-                    "e.g. one file per channel or plane.")
-  return (int(extra[0][1]), int(shape[-2]), int(shape[-1])), extra[0][0]
-
-
-
-class TiffFrames:
-  """The pages of a TIFF series as an array-like of the series' shape (leading axes:
-  frames in page order; the last two: Y, X), read page by page as indexed."""
-
-  def __init__(self, path: str, shape: tuple[int, ...], dtype):
-    self.path = path
-    self.shape = tuple(int(n) for n in shape)
-    self.dtype = np.dtype(dtype)
-    self._map = None
-    try:
-      self._map = tifffile.memmap(path, mode="r").reshape((-1,) + self.shape[-2:])
-    except (ValueError, OSError):
-      self._map = None
-
-  def __getitem__(self, index) -> np.ndarray:
-    index = index if isinstance(index, tuple) else (index,)
-    index = index + (slice(None),) * (len(self.shape) - len(index))
-    lead, lists = self.shape[:-2], []
-    for i, n in zip(index[:-2], lead):
-      lists.append(np.arange(n)[i] if isinstance(i, slice) else np.array([int(i)]))
-    grid = np.meshgrid(*lists, indexing="ij")
-    pages = np.ravel_multi_index([g.ravel() for g in grid], lead) if lead else \
-        np.zeros(1, np.int64)
-    if len(pages) == 0:
-      frames = np.zeros((0,) + self.shape[-2:], self.dtype)
-    elif self._map is not None:
-      frames = np.asarray(self._map[pages])
-    else:
-      with tifffile.TiffFile(self.path) as tif:
-        frames = np.asarray(tif.asarray(key=[int(p) for p in pages]))
-    frames = frames.reshape([len(v) for v in lists] + list(self.shape[-2:]))
-    frames = frames[(slice(None),) * len(lists) + tuple(index[-2:])]
-    drop = tuple(k for k, i in enumerate(index[:-2]) if not isinstance(i, slice))
-    return frames.reshape([n for k, n in enumerate(frames.shape) if k not in drop])
-
-  def __getstate__(self):
-    return {**self.__dict__, "_map": None}
-
-
-_TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "Y": "Y", "X": "X"}
-
-
-def _tiff_source(path: str) -> tuple[Source, bool]:
-  """A TIFF as a `Source` (frames indexed by the series' axes, or flat with ScanImage's
-  interleaving), and whether it is a plain (T, Y, X) movie that `TiffMovie` reads (or
-  refuses in its own words: a 2-D image, a colour image)."""
-  with _tifffile_problems() as problems, _open_tiff(path) as tif:
-    series = _check_series(path, tif, problems)
-    interleave = scanimage_interleave(tif)
-    shape, axes, dtype = tuple(series.shape), series.axes, series.dtype
-    metadata = read_metadata(tif, "T")
-  if interleave is not None:  # ScanImage: frames in page order, de-interleaved
-    n = int(np.prod(shape[:-2], dtype=np.int64))
-    return Source(TiffFrames(path, (n,) + shape[-2:], dtype), path, "TYX", metadata,
-                  interleave=interleave), interleave == (1, 1)
-  extra = [(a, k) for a, k in zip(axes[:-2], shape[:-2]) if k > 1]
-  plain = len(extra) <= 1 or len(shape) != len(axes)  # TiffMovie reads it (or refuses)
-  letters = None
-  if len(shape) == len(axes) and axes[-2:] == "YX":
-    mapped = [_TIFF_AXES.get(a, "Q" if k == 1 else "?") for a, k in zip(axes, shape)]
-    if "T" not in mapped and mapped.count("?") == 1:
-      mapped[mapped.index("?")] = "T"
-    letters = "".join(mapped) if "?" not in mapped else None
-  return Source(TiffFrames(path, shape, dtype), path, letters, metadata), plain
-
-
 def open_source(spec: MovieSpec) -> Source:
   """The array `spec` names, opened lazily by the reader of its format."""
   kind, path = spec.kind, spec.path
@@ -407,7 +215,7 @@ def open_source(spec: MovieSpec) -> Source:
   if kind == "caiman":
     return caiman.open_memmap(path)
   if kind == "tiff":
-    return _tiff_source(path)[0]
+    return tiff_source(path)[0]
   if kind == "folder":
     raise UserError(f"{path} is a folder; give one movie file here ({INPUT_FORMATS}).")
   raise UserError(f"{path} is not a movie format deepcad-jax reads; give {INPUT_FORMATS}, "
@@ -448,7 +256,7 @@ class RecordingMovie(Movie):
     self.name = str(spec) if spec.plane is not None or spec.channel is not None or \
         not spec.is_plain else lay.source.name
     self.shape = lay.movie_shape
-    self.dtype = np.dtype(lay.array.dtype)
+    self.dtype = check_dtype(self.name, lay.array.dtype)
     kept = [i for i, a in enumerate(lay.axes) if a != "Q"]
     self.recording = ("".join(lay.axes[i] for i in kept),
                       tuple(int(lay.array.shape[i]) for i in kept))
@@ -498,15 +306,25 @@ def _pick(spec: MovieSpec, what: str, chosen: int | None, count: int, other: int
   return chosen
 
 
+def _check_raw_options(spec: MovieSpec) -> None:
+  """A raw binary's shape, dtype and offset given for another format are refused, never
+  silently ignored (the file says its own)."""
+  given = [k for k in ("shape", "dtype", "offset") if getattr(spec, k) is not None]
+  if given and spec.kind not in ("raw", "folder", "unknown"):
+    raise UserError(f"{spec.path}: {', '.join(given)} (--raw-shape, --raw-dtype) describe "
+                    f"raw binary files only, and this is a {spec.kind} file, which says "
+                    "its own; leave them out.")
+
+
 def open_movie(path: "str | MovieSpec") -> Movie:
   """Open one movie, validating it is (T, Y, X): a TIFF, or any format `data.spec`
   names (one plane and channel of it)."""
   spec = MovieSpec.parse(path)
-  if not os.path.exists(spec.path):
-    raise UserError(f"{spec.path} does not exist; check the path.")
+  check_input(spec.path)  # exists, and no FIFO, device or looping link
+  _check_raw_options(spec)
   kind = spec.kind
   if kind == "tiff" and not _uses_layout(spec):
-    source, plain = _tiff_source(spec.path)
+    source, plain = tiff_source(spec.path)
     if plain:
       return TiffMovie(spec.path)
     return RecordingMovie(spec, layout(source, None, None, None))
@@ -533,30 +351,10 @@ def as_movie(movie, name: str = "<array>") -> Movie:
   return ArrayMovie(movie, name)
 
 
-def read_frames(path: str) -> np.ndarray:
-  """A whole TIFF as (N, Y, X) frames: a single 2-D image (N = 1) or a movie, checked
-  as `TiffMovie` checks files (for mean images and the files a watched folder
-  receives, which may hold one frame each)."""
-  with _tifffile_problems() as problems, _open_tiff(path) as tif:
-    series = _check_series(path, tif, problems)
-    shape, axes = tuple(series.shape), series.axes
-  if int(np.prod(shape[:-2], dtype=np.int64)) > 1:
-    shape = _movie_shape(path, shape, axes)[0]
-  try:
-    with _tifffile_problems() as problems:
-      data = tifffile.imread(path)
-    if problems:
-      raise ValueError(problems[0])
-  except (ValueError, OSError, RuntimeError, tifffile.TiffFileError) as e:
-    raise UserError(f"{path} could not be read ({e}); the file is damaged: copy it "
-                    "again from the original.") from None
-  return np.asarray(data).reshape((-1,) + tuple(shape[-2:]))
-
-
 def read_mean_image(path: str) -> np.ndarray:
   """A (Y, X) mean image from a 2-D TIFF, or the temporal mean of a TIFF movie."""
-  with _tifffile_problems() as problems, _open_tiff(path) as tif:
-    shape = tuple(_check_series(path, tif, problems).shape)
+  with tifffile_problems() as problems, open_tiff(path) as tif:
+    shape = tuple(check_series(path, tif, problems).shape)
   if int(np.prod(shape[:-2], dtype=np.int64)) == 1:
     return read_frames(path)[0].astype(np.float32)
   return open_movie(path).mean_image()
@@ -575,8 +373,9 @@ def refuse_to_overwrite(paths: Iterable[str], overwrite: bool) -> None:
 def movie_parts(path: "str | MovieSpec") -> list[str]:
   """The movies of one recording: itself, or one spec per plane and channel."""
   spec = MovieSpec.parse(path)
+  _check_raw_options(spec)
   if spec.kind == "tiff" and not _uses_layout(spec):
-    source, plain = _tiff_source(spec.path)
+    source, plain = tiff_source(spec.path)
     if plain:
       return [os.fspath(path) if isinstance(path, str) else str(spec)]
     lay = layout(source, None, None, None)
@@ -601,12 +400,15 @@ def list_movies(path: "str | MovieSpec") -> list[str]:
   every readable format are listed (TIFF, HDF5, NWB, Zarr stores, suite2p plane
   folders); the options of `path` (e.g. axes) apply to each."""
   spec = MovieSpec.parse(path)
-  if not os.path.exists(spec.path):
+  if not os.path.lexists(spec.path):
     raise UserError(f"{spec.path} does not exist; give a movie file or a folder of them.")
+  check_input(spec.path)
   if os.path.isdir(spec.path) and not is_store(spec.path) and spec.format is None:
     names = sorted(os.listdir(spec.path))
     files = [os.path.join(spec.path, f) for f in names if not f.startswith(".") and (
         f.lower().endswith(MOVIE_SUFFIXES) or is_store(os.path.join(spec.path, f)))]
+    for f in files:  # a FIFO or device among them would block training or denoising
+      check_input(f)
     if not files:
       raise UserError(f"{spec.path} holds no .tif or .tiff files (nor other movies: "
                       f"{INPUT_FORMATS}); put the movies there or give one file.")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.paths import check_input
 
 Globals = Mapping[tuple, Any]
 
@@ -496,8 +497,9 @@ def load_npy(path: str, allowed: Globals, *, what: str, fix: str) -> np.ndarray:
   """The object array that `np.save` pickled into an untrusted `.npy` (a list or dict
   saved by suite2p), rebuilt with the restricted unpickler and the `allowed` globals."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise user_error(path, "does not exist", fix)
+  check_input(path, folder=False)  # no FIFO, device or looping link
   try:
     with open(path, "rb") as f:
       version = np.lib.format.read_magic(f)

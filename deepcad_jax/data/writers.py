@@ -39,6 +39,39 @@ def movie_bytes(shape: Sequence[int], dtype) -> int:
   return int(np.prod(shape)) * np.dtype(dtype).itemsize + t * PAGE_BYTES + 2**16
 
 
+def output_space(path: "str | MovieSpec", shape: Sequence[int], dtype) -> tuple[str, int]:
+  """(the file or folder on disk, the bytes it needs at most) of a (T, Y, X) output
+  named `path` in any format: for `check_space`, which must look at the disk of the
+  file itself (`suite2p:/disk/plane0` is on /disk). A suite2p folder holds int16, and
+  float32 frames beside them until its scale is known."""
+  spec = MovieSpec.parse(path)
+  need = movie_bytes(shape, dtype)
+  if spec.kind == "suite2p":
+    voxels = int(np.prod(shape))
+    need = voxels * 2 + (voxels * 4 if spec.scale is None else 0) + \
+        int(np.prod(shape[1:])) * 8 + 2**16
+  if spec.kind in ("hdf5", "zarr") and spec.dataset and os.path.exists(spec.path):
+    need += _size_on_disk(spec.path)  # the copy that keeps the file's other arrays
+  return spec.path, need
+
+
+def _size_on_disk(path: str) -> int:
+  """Bytes of a file, or of every file in a folder (a Zarr store)."""
+  if not os.path.isdir(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path)
+             for n in names)
+
+
+# Output options, the formats they apply to, and the flag or bracket that gives them: an
+# option given for another format is refused, never silently ignored.
+_OUTPUT_OPTIONS = (("compression", ("hdf5", "zarr"), "--compression"),
+                   ("zarr_format", ("zarr",), "[zarr_format=...]"),
+                   ("nwb_group", ("nwb",), "--nwb-acquisition"),
+                   ("scale", ("suite2p",), "[scale=...]"))
+_FORMAT_NAMES = {"tiff": "TIFF", "hdf5": "HDF5", "zarr": "Zarr", "nwb": "NWB",
+                 "suite2p": "suite2p", "caiman": "CaImAn memmap"}
+
 WRITABLE = ("tiff", "hdf5", "zarr", "nwb", "suite2p", "caiman")
 VOLUME_FORMATS = ("hdf5", "zarr")  # hold every plane and channel of a recording in one file
 
@@ -52,6 +85,13 @@ def output_format(path: str | MovieSpec) -> str:
     raise UserError(f"{path}: cannot tell which format to write from its name; end it "
                     "in .tif, .h5, .zarr, .nwb or .mmap (CaImAn), or name a suite2p plane "
                     "folder (suite2p:FOLDER or .../plane0).")
+  for option, formats, flag in _OUTPUT_OPTIONS:
+    value = getattr(spec, option)
+    if value is not None and kind not in formats:
+      names = " and ".join(_FORMAT_NAMES[f] for f in formats)
+      raise UserError(f"{spec.path}: {option}={value} applies to {names} outputs only, "
+                      f"and this output is {_FORMAT_NAMES[kind]}; leave out {flag} (or "
+                      f"choose an output in {names}).")
   return kind
 
 
@@ -67,10 +107,11 @@ def written_path(path: str | MovieSpec, frame_shape, frames: int | None) -> str:
 def _sink(spec: MovieSpec, kind: str):
   """The writer of a non-TIFF format (`open`, `write`, `close`, `abort`)."""
   if kind == "hdf5":
-    return hdf5.HDF5Sink(spec.dataset, spec.compression)
+    return hdf5.HDF5Sink(spec.dataset, spec.compression, final=spec.path)
   if kind == "zarr":
     ome = split_name(spec.path)[1].lower() == ".ome.zarr"
-    return zarr_store.ZarrSink(spec.dataset, spec.compression, ome, spec.zarr_format)
+    return zarr_store.ZarrSink(spec.dataset, spec.compression, ome, spec.zarr_format,
+                               final=spec.path)
   if kind == "nwb":
     return nwb.NWBSink(spec.dataset, spec.nwb_group == "acquisition")
   if kind == "caiman":
@@ -138,6 +179,7 @@ class MovieWriter(TwoPhase):
     if self.kind == "caiman":  # the name holds the shape
       spec = spec.with_(path=written_path(spec, self.frame_shape, frames))
       self._text = spec.path
+    self.target = spec.path  # the file or folder on disk (for its disk's free space)
     self._sink = None if self.kind == "tiff" else _sink(spec, self.kind)
     self._started = False
     self.file = AtomicFile(spec.path, overwrite=overwrite,
@@ -271,6 +313,7 @@ class VolumeWriter:
     if self.kind not in VOLUME_FORMATS:
       raise ValueError(f"{path}: {self.kind} outputs hold one movie; write one per plane.")
     self.path = str(spec)
+    self.target = spec.path
     self.sink = _sink(spec, self.kind)
     sizes = dict(zip(axes, (int(n) for n in shape)))
     self.axes = self.sink.axes_for(axes)
@@ -465,7 +508,7 @@ def write_movie(path: str, frames: np.ndarray | Iterable[np.ndarray],
   shape = tuple(int(n) for n in shape)
   if len(shape) != 3:
     raise UserError(f"{path}: a movie is (T, Y, X); got shape {shape}.")
-  check_space([(path, movie_bytes(shape, dtype))])
+  check_space([output_space(path, shape, dtype)])
   with MovieWriter(path, shape[1:], dtype, frames=shape[0], metadata=metadata,
                    overwrite=overwrite) as w:
     for block in frames:

@@ -22,7 +22,8 @@ from deepcad_jax.config import DenoiseConfig
 from deepcad_jax.data.movie import (Movie, list_movies, open_movie,
                                     refuse_to_overwrite)
 from deepcad_jax.data.writers import (VOLUME_FORMATS, MovieWriter, SplitOutputs,
-                                      movie_bytes, output_format, written_path)
+                                      movie_bytes, output_format, output_space,
+                                      written_path)
 from deepcad_jax.runtime.files import (PARTIAL_SUFFIX, check_space, os_error,
                                        outputs_together)
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
@@ -193,8 +194,8 @@ def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
   checking their disk has room; committed together when the block succeeds, all
   removed if it fails."""
   shape = movie.shape
-  check_space([(dst, movie_bytes(shape, out_dtype))] +
-              [(p, movie_bytes(shape, np.float32)) for p in extras])
+  check_space([output_space(dst, shape, out_dtype)] +
+              [output_space(p, shape, np.float32) for p in extras])
   metadata = movie.metadata
   outputs = outputs if outputs is not None else SplitOutputs()
   with outputs_together() as writers:

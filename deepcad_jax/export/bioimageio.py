@@ -5,6 +5,7 @@ citations.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import tifffile
 
 from deepcad_jax.data.movie import as_movie, refuse_to_overwrite
-from deepcad_jax.runtime.files import AtomicFile, os_error
+from deepcad_jax.runtime.files import AtomicFile, check_space, os_error
 from deepcad_jax.errors import UserError
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.denoising.tiling import ceil_to, reach_by_residue
@@ -138,6 +139,21 @@ def _bioimageio_error(e: Exception) -> UserError:
                    "--name, --author and --license.")
 
 
+def _disk_error(e: BaseException, output: str) -> UserError | None:
+  """The sentence of a file-system error that a library wrapped (bioimage.io's
+  validation reads the files it was given: a full disk is not invalid metadata)."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError):
+      return os_error(seen, output)
+    seen = seen.__cause__ or seen.__context__
+  text = str(e)
+  for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    if os.strerror(code) in text:
+      return os_error(OSError(code, os.strerror(code)), output)
+  return None
+
+
 def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
                       sample: str | None = None, name: str | None = None,
                       authors: Sequence[str] = (), license: str = "CC-BY-4.0",
@@ -172,6 +188,8 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
   from bioimageio.spec.model import v0_5 as bm
   from bioimageio.spec.model.v0_5 import AxisId, TensorId
   model_onnx = onnx_model(net, opset)
+  # room for the package's files (in a temporary folder beside it) and the package
+  check_space([(output, 4 * model_onnx.ByteSize() + 2**22)])
   mean, s, size = float(mean), net.scale, BIOIMAGEIO_MIN
   raw, what_input = _test_movie(movie, mean, size)
   x = raw[None, None]
@@ -285,7 +303,7 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
     except Exception as e:  # pydantic's ValidationError: the metadata given is invalid
       if isinstance(e, UserError):
         raise
-      raise _bioimageio_error(e) from None
+      raise _disk_error(e, output) or _bioimageio_error(e) from None
     package = AtomicFile(output, overwrite=True)
     try:
       package.open()  # the package is saved over this run's own temporary file
@@ -296,7 +314,7 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
       if isinstance(e, OSError):
         raise os_error(e, output) from None
       if isinstance(e, ValueError) and not isinstance(e, UserError):
-        raise _bioimageio_error(e) from None
+        raise _disk_error(e, output) or _bioimageio_error(e) from None
       raise
   report = ExportReport("bioimageio", os.path.abspath(output), [os.path.abspath(output)],
                         os.path.getsize(output), f)

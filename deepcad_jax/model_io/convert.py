@@ -26,6 +26,7 @@ from deepcad_jax import config as config_lib
 from deepcad_jax.data import safe_pickle
 from deepcad_jax.model_io.checkpoint import Model, RunMeta, save_model
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.paths import check_input
 from deepcad_jax.core.network import LEVELS, init_params
 
 _STORAGE_DTYPES = {
@@ -190,8 +191,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   is untrusted: the pickle goes through `safe_pickle`, and every tensor's offset, shape
   and strides are checked against its storage before its elements are copied."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise UserError(f"{path} does not exist; give the DeepCAD-RT .pth file.")
+  check_input(path, folder=False)  # no FIFO, device or looping link
   if not zipfile.is_zipfile(path):
     with open(path, "rb") as f:
       head = f.read(2)

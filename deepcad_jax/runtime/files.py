@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from deepcad_jax.errors import UserError
 from deepcad_jax.runtime.locks import alive
+from deepcad_jax.runtime.paths import check_output_target
 
 log = logging.getLogger("deepcad_jax")
 
@@ -56,9 +57,11 @@ def format_bytes(n: float) -> str:
   return f"{int(n)} B"
 
 
-def os_error(e: OSError, path: str) -> UserError:
-  """One sentence for an OSError met while writing `path`."""
-  folder = _existing(os.path.dirname(os.path.abspath(path)))
+def os_error(e: OSError, path: str, target: str | None = None) -> UserError:
+  """One sentence for an OSError met while writing `path` (named so in the sentence;
+  `target`: the file or folder on disk, where `path` is a spec such as
+  'suite2p:/disk/plane0', whose disk is the one described)."""
+  folder = _existing(os.path.dirname(os.path.abspath(target or path)))
   code = e.errno
   if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
     free = _free_bytes(folder)
@@ -226,7 +229,7 @@ def aborting(output: Any) -> Iterator[None]:
     yield
   except OSError as e:
     output.abort()
-    raise os_error(e, output.path) from None
+    raise os_error(e, output.path, getattr(output, "target", None)) from None
   except BaseException:
     output.abort()
     raise
@@ -307,6 +310,7 @@ class AtomicFile(TwoPhase):
     self._created: list[str] = []
     self.finished = False   # closed and fsynced, waiting for publish()
     self.done = False       # published
+    check_output_target(self.final)
     if os.path.isdir(self.final) and not directory:
       raise UserError(f"{self.path} is a folder; give a file name for the output "
                       "(or remove that folder).")
@@ -423,6 +427,11 @@ class AtomicFile(TwoPhase):
     if self.done:
       return
     aside = None
+    try:
+      check_output_target(self.final)  # a node that appeared since: never replaced
+    except UserError:
+      self.abort()
+      raise
     try:
       if os.path.isdir(self.final) and not os.path.islink(self.final):
         # a folder cannot be replaced by a rename: move the old one aside first

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepcad_jax.data.metadata import MovieMetadata
-from deepcad_jax.data.writers import BIGTIFF_BYTES, MovieWriter, movie_bytes
+from deepcad_jax.data.writers import BIGTIFF_BYTES, MovieWriter, output_space
 from deepcad_jax.runtime.files import check_space
 from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.denoising.outputs import (DenoiseStats, TemporalSpread,
@@ -78,9 +78,9 @@ class StreamFiles:
     self.bigtiff = True  # a stream of unknown length
     if length is not None and frame_shape is not None:
       shape = (length,) + tuple(frame_shape)
-      needs = [(raw_output, movie_bytes(shape, self.source_dtype)),
-               (output, movie_bytes(shape, self.out_dtype))]
-      needs += [(p, movie_bytes(shape, np.float32)) for p in self.extra_paths]
+      needs = [output_space(raw_output, shape, self.source_dtype),
+               output_space(output, shape, self.out_dtype)]
+      needs += [output_space(p, shape, np.float32) for p in self.extra_paths]
       check_space(needs)
       self.bigtiff = max(n for _, n in needs) > BIGTIFF_BYTES
     self.raw: MovieWriter | None = None

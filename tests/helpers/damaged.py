@@ -200,3 +200,104 @@ def pth_with_para(files, para: str) -> str:
   (folder / "para.yaml").write_text(para)
   files.input(folder / "para.yaml")
   return files.input(folder / "model.pth")
+
+
+# -- files and formats: HDF5, Zarr, suite2p, odd dtypes, special files ---------------
+
+
+def hdf5_movie(files, name: str = "movie.h5", data=None, **attrs) -> str:
+  """An HDF5 file with the movie (or `data`) as /data, declared an input."""
+  import h5py
+  with h5py.File(files.root / name, "w") as f:
+    f["data"] = noisy_movie(SHAPE)[0] if data is None else data
+    f["data"].attrs.update(attrs)
+  return files.input(files.root / name)
+
+
+def hdf5_external(files, name: str = "ext.h5", target: str = "/etc/passwd") -> str:
+  """An HDF5 dataset whose values are stored in another file (external raw storage)."""
+  import h5py
+  with h5py.File(files.root / name, "w") as f:
+    f.create_dataset("data", shape=(8, 4, 4), dtype="u1", external=[(target, 0, 128)])
+  return files.input(files.root / name)
+
+
+def hdf5_external_link(files, name: str = "link.h5") -> str:
+  """An HDF5 file holding only an external link /ext to a movie in another file."""
+  import h5py
+  source = hdf5_movie(files, "source.h5")
+  with h5py.File(files.root / name, "w") as f:
+    f["ext"] = h5py.ExternalLink(source, "/data")
+  return files.input(files.root / name)
+
+
+def hdf5_virtual(files, source: str, name: str = "vds.h5") -> str:
+  """A virtual dataset /data mapping the whole of `source`:/data (which may be missing
+  or outside the folder)."""
+  import h5py
+  layout = h5py.VirtualLayout(SHAPE, np.uint16)
+  layout[:] = h5py.VirtualSource(source, "data", shape=SHAPE, dtype=np.uint16)
+  with h5py.File(files.root / name, "w") as f:
+    f.create_virtual_dataset("data", layout, fillvalue=0)
+  return files.input(files.root / name)
+
+
+def hdf5_other_datasets(files, name: str = "other.h5") -> str:
+  """An HDF5 file with datasets a denoised movie must not replace (/keep, /notes)."""
+  import h5py
+  with h5py.File(files.root / name, "w") as f:
+    f["keep"] = np.arange(5.0)
+    f["notes"] = "kept"
+    f["denoised"] = np.zeros(3)
+  return str(files.root / name)
+
+
+def zarr_missing_chunks(files, name: str = "gaps.zarr", zarr_format: int = 3) -> str:
+  """A Zarr store whose movie lacks all but its first chunk (a copy that did not
+  finish); zarr would read the rest as zeros."""
+  import zarr
+  array = zarr.create_array(str(files.root / name), shape=SHAPE, chunks=(10, 24, 24),
+                            dtype=np.uint16, zarr_format=zarr_format)
+  array[:10] = noisy_movie(SHAPE)[0][:10]
+  for sub in sorted(Path(files.root / name).rglob("*")):
+    if sub.is_file():
+      files.input(sub)
+  return str(files.root / name)
+
+
+def zarr_group_with(files, name: str = "group.zarr") -> str:
+  """A Zarr group holding an array /keep that a denoised array must not replace."""
+  import zarr
+  group = zarr.open_group(str(files.root / name), mode="w")
+  group.create_array("keep", shape=(5,), dtype=np.float32)[:] = np.arange(5.0)
+  return str(files.root / name)
+
+
+def suite2p_plane(files, ly: int, lx: int, name: str = "plane0") -> str:
+  """A suite2p plane folder whose ops.npy gives the frame size Ly x Lx."""
+  folder = files.root / name
+  folder.mkdir()
+  noisy_movie(SHAPE)[0].astype("<i2").tofile(folder / "data.bin")
+  np.save(folder / "ops.npy", np.array({"Ly": ly, "Lx": lx, "nframes": SHAPE[0]},
+                                       dtype=object), allow_pickle=True)
+  files.input(folder / "data.bin")
+  files.input(folder / "ops.npy")
+  return str(folder)
+
+
+def fifo(files, name: str = "pipe.tif") -> str:
+  """A FIFO (named pipe) named like a movie: opening it would block. Not declared an
+  input (reading it to compare would block too)."""
+  os.mkfifo(files.root / name)
+  return str(files.root / name)
+
+
+def symlink_loop(files, name: str = "loop.tif") -> str:
+  """A symbolic link that points at itself."""
+  os.symlink(name, files.root / name)
+  return str(files.root / name)
+
+
+def deep_json(files, name: str = "rois.json", depth: int = 100_000) -> str:
+  """A JSON file nested `depth` levels deep."""
+  return files.raw(name, b'{"rois": ' + b"[" * depth + b"]" * depth + b"}")

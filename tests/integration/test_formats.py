@@ -648,3 +648,36 @@ def test_cli_train_and_denoise_take_other_formats(capsys, movie, tmp_path):
                         f"{src}[axes=YXT]")
   assert code == 0, err
   assert "snr" in text.lower()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_outputs_store_every_chunk_and_are_read_back(tmp_path, zarr_format):
+  """A movie of zeros (every chunk equal to the fill value) is written with all its
+  chunks, so that the missing-chunk check reads it back; a store with a chunk removed
+  is refused."""
+  zeros = np.zeros(SHAPE, np.float32)
+  path = str(tmp_path / "zeros.zarr")
+  write_movie(f"{path}[zarr_format={zarr_format}]", zeros)
+  movie = open_movie(path)
+  assert movie.shape == SHAPE and not movie.read(0, SHAPE[0]).any()
+  chunks = [p for p in (tmp_path / "zeros.zarr").rglob("*")
+            if p.is_file() and not p.name.startswith((".z", "zarr.json"))]
+  assert chunks
+  chunks[0].unlink()
+  with pytest.raises(UserError, match=r"zeros\.zarr has 1 of its \d+ chunks missing"):
+    open_movie(path)
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_big_endian_files_are_read_in_native_order(tmp_path, movie, order):
+  """TIFF, HDF5 and raw files in either byte order give the same native frames."""
+  data = movie.astype(np.dtype(np.int16).newbyteorder(order))
+  tifffile.imwrite(tmp_path / "m.tif", data, byteorder=order, photometric="minisblack")
+  with h5py.File(tmp_path / "m.h5", "w") as f:
+    f["data"] = data
+  data.tofile(tmp_path / "m.bin")
+  for name in ("m.tif", "m.h5", f"raw:{tmp_path / 'm.bin'}[shape=40x24x24,dtype={order}i2]"):
+    got = open_movie(name if name.startswith("raw:") else str(tmp_path / name))
+    frames = got.read(0, SHAPE[0])
+    assert got.dtype == np.int16 and frames.dtype.isnative, name
+    np.testing.assert_array_equal(frames, movie)

@@ -416,3 +416,30 @@ def test_sigterm_during_denoise_leaves_nothing(trained_model, tmp_path):
   text = proc.communicate(timeout=120)[0]
   assert proc.returncode != 0 and "KeyboardInterrupt" in text, text
   assert sorted(os.listdir(tmp_path)) == ["movie.tif"], text  # no output, temp or lock
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+def test_an_output_never_replaces_a_device(device):
+  """`--output tiff:/dev/full --overwrite`: refused before any lock or temporary file
+  is made beside the device, and the device is left as it was."""
+  if not os.path.exists(device):
+    pytest.skip(f"no {device} here")
+  before = os.stat(device)
+  with pytest.raises(UserError, match=rf"{device} is a character device, not a regular "
+                     "file; an output never replaces it"):
+    write_movie(f"tiff:{device}", np.zeros((2, 4, 4), np.float32), overwrite=True)
+  after = os.stat(device)
+  assert (after.st_mode, after.st_rdev) == (before.st_mode, before.st_rdev)
+  assert not os.path.exists(lock_path(device))
+
+
+def test_a_fifo_output_is_refused_even_if_it_appears_late(tmp_path):
+  """A FIFO that appears under the output's name while it is written is not replaced
+  by the final rename: the output is removed and the FIFO kept."""
+  path = tmp_path / "den.tif"
+  with pytest.raises(UserError, match=r"den\.tif is a FIFO"):
+    with MovieWriter(str(path), (4, 4), np.float32, frames=1, overwrite=True) as w:
+      w.write(np.zeros((1, 4, 4), np.float32))
+      os.mkfifo(path)
+  assert os.path.exists(path) and not path.is_file()
+  assert sorted(os.listdir(tmp_path)) == ["den.tif"]

@@ -8,11 +8,13 @@ an optional dependency: `pip install "deepcad-jax[hdf5]"`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.axes import Source, axes_from_names
+from deepcad_jax.data.axes import Source, axes_from_attr, axes_from_names
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError
 
@@ -42,6 +44,71 @@ def list_datasets(group) -> list[tuple[str, tuple[int, ...]]]:
       found.append(("/" + name, tuple(int(n) for n in obj.shape)))
   group.visititems(visit)
   return found
+
+
+def external_links(group) -> dict[str, tuple[str, str]]:
+  """{path: (file, object)} of the external links under `group` (never followed)."""
+  links: dict[str, tuple[str, str]] = {}
+
+  def visit(name, link):
+    if isinstance(link, h5py.ExternalLink):
+      links["/" + name] = (link.filename, link.path)
+  group.visititems_links(visit)
+  return links
+
+
+def refuse_external_link(name: str, where: str, target: tuple[str, str]) -> None:
+  """One sentence for an external link a user named (or that is all a file holds)."""
+  raise UserError(f"{name}:{where} is an external link to {target[0]}:{target[1]}, and "
+                  "deepcad-jax reads only data stored inside the file it is given (a "
+                  "link could reach any file); give that file and dataset itself.")
+
+
+def check_in_file(data, name: str, path: str, depth: int = 0) -> None:
+  """Refuse a dataset whose values are not all inside the file `path`: external raw
+  storage (any file, e.g. /etc/passwd) and virtual datasets whose sources are outside
+  the file's folder, missing, or not the datasets they name (else read as the fill
+  value)."""
+  external = data.external
+  if external:
+    raise UserError(f"{name} keeps its values in external raw files ({external[0][0]}"
+                    f"{', ...' if len(external) > 1 else ''}), not in {path}; deepcad-jax "
+                    "reads only data stored inside the file it is given (external storage "
+                    "could reach any file): copy the data into the file (e.g. with h5py).")
+  if not data.is_virtual:
+    return
+  if depth > 3:
+    raise UserError(f"{name} is a virtual dataset of virtual datasets nested more than "
+                    "3 deep (or in a loop); copy the data into one dataset.")
+  folder = os.path.dirname(os.path.realpath(path))
+  for source in data.virtual_sources():
+    file = source.file_name
+    if file == ".":
+      target = os.path.realpath(path)
+    else:
+      target = os.path.realpath(os.path.join(folder, file))
+    problem = None
+    if os.path.commonpath([folder, target]) != folder:
+      problem = "is outside the file's folder"
+    elif not os.path.isfile(target):
+      problem = "is missing (its frames would be read as the fill value)"
+    else:
+      try:
+        with h5py.File(target, "r") as f:
+          linked = f.get(source.dset_name, getlink=True)
+          if not isinstance(linked, h5py.HardLink) or not isinstance(
+              f.get(source.dset_name), h5py.Dataset):
+            problem = f"has no dataset {source.dset_name}"
+          else:
+            check_in_file(f[source.dset_name], f"{target}:{source.dset_name}", target,
+                          depth + 1)
+      except OSError as e:
+        problem = f"cannot be read ({e})"
+    if problem is not None:
+      raise UserError(f"{name} is a virtual dataset whose source {file} {problem}; "
+                      "deepcad-jax reads a virtual dataset only from whole sources in its "
+                      "own folder: put the source files beside it, or give them "
+                      "themselves.")
 
 
 def _describe(found: list[tuple[str, tuple[int, ...]]]) -> str:
@@ -82,8 +149,17 @@ def open_hdf5(path: str, dataset: str | None) -> Source:
     raise UserError(f"{path} is not a readable HDF5 file ({e}); check the file (or give "
                     "its format, e.g. tiff:PATH).") from None
   try:
-    chosen = choose_dataset(path, list_datasets(f), dataset, path)
+    links = external_links(f)
+    if dataset is not None and "/" + dataset.strip("/") in links:
+      key = "/" + dataset.strip("/")
+      refuse_external_link(path, key, links[key])
+    found = list_datasets(f)
+    if dataset is None and links and not any(len(s) >= 3 for _, s in found):
+      key = next(iter(links))
+      refuse_external_link(path, key, links[key])
+    chosen = choose_dataset(path, found, dataset, path)
     data = f[chosen]
+    check_in_file(data, f"{path}:{chosen}", path)
     return Source(data, f"{path}:{chosen}", _axes(data), _metadata(data), f.close)
   except BaseException:
     f.close()
@@ -92,11 +168,9 @@ def open_hdf5(path: str, dataset: str | None) -> Source:
 
 def _axes(data) -> str | None:
   """Axes from the dataset's 'axes' attribute or its dimension labels."""
-  text = data.attrs.get("axes")
-  if isinstance(text, bytes):
-    text = text.decode()
-  if isinstance(text, str) and text:
-    return text.upper()
+  text = axes_from_attr(data.attrs.get("axes"))
+  if text:
+    return text
   try:
     labels = [d.label for d in data.dims]
   except (RuntimeError, ValueError, TypeError):
@@ -181,8 +255,10 @@ class HDF5Sink(DatasetWriter):
   """A movie written block by block into a new HDF5 file: a (T, Y, X) dataset, or
   (`open_volume`) every plane and channel of a recording in one dataset."""
 
-  def __init__(self, dataset: str | None, compression: str | None):
+  def __init__(self, dataset: str | None, compression: str | None,
+               final: str | None = None):
     require_h5py("writing HDF5")
+    self.final = final  # an HDF5 file there keeps its other datasets
     self.dataset = (dataset or DEFAULT_DATASET).strip("/") or DEFAULT_DATASET
     self.compression = None if compression in (None, "none") else compression
     if self.compression not in (None, "gzip", "lzf"):
@@ -210,7 +286,7 @@ class HDF5Sink(DatasetWriter):
   def _create(self, temp: str, axes: str, shape, dtype, metadata: MovieMetadata | None,
               growable: bool) -> None:
     shape = tuple(int(n) for n in shape)
-    self.file = h5py.File(temp, "w")
+    self.file = self._copy_of_final(temp) or h5py.File(temp, "w")
     self.data = self.file.create_dataset(
         self.dataset, shape=shape, dtype=dtype,
         maxshape=tuple(None if growable and a == "T" else n for a, n in zip(axes, shape)),
@@ -220,3 +296,21 @@ class HDF5Sink(DatasetWriter):
     for i, axis in enumerate(axes):
       self.data.dims[i].label = axis.lower()
     self.axis = axes.index("T")
+
+  def _copy_of_final(self, temp: str) -> Any:
+    """The existing output file copied to `temp` without the dataset to be written
+    (its other datasets kept, so that --overwrite replaces only the named dataset),
+    open for writing; None where there is no HDF5 file to keep."""
+    if not self.final or not os.path.isfile(self.final) or not h5py.is_hdf5(self.final):
+      return None
+    shutil.copyfile(self.final, temp)
+    f = h5py.File(temp, "r+")
+    old = f.get(self.dataset, getlink=True)
+    if old is not None:
+      if isinstance(old, h5py.HardLink) and isinstance(f.get(self.dataset), h5py.Group):
+        f.close()
+        raise UserError(f"{self.final}:/{self.dataset} is a group holding other "
+                        "datasets; name a dataset to write (e.g. "
+                        f"{self.final}:/{self.dataset}/denoised).")
+      del f[self.dataset]
+    return f

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax.data.axes import Source
-from deepcad_jax.data.formats.hdf5 import DatasetWriter, chunk_frames, require_h5py
+from deepcad_jax.data.formats.hdf5 import (DatasetWriter, check_in_file, chunk_frames,
+                                           require_h5py)
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError
 
@@ -92,6 +93,8 @@ def open_nwb(path: str, name: str | None) -> Source:
     if data is None or not hasattr(data, "shape") or len(data.shape) < 3:
       raise UserError(f"{path}:{where} holds no frames in the file (its frames may be in "
                       "external files: read those instead).")
+    if hasattr(data, "is_virtual") and hasattr(data, "external"):  # an h5py dataset
+      check_in_file(data, f"{path}:{where}", path)
     meta = MovieMetadata(kind="nwb")
     rate = getattr(series, "rate", None)
     if rate:

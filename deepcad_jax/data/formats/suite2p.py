@@ -27,6 +27,7 @@ from deepcad_jax.data import safe_pickle
 from deepcad_jax.data.axes import Source
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime.paths import check_input
 
 log = logging.getLogger("deepcad_jax")
 
@@ -59,9 +60,9 @@ def open_plane(path: str) -> Source:
   folder = plane_folder(path)
   data_path = os.path.join(folder, "data.bin")
   described = [os.path.join(folder, n) for n in DESCRIPTIONS
-               if os.path.isfile(os.path.join(folder, n))]
+               if os.path.lexists(os.path.join(folder, n))]
   missing = ([] if described else [os.path.join(folder, DESCRIPTIONS[0])]) + [
-      p for p in (data_path,) if not os.path.isfile(p)]
+      p for p in (data_path,) if not os.path.lexists(p)]
   if missing:
     raise UserError(f"{folder} is not a suite2p plane folder: {missing[0]} is missing; "
                     "give the folder that holds data.bin and ops.npy or db.npy (e.g. "
@@ -79,6 +80,10 @@ def open_plane(path: str) -> Source:
   except (KeyError, TypeError, ValueError):
     raise UserError(f"{ops_path} does not give Ly and Lx (the frame size); {_OPS_FIX}."
                     ) from None
+  if ly <= 0 or lx <= 0:
+    raise UserError(f"{ops_path} gives a frame size Ly={ly}, Lx={lx}, which is not a "
+                    f"frame (both must be at least 1); {_OPS_FIX}.")
+  check_input(data_path, folder=False)  # no FIFO or device: memory-mapped below
   frame_bytes = ly * lx * 2
   size = os.path.getsize(data_path)
   frames = size // frame_bytes if frame_bytes else 0

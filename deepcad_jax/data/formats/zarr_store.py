@@ -12,11 +12,13 @@ read.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 import numpy as np
 
-from deepcad_jax.data.axes import Source, axes_from_names
+from deepcad_jax.data.axes import Source, axes_from_attr, axes_from_names
 from deepcad_jax.data.formats.hdf5 import chunk_shape, choose_dataset, metadata_attrs
 from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.errors import UserError
@@ -53,6 +55,18 @@ def _ome(attrs) -> dict | None:
   return scales[0] if scales else None
 
 
+def check_chunks(array, name: str) -> None:
+  """Refuse an array with chunks missing from its store: zarr reads a missing chunk as
+  the fill value (zeros), so a copy that did not finish would be read as black frames.
+  (This project's writer stores every chunk, `write_empty_chunks`.)"""
+  total, stored = int(array.nchunks), int(array.nchunks_initialized)
+  if stored < total:
+    raise UserError(f"{name} has {total - stored} of its {total} chunks missing, which "
+                    "zarr would read as zeros (a copy that did not finish, or a writer "
+                    "that skips empty chunks); copy the store again, or rewrite it with "
+                    "every chunk (zarr: config={'write_empty_chunks': True}).")
+
+
 def open_zarr(path: str, dataset: str | None) -> Source:
   """The movie array of a Zarr store, opened read-only."""
   require_zarr(f"{path} (Zarr)")
@@ -65,6 +79,7 @@ def open_zarr(path: str, dataset: str | None) -> Source:
     if dataset not in (None, "", "/"):
       raise UserError(f"{path} is a single array (shape {tuple(node.shape)}), not a "
                       f"group: it has no {dataset!r}; give {path} alone.")
+    check_chunks(node, path)
     return Source(node, path, _axes(node.attrs), _metadata(node.attrs))
   ome = _ome(node.attrs)
   arrays = _arrays(node)
@@ -72,17 +87,20 @@ def open_zarr(path: str, dataset: str | None) -> Source:
     level = ome["datasets"][0]["path"]
     array = node[level]
     axes = axes_from_names(ome.get("axes"))
+    check_chunks(array, f"{path}:/{level}")
     return Source(array, f"{path}:/{level}", axes, _metadata(node.attrs))
   found = [(p, tuple(int(n) for n in a.shape)) for p, a in arrays]
   chosen = choose_dataset(path, found, dataset, path)
   array = dict(arrays)[chosen]
+  check_chunks(array, f"{path}:{chosen}")
   return Source(array, f"{path}:{chosen}", _axes(array.attrs), _metadata(array.attrs))
 
 
 def _axes(attrs) -> str | None:
   attrs = dict(attrs)
-  if isinstance(attrs.get("axes"), str):
-    return attrs["axes"].upper()
+  given = axes_from_attr(attrs.get("axes"))
+  if given:
+    return given
   return axes_from_names(attrs.get("_ARRAY_DIMENSIONS"))
 
 
@@ -161,9 +179,13 @@ class ZarrSink:
   """
 
   def __init__(self, dataset: str | None, compression: str | None, ome: bool = False,
-               zarr_format: int | None = None):
+               zarr_format: int | None = None, final: str | None = None):
     require_zarr("writing Zarr")
     self.dataset = (dataset or "").strip("/")
+    self.keep = self._existing_group(final, zarr_format) if self.dataset and not ome \
+        else None
+    if self.keep is not None and zarr_format is None:
+      zarr_format = self.keep.metadata.zarr_format
     self.zarr_format = int(zarr_format or 3)
     self.codecs = _codecs(compression, self.zarr_format)
     self.ome = ome
@@ -173,6 +195,24 @@ class ZarrSink:
   def axes_for(self, axes: str) -> str:
     """The axis order this store is written in, for a recording of `axes`."""
     return ome_axes(axes) if self.ome else axes
+
+  def _existing_group(self, final: str | None, zarr_format: int | None) -> Any:
+    """The group store already under the output's name (its other arrays are kept:
+    only the named array is replaced), or None."""
+    if final is None or not os.path.isdir(final):
+      return None
+    try:
+      node = zarr.open(final, mode="r")
+    except Exception:  # not a store: replaced as a whole
+      return None
+    if not isinstance(node, zarr.Group):
+      return None
+    if zarr_format is not None and int(zarr_format) != node.metadata.zarr_format:
+      raise UserError(f"{final} is a Zarr store of format {node.metadata.zarr_format}; "
+                      f"an array of format {zarr_format} cannot be added to it: leave "
+                      "out zarr_format (or choose another output).")
+    self.final = final
+    return node
 
   def open(self, temp: str, frame_shape, dtype, frames: int | None,
            metadata: MovieMetadata | None) -> None:
@@ -190,8 +230,12 @@ class ZarrSink:
               growable: bool) -> None:
     shape = tuple(int(n) for n in shape)
     args = dict(shape=shape, chunks=chunk_shape(axes, shape, dtype, growable),
-                dtype=dtype, **self.codecs)
-    if self.ome or self.dataset:  # the array's format is the group's
+                dtype=dtype, config={"write_empty_chunks": True}, **self.codecs)
+    if self.keep is not None:  # a copy of the store, with the named array replaced
+      shutil.copytree(self.final, temp, dirs_exist_ok=True)
+      group = zarr.open_group(temp, mode="r+")
+      self.array = group.create_array(self.dataset, overwrite=True, **args)
+    elif self.ome or self.dataset:  # the array's format is the group's
       group = zarr.open_group(temp, mode="w", zarr_format=self.zarr_format)
       self.array = group.create_array("0" if self.ome else self.dataset, **args)
       if self.ome:
