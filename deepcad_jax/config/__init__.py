@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number, check_seed
 
 Patch = tuple[int, int, int]
 
@@ -172,9 +172,10 @@ def validate(cfg: Config) -> None:
                       ("infer.batch_size", cfg.infer.batch_size)):
     if value < 0:
       raise UserError(f"{name} must be 0 or more; got {value}.")
-  if not (cfg.train.lr > 0 and 0 <= cfg.train.b1 < 1 and 0 <= cfg.train.b2 < 1):
-    raise UserError("train.lr must be positive and train.b1, train.b2 in [0, 1); got "
-                    f"lr={cfg.train.lr}, b1={cfg.train.b1}, b2={cfg.train.b2}.")
+  check_number("train.lr (--lr)", cfg.train.lr, above=0)
+  check_number("train.b1 (--b1)", cfg.train.b1, at_least=0, below=1)
+  check_number("train.b2 (--b2)", cfg.train.b2, at_least=0, below=1)
+  check_seed("train.seed (--seed)", cfg.train.seed)
 
 
 TILINGS = ("auto", "exact", "overlap")

@@ -15,7 +15,7 @@ import tifffile
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.data.spec import is_store
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number
 
 log = logging.getLogger("deepcad_jax")
 
@@ -104,6 +104,8 @@ class FolderSource(FrameSource):
 def open_source(path: str, rate: float = 30.0, idle_timeout: float = 10.0) -> FrameSource:
   """The source a path names: a folder an acquisition writes into (watched), or a movie
   (replayed at `rate` frames/s; 0: as fast as possible)."""
+  check_number("--rate", rate, at_least=0, fix="0 replays as fast as possible")
+  check_number("--idle-timeout", idle_timeout, above=0)
   if os.path.isdir(path) and not is_store(path):
     return FolderSource(path, idle_timeout)
   return ReplaySource(path, rate)

@@ -8,6 +8,7 @@ resumed run sees exactly the batches and variants an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -279,16 +280,27 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
       f"{os.path.basename(m.name)} (x - {mean:.6g}) / {scale:.6g}"
       for m, mean, scale in zip(movies, source.means, source.scales)))
 
+  made = [] if os.path.exists(workdir) else [workdir]
   _check_workdir(workdir)
   main = jax.process_index() == 0
   # One run per workdir: process 0 holds its lock (every process may share the folder).
   lock = WorkdirLock(workdir).acquire() if main else None
+  if not os.path.exists(ckpt.checkpoint_dir(workdir)):
+    made.insert(0, ckpt.checkpoint_dir(workdir))
   try:
     result = _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size,
                   steps_per_epoch, total_steps, fresh=fresh, resume_ok=init_from is None,
                   init_params_from=init_params_from, progress=progress and main,
                   on_step=on_step)
     return dataclasses.replace(result, require_gain=require_gain)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+      lock = None
+    for folder in made:  # a run that failed before its first checkpoint leaves nothing
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    raise
   finally:
     if lock is not None:
       lock.release()
