@@ -29,6 +29,7 @@ from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.training.pairs import PairSource, fit_patch, pair_iterator
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.loading import load_model
+from deepcad_jax.runtime.files import refuse_output_is_input
 from deepcad_jax.runtime.locks import WorkdirLock
 from deepcad_jax.core.network import add_prior_channel
 from deepcad_jax.runtime.progress import Progress, format_duration
@@ -235,6 +236,12 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
       config, config_lib.Config) else config
   init_params_from = None
+  if init_from is not None and not isinstance(init_from, ckpt.Model):
+    source = os.fspath(init_from)
+    refuse_output_is_input(
+        [("--workdir", workdir, ckpt.checkpoint_dir(workdir))],
+        [("--init-from", source, ckpt.checkpoint_dir(source) if os.path.isdir(source)
+          else source)])
   if init_from is not None:
     start_model = init_from if isinstance(init_from, ckpt.Model) else load_model(
         os.fspath(init_from))
