@@ -125,8 +125,9 @@ def _widths(text: str | None):
 def _run_bench(fv):
   # Peak device memory means the peak allocation: no preallocated pool (GPU).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from deepcad_jax.bench.results import write_results
+  from deepcad_jax.bench.results import check_output, write_results
   from deepcad_jax.bench.workloads import run_workload
+  check_output(_v(fv, "output"))
   records = run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
                          _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
                          _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")),

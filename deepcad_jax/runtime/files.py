@@ -163,6 +163,35 @@ def refuse_output_is_input(outputs: Iterable[Sequence[str | None]],
                         "writes over what it reads).")
 
 
+@contextlib.contextmanager
+def temporary_folder(folder: str, prefix: str) -> Iterator[str]:
+  """A working folder `.PREFIX-HOST-PID-TOKEN` in `folder`, removed when the block ends.
+
+  A run killed with SIGKILL cannot remove its folder; the name says which process made
+  it, so the next run removes those of this host's processes that no longer exist.
+  """
+  start = f".{prefix}-"
+  host = socket.gethostname()
+  with contextlib.suppress(OSError):
+    for name in os.listdir(folder):
+      if not name.startswith(start):
+        continue
+      owner, _, rest = name[len(start):].rpartition("-")[0].rpartition("-")
+      if owner == host and rest.isdigit() and not alive(int(rest), host):
+        log.info("removing %s, left by PID %s, which no longer runs.",
+                 os.path.join(folder, name), rest)
+        _remove(os.path.join(folder, name))
+  path = os.path.join(folder, f"{start}{host}-{os.getpid()}-{secrets.token_hex(4)}")
+  try:
+    os.mkdir(path)
+  except OSError as e:
+    raise os_error(e, path) from None
+  try:
+    yield path
+  finally:
+    _remove(path)
+
+
 def lock_path(path: str) -> str:
   """The lock file of output `path`."""
   return path + LOCK_SUFFIX
