@@ -397,12 +397,21 @@ def load_config(spec: str) -> Config:
       raise UserError(f"config file {name} does not exist.")
     module_spec = importlib.util.spec_from_file_location("_user_config", name)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+      module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's own code: any error is theirs
+      raise UserError(f"config file {name} could not be run ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160] if str(e) else ''}); fix it or use "
+                      "a built-in config.") from None
   elif name in available():
     module = importlib.import_module(f"deepcad_jax.config.{name}")
   else:
     raise UserError(f"unknown config {name!r}; built-in configs: {', '.join(available())}, "
                     "or give a path to a .py file with get_config().")
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"config file {name} defines no get_config(); a config file defines "
+                    "get_config(arg=None) returning a deepcad_jax.config.Config (see "
+                    "deepcad_jax/config/tiny.py).")
   cfg = module.get_config(arg or None)
   if not isinstance(cfg, Config):
     raise UserError(f"get_config() in {name} must return a deepcad_jax.config.Config.")
