@@ -70,6 +70,7 @@ class FolderSource(FrameSource):
   def frames(self, stop):
     seen: set[str] = set()
     sizes: dict[str, int] = {}
+    first: tuple[str, tuple[int, ...]] | None = None  # the first file and its frames
     last_new = time.perf_counter()
     while not stop.is_set():
       names = sorted(os.listdir(self.folder))
@@ -84,6 +85,14 @@ class FolderSource(FrameSource):
         seen.add(name)
         progressed = True
         data = read_frames(path)  # checked: a damaged file is one sentence
+        if first is None:
+          first = (name, tuple(data.shape[1:]))
+        elif tuple(data.shape[1:]) != first[1]:
+          raise UserError(
+              f"{path} holds frames of {'x'.join(map(str, data.shape[1:]))} but the "
+              f"stream's frames are {'x'.join(map(str, first[1]))} (from {first[0]}); "
+              "the stream stopped before it: the frames acquired so far are kept, start "
+              "another stream for the new frame size.")
         if self.metadata is None:
           with tifffile.TiffFile(path) as tif:
             self.metadata = read_metadata(tif)

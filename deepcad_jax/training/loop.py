@@ -27,7 +27,7 @@ from deepcad_jax import config as config_lib
 from deepcad_jax.runtime import distributed, parallel, resources
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.training.pairs import PairSource, fit_patch, pair_iterator
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import Terminated, UserError
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.runtime.files import refuse_output_is_input
 from deepcad_jax.runtime.locks import WorkdirLock
@@ -72,6 +72,13 @@ class TrainResult:
     if self.require_gain and (self.quality is None or self.quality.verdict != BETTER):
       return REQUIRE_GAIN_EXIT
     return 0
+
+  def stop_if_interrupted(self) -> None:
+    """For callers that go on to other work (`ladder`, `demo`): raise what stopped the
+    run early, KeyboardInterrupt or `Terminated` (SIGTERM), so they stop too (the
+    checkpoint is saved: the same command resumes)."""
+    if self.interrupted:
+      raise Terminated() if self.signal == signal.SIGTERM else KeyboardInterrupt()
 
   def describe(self) -> str:
     """The result for the command line: the run, its quality and any warning."""
