@@ -27,7 +27,7 @@ from deepcad_jax.model_io.checkpoint import CALIBRATION
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.data.movie import open_movie
 from deepcad_jax.runtime.files import AtomicFile
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number
 from deepcad_jax.denoising.denoiser import Denoiser, denoise
 from deepcad_jax.analysis.metrics import format_calibration, uncertainty_calibration
 
@@ -51,6 +51,9 @@ def calibrate(model_dir: str, noisy: str, clean: str, symmetries: int = 8, *,
       MIN_CORRELATION (the record then carries a warning).
     **denoiser: more `Denoiser` options.
   """
+  check_number("--uncertainty", symmetries, at_least=1, at_most=8, whole=True,
+               fix="calibration compares the spread of K test-time symmetries with the "
+               "error")
   if not os.path.isdir(model_dir):
     raise UserError(f"{model_dir} is not a model directory; calibration is stored in one "
                     "(convert a .pth first).")

@@ -37,7 +37,7 @@ from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.data.movie import Movie, as_movie, open_movie, refuse_to_overwrite
 from deepcad_jax.data.writers import MovieWriter
 from deepcad_jax.runtime.files import AtomicFile, os_error, outputs_together
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number
 
 BLOCK_BYTES = 32 * 2**20  # float64 bytes of one block of frames
 MAX_CANDIDATES = 200_000  # boxes above the threshold kept for the event list
@@ -148,6 +148,11 @@ def find_suppressed_events(raw, denoised, threshold: float = 6.0,
       the same event.
     max_events: the most events listed.
   """
+  check_number("--threshold", threshold, above=0)
+  if len(box) != 3:
+    raise UserError(f"--box takes three sizes T,Y,X (e.g. 3,5,5); got {tuple(box)}.")
+  for axis, size in zip("TYX", box):
+    check_number(f"--box ({axis})", size, at_least=1, whole=True)
   raw_m, den_m = as_movie(raw, "the raw movie"), as_movie(denoised, "the denoised movie")
   if raw_m.shape != den_m.shape:
     raise UserError(f"raw {raw_m.name} {raw_m.shape} and denoised {den_m.name} "

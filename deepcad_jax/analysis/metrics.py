@@ -8,6 +8,7 @@ with the reference (the paper's three box plots), summarised by quartiles.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -180,11 +181,15 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate_files(denoised: str, reference: str, raw: str | None = None,
-                   std: str | None = None, output: str | None = None
-                   ) -> dict[str, dict[str, Any]]:
+                   std: str | None = None, output: str | None = None,
+                   overwrite: bool = False) -> dict[str, dict[str, Any]]:
   """Scores of a denoised movie (and optionally the raw one) against a reference; with
   `std` (the *_std.tif of `denoise --uncertainty`), its calibration too; with `output`,
-  the results are also written there as JSON (replacing a file of that name)."""
+  the results are also written there as JSON (an existing file is replaced only with
+  `overwrite`, and refused before anything is read)."""
+  if output and os.path.lexists(output) and not overwrite:
+    raise UserError(f"{output} already exists; add --overwrite to replace it or choose "
+                    "another --output.")
 
   def load(path):
     m = open_movie(path)
@@ -206,7 +211,7 @@ def evaluate_files(denoised: str, reference: str, raw: str | None = None,
   if std:
     results["uncertainty"] = uncertainty_calibration(den, load(std), ref)
   if output:
-    with AtomicFile(output, overwrite=True) as f:
+    with AtomicFile(output, overwrite=overwrite) as f:
       json.dump(results, f.text(), indent=1)
   return results
 

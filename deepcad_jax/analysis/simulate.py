@@ -23,7 +23,7 @@ from deepcad_jax.data.metadata import MovieMetadata
 from deepcad_jax.data.movie import refuse_to_overwrite
 from deepcad_jax.data.writers import MovieWriter, output_space
 from deepcad_jax.runtime.files import AtomicFile, check_space, os_error, outputs_together
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number, check_seed
 from deepcad_jax.analysis.metrics import snr_db
 
 
@@ -55,8 +55,17 @@ class SimulationParams:
     if t < 2 or y < 8 or x < 8:
       raise UserError(f"simulated shape {self.shape} is too small; use at least "
                       "2 frames of 8x8 pixels.")
-    if self.read_noise < 0 or self.tau_rise <= 0 or self.tau_decay <= 0:
-      raise UserError("read noise must be >= 0 and rise/decay times positive.")
+    check_number("--snr", self.snr_db, at_most=100)
+    check_number("--neurons", self.neurons, at_least=1, whole=True)
+    check_number("--vessels", self.vessels, at_least=0, whole=True)
+    check_number("--frame-rate", self.frame_rate, above=0)
+    check_number("--spike-rate", self.spike_rate, at_least=0, below=self.frame_rate,
+                 fix="at most one spike per frame (--frame-rate)")
+    check_number("--tau-rise", self.tau_rise, above=0)
+    check_number("--tau-decay", self.tau_decay, above=0)
+    check_number("--read-noise", self.read_noise, at_least=0)
+    check_number("--neuropil-coupling", self.neuropil_coupling)
+    check_seed("--seed", self.seed)
     if self.photons is not None and not (np.isfinite(self.photons) and self.photons > 0):
       raise UserError(f"--photons must be a positive number; got {self.photons}.")
     if not 0 <= self.noise_correlation <= 0.5:
@@ -177,6 +186,10 @@ def simulate(params: SimulationParams | None = None, **overrides: Any
   clean += neuropil_trace[:, None, None].astype(np.float32) * neuropil_map[None]
   clean *= vessels[None]
   clean = clean.astype(np.float32)
+  if clean.min() < 0:  # the neuropil follows a population far above its mean
+    raise UserError(f"with --spike-rate {p.spike_rate:g} and --neuropil-coupling "
+                    f"{p.neuropil_coupling:g} the simulated neuropil becomes negative; "
+                    "lower either.")
 
   scale = photon_scale(clean, p.snr_db, p.read_noise) if p.photons is None else \
       p.photons / float(clean.mean(dtype=np.float64))

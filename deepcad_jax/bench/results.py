@@ -8,6 +8,7 @@ import json
 import os
 
 
+from deepcad_jax.errors import UserError
 from deepcad_jax.runtime.files import AtomicFile
 from deepcad_jax.bench.workloads import PAPER
 
@@ -15,6 +16,21 @@ from deepcad_jax.bench.workloads import PAPER
 def results_path(folder: str, env: dict) -> str:
   slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
   return os.path.join(folder, f"{slug}_{env['date']}.json")
+
+
+def check_output(path: str | None) -> None:
+  """Refuse, before a benchmark runs, an --output that exists but is not a JSON list of
+  records (bench appends to it)."""
+  if not path or not os.path.lexists(path):
+    return
+  try:
+    with open(path) as f:
+      records = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError):
+    records = None
+  if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+    raise UserError(f"{path} exists and is not a JSON list of benchmark records; bench "
+                    "appends its records to such a file: choose another --output.")
 
 
 def save_records(records: list[dict], path: str) -> None:

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.runtime import parallel
-from deepcad_jax.errors import UserError
+from deepcad_jax.runtime import parallel, resources
+from deepcad_jax.errors import UserError, check_number
 from deepcad_jax.denoising.denoiser import Denoiser, denoise
-from deepcad_jax.denoising.memory import compiled_bytes
+from deepcad_jax.denoising.memory import bytes_per_voxel, compiled_bytes
 from deepcad_jax.core.network import LADDER, UNet3D, init_params, param_count
 from deepcad_jax.denoising.step import identity_tiles
 from deepcad_jax.stream import StreamDenoiser, run_pipeline
@@ -383,6 +383,33 @@ def scaling(env, patch, features, dtype, batch_per_device, repeats, name) -> lis
   return records
 
 
+# Host bytes per movie voxel while a benchmark denoises it: the uint16 movie, the float32
+# output and the float32 copy the tiles are cut from.
+MOVIE_BYTES_PER_VOXEL = 10
+
+
+def check_request(movie: Sequence[int], patch: Sequence[int], features: int, dtype: str,
+                  batch_size: int, repeats: int | None) -> None:
+  """Refuse, before anything runs, numbers a benchmark cannot use and shapes or widths
+  this machine's memory cannot hold (one sentence each)."""
+  check_number("--features", features, at_least=1, whole=True)
+  check_number("--batch-size", batch_size, at_least=0, whole=True)
+  check_number("--repeats", repeats, at_least=1, whole=True)
+  for flag, shape in (("--movie", movie), ("--patch", patch)):
+    for axis, size in zip("TYX", shape):
+      check_number(f"{flag} ({axis})", size, at_least=8, whole=True,
+                   fix="the network pools three times")
+  voxels = float(np.prod(np.asarray(movie, np.float64)))
+  resources.check_fits(voxels * MOVIE_BYTES_PER_VOXEL, resources.host_available_bytes(),
+                       "the host", f"benchmarking a movie of shape {tuple(movie)}",
+                       "give a smaller --movie")
+  have, where = resources.device_bytes(jax.devices()[:1])
+  need = float(np.prod(np.asarray(patch, np.float64))) * max(1, batch_size) * \
+      bytes_per_voxel(features, dtype)
+  resources.check_fits(need, have, where, f"the network with f={features} on patch "
+                       f"{tuple(patch)}", "give a smaller --features or --patch")
+
+
 def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
                  repeats: int | None = None, features: int = 16,
                  with_torch: bool = True, movie: Sequence[int] | None = None,
@@ -406,12 +433,15 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
     raise UserError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
   if dtype not in config_lib.DTYPES:
     raise UserError(f"--dtype must be one of {config_lib.DTYPES}; got {dtype!r}.")
-  env = environment()
   P = dict(PAPER, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
+  q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
+  shapes = q if workload in ("quick", "uncertainty") else dict(
+      P, movie=tuple(movie) if movie else STREAM["movie"]) if workload == "stream" else P
+  check_request(shapes["movie"], shapes["patch"], features, dtype, batch_size, repeats)
+  env = environment()
   P["patches"] = len(patch_plan(P["movie"], P["patch"], P["overlap"]))
   if workload == "quick":
     r = repeats or 3
-    q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
     n_patches = len(patch_plan(q["movie"], q["patch"], q["overlap"]))
     recs = [end_to_end(env, q["movie"], q["patch"], q["overlap"], features, dtype,
                        batch_size, r, "quick-reference", tiling=t) for t in TILINGS]
@@ -452,7 +482,6 @@ def run_workload(workload: str, dtype: str = "float32", batch_size: int = 0,
   elif workload == "ladder":
     recs = ladder(env, P["patch"], dtype, batch_size, repeats or 5, "ladder", widths)
   elif workload == "uncertainty":
-    q = dict(QUICK, **{k: tuple(v) for k, v in (("movie", movie), ("patch", patch)) if v})
     recs = uncertainty_cost(env, q["movie"], q["patch"], q["overlap"], features, dtype,
                             batch_size, repeats or 3, "uncertainty")
   else:

@@ -8,9 +8,12 @@ import logging
 from absl import flags
 
 from deepcad_jax.errors import UserError
+import os
+
 from deepcad_jax.cli.flags import (Command, _define_dtype,
                                    _define_formats, _define_model, _define_output,
-                                   _movie, _require, _triple, _v)
+                                   _given, _movie, _refuse_output_is_input, _require,
+                                   _triple, _v)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -68,7 +71,8 @@ def _define_evaluate(fv):
   _define_formats(fv)
   flags.DEFINE_string("reference", None, "Ground truth (e.g. clean.tif).", flag_values=fv)
   flags.DEFINE_string("raw", None, "Optional noisy input, scored too.", flag_values=fv)
-  _define_output(fv, "Write the results as JSON here.", overwrite=None)
+  _define_output(fv, "Write the results as JSON here.", "Replace an existing --output "
+                 "file.")
   flags.DEFINE_string("std", None, "The *_std.tif of 'denoise --uncertainty': report its "
                       "calibration.", flag_values=fv)
   flags.DEFINE_string("uncertainty", None, "Deprecated: the old name of --std (kept for "
@@ -85,8 +89,12 @@ def _run_evaluate(fv):
     log.warning("evaluate --uncertainty FILE is deprecated; use --std FILE (the same file). "
                 "--uncertainty will take a number of samples, as in the other commands.")
     std = _v(fv, "uncertainty")
+  _refuse_output_is_input([_given(fv, "output", "file")],
+                          [_given(fv, "denoised"), _given(fv, "reference"), _given(fv, "raw"),
+                           _given(fv, "std", path=std)])
   results = evaluate_files(_movie(fv, "denoised"), _movie(fv, "reference"),
-                           _movie(fv, "raw"), std, _v(fv, "output"))
+                           _movie(fv, "raw"), std, _v(fv, "output"),
+                           overwrite=_v(fv, "overwrite"))
   print(describe(results, _v(fv, "output")))
   return 0
 
@@ -121,6 +129,11 @@ def _define_traces(fv):
 def _run_traces(fv):
   from deepcad_jax.analysis.traces import trace_files
   _require(fv, "rois", "output")
+  _refuse_output_is_input(
+      [_given(fv, "output", "file", os.path.join(_v(fv, "output"), name))
+       for name in ("traces.csv", "traces.json", "traces.png")],
+      [_given(fv, "rois", "file"), _given(fv, "movie"), _given(fv, "raw"),
+       _given(fv, "model", "model")])
   r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_movie(fv, "movie"),
                   samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
                   symmetries=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=_v(fv, "band"),
@@ -144,6 +157,10 @@ def _define_events(fv):
 def _run_events(fv):
   from deepcad_jax.analysis.events import check_files
   _require(fv, "raw", "denoised", "output")
+  _refuse_output_is_input(
+      [_given(fv, "output", "file", os.path.join(_v(fv, "output"), name))
+       for name in ("z_map.tif", "events.csv", "events.json")],
+      [_given(fv, "raw"), _given(fv, "denoised")])
   report = check_files(_movie(fv, "raw"), _movie(fv, "denoised"), _v(fv, "output"),
                        _v(fv, "threshold"), _triple(_v(fv, "box"), "--box"),
                        _v(fv, "overwrite"))
@@ -192,6 +209,8 @@ def _run_score(fv):
   from deepcad_jax.denoising.denoiser import Denoiser
   from deepcad_jax.analysis.score import default_frames, parse_frames, score
   _require(fv, "model", "movie")
+  _refuse_output_is_input([_given(fv, "json", "file")],
+                          [_given(fv, "model", "model"), _given(fv, "movie")])
   if _v(fv, "json"):
     refuse_to_overwrite([_v(fv, "json")], _v(fv, "overwrite"))
   movie = open_movie(_v(fv, "movie"))

@@ -42,6 +42,7 @@ def run_demo(workdir: str = "deepcad-jax-demo", quick: bool = False, seed: int =
   cfg = load_config("demo:quick" if quick else "demo")
   log.info("2/4 training %s (f=%d) in %s", cfg.name, cfg.model.features, run_dir)
   result = train(info["noisy"], run_dir, cfg)
+  result.stop_if_interrupted()
   log.info("3/4 denoising -> %s", denoised)
   report = denoise_files(info["noisy"], denoised, run_dir, overwrite=True,
                          output_dtype="float32")[0]

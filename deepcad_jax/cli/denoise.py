@@ -8,9 +8,9 @@ from absl import flags
 
 from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed,
                                    _define_dtype, _define_formats, _define_model,
-                                   _define_output, _define_run_settings,
-                                   _init_distributed, _movie, _output, _require, _triple,
-                                   _v)
+                                   _define_output, _define_run_settings, _given,
+                                   _init_distributed, _movie, _output,
+                                   _refuse_output_is_input, _require, _triple, _v)
 
 
 def _define_denoise(fv):
@@ -67,6 +67,7 @@ def _run_denoise(fv):
   from deepcad_jax.model_io.loading import load_model
   from deepcad_jax.denoising.files import denoise_files
   _require(fv, "model", "input", "output")
+  _refuse_output_is_input([_given(fv, "output")], [_given(fv, "model", "model")])
   _init_distributed(fv)
   config = _denoise_config(fv)
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
@@ -134,6 +135,9 @@ def _run_stream(fv):
   _require(fv, "model", "source", "output")
   output = _output(fv, "output")
   raw = raw_path(output)
+  _refuse_output_is_input(
+      [_given(fv, "output"), _given(fv, "output", path=raw)],
+      [_given(fv, "model", "model"), _given(fv, "source"), _given(fv, "mean-image")])
   refuse_to_overwrite((output, raw), _v(fv, "overwrite"))
   source = open_source(_movie(fv, "source"), _v(fv, "rate"), _v(fv, "idle-timeout"))
   image = _v(fv, "mean-image")

@@ -5,6 +5,7 @@ commands define (model, output, dtype, run settings, file formats, several proce
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 from absl import flags
@@ -179,3 +180,31 @@ def _define_set(fv):
   flags.DEFINE_multi_string("set", [], "Override any config field: section.field=value "
                             "(repeatable; e.g. --set train.log_every=50). Applied after "
                             "the other flags.", flag_values=fv)
+
+
+def _given(fv, name: str, kind: str = "movie", path: str | None = None
+           ) -> tuple[str, str, str] | None:
+  """(--name, what the user gave, the path it really names) for
+  `runtime.files.refuse_output_is_input`: a movie spec's file, a model directory's
+  checkpoints folder (kind 'model'), or the path itself ('file'); None if not given.
+  `path` stands for the flag's value (an output derived from it, e.g. *_raw.tif)."""
+  text = path if path is not None else (fv[name].value if name in fv else None)
+  if not text:
+    return None
+  compared = text
+  if kind == "model" and os.path.isdir(text):
+    from deepcad_jax.model_io.checkpoint import checkpoint_dir
+    compared = checkpoint_dir(text)
+  elif kind == "movie":
+    from deepcad_jax.data.spec import MovieSpec
+    try:
+      compared = MovieSpec.parse(text).path
+    except UserError:
+      compared = text
+  return "--" + name, text, compared
+
+
+def _refuse_output_is_input(outputs, inputs) -> None:
+  """`runtime.files.refuse_output_is_input` over `_given` entries (None: not given)."""
+  from deepcad_jax.runtime.files import refuse_output_is_input
+  refuse_output_is_input([o for o in outputs if o], [i for i in inputs if i])

@@ -8,8 +8,10 @@ from __future__ import annotations
 from absl import flags
 
 from deepcad_jax.errors import UserError
-from deepcad_jax.cli.flags import (Command, _define_model, _define_output,
-                                   _require, _triple, _v)
+import os
+
+from deepcad_jax.cli.flags import (Command, _define_model, _define_output, _given,
+                                   _refuse_output_is_input, _require, _triple, _v)
 
 
 def _define_convert(fv):
@@ -24,6 +26,8 @@ def _run_convert(fv):
   from deepcad_jax.model_io.loading import load_model
   from deepcad_jax.model_io.convert import convert, describe
   _require(fv, "pth", "output")
+  _refuse_output_is_input([_given(fv, "output", "model")],
+                          [_given(fv, "pth", "file"), _given(fv, "para", "file")])
   out = convert(_v(fv, "pth"), _v(fv, "output"), _v(fv, "para"), _v(fv, "overwrite"))
   print(describe(load_model(out), out))
   return 0
@@ -69,6 +73,14 @@ def _run_export(fv):
   from deepcad_jax.export import export
   _require(fv, "model", "format", "output")
   fmt = _v(fv, "format")
+  model_path, output = _v(fv, "model"), _v(fv, "output")
+  beside = (lambda path: os.path.join(os.path.dirname(os.path.abspath(path)), "para.yaml"))
+  _refuse_output_is_input(
+      [_given(fv, "output", "file"),
+       _given(fv, "output", "file", beside(output)) if fmt == "pth" else None],
+      [_given(fv, "model", "model"), _given(fv, "para", "file"), _given(fv, "sample"),
+       None if os.path.isdir(model_path) else _given(fv, "model", "file",
+                                                     beside(model_path))])
   for name, formats in _EXPORT_ONLY.items():
     if fv[name].present and fmt not in formats:
       raise UserError(f"--{name} applies to --format {' or '.join(formats)}, not {fmt}; "

@@ -10,9 +10,8 @@ from absl import flags
 from deepcad_jax import config as config_lib
 from deepcad_jax.errors import UserError
 from deepcad_jax.cli.flags import (Command, _define_dtype,
-                                   _define_output,
-                                   _define_set, _holdout,
-                                   _require, _triple, _v)
+                                   _define_output, _define_set, _given, _holdout,
+                                   _refuse_output_is_input, _require, _triple, _v)
 
 
 def _define_prune(fv):
@@ -36,6 +35,8 @@ def _run_prune(fv):
   from deepcad_jax.model_io.checkpoint import save_model
   from deepcad_jax.research.prune import prune
   _require(fv, "model", "keep", "output")
+  _refuse_output_is_input([_given(fv, "output", "model")],
+                          [_given(fv, "model", "model"), _given(fv, "data")])
   model = load_model(_v(fv, "model"))
   pruned, r = prune(model, _v(fv, "keep"), _v(fv, "criterion"), _v(fv, "data"),
                     _v(fv, "batches"))
@@ -124,8 +125,9 @@ def _widths(text: str | None):
 def _run_bench(fv):
   # Peak device memory means the peak allocation: no preallocated pool (GPU).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from deepcad_jax.bench.results import write_results
+  from deepcad_jax.bench.results import check_output, write_results
   from deepcad_jax.bench.workloads import run_workload
+  check_output(_v(fv, "output"))
   records = run_workload(_v(fv, "workload"), _v(fv, "dtype"), _v(fv, "batch-size"),
                          _v(fv, "repeats"), _v(fv, "features"), _v(fv, "torch"),
                          _triple(_v(fv, "movie"), "--movie"), _triple(_v(fv, "patch")),

@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number, check_seed
 
 Patch = tuple[int, int, int]
 
@@ -172,9 +172,10 @@ def validate(cfg: Config) -> None:
                       ("infer.batch_size", cfg.infer.batch_size)):
     if value < 0:
       raise UserError(f"{name} must be 0 or more; got {value}.")
-  if not (cfg.train.lr > 0 and 0 <= cfg.train.b1 < 1 and 0 <= cfg.train.b2 < 1):
-    raise UserError("train.lr must be positive and train.b1, train.b2 in [0, 1); got "
-                    f"lr={cfg.train.lr}, b1={cfg.train.b1}, b2={cfg.train.b2}.")
+  check_number("train.lr (--lr)", cfg.train.lr, above=0)
+  check_number("train.b1 (--b1)", cfg.train.b1, at_least=0, below=1)
+  check_number("train.b2 (--b2)", cfg.train.b2, at_least=0, below=1)
+  check_seed("train.seed (--seed)", cfg.train.seed)
 
 
 TILINGS = ("auto", "exact", "overlap")
@@ -396,12 +397,21 @@ def load_config(spec: str) -> Config:
       raise UserError(f"config file {name} does not exist.")
     module_spec = importlib.util.spec_from_file_location("_user_config", name)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+      module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's own code: any error is theirs
+      raise UserError(f"config file {name} could not be run ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160] if str(e) else ''}); fix it or use "
+                      "a built-in config.") from None
   elif name in available():
     module = importlib.import_module(f"deepcad_jax.config.{name}")
   else:
     raise UserError(f"unknown config {name!r}; built-in configs: {', '.join(available())}, "
                     "or give a path to a .py file with get_config().")
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"config file {name} defines no get_config(); a config file defines "
+                    "get_config(arg=None) returning a deepcad_jax.config.Config (see "
+                    "deepcad_jax/config/tiny.py).")
   cfg = module.get_config(arg or None)
   if not isinstance(cfg, Config):
     raise UserError(f"get_config() in {name} must return a deepcad_jax.config.Config.")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepcad_jax.runtime import parallel, resources
+from deepcad_jax.runtime.files import format_bytes
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.config import DenoiseConfig
 from deepcad_jax.data.movie import Movie, as_movie
@@ -245,8 +246,27 @@ class Denoiser:
                  "x".join(map(str, shape)), plan.recompute, overlap.recompute)
         plan = overlap
     parallel.check_spatial(plan.tile[1], self.spatial)
+    self._check_batch(plan)
     self._plans[key] = plan
     return plan
+
+  def _check_batch(self, plan: TilePlan) -> None:
+    """Refuse, before anything is compiled, a --batch-size whose tiles cannot fit one
+    device's memory budget (every call holds the whole batch)."""
+    if self.engine.default_batch:
+      return
+    n_data = parallel.device_count(self.mesh)
+    per_device = max(1, self.batch_size // n_data) / self.spatial
+    params = sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(
+        self.model.params))
+    need = per_device * float(np.prod(plan.tile)) * self._bytes_per_voxel() + 2 * params
+    budget = memory_budget(list(self.mesh.devices.flat), self.memory_budget)
+    if need > budget:
+      raise UserError(f"--batch-size {self.batch_size}: {per_device:g} tiles of "
+                      f"{'x'.join(map(str, plan.tile))} per device and call need about "
+                      f"{format_bytes(need)}, over the memory budget of "
+                      f"{format_bytes(budget)} per device; lower --batch-size (0: one "
+                      "tile per device) or raise --memory-budget.")
 
   def _fitted_exact_plan(self, shape, movie_dtype, out_dtype) -> TilePlan:
     """The exact plan; with tiles from the budget, shrunk until the compiled step fits."""

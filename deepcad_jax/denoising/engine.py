@@ -46,6 +46,20 @@ class Frames:
   moments: np.ndarray | None = None  # integer data: (2, Y, X) sums of x - c, (x - c)^2
 
 
+WAIT_POLL_S = 0.05  # how often a wait for the device lets Ctrl-C and SIGTERM through
+
+
+def _wait(array: Any) -> None:
+  """Wait for a device array in short sleeps: Python runs its signal handlers between
+  them, so Ctrl-C or SIGTERM stops a run at once instead of after the call (a large tile
+  can take tens of seconds)."""
+  ready = getattr(array, "is_ready", None)
+  if ready is None:
+    return
+  while not ready():
+    time.sleep(WAIT_POLL_S)
+
+
 def _device_dtype(dtype) -> np.dtype:
   """The dtype the device converts to: the output's where that is exact (floats, 8- and
   16-bit integers), else float32 and the host converts."""
@@ -283,6 +297,7 @@ class Engine:
   def fetch(submitted: tuple[Window, dict, tuple[int, int]], host_dtype) -> Frames:
     """The frames of a submitted call (waits for the device)."""
     w, out, (r0, r1) = submitted
+    _wait(out["frames"])
     data = np.asarray(out["frames"])[r0:r1]
     extras = None if out["extras"] is None else np.asarray(out["extras"])[r0:r1]
     clipped = int(out["clipped"])

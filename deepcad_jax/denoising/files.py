@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from deepcad_jax.data.writers import (VOLUME_FORMATS, MovieWriter, SplitOutputs,
                                       movie_bytes, output_format, output_space,
                                       written_path)
 from deepcad_jax.runtime.files import (PARTIAL_SUFFIX, check_space, os_error,
-                                       outputs_together)
+                                       outputs_together, write_bytes)
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
                                    with_name_suffix)
 from deepcad_jax.errors import UserError
@@ -278,6 +279,59 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   return report
 
 
+# What a folder run's output was made from, recorded beside it: a rerun skips an output
+# only if it was made from the same input (and model), not merely of the same name.
+MADE_FROM = ".{}.made-from.json"
+
+
+def made_from_path(dst: str) -> str:
+  """The provenance record of output `dst`: `.NAME.made-from.json` beside it."""
+  folder, name = os.path.split(MovieSpec.parse(dst).path.rstrip("/"))
+  return os.path.join(folder, MADE_FROM.format(name))
+
+
+def _made_from(src: str, den: Denoiser) -> dict:
+  """The input file (its real path, size and modification time) and the model."""
+  path = os.path.realpath(MovieSpec.parse(src).path)
+  st = os.stat(path)
+  return {"input": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+          "model": os.path.realpath(den.model.source) if os.path.exists(
+              den.model.source) else den.model.source, "step": den.model.meta.step}
+
+
+def _other_origin(dst: str, src: str, den: Denoiser) -> str | None:
+  """Why `dst` was not made from `src` with this model (None: it was)."""
+  try:
+    with open(made_from_path(dst)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return "nothing records what it was made from"
+  now = _made_from(src, den)
+  if not isinstance(record, dict) or record.get("input") != now["input"]:
+    return f"it was made from {record.get('input') if isinstance(record, dict) else '?'}"
+  if (record.get("size"), record.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+    return f"{src} has changed since"
+  if (record.get("model"), record.get("step")) != (now["model"], now["step"]):
+    return (f"it was made with the model {record.get('model')} (step "
+            f"{record.get('step')})")
+  return None
+
+
+def _record_made_from(dst: str, src: str, den: Denoiser) -> None:
+  write_bytes(made_from_path(dst), json.dumps(_made_from(src, den), indent=1).encode())
+
+
+def _refuse_shared_outputs(inputs: Sequence[str], outputs: Sequence[str]) -> None:
+  """Two inputs of one run never go to the same output (a.raw and a.tif both give
+  a.tif)."""
+  seen: dict[str, str] = {}
+  for src, dst in zip(inputs, outputs):
+    if dst in seen:
+      raise UserError(f"{seen[dst]} and {src} would both be written to {dst}; rename "
+                      "one of them, or denoise them into separate folders.")
+    seen[dst] = src
+
+
 def _complete_output(paths: Sequence[str], movie: Movie, out_dtype) -> str | None:
   """Why the existing outputs `paths` of `movie` are not a complete earlier result
   (None: they are: all there, readable, of its shape and the dtypes asked for)."""
@@ -331,6 +385,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
   input, output = os.fspath(input), os.fspath(output)
   inputs = list_movies(input)
   outputs = _output_paths(inputs, input, output, together=jax.process_count() == 1)
+  _refuse_shared_outputs(inputs, outputs)
   folder = os.path.isdir(input) and not is_store(input)
   n_proc = jax.process_count()
   if n_proc > 1 and devices is None and not isinstance(model, Denoiser):
@@ -347,7 +402,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
     paths = [dst] + den.extra_outputs(dst)
     if folder and not overwrite and any(os.path.lexists(MovieSpec.parse(p).path)
                                         for p in paths):
-      why = _complete_output(paths, movie, out_dtype)
+      why = _complete_output(paths, movie, out_dtype) or _other_origin(dst, src, den)
       if why is None:
         log.info("skipping %s: %s is already complete (--overwrite redoes it).", src, dst)
         continue
@@ -355,7 +410,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
       raise UserError(f"{existing} already exists but is not a complete output of {src} "
                       f"({why}); add --overwrite to redo it, or remove it.")
     refuse_to_overwrite(paths, overwrite)
-    todo.append((movie, dst, out_dtype))
+    todo.append((src, movie, dst, out_dtype))
   if folder:
     if not todo:
       log.info("every output in %s is already complete; nothing to do (--overwrite "
@@ -368,7 +423,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
   reports = []
   shared = n_proc > 1 and len(todo) == 1
   with SplitOutputs() as split:  # a file of every plane appears with the last one
-    for i, (movie, dst, out_dtype) in enumerate(todo):
+    for i, (src, movie, dst, out_dtype) in enumerate(todo):
       try:
         if shared:
           report = _write_shared(movie, dst, den, out_dtype, progress, overwrite)
@@ -385,6 +440,8 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
         raise
       if report is None:
         continue
+      if folder:
+        _record_made_from(dst, src, den)
       if report.clipped:
         log.warning("%d voxels (%.3g%%) of %s were outside the %s range and were clipped.",
                     report.clipped, 100 * report.clipped / np.prod(movie.shape), dst,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.export.bioimageio import export_bioimageio
 from deepcad_jax.export.network import ExportReport, network
@@ -63,6 +63,7 @@ def export(model: Model | str, output: str, format: str, *, member: int | None =
                     "ending in .zip.")
   if format != "pth":
     check_opset(opset)
+  check_number("--mean", mean, fix="the intensity subtracted before the network")
   if isinstance(model, (str, os.PathLike)):
     model = load_model(os.fspath(model))
   net = network(model, format, member)

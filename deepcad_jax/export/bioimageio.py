@@ -9,7 +9,6 @@ import errno
 import io
 import logging
 import os
-import tempfile
 from importlib import metadata
 from typing import Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 import tifffile
 
 from deepcad_jax.data.movie import as_movie, refuse_to_overwrite
-from deepcad_jax.runtime.files import AtomicFile, check_space, os_error
+from deepcad_jax.runtime.files import AtomicFile, check_space, os_error, temporary_folder
 from deepcad_jax.errors import UserError
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.denoising.tiling import ceil_to, reach_by_residue
@@ -206,8 +205,7 @@ def export_bioimageio(net: Network, output: str, *, mean: float | None = None,
     raise UserError(f"ONNX Runtime and JAX disagree on this model (relative RMS "
                     f"{parity:.2e} > 1e-5); nothing was written.")
 
-  with tempfile.TemporaryDirectory(prefix=".bioimageio-", dir=os.path.dirname(
-      os.path.abspath(output))) as tmp:
+  with temporary_folder(os.path.dirname(os.path.abspath(output)), "bioimageio") as tmp:
     def path(name: str, data: bytes) -> str:
       full = os.path.join(tmp, name)
       with open(full, "wb") as fh:

@@ -16,6 +16,7 @@ nothing of training or of DeepCAD-RT's .pth files (`loading.load_model` dispatch
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import shutil
@@ -155,6 +156,10 @@ class RunMeta(Mapping):
     if features != cfg.model.features or len(patch) != 3 or min(patch) < 8:
       raise ValueError(f"features={d['features']} and patch={d['patch']} do not fit its "
                        f"config (features={cfg.model.features})")
+    for key in ("mean", "scale", "output_offset"):
+      if d.get(key) is not None and not math.isfinite(float(d[key])):
+        raise ValueError(f"its stored {key} is {d[key]}, not a finite number; the "
+                         "metadata was edited or damaged")
     known = {f.name for f in dataclasses.fields(cls)} | {
         "format", "config", "features", "mean_prior", "ensemble", HOLDOUT}
     holdout = d.get("holdout")

@@ -38,7 +38,7 @@ from deepcad_jax.denoising.denoiser import Denoiser, denoise
 from deepcad_jax.denoising.memory import compiled_bytes
 from deepcad_jax.analysis.metrics import evaluate
 from deepcad_jax.core.network import LADDER, flops_per_voxel, param_count, uniform_widths, widths_of
-from deepcad_jax.research.prune import parameters, prune
+from deepcad_jax.research.prune import CRITERIA, parameters, prune
 from deepcad_jax.analysis.score import HeldOutScorer, holdout_range
 from deepcad_jax.training.loop import train
 
@@ -79,6 +79,22 @@ def _segments(data: str, holdout: float | str) -> tuple[list, list]:
     raise UserError("the ladder scores every rung on held-out frames; give --holdout "
                     "(e.g. 0.1 for the last 10%).")
   return movies, segs
+
+
+def _check_before_training(data: str, holdout, clean: str | None,
+                           pruned_from: str | None, criterion: str) -> None:
+  """What would fail only after rungs were trained, refused before the first one."""
+  movies, _ = _segments(data, holdout)
+  if clean is not None:
+    ref = open_movie(clean)
+    if ref.shape != movies[0].shape:
+      raise UserError(f"--clean {clean} {ref.shape} and {movies[0].name} "
+                      f"{movies[0].shape} differ in shape; give the ground truth of the "
+                      "--data movie.")
+  if pruned_from not in (None, "widest"):
+    load_model(pruned_from)
+  if pruned_from is not None and criterion not in CRITERIA:
+    raise UserError(f"--criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}.")
 
 
 def _evaluate(run: str, kind: str, data: str, holdout, clean: str | None,
@@ -145,6 +161,7 @@ def run_ladder(data: str, workdir: str, *, widths: Sequence[int] = LADDER,
     raise UserError("--widths needs at least one width.")
   base = config_lib.load_config(config) if isinstance(config, str) else config
   base = config_lib.override(base, **{"data.holdout": holdout})
+  _check_before_training(data, holdout, clean, pruned_from, criterion)
   os.makedirs(workdir, exist_ok=True)
   rows: list[Rung] = []
   runs = {}
@@ -154,7 +171,7 @@ def run_ladder(data: str, workdir: str, *, widths: Sequence[int] = LADDER,
         base.model, features=f, widths=None))
     log.info("ladder: training f=%d in %s", f, run)
     t0 = time.perf_counter()
-    train(data, run, cfg, progress=progress)
+    train(data, run, cfg, progress=progress).stop_if_interrupted()
     runs[f] = (run, time.perf_counter() - t0, cfg)
   for f, (run, seconds, cfg) in runs.items():
     rows.append(_evaluate(run, "scratch", data, holdout, clean, seconds, measure,
@@ -182,7 +199,8 @@ def run_ladder(data: str, workdir: str, *, widths: Sequence[int] = LADDER,
       start_model = load_model(start)
       fine = dataclasses.replace(cfg, name=f"ladder-pruned-f{f}", model=dataclasses.replace(
           cfg.model, features=start_model.features, widths=start_model.config.model.widths))
-      train(data, run, fine, init_from=None if resuming else start, progress=progress)
+      train(data, run, fine, init_from=None if resuming else start,
+            progress=progress).stop_if_interrupted()
       rows.append(_evaluate(run, "pruned", data, holdout, clean,
                             time.perf_counter() - t0, measure, cfg.data.patch))
   write_results(rows, workdir)

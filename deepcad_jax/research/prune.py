@@ -29,7 +29,7 @@ import numpy as np
 from deepcad_jax import config as config_lib
 from deepcad_jax.model_io.checkpoint import Model
 from deepcad_jax.data.movie import Movie, as_movie
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number, check_seed
 from deepcad_jax.core.losses import loss_fn
 from deepcad_jax.core.network import (LAYERS, LEVELS, Conv3D, UNet3D, flops_per_voxel,
                                       network_input, param_count, uniform_widths,
@@ -235,6 +235,8 @@ def prune(model: Model, keep: float, criterion: str = "l1",
     batches: training pairs the Taylor criterion averages over.
     seed: where those pairs are drawn.
   """
+  check_number("--batches", batches, at_least=1, whole=True)
+  check_seed("seed", seed)
   if criterion not in CRITERIA:
     raise UserError(f"--criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}.")
   if model.config.model.ensemble > 1:

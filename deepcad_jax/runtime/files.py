@@ -132,6 +132,69 @@ def check_space(needs: Iterable[tuple[str, int]]) -> None:
                       "or choose an output on another disk.")
 
 
+def refuse_output_is_input(outputs: Iterable[Sequence[str | None]],
+                           inputs: Iterable[Sequence[str | None]]) -> None:
+  """Refuse, in one sentence, an output that is one of the command's inputs, a folder
+  holding one, or inside one: with --overwrite or not, no command writes over what it
+  reads (`prune --model M --output M`, `evaluate --output` its own `--denoised`, `train
+  --init-from X --workdir X --fresh`).
+
+  Args:
+    outputs: (flag, path) of what the command writes or replaces, or (flag, path,
+      compared): `compared` is what is really replaced (a model directory's
+      checkpoints folder) and `path` what the sentence names.
+    inputs: (flag, path) or (flag, path, compared) of what it reads.
+  """
+  def entries(items):
+    for item in items:
+      flag, path = item[0], item[1]
+      compared = item[2] if len(item) > 2 else path
+      if path and compared:
+        yield flag, path, os.path.realpath(os.path.abspath(compared)), compared
+  reads = list(entries(inputs))
+  for out_flag, out, o, out_compared in entries(outputs):
+    for in_flag, src, i, in_compared in reads:
+      same = o == i
+      if not same and os.path.exists(out_compared) and os.path.exists(in_compared):
+        with contextlib.suppress(OSError):
+          same = os.path.samefile(out_compared, in_compared)  # a hard link
+      how = "is" if same else "holds" if i.startswith(o + os.sep) else \
+          "is inside" if o.startswith(i + os.sep) else None
+      if how:
+        raise UserError(f"{out_flag} {out} {how} the input {in_flag} {src}; choose "
+                        f"another {out_flag} (even with --overwrite, a command never "
+                        "writes over what it reads).")
+
+
+@contextlib.contextmanager
+def temporary_folder(folder: str, prefix: str) -> Iterator[str]:
+  """A working folder `.PREFIX-HOST-PID-TOKEN` in `folder`, removed when the block ends.
+
+  A run killed with SIGKILL cannot remove its folder; the name says which process made
+  it, so the next run removes those of this host's processes that no longer exist.
+  """
+  start = f".{prefix}-"
+  host = socket.gethostname()
+  with contextlib.suppress(OSError):
+    for name in os.listdir(folder):
+      if not name.startswith(start):
+        continue
+      owner, _, rest = name[len(start):].rpartition("-")[0].rpartition("-")
+      if owner == host and rest.isdigit() and not alive(int(rest), host):
+        log.info("removing %s, left by PID %s, which no longer runs.",
+                 os.path.join(folder, name), rest)
+        _remove(os.path.join(folder, name))
+  path = os.path.join(folder, f"{start}{host}-{os.getpid()}-{secrets.token_hex(4)}")
+  try:
+    os.mkdir(path)
+  except OSError as e:
+    raise os_error(e, path) from None
+  try:
+    yield path
+  finally:
+    _remove(path)
+
+
 def lock_path(path: str) -> str:
   """The lock file of output `path`."""
   return path + LOCK_SUFFIX

@@ -343,9 +343,16 @@ class Pipeline:
     if not self.errors:
       return
     r, first = self.report, self.errors[0]
-    if isinstance(first, KeyboardInterrupt):
-      log.warning("stream stopped; %d denoised frames were written to %s and stay "
-                  "readable.", r.frames_out, self.path)
+    if isinstance(first, KeyboardInterrupt):  # name only the files really written
+      if r.denoised:
+        kept = f"{r.frames_out} denoised frames were written to {r.denoised}" + (
+            f" (the raw frames to {r.raw})" if r.raw else "") + " and stay readable"
+      elif r.raw:
+        kept = (f"no frame was denoised yet, so no denoised file was written; the "
+                f"{r.frames_in} raw frames are in {r.raw}")
+      else:
+        kept = "no file was written"
+      log.warning("stream stopped; %s.", kept)
       raise first
     r.error = f"{type(first).__name__}: {first}"
     kept = " and ".join(p for p in (r.denoised, r.raw) if p)

@@ -15,7 +15,7 @@ import tifffile
 from deepcad_jax.data.metadata import MovieMetadata, read_metadata
 from deepcad_jax.data.movie import TIFF_SUFFIXES, open_movie, read_frames
 from deepcad_jax.data.spec import is_store
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import UserError, check_number
 
 log = logging.getLogger("deepcad_jax")
 
@@ -70,6 +70,7 @@ class FolderSource(FrameSource):
   def frames(self, stop):
     seen: set[str] = set()
     sizes: dict[str, int] = {}
+    first: tuple[str, tuple[int, ...]] | None = None  # the first file and its frames
     last_new = time.perf_counter()
     while not stop.is_set():
       names = sorted(os.listdir(self.folder))
@@ -84,6 +85,14 @@ class FolderSource(FrameSource):
         seen.add(name)
         progressed = True
         data = read_frames(path)  # checked: a damaged file is one sentence
+        if first is None:
+          first = (name, tuple(data.shape[1:]))
+        elif tuple(data.shape[1:]) != first[1]:
+          raise UserError(
+              f"{path} holds frames of {'x'.join(map(str, data.shape[1:]))} but the "
+              f"stream's frames are {'x'.join(map(str, first[1]))} (from {first[0]}); "
+              "the stream stopped before it: the frames acquired so far are kept, start "
+              "another stream for the new frame size.")
         if self.metadata is None:
           with tifffile.TiffFile(path) as tif:
             self.metadata = read_metadata(tif)
@@ -104,6 +113,8 @@ class FolderSource(FrameSource):
 def open_source(path: str, rate: float = 30.0, idle_timeout: float = 10.0) -> FrameSource:
   """The source a path names: a folder an acquisition writes into (watched), or a movie
   (replayed at `rate` frames/s; 0: as fast as possible)."""
+  check_number("--rate", rate, at_least=0, fix="0 replays as fast as possible")
+  check_number("--idle-timeout", idle_timeout, above=0)
   if os.path.isdir(path) and not is_store(path):
     return FolderSource(path, idle_timeout)
   return ReplaySource(path, rate)

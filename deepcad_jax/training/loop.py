@@ -8,6 +8,7 @@ resumed run sees exactly the batches and variants an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,8 +27,9 @@ from deepcad_jax import config as config_lib
 from deepcad_jax.runtime import distributed, parallel, resources
 from deepcad_jax.data.movie import list_movies, open_movie
 from deepcad_jax.training.pairs import PairSource, fit_patch, pair_iterator
-from deepcad_jax.errors import UserError
+from deepcad_jax.errors import Terminated, UserError
 from deepcad_jax.model_io.loading import load_model
+from deepcad_jax.runtime.files import refuse_output_is_input
 from deepcad_jax.runtime.locks import WorkdirLock
 from deepcad_jax.core.network import add_prior_channel
 from deepcad_jax.runtime.progress import Progress, format_duration
@@ -70,6 +72,13 @@ class TrainResult:
     if self.require_gain and (self.quality is None or self.quality.verdict != BETTER):
       return REQUIRE_GAIN_EXIT
     return 0
+
+  def stop_if_interrupted(self) -> None:
+    """For callers that go on to other work (`ladder`, `demo`): raise what stopped the
+    run early, KeyboardInterrupt or `Terminated` (SIGTERM), so they stop too (the
+    checkpoint is saved: the same command resumes)."""
+    if self.interrupted:
+      raise Terminated() if self.signal == signal.SIGTERM else KeyboardInterrupt()
 
   def describe(self) -> str:
     """The result for the command line: the run, its quality and any warning."""
@@ -243,6 +252,12 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
   cfg = config_lib.load_config(config or "deepcad_rt") if not isinstance(
       config, config_lib.Config) else config
   init_params_from = None
+  if init_from is not None and not isinstance(init_from, ckpt.Model):
+    source = os.fspath(init_from)
+    refuse_output_is_input(
+        [("--workdir", workdir, ckpt.checkpoint_dir(workdir))],
+        [("--init-from", source, ckpt.checkpoint_dir(source) if os.path.isdir(source)
+          else source)])
   if init_from is not None:
     start_model = init_from if isinstance(init_from, ckpt.Model) else load_model(
         os.fspath(init_from))
@@ -288,16 +303,27 @@ def train(data: str, workdir: str, config: config_lib.Config | str | None = None
       f"{os.path.basename(m.name)} (x - {mean:.6g}) / {scale:.6g}"
       for m, mean, scale in zip(movies, source.means, source.scales)))
 
+  made = [] if os.path.exists(workdir) else [workdir]
   _check_workdir(workdir)
   main = jax.process_index() == 0
   # One run per workdir: process 0 holds its lock (every process may share the folder).
   lock = WorkdirLock(workdir).acquire() if main else None
+  if not os.path.exists(ckpt.checkpoint_dir(workdir)):
+    made.insert(0, ckpt.checkpoint_dir(workdir))
   try:
     result = _run(workdir, cfg, source, meta, mesh, patch, paths, batch_size,
                   steps_per_epoch, total_steps, fresh=fresh, resume_ok=init_from is None,
                   init_params_from=init_params_from, progress=progress and main,
                   on_step=on_step, stop=stop, on_score=on_score)
     return dataclasses.replace(result, require_gain=require_gain)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+      lock = None
+    for folder in made:  # a run that failed before its first checkpoint leaves nothing
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    raise
   finally:
     if lock is not None:
       lock.release()
