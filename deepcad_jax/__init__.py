@@ -8,6 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
+from deepcad_jax.analysis.bootstrap import calibrated_uncertainty, write_uncertainty
 from deepcad_jax.config import Config, DenoiseConfig, load_config
 from deepcad_jax.core.network import LADDER, UNet3D
 from deepcad_jax.denoising.denoiser import Denoiser, denoise
@@ -18,7 +19,7 @@ from deepcad_jax.model_io.loading import load_model
 
 _TRAINING = ("train", "TrainResult")
 
-__all__ = ["Config", "DenoiseConfig", "Denoiser", "denoise", "denoise_files", "LADDER",
+__all__ = ["calibrated_uncertainty", "write_uncertainty", "Config", "DenoiseConfig", "Denoiser", "denoise", "denoise_files", "LADDER",
            "Model", "RunMeta", "TrainResult", "UNet3D", "UserError", "load_config",
            "load_model", "train"]
 

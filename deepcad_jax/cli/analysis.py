@@ -125,7 +125,7 @@ def _run_traces(fv):
                   samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
                   symmetries=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=_v(fv, "band"),
                   plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
-                  overwrite=_v(fv, "overwrite"))
+                  overwrite=_v(fv, "overwrite"), band_shape=_v(fv, "band-shape"))
   print(r.describe())
   return 0
 

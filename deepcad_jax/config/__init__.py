@@ -179,6 +179,11 @@ def validate(cfg: Config) -> None:
 
 TILINGS = ("auto", "exact", "overlap")
 PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMETRIES)
+# Calibrated uncertainty (`analysis.bootstrap`): bootstrap draws (one network pass each),
+# one held-out frame in HOLDOUT_EVERY for the check, intensity bins of the check.
+UNCERTAINTY_DRAWS = 8
+UNCERTAINTY_HOLDOUT_EVERY = 8
+UNCERTAINTY_BINS = 8
 
 
 def parse_bytes(text: str | float | int | None) -> float | None:
