@@ -80,7 +80,7 @@ def smooth3(x: np.ndarray) -> np.ndarray:
   return out
 
 
-def _denoise(den: Denoiser, movie: np.ndarray, mean: float, scale: float) -> np.ndarray:
+def denoise_normalised(den: Denoiser, movie: np.ndarray, mean: float, scale: float) -> np.ndarray:
   """`movie` denoised in float32 with a fixed normalisation (that of the recording)."""
   out = np.empty(movie.shape, np.float32)
   for f in den.frames(as_movie(movie), mean=mean, scale=scale):
@@ -103,7 +103,7 @@ def heldout_check(raw: np.ndarray, estimate: np.ndarray, bootstrap_var: np.ndarr
     held = np.array([t // 2])
   probe = raw.copy()
   probe[held] = 0.5 * (raw[held - 1] + raw[held + 1])
-  d = _denoise(den, probe, mean, scale)[held].astype(np.float64)
+  d = denoise_normalised(den, probe, mean, scale)[held].astype(np.float64)
   r = raw[held].astype(np.float64)
   err2 = (r - d) ** 2 - nm.variance(np.clip(d, 0, None))
   pred = bootstrap_var[held].astype(np.float64)
@@ -172,7 +172,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   norm = den.normalisation(mv)
   mean, nscale = float(norm.mean), float(norm.scale)
   nm = noise_lib.fit_movie(raw, name=mv.name)
-  est = (_denoise(den, raw, mean, nscale) if estimate is None else
+  est = (denoise_normalised(den, raw, mean, nscale) if estimate is None else
          as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
   if est.shape != raw.shape:
     raise UserError(f"the denoised movie is {est.shape} but {mv.name} is {raw.shape}; "
@@ -184,7 +184,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
     noisy = est + nm.sample(est, rng)
-    again = _sym(_denoise(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+    again = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
     dev = again - est
     acc += dev.astype(np.float64) ** 2
     if devs is not None:

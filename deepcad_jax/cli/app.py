@@ -29,7 +29,7 @@ log = logging.getLogger("deepcad_jax")
 
 # The commands, in the order `usage` lists them; each module of this package defines
 # (and registers here) the commands of one activity.
-ORDER = ("demo", "train", "denoise", "traces", "events", "calibrate", "convert", "export",
+ORDER = ("demo", "train", "denoise", "traces", "events", "audit", "calibrate", "convert", "export",
          "stream", "bench", "prune", "ladder", "score", "simulate", "evaluate")
 COMMANDS = {c.name: c for c in sorted(
     [*train.COMMANDS, *denoise.COMMANDS, *models.COMMANDS, *analysis.COMMANDS,
