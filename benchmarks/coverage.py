@@ -79,6 +79,7 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) 
   row["network_passes_per_voxel"] = rec["network_passes_per_voxel"]
   row["heldout_scale"] = rec["heldout_scale"]
   row["check"] = rec["check"]
+  row["verdict"] = rec["verdict"]
   scales = {"none": np.float32(1.0), "heldout": np.float32(rec["heldout_scale"]),
             "bins": bin_scales(est, rec["check"], rec["heldout_scale"])}
   row["coverage"] = {k: coverage(est, u.std * s, clean) for k, s in scales.items()}

@@ -68,7 +68,9 @@ class Audit:
              f"{st['events']} invented event(s) (largest z {st['largest_event_z']:.2f}, "
              f"threshold {st['event_threshold']:g})",
              f"flat scene: invented contrast {fl['contrast_mean_image_over_noise']:.3g} x "
-             f"the noise std in the mean image, {fl['contrast_frames_over_noise']:.3g} x "
+             f"the noise std in the mean image (a raw average would show "
+             f"{fl['chance_contrast_mean_image_over_noise']:.3g} x by chance), "
+             f"{fl['contrast_frames_over_noise']:.3g} x "
              f"in single frames; {fl['blobs_mean_image']} blob(s) a cell finder would "
              f"call cells in the mean image, {fl['blobs_per_frame']:.2f} per frame "
              f"(the recording's own mean image: {s['recording_blobs']})"]
@@ -144,7 +146,7 @@ def _panel(image: np.ndarray, lo: float | None = None, hi: float | None = None
 def figure(panels: list[np.ndarray], height: int = 192) -> np.ndarray:
   """uint8 panels side by side, each enlarged (nearest) to about `height` rows, with a
   white gap between them."""
-  zoom = max(1, height // max(p.shape[0] for p in panels))
+  zoom = max(1, -(-height // max(p.shape[0] for p in panels)))
   parts = []
   for p in panels:
     big = np.repeat(np.repeat(p, zoom, 0), zoom, 1)
@@ -216,6 +218,7 @@ def audit(movie: Any, model: Any, *, frames: int = config_lib.AUDIT_FRAMES,
                "contrast_mean_image_over_noise": float(local_contrast(flat_mean).std()
                                                        / noise_std),
                "contrast_frames_over_noise": frame_std / noise_std,
+               "chance_contrast_mean_image_over_noise": float(1 / np.sqrt(t)),
                "blobs_mean_image": int(blobs.max()),
                "blobs_per_frame": float(np.mean(per_frame)),
                "frames_looked_at": len(picks)},

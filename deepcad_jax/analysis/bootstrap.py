@@ -19,8 +19,13 @@ The check: one frame in `holdout_every` is replaced by the mean of its two neigh
 the movie is denoised once more, and at those frames the squared difference between the
 raw frame and the denoised one, minus the raw frame's noise variance, estimates the true
 squared error (the raw frame's noise is independent of an estimate that never saw it).
-Per intensity bin, the ratio of this to the bootstrap's mean square gives a scale; the
-scale of all bins together (`scale`) multiplies the std. The per-bin check is reported.
+Per intensity bin, the ratio of this to the bootstrap's mean square is reported. Over
+all bins, the std is scaled by the ratio only where the two differ by more than the
+check can tell: twice its standard error plus UNCERTAINTY_NOISE_TOLERANCE (5%) of the
+noise variance. At low SNR the noise variance is many times the error, so a few percent
+of error in the fitted noise model would decide the scale; there the check reports
+"consistent" and the bootstrap stands as it is. The check measures the error of an
+estimate made without the held-out frame, slightly larger than that of the estimate.
 
 Cost: `draws` + 1 network passes per voxel beyond the denoising itself.
 """
@@ -96,7 +101,10 @@ def _sym(x: np.ndarray, s: int, inverse: bool = False) -> np.ndarray:
 def heldout_check(raw: np.ndarray, estimate: np.ndarray, bootstrap_var: np.ndarray,
                   den: Denoiser, nm: noise_lib.NoiseModel, mean: float, scale: float,
                   every: int, bins: int) -> tuple[list[dict], float]:
-  """The bins' check (see the module doc) and the scale of all bins together."""
+  """The check per intensity bin, then its verdict over all bins (the last row), and
+  the scale to apply: 1 unless the held-out error and the bootstrap differ by more than
+  twice the check's standard error plus UNCERTAINTY_NOISE_TOLERANCE of the noise
+  variance (a few percent of error in the noise model would otherwise decide it)."""
   t = raw.shape[0]
   held = np.arange(every // 2 + 1, t - 1, every)
   if not len(held):
@@ -111,7 +119,7 @@ def heldout_check(raw: np.ndarray, estimate: np.ndarray, bootstrap_var: np.ndarr
   edges = np.unique(np.quantile(level, np.linspace(0, 1, bins + 1)))
   idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, max(0, len(edges) - 2))
   rows = []
-  for b in range(max(1, len(edges) - 1)):
+  for b in range(max(1, len(edges) - 1)):  # the last row is the total (`verdict`)
     m = idx == b
     if not m.any():
       continue
@@ -121,13 +129,28 @@ def heldout_check(raw: np.ndarray, estimate: np.ndarray, bootstrap_var: np.ndarr
                  "bootstrap_var": p,
                  "scale": float(np.sqrt(max(e, 0.0) / p)) if p > 0 else None})
   total_e, total_p = float(err2.mean()), float(pred.mean())
-  overall = float(np.sqrt(max(total_e, 0.0) / total_p)) if total_p > 0 else 1.0
+  noise_var = float(nm.variance(np.clip(d, 0, None)).mean())
+  tolerance = (2 * float(err2.std()) / np.sqrt(err2.size)
+               + config_lib.UNCERTAINTY_NOISE_TOLERANCE * noise_var)
+  verdict = {"heldout_error_var": total_e, "bootstrap_var": total_p,
+             "noise_var": noise_var, "tolerance": tolerance}
+  if abs(total_e - total_p) <= tolerance:
+    verdict["verdict"], overall = "consistent with the bootstrap", 1.0
+  elif total_e <= 0:
+    verdict["verdict"], overall = ("inconclusive: the held-out error is below zero, so "
+                                   "the noise model is overestimated"), 1.0
+  else:
+    verdict["verdict"] = "scaled: the bootstrap disagrees with the held-out error"
+    overall = float(np.sqrt(total_e / total_p)) if total_p > 0 else 1.0
+  verdict["scale"] = overall
+  rows.append(verdict)
   return rows, overall
 
 
 def bin_scales(estimate: np.ndarray, rows: list[dict], overall: float) -> np.ndarray:
   """The per-voxel scale of the check's intensity bins (`rows`) at `estimate`'s
   intensities; a bin without a scale gets `overall`."""
+  rows = [r for r in rows if "intensity_lo" in r]
   edges = np.array([r["intensity_lo"] for r in rows] + [rows[-1]["intensity_hi"]])
   scales = np.array([r["scale"] if r["scale"] else overall for r in rows], np.float32)
   idx = np.clip(np.searchsorted(edges, estimate, side="right") - 1, 0, len(scales) - 1)
@@ -207,7 +230,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
             "scale": overall if scale_mode == "heldout" else (
                 None if scale_mode == "bins" else 1.0),
             "heldout_scale": overall, "heldout_every": holdout_every,
-            "check": rows, "noise_model": nm.to_json(),
+            "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),
             "network_passes_per_voxel": draws + 1 + (estimate is None),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
@@ -246,7 +269,7 @@ def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = Fal
 
 def describe(record: dict, paths: list[str]) -> str:
   """One line for the command line."""
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws, scale "
-          f"{record['heldout_scale']:.3g} from the held-out check, "
+  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check: "
+          f"{record['verdict']['verdict']}, scale {record['heldout_scale']:.3g}; "
           f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
           f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))

@@ -112,6 +112,11 @@ def _define_traces(fv):
                       flag_values=fv)
   flags.DEFINE_string("band", "5,95", "Percentiles across samples that bound the band.",
                       flag_values=fv)
+  flags.DEFINE_enum("band-shape", "auto", ["auto", "percentile", "t"], "percentile: the "
+                    "samples' percentiles; t: Student-t around the trace from the samples' "
+                    "RMS deviation (right for a few samples, e.g. the 8 of denoise "
+                    "--uncertainty calibrated --save-samples); auto: t below 30 samples.",
+                    flag_values=fv)
   flags.DEFINE_integer("plot-rois", 12, "ROIs drawn in traces.png (the first N).",
                        flag_values=fv)
   flags.DEFINE_float("frame-rate", None, "Frames per second, for a time axis in seconds.",

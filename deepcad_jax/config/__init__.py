@@ -184,6 +184,10 @@ PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMET
 UNCERTAINTY_DRAWS = 8
 UNCERTAINTY_HOLDOUT_EVERY = 8
 UNCERTAINTY_BINS = 8
+# The held-out check scales the bootstrap only where they differ by more than twice the
+# check's standard error plus this fraction of the noise variance (how far the fitted
+# noise model is trusted: real recordings' fits are off by a few percent).
+UNCERTAINTY_NOISE_TOLERANCE = 0.05
 # The hallucination audit (`analysis.audit`): frames of the control scenes (at most), the
 # simple cell finder's rule (local contrast above BLOB_SIGMA x the image's noise std as
 # if raw, against the mean of a BLOB_WINDOW square, over BLOB_AREA connected pixels or
