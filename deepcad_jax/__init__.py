@@ -1,6 +1,7 @@
 """deepcad-jax: self-supervised denoising of fluorescence movies (DeepCAD-RT) in JAX.
 
-Inference (`load_model`, `DenoiseConfig`, `Denoiser`, `denoise`) imports no training code; `train` and
+Inference (`load_model`, `DenoiseConfig`, `Denoiser`, `denoise`, and the calibrated
+uncertainty `calibrated_uncertainty`, `write_uncertainty`) imports no training code; `train` and
 `TrainResult` (which need grain and optax) are imported when first used.
 """
 
@@ -19,7 +20,8 @@ from deepcad_jax.model_io.loading import load_model
 
 _TRAINING = ("train", "TrainResult")
 
-__all__ = ["calibrated_uncertainty", "write_uncertainty", "Config", "DenoiseConfig", "Denoiser", "denoise", "denoise_files", "LADDER",
+__all__ = ["calibrated_uncertainty", "write_uncertainty", "Config", "DenoiseConfig",
+           "Denoiser", "denoise", "denoise_files", "LADDER",
            "Model", "RunMeta", "TrainResult", "UNet3D", "UserError", "load_config",
            "load_model", "train"]
 
