@@ -5,10 +5,13 @@ pixel lists, or suite2p's `stat.npy`. Each ROI is a weighted set of pixels; its 
 the weighted mean of those pixels in every frame, read from the movie block by block.
 dF/F uses a baseline F0 that is either a percentile of the trace or its mean.
 
-The band comes from samples of the whole denoised movie (`denoise --uncertainty K
---save-samples`, or computed here from a model): each sample gives a whole trace, and
-the band at each frame is a percentile range across those traces, so the correlation
-between neighbouring pixels of one sample is kept (a per-pixel std would ignore it).
+The band comes from samples of the whole denoised movie (`denoise --uncertainty
+calibrated --save-samples` or `--uncertainty K --save-samples`, or computed here from a
+model): each sample gives a whole trace, so the correlation between neighbouring pixels
+of one sample is kept (a per-pixel std would ignore it). The band at each frame is a
+percentile range across those traces, or, with few samples (band shape 'auto' below
+T_BELOW samples, or 't'), Student-t quantiles times the samples' RMS deviation from the
+denoised trace: 8 samples cannot place a 5th and 95th percentile.
 """
 
 from __future__ import annotations
