@@ -22,11 +22,11 @@ import glob
 import json
 import logging
 import os
-import statistics
 from typing import Sequence
 
 import numpy as np
 
+from deepcad_jax.analysis.metrics import student_t_quantile
 from deepcad_jax.data import safe_pickle
 from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
                                     refuse_to_overwrite)
@@ -322,15 +322,6 @@ class Traces:
 
 BAND_SHAPES = ("auto", "percentile", "t")
 T_BELOW = 30  # band shape 'auto': Student-t below this many samples, percentiles above
-
-
-def student_t_quantile(p: float, dof: int) -> float:
-  """The p-quantile of Student's t with `dof` degrees of freedom (Cornish-Fisher
-  expansion around the normal quantile; within 1% for dof >= 3)."""
-  z = statistics.NormalDist().inv_cdf(min(max(p, 1e-9), 1 - 1e-9))
-  v = float(max(dof, 1))
-  return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-          + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
 
 
 def validate_band(band: Sequence[float] | str) -> tuple[float, float]:
