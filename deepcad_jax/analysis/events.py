@@ -137,7 +137,8 @@ def _pick(cand: np.ndarray, z: np.ndarray, excess: np.ndarray,
 def find_suppressed_events(raw, denoised, threshold: float = 6.0,
                            box: tuple[int, int, int] = (3, 5, 5),
                            separation: tuple[int, int, int] = (5, 8, 8),
-                           max_events: int = 1000) -> EventReport:
+                           max_events: int = 1000,
+                           noise: noise_lib.NoiseModel | None = None) -> EventReport:
   """Candidate events where `raw` exceeds `denoised` beyond what the noise explains.
 
   Args:
@@ -147,6 +148,9 @@ def find_suppressed_events(raw, denoised, threshold: float = 6.0,
     separation: candidates closer than this (on every axis) to a stronger one are
       the same event.
     max_events: the most events listed.
+    noise: the noise model of the raw movie's noise (default: fitted on `raw`); give it
+      when `raw` is not a raw recording, e.g. a denoised movie checked against a known
+      truth (`analysis.audit`).
   """
   check_number("--threshold", threshold, above=0)
   if len(box) != 3:
@@ -158,8 +162,9 @@ def find_suppressed_events(raw, denoised, threshold: float = 6.0,
     raise UserError(f"raw {raw_m.name} {raw_m.shape} and denoised {den_m.name} "
                     f"{den_m.shape} differ in shape; give the denoised version of this raw "
                     "movie.")
-  nm = noise_lib.fit(noise_lib.pixel_statistics(raw_m, name=raw_m.name,
-                                               what="the raw movie"), name=raw_m.name)
+  nm = noise if noise is not None else noise_lib.fit(
+      noise_lib.pixel_statistics(raw_m, name=raw_m.name, what="the raw movie"),
+      name=raw_m.name)
   a, b, floor = nm.a, nm.b, nm.floor
   correlation = nm.box_factor(tuple(box))  # correlated neighbours sum to more
   t_all = raw_m.shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any
 
 import numpy as np
@@ -224,3 +225,12 @@ def describe(results: dict[str, dict[str, Any]], output: str | None = None) -> s
   if output:
     lines.append(f"results: {output}")
   return "\n".join(lines)
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+  """The p-quantile of Student's t with `dof` degrees of freedom (Cornish-Fisher
+  expansion around the normal quantile; within 1% for dof >= 3)."""
+  z = statistics.NormalDist().inv_cdf(min(max(p, 1e-9), 1 - 1e-9))
+  v = float(max(dof, 1))
+  return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+          + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))

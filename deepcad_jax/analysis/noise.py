@@ -65,6 +65,15 @@ class NoiseModel:
                                 if k < size)
     return max(factor, 1e-3)
 
+  def sample(self, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A float32 noise draw for a (T, Y, X) movie whose expected intensity is `mean`:
+    Gaussian, of this model's variance per voxel, with its neighbour correlation along
+    x and y (lag 1, as a moving average of two pixels)."""
+    white = rng.standard_normal(np.shape(mean), dtype=np.float32)
+    for axis, corr in ((-1, self.corr_x), (-2, self.corr_y)):
+      white = _correlate(white, corr[0] if corr else 0.0, axis)
+    return white * np.sqrt(self.variance(np.clip(mean, 0, None))).astype(np.float32)
+
   def describe(self) -> str:
     """The model in a line for the command line."""
     where = self.source + (f" frames {self.frames[0]}:{self.frames[1]}" if self.frames
@@ -93,6 +102,24 @@ class NoiseModel:
                float(d.get("mean_variance") or 0.0), float(d.get("mean") or 0.0),
                None if frames is None else (int(frames[0]), int(frames[1])),
                str(d.get("source") or ""))
+
+
+def _correlate(noise: np.ndarray, r: float, axis: int) -> np.ndarray:
+  """Unit-variance noise whose neighbours along `axis` correlate by `r` (clipped to
+  [-0.49, 0.49]): (n[i] + k n[i-1]) / sqrt(1 + k^2) with k / (1 + k^2) = r."""
+  r = float(np.clip(r, -0.49, 0.49))
+  if abs(r) < 1e-6:
+    return noise
+  k = (1 - np.sqrt(1 - 4 * r * r)) / (2 * r)
+  head = np.take(noise, [0], axis=axis)
+  shifted = np.concatenate([head, np.take(noise, np.arange(noise.shape[axis] - 1),
+                                          axis=axis)], axis=axis)
+  # the first pixel's neighbour is itself, so give it unit variance separately
+  out = (noise + np.float32(k) * shifted) / np.float32(np.sqrt(1 + k * k))
+  first = [slice(None)] * noise.ndim
+  first[axis] = slice(0, 1)
+  out[tuple(first)] = np.take(noise, [0], axis=axis)
+  return out.astype(np.float32)
 
 
 @dataclasses.dataclass

@@ -5,10 +5,13 @@ pixel lists, or suite2p's `stat.npy`. Each ROI is a weighted set of pixels; its 
 the weighted mean of those pixels in every frame, read from the movie block by block.
 dF/F uses a baseline F0 that is either a percentile of the trace or its mean.
 
-The band comes from samples of the whole denoised movie (`denoise --uncertainty K
---save-samples`, or computed here from a model): each sample gives a whole trace, and
-the band at each frame is a percentile range across those traces, so the correlation
-between neighbouring pixels of one sample is kept (a per-pixel std would ignore it).
+The band comes from samples of the whole denoised movie (`denoise --uncertainty
+calibrated --save-samples` or `--uncertainty K --save-samples`, or computed here from a
+model): each sample gives a whole trace, so the correlation between neighbouring pixels
+of one sample is kept (a per-pixel std would ignore it). The band at each frame is a
+percentile range across those traces, or, with few samples (band shape 'auto' below
+T_BELOW samples, or 't'), Student-t quantiles times the samples' RMS deviation from the
+denoised trace: 8 samples cannot place a 5th and 95th percentile.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from deepcad_jax.analysis.metrics import student_t_quantile
 from deepcad_jax.data import safe_pickle
 from deepcad_jax.data.movie import (Movie, as_movie, open_movie, read_frames,
                                     refuse_to_overwrite)
@@ -279,23 +283,40 @@ class Traces:
   samples: np.ndarray | None = None    # (S, T, R)
   f0: str = "percentile:8"
   band: tuple[float, float] = (5.0, 95.0)
+  band_shape: str = "auto"
 
-  def band_of(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile range across samples of (S, T, R) values."""
-    lo, hi = np.nanpercentile(values, self.band, axis=0)
-    return lo, hi
+  def uses_t(self) -> bool:
+    """Whether the band is Student-t (few samples, or asked) rather than percentiles."""
+    n = 0 if self.samples is None else self.samples.shape[0]
+    return self.band_shape == "t" or (self.band_shape == "auto" and n < T_BELOW)
+
+  def band_of(self, values: np.ndarray, centre: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The band across samples of (S, T, R) values: their percentiles, or (Student-t)
+    `centre` +- t quantiles x the samples' RMS deviation from `centre`. The samples of
+    an ROI are sums over its pixels of whole sample movies, so the pixels' correlation
+    is kept either way."""
+    if centre is None or not self.uses_t():
+      lo, hi = np.nanpercentile(values, self.band, axis=0)
+      return lo, hi
+    n = values.shape[0]
+    rms = np.sqrt(np.nanmean((values - centre[None]) ** 2, axis=0))
+    return (centre + student_t_quantile(self.band[0] / 100, n) * rms,
+            centre + student_t_quantile(self.band[1] / 100, n) * rms)
 
   @property
   def f_band(self) -> tuple[np.ndarray, np.ndarray] | None:
-    return None if self.samples is None else self.band_of(self.samples)
+    return None if self.samples is None else self.band_of(self.samples, self.denoised)
 
   @property
   def dff_band(self) -> tuple[np.ndarray, np.ndarray] | None:
-    return None if self.samples is None else self.band_of(dff(self.samples, self.f0))
+    return None if self.samples is None else self.band_of(
+        dff(self.samples, self.f0), dff(self.denoised, self.f0))
 
   def summary(self) -> dict:
     out = {"rois": len(self.names), "frames": int(self.denoised.shape[0]), "f0": self.f0,
            "band_percentiles": list(self.band),
+           "band_shape": "student-t" if self.uses_t() else "percentiles",
            "samples": 0 if self.samples is None else int(self.samples.shape[0])}
     if self.samples is not None:
       lo, hi = self.dff_band
@@ -305,6 +326,10 @@ class Traces:
           (self.denoised >= flo - 1e-6 * np.abs(flo)) &
           (self.denoised <= fhi + 1e-6 * np.abs(fhi))))
     return out
+
+
+BAND_SHAPES = ("auto", "percentile", "t")
+T_BELOW = 30  # band shape 'auto': Student-t below this many samples, percentiles above
 
 
 def validate_band(band: Sequence[float] | str) -> tuple[float, float]:
@@ -319,9 +344,16 @@ def validate_band(band: Sequence[float] | str) -> tuple[float, float]:
   return lo, hi
 
 
+def check_band_shape(shape: str) -> str:
+  """`shape` if it is one of BAND_SHAPES, else one sentence."""
+  if shape not in BAND_SHAPES:
+    raise UserError(f"--band-shape is one of {', '.join(BAND_SHAPES)}; got {shape!r}.")
+  return shape
+
+
 def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
             f0: str = "percentile:8", band: Sequence[float] = (5, 95),
-            progress: bool = False) -> Traces:
+            progress: bool = False, band_shape: str = "auto") -> Traces:
   """Traces of `movie` (the denoised mean), of each of `samples` (movies of the same
   shape) and of `raw`, for `rois`.
 
@@ -333,8 +365,12 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
     f0: dF/F's baseline: 'mean' or 'percentile:P'.
     band: the band's (lo, hi) percentiles across samples.
     progress: print a progress line.
+    band_shape: 'percentile' (the samples' percentiles), 't' (Student-t around the
+      denoised trace from the samples' RMS deviation) or 'auto' (t below T_BELOW
+      samples).
   """
   movie = as_movie(movie)
+  check_band_shape(band_shape)
   parse_f0(f0)
   band = validate_band(band)
   if len(samples) == 1:
@@ -359,11 +395,12 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
     raw_traces = movie_traces(raw, rois)
     bar.update(bar.total)
   return Traces([r.name for r in rois], [r.pixels for r in rois], den, raw_traces,
-                sample_traces, f0, band)
+                sample_traces, f0, band, band_shape)
 
 
 def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
-                       band: Sequence[float] = (5, 95), progress: bool = False) -> Traces:
+                       band: Sequence[float] = (5, 95), progress: bool = False,
+                       band_shape: str = "auto") -> Traces:
   """Traces from a model: `raw` is denoised with `denoiser`, and every sample is reduced
   to its traces as it is produced; no sample movie is written.
 
@@ -372,9 +409,10 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
     rois: the regions.
     denoiser: a `Denoiser` with `symmetries` (K >= 2, or >= 1 for an ensemble) and
       `save_samples`.
-    f0, band, progress: as for `extract`.
+    f0, band, progress, band_shape: as for `extract`.
   """
   raw = as_movie(raw)
+  check_band_shape(band_shape)
   _check_rois(raw, rois)
   parse_f0(f0)
   band = validate_band(band)
@@ -385,7 +423,7 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
   t = np.concatenate(parts)  # (T, R, channels): predict.Channels
   return Traces([r.name for r in rois], [r.pixels for r in rois], Channels.mean(t),
                 movie_traces(raw, rois), np.moveaxis(Channels.samples(t), -1, 0), f0,
-                band)
+                band, band_shape)
 
 
 # ------------------------------------------------------------------ outputs
@@ -495,7 +533,8 @@ class TraceReport:
     s = self.traces.summary()
     lo, hi = s["band_percentiles"]
     lines = [f"{s['rois']} ROI(s) x {s['frames']} frames; F0 = {s['f0']}; "
-             + (f"band {lo:g}-{hi:g}% over {s['samples']} samples, median dF/F width "
+             + (f"band {lo:g}-{hi:g}% ({s['band_shape']}) over {s['samples']} samples, "
+                f"median dF/F width "
                 f"{s['median_dff_band_width']:.3g}" if s["samples"] else
                 "no samples: no band"),
              f"csv: {self.csv}", f"summary: {self.summary}"]
@@ -509,7 +548,8 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
                 model=None, symmetries: int = 8, f0: str = "percentile:8",
                 band: Sequence[float] | str = (5, 95), plot_rois: int = 12,
                 frame_rate: float | None = None, overwrite: bool = False,
-                progress: bool = True, **denoiser_kwargs) -> TraceReport:
+                progress: bool = True, band_shape: str = "auto",
+                **denoiser_kwargs) -> TraceReport:
   """Write traces.csv, traces.json and traces.png into the folder `output`.
 
   Either `movie` (a denoised TIFF) with optional `samples`, or `model` with `raw`: the
@@ -531,6 +571,7 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
     frame_rate: frames/s, to plot time in seconds (default: frame numbers).
     overwrite: replace existing outputs.
     progress: print a progress line.
+    band_shape: 'auto', 'percentile' or 't' (`extract`).
     **denoiser_kwargs: more `Denoiser` options (with `model`).
 
   Returns:
@@ -551,13 +592,14 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
     raw_movie = open_movie(raw)
     roi_list = read_rois(rois, raw_movie.shape[1:])
     den = Denoiser(model, symmetries=symmetries, save_samples=True, **denoiser_kwargs)
-    traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress)
+    traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress,
+                                band_shape)
   else:
     mean_movie = open_movie(movie)
     roi_list = read_rois(rois, mean_movie.shape[1:])
     files = sample_files(samples) if samples else []
     traces = extract(mean_movie, roi_list, [open_movie(f) for f in files],
-                     open_movie(raw) if raw else None, f0, band, progress)
+                     open_movie(raw) if raw else None, f0, band, progress, band_shape)
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:

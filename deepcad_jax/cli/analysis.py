@@ -120,6 +120,11 @@ def _define_traces(fv):
                       flag_values=fv)
   flags.DEFINE_string("band", "5,95", "Percentiles across samples that bound the band.",
                       flag_values=fv)
+  flags.DEFINE_enum("band-shape", "auto", ["auto", "percentile", "t"], "percentile: the "
+                    "samples' percentiles; t: Student-t around the trace from the samples' "
+                    "RMS deviation (right for a few samples, e.g. the 8 of denoise "
+                    "--uncertainty calibrated --save-samples); auto: t below 30 samples.",
+                    flag_values=fv)
   flags.DEFINE_integer("plot-rois", 12, "ROIs drawn in traces.png (the first N).",
                        flag_values=fv)
   flags.DEFINE_float("frame-rate", None, "Frames per second, for a time axis in seconds.",
@@ -138,7 +143,7 @@ def _run_traces(fv):
                   samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
                   symmetries=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=_v(fv, "band"),
                   plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
-                  overwrite=_v(fv, "overwrite"))
+                  overwrite=_v(fv, "overwrite"), band_shape=_v(fv, "band-shape"))
   print(r.describe())
   return 0
 
@@ -226,6 +231,30 @@ def _run_score(fv):
   return 0
 
 
+def _define_audit(fv):
+  _define_model(fv, "Model directory or .pth to audit.")
+  _define_formats(fv)
+  flags.DEFINE_string("movie", None, "The raw recording whose statistics make the "
+                      "control scenes.", flag_values=fv)
+  _define_output(fv, "Folder for the maps, audit.json and audit.png.",
+                 "Replace existing results.")
+  flags.DEFINE_integer("frames", 256, "Frames of each control scene (at most the "
+                       "recording's).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the control scenes' noise.", flag_values=fv)
+  flags.DEFINE_float("threshold", 6.0, "z threshold of the invented-events check.",
+                     flag_values=fv)
+
+
+def _run_audit(fv):
+  from deepcad_jax.analysis.audit import audit_files
+  _require(fv, "model", "movie", "output")
+  result = audit_files(_v(fv, "model"), _movie(fv, "movie"), _v(fv, "output"),
+                       frames=_v(fv, "frames"), seed=_v(fv, "seed"),
+                       threshold=_v(fv, "threshold"), overwrite=_v(fv, "overwrite"))
+  print(result.describe())
+  return 0
+
+
 COMMANDS = [
     Command("traces", "ROI traces and dF/F with confidence bands from uncertainty samples",
             _define_traces, _run_traces,
@@ -234,6 +263,9 @@ COMMANDS = [
     Command("events", "find where denoising removed more than noise (rare events)",
             _define_events, _run_events,
             "deepcad-jax events --raw movie.tif --denoised den.tif --output check/"),
+    Command("audit", "how much structure a model invents: static and flat control "
+            "scenes made from a recording", _define_audit, _run_audit,
+            "deepcad-jax audit --model runs/rt --movie movie.tif --output audit/"),
     Command("calibrate", "fit the uncertainty scale of a model on data with ground truth",
             _define_calibrate, _run_calibrate,
             "deepcad-jax calibrate --model runs/rt --noisy sim/noisy.tif --clean "

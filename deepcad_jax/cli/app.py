@@ -29,8 +29,9 @@ log = logging.getLogger("deepcad_jax")
 
 # The commands, in the order `usage` lists them; each module of this package defines
 # (and registers here) the commands of one activity.
-ORDER = ("demo", "train", "denoise", "view", "traces", "events", "calibrate", "convert", "export",
-         "stream", "bench", "prune", "ladder", "score", "simulate", "evaluate")
+ORDER = ("demo", "train", "denoise", "view", "traces", "events", "audit", "calibrate",
+         "convert", "export", "stream", "bench", "prune", "ladder", "score", "simulate",
+         "evaluate")
 COMMANDS = {c.name: c for c in sorted(
     [*train.COMMANDS, *denoise.COMMANDS, *models.COMMANDS, *analysis.COMMANDS,
      *research.COMMANDS, *view.COMMANDS], key=lambda c: ORDER.index(c.name))}

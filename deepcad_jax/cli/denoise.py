@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from deepcad_jax.errors import UserError
+
 from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed,
                                    _define_dtype, _define_formats, _define_model,
                                    _define_output, _define_run_settings, _given,
@@ -48,6 +50,18 @@ def _define_denoise(fv):
   _define_distributed(fv)
 
 
+def uncertainty_mode(fv) -> str | int:
+  """--uncertainty as 'calibrated' or a number of symmetries K (0: off)."""
+  text = str(_v(fv, "uncertainty") if "uncertainty" in fv else "0").strip().lower()
+  if text == "calibrated":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f"--uncertainty takes 'calibrated' or a number of symmetries K; got "
+                    f"{text!r}.") from None
+
+
 def _denoise_config(fv):
   """The `DenoiseConfig` of the denoise flags present in `fv` (checked there)."""
   from deepcad_jax.config import DenoiseConfig
@@ -57,6 +71,10 @@ def _denoise_config(fv):
            "reference_stitching": "reference-stitching", "spatial": "spatial",
            "symmetries": "uncertainty", "save_samples": "save-samples"}
   values = {field: _v(fv, flag) for field, flag in names.items() if flag in fv}
+  if uncertainty_mode(fv) == "calibrated":
+    values.update(symmetries=0, save_samples=False)
+  elif "uncertainty" in fv:
+    values["symmetries"] = uncertainty_mode(fv)
   for field in ("patch", "tile"):
     if values.get(field) is not None:
       values[field] = _triple(values[field], "--" + field)
@@ -71,11 +89,24 @@ def _run_denoise(fv):
   _init_distributed(fv)
   config = _denoise_config(fv)
   model = load_model(_v(fv, "model"), _v(fv, "step"), para=_v(fv, "para"))
+  calibrated = uncertainty_mode(fv) == "calibrated"
+  if calibrated and _v(fv, "output-dtype") not in (None, "float32"):
+    raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
+                    "in float32; leave --output-dtype out.")
   reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,
                           overwrite=_v(fv, "overwrite"),
                           output_dtype=_v(fv, "output-dtype"))
   for r in reports:
     print(r.describe())
+    if calibrated:
+      from deepcad_jax.analysis import bootstrap
+      from deepcad_jax.denoising.denoiser import Denoiser
+      result = bootstrap.calibrated_uncertainty(
+          r.input, Denoiser(model, config), r.output, draws=_v(fv, "draws"),
+          keep_samples=_v(fv, "save-samples"), progress=True)
+      paths = bootstrap.write_uncertainty(result, r.output,
+                                          overwrite=_v(fv, "overwrite"))
+      print(bootstrap.describe(result.record, paths))
   return 0
 
 
@@ -133,6 +164,9 @@ def _run_stream(fv):
   from deepcad_jax.stream import (ReplaySource, StreamDenoiser, open_source, raw_path,
                                   run_pipeline)
   _require(fv, "model", "source", "output")
+  if uncertainty_mode(fv) == "calibrated":
+    raise UserError("--uncertainty calibrated needs the whole recording; denoise the "
+                    "stream's output file afterwards, or give a number K here.")
   output = _output(fv, "output")
   raw = raw_path(output)
   _refuse_output_is_input(

@@ -78,13 +78,19 @@ def _define_run_settings(fv):
                       "a CPU).", flag_values=fv)
   flags.DEFINE_integer("spatial", 1, "Also split each tile's Y axis over this many "
                        "devices.", flag_values=fv)
-  flags.DEFINE_integer("uncertainty", 0, "K in 2..8 (1..8 for an ensemble): predict under "
-                       "K symmetries of the (y, x) plane with every ensemble member, write "
-                       "the samples' mean as the output and their standard deviation "
-                       "beside it (*_std.tif); K x members times the compute.",
+  flags.DEFINE_string("uncertainty", "0", "'calibrated' (recommended): the error std "
+                      "of every voxel from a bootstrap of the recording's own noise model, "
+                      "checked on held-out frames (docs/trust.md), written beside the "
+                      "output (*_std.tif, *_uncertainty.json); --draws + 1 more network "
+                      "passes. Or K in 2..8 (1..8 for an ensemble): the spread of K "
+                      "symmetries of the (y, x) plane (too narrow for an error bar).",
+                      flag_values=fv)
+  flags.DEFINE_integer("draws", config_lib.UNCERTAINTY_DRAWS, "With --uncertainty "
+                       "calibrated: bootstrap draws (one network pass each).",
                        flag_values=fv)
   flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
-                       "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'.",
+                       "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'; "
+                       "calibrated: plausible truths whose spread is the error.",
                        flag_values=fv)
 
 

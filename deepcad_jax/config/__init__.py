@@ -180,6 +180,26 @@ def validate(cfg: Config) -> None:
 
 TILINGS = ("auto", "exact", "overlap")
 PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMETRIES)
+# Calibrated uncertainty (`analysis.bootstrap`): bootstrap draws (one network pass each),
+# one held-out frame in HOLDOUT_EVERY for the check, intensity bins of the check.
+UNCERTAINTY_DRAWS = 8
+UNCERTAINTY_HOLDOUT_EVERY = 8
+UNCERTAINTY_BINS = 8
+# The held-out check scales the bootstrap only where they differ by more than twice the
+# check's standard error plus this fraction of the noise variance (how far the fitted
+# noise model is trusted: real recordings' fits are off by a few percent).
+UNCERTAINTY_NOISE_TOLERANCE = 0.05
+# The hallucination audit (`analysis.audit`): frames of the control scenes (at most), the
+# simple cell finder's rule (local contrast above BLOB_SIGMA x the image's noise std as
+# if raw, against the mean of a BLOB_WINDOW square, over BLOB_AREA connected pixels or
+# more), the frames
+# it looks at one by one, and the events check's threshold.
+AUDIT_FRAMES = 256
+AUDIT_BLOB_SIGMA = 3.0
+AUDIT_BLOB_WINDOW = 15
+AUDIT_BLOB_AREA = 12
+AUDIT_BLOB_FRAMES = 32
+AUDIT_EVENT_THRESHOLD = 6.0
 
 
 def parse_bytes(text: str | float | int | None) -> float | None:

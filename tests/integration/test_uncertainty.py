@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -92,3 +93,82 @@ def test_cli_uncertainty_evaluate_and_calibrate(capsys, tmp_path, trained_model)
   std_after = open_movie(std_path(out)).read(0, 24)
   np.testing.assert_allclose(std_after, std_before * record["std_scale"], rtol=1e-4,
                              atol=1e-5)
+
+
+# ------------------------------------------------------------ calibrated uncertainty
+
+
+def test_noise_draws_have_the_fitted_variance_and_neighbour_correlation():
+  from deepcad_jax.analysis.noise import NoiseModel, fit_movie
+  nm = NoiseModel(a=2.0, b=5.0, floor=1.0, corr_x=(0.3,), corr_y=(0.15,))
+  mean = np.broadcast_to(np.linspace(10, 200, 32, dtype=np.float32)[None, None],
+                         (64, 32, 32))
+  draw = nm.sample(mean, np.random.default_rng(0))
+  np.testing.assert_allclose(draw.var(axis=(0, 1)), nm.variance(mean[0, 0]), rtol=0.15)
+  refit = fit_movie(mean + draw)
+  assert refit.corr_x[0] == pytest.approx(0.3, abs=0.05)
+  assert refit.corr_y[0] == pytest.approx(0.15, abs=0.05)
+  assert refit.a == pytest.approx(2.0, rel=0.15)
+
+
+def test_bootstrap_of_an_identity_network_gives_the_noise_std(trained_model):
+  from deepcad_jax import calibrated_uncertainty
+  from deepcad_jax.analysis.noise import fit_movie
+  from deepcad_jax.denoising.step import identity_tiles
+  movie, _ = noisy_movie((32, 24, 24), seed=5)
+  den = Denoiser(trained_model, network=identity_tiles())
+  u = calibrated_uncertainty(movie, den, draws=4, scale_mode="none", keep_samples=True)
+  noise_std = np.sqrt(fit_movie(movie).variance(movie.astype(np.float32)))
+  assert float(u.std.mean() / noise_std.mean()) == pytest.approx(1.0, abs=0.15)
+  assert u.samples.shape == (4,) + movie.shape
+  assert u.record["network_passes_per_voxel"] == 4 + 1 + 1
+  with pytest.raises(UserError, match="at least 2 bootstrap draws"):
+    calibrated_uncertainty(movie, den, draws=1)
+
+
+def test_calibrated_std_is_wider_than_the_symmetry_spread(capsys, tmp_path, trained_model):
+  """On a movie with known truth, the calibrated std is wider than the symmetry spread
+  and covers more of the errors; the CLI writes the std, the record and samples that
+  `traces` turns into a Student-t band."""
+  noisy, clean = noisy_movie((32, 24, 24), seed=11)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  out = str(tmp_path / "den.tif")
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
+                   "--output", out, "--uncertainty", "calibrated", "--draws", "4",
+                   "--save-samples"]) == 0
+  assert "calibrated uncertainty (4 bootstrap draws" in capsys.readouterr().out
+  den = open_movie(out).read(0, 32)
+  std = open_movie(std_path(out)).read(0, 32)
+  record = json.load(open(tmp_path / "den_uncertainty.json"))
+  assert record["draws"] == 4 and record["check"] and np.isfinite(record["heldout_scale"])
+  assert len(record["samples_files"]) == 4
+  _, sym = denoise(noisy.astype(np.float32), trained_model, output_dtype="float32",
+                   symmetries=4)
+  assert std.mean() > sym.mean()
+  err = np.abs(den - clean)
+  assert np.mean(err <= 2 * std) > np.mean(err <= 2 * sym)
+  rois = tmp_path / "rois.json"
+  rois.write_text(json.dumps([{"name": "a", "polygon": [[2, 2], [2, 9], [9, 9], [9, 2]]}]))
+  assert cli.main(["deepcad-jax", "traces", "--movie", out, "--samples",
+                   str(tmp_path / "den_sample*.tif"), "--rois", str(rois), "--output",
+                   str(tmp_path / "tr")]) == 0
+  assert "(student-t) over 4 samples" in capsys.readouterr().out
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
+                   "--output", str(tmp_path / "x.tif"), "--uncertainty", "wide"]) != 0
+  captured = capsys.readouterr()
+  assert "'calibrated' or a number" in captured.err + captured.out
+  assert not os.path.exists(tmp_path / "x.tif")
+
+
+def test_student_t_band_is_wider_than_the_normal_for_few_samples():
+  from deepcad_jax.analysis.traces import Traces, student_t_quantile
+  assert student_t_quantile(0.95, 8) == pytest.approx(1.860, rel=0.01)
+  assert student_t_quantile(0.975, 4) == pytest.approx(2.776, rel=0.02)
+  assert student_t_quantile(0.95, 10_000) == pytest.approx(1.645, rel=1e-3)
+  rng = np.random.default_rng(0)
+  den = np.zeros((50, 1))
+  samples = rng.standard_normal((4, 50, 1))
+  t_lo, t_hi = Traces(["a"], [1], den, samples=samples, band=(5, 95)).f_band
+  p_lo, p_hi = Traces(["a"], [1], den, samples=samples, band=(5, 95),
+                      band_shape="percentile").f_band
+  assert np.mean(t_hi - t_lo) > np.mean(p_hi - p_lo)

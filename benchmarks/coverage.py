@@ -1,0 +1,130 @@
+"""Coverage of the calibrated uncertainty (docs/trust.md), scored against ground truth.
+
+On movies made by `simulate` at several SNRs, with white noise and a constant background
+("white") and with noise correlated between x-neighbours and a neuropil that follows the
+population ("correlated"), it trains the demo network (CPU, short), runs the calibrated
+uncertainty (which uses no ground truth: `analysis.bootstrap`) and measures where the
+truth lies: within 1 and 2 std of the denoised movie, per scaling of the bootstrap
+(none, the held-out check's one scale, its per-bin scales), against the symmetry spread
+(K = 8); and for ROIs on the most active cells, the fraction of frames whose true trace
+lies inside the 90% band of `traces` (Student-t from the calibrated samples).
+
+  python benchmarks/coverage.py --output benchmarks/results/coverage_cpu_2026-12-05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from deepcad_jax import calibrated_uncertainty, config as config_lib, denoise, train
+from deepcad_jax.analysis.bootstrap import bin_scales
+from deepcad_jax.analysis.simulate import simulate
+from deepcad_jax.analysis.traces import extract, rois_from_json
+from deepcad_jax.data.movie import write_movie
+
+CASES = {"white": {"noise_correlation": 0.0, "neuropil_coupling": 0.0},
+         "correlated": {"noise_correlation": 0.36, "neuropil_coupling": 0.5}}
+
+
+def coverage(est: np.ndarray, std: np.ndarray, clean: np.ndarray) -> dict:
+  err = np.abs(est.astype(np.float64) - clean)
+  return {"within_1std": float(np.mean(err <= std)),
+          "within_2std": float(np.mean(err <= 2 * std)),
+          "rms_error": float(np.sqrt(np.mean(err ** 2))),
+          "rms_std": float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))}
+
+
+def active_rois(clean: np.ndarray, n: int, half: int = 2) -> list[dict]:
+  """Square ROIs on the n most active, well separated spots of the ground truth."""
+  activity = clean.std(0)
+  rois, taken = [], np.zeros(activity.shape, bool)
+  for flat in np.argsort(activity, axis=None)[::-1]:
+    y, x = np.unravel_index(flat, activity.shape)
+    if taken[y, x] or not (half <= y < activity.shape[0] - half and
+                           half <= x < activity.shape[1] - half):
+      continue
+    rois.append({"name": f"cell{len(rois) + 1}", "polygon": [
+        [y - half - 0.5, x - half - 0.5], [y - half - 0.5, x + half + 0.5],
+        [y + half + 0.5, x + half + 0.5], [y + half + 0.5, x - half - 0.5]]})
+    taken[max(0, y - 4 * half):y + 4 * half + 1, max(0, x - 4 * half):x + 4 * half + 1] = True
+    if len(rois) == n:
+      break
+  return rois
+
+
+def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) -> dict:
+  noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=1, **CASES[name])
+  base = os.path.join(workdir, f"{name}_snr{snr:+g}")
+  os.makedirs(base, exist_ok=True)
+  path = os.path.join(base, "noisy.tif")
+  write_movie(path, noisy)
+  t0 = time.perf_counter()
+  train(path, os.path.join(base, "model"), config_lib.load_config("demo"), progress=False)
+  row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
+         "train_seconds": time.perf_counter() - t0}
+  model = os.path.join(base, "model")
+  est = denoise(noisy, model, output_dtype="float32")
+  t0 = time.perf_counter()
+  u = calibrated_uncertainty(noisy, model, est, draws=draws, scale_mode="none",
+                             keep_samples=True)
+  row["uncertainty_seconds"] = time.perf_counter() - t0
+  rec = u.record
+  row["network_passes_per_voxel"] = rec["network_passes_per_voxel"]
+  row["heldout_scale"] = rec["heldout_scale"]
+  row["check"] = rec["check"]
+  row["verdict"] = rec["verdict"]
+  scales = {"none": np.float32(1.0), "heldout": np.float32(rec["heldout_scale"]),
+            "bins": bin_scales(est, rec["check"], rec["heldout_scale"])}
+  row["coverage"] = {k: coverage(est, u.std * s, clean) for k, s in scales.items()}
+  _, sym_std = denoise(noisy, model, output_dtype="float32", symmetries=8)
+  row["coverage"]["symmetry_spread_k8"] = coverage(est, sym_std, clean)
+  roi_list = rois_from_json(active_rois(clean, rois), shape[1:])
+  truth = extract(clean, roi_list)
+  row["rois"] = {}
+  for k, s in scales.items():
+    dev = (u.samples - est[None]) * (s[None] if np.ndim(s) else s)
+    tr = extract(est, roi_list, list(est[None] + dev), band=(5, 95), band_shape="auto")
+    lo, hi = tr.f_band
+    inside = np.mean((truth.denoised >= lo) & (truth.denoised <= hi), axis=0)
+    row["rois"][k] = {"inside_90_band": [float(v) for v in inside],
+                      "rois_85_to_95": int(np.sum((inside >= 0.85) & (inside <= 0.95))),
+                      "median_inside": float(np.median(inside))}
+  print(json.dumps({k: row[k] for k in ("case", "snr_target_db", "heldout_scale")}),
+        json.dumps({k: (round(v["within_1std"], 3), round(v["within_2std"], 3))
+                    for k, v in row["coverage"].items()}),
+        json.dumps({k: v["rois_85_to_95"] for k, v in row["rois"].items()}), flush=True)
+  return row
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--output", default="benchmarks/results/coverage_cpu")
+  ap.add_argument("--snrs", default="-5,-2,3")
+  ap.add_argument("--cases", default="white,correlated")
+  ap.add_argument("--shape", default="300,64,64")
+  ap.add_argument("--draws", type=int, default=8)
+  ap.add_argument("--rois", type=int, default=4)
+  ap.add_argument("--workdir", default="/tmp/deepcad-jax-coverage")
+  args = ap.parse_args()
+  shape = tuple(int(v) for v in args.shape.split(","))
+  os.makedirs(args.output, exist_ok=True)
+  record = {"device": jax.devices()[0].device_kind, "platform": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "shape": shape, "config": "demo", "draws": args.draws, "runs": []}
+  for name in args.cases.split(","):
+    for snr in (float(s) for s in args.snrs.split(",")):
+      record["runs"].append(run_case(name, snr, shape, args.workdir, args.draws,
+                                     args.rois))
+      with open(os.path.join(args.output, "coverage.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
