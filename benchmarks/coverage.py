@@ -29,6 +29,8 @@ from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.analysis.traces import extract, rois_from_json
 from deepcad_jax.data.movie import write_movie
 
+from trust import active_rois  # benchmarks/trust.py: square ROIs on active cells
+
 CASES = {"white": {"noise_correlation": 0.0, "neuropil_coupling": 0.0},
          "correlated": {"noise_correlation": 0.36, "neuropil_coupling": 0.5}}
 
@@ -39,24 +41,6 @@ def coverage(est: np.ndarray, std: np.ndarray, clean: np.ndarray) -> dict:
           "within_2std": float(np.mean(err <= 2 * std)),
           "rms_error": float(np.sqrt(np.mean(err ** 2))),
           "rms_std": float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))}
-
-
-def active_rois(clean: np.ndarray, n: int, half: int = 2) -> list[dict]:
-  """Square ROIs on the n most active, well separated spots of the ground truth."""
-  activity = clean.std(0)
-  rois, taken = [], np.zeros(activity.shape, bool)
-  for flat in np.argsort(activity, axis=None)[::-1]:
-    y, x = np.unravel_index(flat, activity.shape)
-    if taken[y, x] or not (half <= y < activity.shape[0] - half and
-                           half <= x < activity.shape[1] - half):
-      continue
-    rois.append({"name": f"cell{len(rois) + 1}", "polygon": [
-        [y - half - 0.5, x - half - 0.5], [y - half - 0.5, x + half + 0.5],
-        [y + half + 0.5, x + half + 0.5], [y + half + 0.5, x - half - 0.5]]})
-    taken[max(0, y - 4 * half):y + 4 * half + 1, max(0, x - 4 * half):x + 4 * half + 1] = True
-    if len(rois) == n:
-      break
-  return rois
 
 
 def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) -> dict:

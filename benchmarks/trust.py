@@ -51,7 +51,7 @@ def _scores(noisy, clean, model_dir: str, k: int = 8) -> dict:
               model_dir).config.model.ensemble}
 
 
-def _active_rois(clean: np.ndarray, n: int = 4, half: int = 2) -> list[dict]:
+def active_rois(clean: np.ndarray, n: int = 4, half: int = 2) -> list[dict]:
   """Square ROIs on the n most active, well separated spots of the ground truth."""
   activity = clean.std(0)
   rois, taken = [], np.zeros(activity.shape, bool)
@@ -107,7 +107,7 @@ def main() -> None:
       model = os.path.join(base, "plain")
       mean, _, samples = denoise(noisy, model, output_dtype="float32", symmetries=8,
                                  save_samples=True)
-      rois = rois_from_json(_active_rois(clean), shape[1:])
+      rois = rois_from_json(active_rois(clean), shape[1:])
       traces = extract(mean, rois, list(samples), raw=noisy, f0="percentile:8")
       plot(traces, os.path.join(args.output, "traces_example.png"), frame_rate=30.0)
       write_csv(traces, os.path.join(args.output, "traces_example.csv"))
