@@ -18,8 +18,11 @@ from tests.helpers import noisy_movie, write_tiff
 
 def _cli(*args, stderr) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # A shell's background job starts with SIGINT ignored, and Python then installs no
+  # KeyboardInterrupt handler: the child gets the default, as a terminal's command has.
   return subprocess.Popen([sys.executable, "-m", "deepcad_jax", *args], env=env,
-                          stdout=subprocess.PIPE, stderr=stderr, text=True)
+                          stdout=subprocess.PIPE, stderr=stderr, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, timeout=180.0) -> bool:
