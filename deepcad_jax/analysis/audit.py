@@ -35,14 +35,11 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.analysis import noise as noise_lib
-from deepcad_jax.analysis.bootstrap import denoise_normalised
+from deepcad_jax.analysis.bootstrap import denoise_normalised, plain_recording
 from deepcad_jax.analysis.events import find_suppressed_events
-from deepcad_jax.data.movie import as_movie, open_movie, refuse_to_overwrite
+from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
 from deepcad_jax.data.png import png_bytes
 from deepcad_jax.data.writers import MovieWriter
-from deepcad_jax.denoising.denoiser import as_denoiser
-from deepcad_jax.errors import UserError
 from deepcad_jax.runtime.files import AtomicFile, os_error, outputs_together
 
 MAPS = ("wobble_ratio", "event_z", "flat_contrast", "flat_blobs")
@@ -166,18 +163,8 @@ def audit(movie: Any, model: Any, *, frames: int = config_lib.AUDIT_FRAMES,
     seed: the noise draws' seed.
     threshold: the events check's z threshold.
   """
-  den = as_denoiser(model)
-  if den.symmetries:
-    raise UserError("the audit runs the plain network; build the Denoiser without "
-                    "symmetries.")
-  mv = as_movie(movie, "the raw movie")
-  if mv.shape[0] < MIN_FRAMES:
-    raise UserError(f"{mv.name}: the audit needs at least {MIN_FRAMES} frames to fit "
-                    f"the noise model; got {mv.shape[0]}.")
-  raw = mv.read(0, mv.shape[0]).astype(np.float32)
-  nm = noise_lib.fit_movie(raw, name=mv.name)
-  norm = den.normalisation(mv)
-  mean, scale = float(norm.mean), float(norm.scale)
+  den, mv, raw, nm, mean, scale = plain_recording(
+      model, movie, "the audit", MIN_FRAMES, "to fit the noise model")
   t = max(MIN_FRAMES, min(int(frames), mv.shape[0]))
   rng = np.random.default_rng(seed)
   mean_image = raw.mean(0)

@@ -157,6 +157,25 @@ def bin_scales(estimate: np.ndarray, rows: list[dict], overall: float) -> np.nda
   return scales[idx]
 
 
+def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
+                    ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
+  """(denoiser, movie, raw frames in memory, noise model, mean, scale): what a check that
+  denoises new movies drawn from the recording's noise model starts from (the
+  calibrated uncertainty, the audit). The network runs plain (no symmetries)."""
+  den = as_denoiser(model)
+  if den.symmetries:
+    raise UserError(f"{what} runs the plain network; build the Denoiser without "
+                    "symmetries.")
+  mv = as_movie(movie, "the raw movie")
+  if mv.shape[0] < min_frames:
+    raise UserError(f"{mv.name}: {what} needs at least {min_frames} frames {why}; got "
+                    f"{mv.shape[0]}.")
+  raw = mv.read(0, mv.shape[0]).astype(np.float32)
+  norm = den.normalisation(mv)
+  nm = noise_lib.fit_movie(raw, name=mv.name)
+  return den, mv, raw, nm, float(norm.mean), float(norm.scale)
+
+
 def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            draws: int = config_lib.UNCERTAINTY_DRAWS, seed: int = 0,
                            scale_mode: str = "heldout", keep_samples: bool = False,
@@ -183,18 +202,8 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if scale_mode not in SCALE_MODES:
     raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
                     f"{scale_mode!r}.")
-  den = as_denoiser(model)
-  if den.symmetries:
-    raise UserError("calibrated uncertainty runs the plain network; build the Denoiser "
-                    "without symmetries.")
-  mv = as_movie(movie, "the raw movie")
-  if mv.shape[0] < MIN_FRAMES:
-    raise UserError(f"{mv.name}: calibrated uncertainty needs at least {MIN_FRAMES} "
-                    f"frames for its held-out check; got {mv.shape[0]}.")
-  raw = mv.read(0, mv.shape[0]).astype(np.float32)
-  norm = den.normalisation(mv)
-  mean, nscale = float(norm.mean), float(norm.scale)
-  nm = noise_lib.fit_movie(raw, name=mv.name)
+  den, mv, raw, nm, mean, nscale = plain_recording(
+      model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
   est = (denoise_normalised(den, raw, mean, nscale) if estimate is None else
          as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
   if est.shape != raw.shape:
