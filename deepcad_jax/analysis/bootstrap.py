@@ -45,6 +45,7 @@ from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.core.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.data.movie import as_movie
 from deepcad_jax.data.writers import MovieWriter
+from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.denoiser import Denoiser, as_denoiser
 from deepcad_jax.denoising.outputs import sample_path, std_path
 from deepcad_jax.data.spec import with_name_suffix
@@ -181,6 +182,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            scale_mode: str = "heldout", keep_samples: bool = False,
                            holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY,
                            bins: int = config_lib.UNCERTAINTY_BINS,
+                           brightness: str = "regional",
                            progress: bool = False) -> Uncertainty:
   """The calibrated error std of a denoised movie, from the raw recording alone.
 
@@ -195,6 +197,9 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     keep_samples: also return the plausible truths (for `traces` bands).
     holdout_every: one held-out frame in this many, for the check.
     bins: intensity bins of the check.
+    brightness: how the estimate was made ('regional': `denoising.brightness`, the
+      default of `denoise`; 'model': the network's output); each re-estimate is made
+      the same way, so the correction's own error is part of the spread.
     progress: log each draw.
   """
   if draws < 2:
@@ -202,9 +207,17 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if scale_mode not in SCALE_MODES:
     raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
                     f"{scale_mode!r}.")
+  regional = brightness_lib.check_mode(brightness) == "regional"
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
-  est = (denoise_normalised(den, raw, mean, nscale) if estimate is None else
+  block = brightness_lib.patch_frames(den.model.config)
+
+  def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
+    """The estimate of `noisy` as `denoise` makes it (under symmetry s, inverted)."""
+    out = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+    return brightness_lib.corrected_array(noisy, out, block)[0] if regional else out
+
+  est = (estimator(raw) if estimate is None else
          as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
   if est.shape != raw.shape:
     raise UserError(f"the denoised movie is {est.shape} but {mv.name} is {raw.shape}; "
@@ -216,7 +229,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
     noisy = est + nm.sample(est, rng)
-    again = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+    again = estimator(noisy, s)
     dev = again - est
     acc += dev.astype(np.float64) ** 2
     if devs is not None:
@@ -236,6 +249,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     samples = est[None] + devs * level[None]
   record = {"method": "parametric equivariant bootstrap, checked on held-out frames",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
+            "brightness": brightness,
             "scale": overall if scale_mode == "heldout" else (
                 None if scale_mode == "bins" else 1.0),
             "heldout_scale": overall, "heldout_every": holdout_every,
