@@ -46,6 +46,8 @@ def run_demo(workdir: str = "deepcad-jax-demo", quick: bool = False, seed: int =
   log.info("3/4 denoising -> %s", denoised)
   report = denoise_files(info["noisy"], denoised, run_dir, overwrite=True,
                          output_dtype="float32")[0]
+  if report.brightness_note:
+    log.info("    %s", report.brightness_note)
   log.info("4/4 scoring against the ground truth")
   scores = evaluate_files(denoised, info["clean"], raw=info["noisy"])
   summary = {"input_snr_db": scores["raw"]["snr_db"],
@@ -54,6 +56,7 @@ def run_demo(workdir: str = "deepcad-jax-demo", quick: bool = False, seed: int =
              "train_steps": result.step, "final_loss": result.losses[-1][1]
              if result.losses else None,
              "inference_voxels_per_s": report.voxels_per_s,
+             "brightness_correction": report.brightness,
              "seconds": time.perf_counter() - t0, "scores": scores,
              "files": {"noisy": info["noisy"], "clean": info["clean"],
                        "model": run_dir, "denoised": denoised, "results": results_path}}
