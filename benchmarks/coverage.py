@@ -43,17 +43,21 @@ def coverage(est: np.ndarray, std: np.ndarray, clean: np.ndarray) -> dict:
           "rms_std": float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))}
 
 
-def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) -> dict:
+def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
+             reuse: bool = False) -> dict:
   noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=1, **CASES[name])
   base = os.path.join(workdir, f"{name}_snr{snr:+g}")
   os.makedirs(base, exist_ok=True)
   path = os.path.join(base, "noisy.tif")
   write_movie(path, noisy)
   t0 = time.perf_counter()
-  train(path, os.path.join(base, "model"), config_lib.load_config("demo"), progress=False)
-  row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
-         "train_seconds": time.perf_counter() - t0}
   model = os.path.join(base, "model")
+  reused = reuse and os.path.isdir(os.path.join(model, "checkpoints"))
+  if not reused:
+    train(path, model, config_lib.load_config("demo"), progress=False)
+  row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
+         "train_seconds": None if reused else time.perf_counter() - t0,
+         "model_reused": reused}
   est = denoise(noisy, model, output_dtype="float32")
   t0 = time.perf_counter()
   u = calibrated_uncertainty(noisy, model, est, draws=draws, scale_mode="none",
@@ -65,7 +69,7 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) 
   row["check"] = rec["check"]
   row["verdict"] = rec["verdict"]
   scales = {"none": np.float32(1.0), "heldout": np.float32(rec["heldout_scale"]),
-            "bins": bin_scales(est, rec["check"], rec["heldout_scale"])}
+            "bins": bin_scales(est, rec["check"], rec["check_box"])[None]}
   row["coverage"] = {k: coverage(est, u.std * s, clean) for k, s in scales.items()}
   _, sym_std = denoise(noisy, model, output_dtype="float32", symmetries=8)
   row["coverage"]["symmetry_spread_k8"] = coverage(est, sym_std, clean)
@@ -96,6 +100,8 @@ def main() -> None:
   ap.add_argument("--draws", type=int, default=8)
   ap.add_argument("--rois", type=int, default=4)
   ap.add_argument("--workdir", default="/tmp/deepcad-jax-coverage")
+  ap.add_argument("--reuse-models", action="store_true",
+                  help="use a model already trained in the workdir (same movie, recipe)")
   args = ap.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
   os.makedirs(args.output, exist_ok=True)
@@ -105,7 +111,7 @@ def main() -> None:
   for name in args.cases.split(","):
     for snr in (float(s) for s in args.snrs.split(",")):
       record["runs"].append(run_case(name, snr, shape, args.workdir, args.draws,
-                                     args.rois))
+                                     args.rois, args.reuse_models))
       with open(os.path.join(args.output, "coverage.json"), "w") as f:
         json.dump(record, f, indent=1)
 
