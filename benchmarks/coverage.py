@@ -5,11 +5,12 @@ On movies made by `simulate` at several SNRs, with white noise and a constant ba
 population ("correlated"), it trains the demo network (CPU, short), runs the calibrated
 uncertainty (which uses no ground truth: `analysis.bootstrap`) and measures where the
 truth lies: within 1 and 2 std of the denoised movie, per scaling of the bootstrap
-(none, the held-out check's one scale, its per-bin scales), against the symmetry spread
+(none, the held-out check's one scale, its per-activity-bin scales, each applied to the
+deviations' box-mean part as `calibrated_uncertainty` does), against the symmetry spread
 (K = 8); and for ROIs on the most active cells, the fraction of frames whose true trace
 lies inside the 90% band of `traces` (Student-t from the calibrated samples).
 
-  python benchmarks/coverage.py --output benchmarks/results/coverage_cpu_2026-12-05
+  python benchmarks/coverage.py --output benchmarks/results/coverage_cpu_2026-12-06
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 
 from deepcad_jax import calibrated_uncertainty, config as config_lib, denoise, train
-from deepcad_jax.analysis.bootstrap import bin_scales
+from deepcad_jax.analysis.bootstrap import bin_scales, scale_deviation, smooth3
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.analysis.traces import extract, rois_from_json
 from deepcad_jax.data.movie import write_movie
@@ -68,16 +69,21 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
   row["heldout_scale"] = rec["heldout_scale"]
   row["check"] = rec["check"]
   row["verdict"] = rec["verdict"]
-  scales = {"none": np.float32(1.0), "heldout": np.float32(rec["heldout_scale"]),
-            "bins": bin_scales(est, rec["check"], rec["check_box"])[None]}
-  row["coverage"] = {k: coverage(est, u.std * s, clean) for k, s in scales.items()}
+  box = rec["check_box"]
+  levels = {"none": np.ones(shape[1:], np.float32),
+            "heldout": np.full(shape[1:], rec["heldout_scale"], np.float32),
+            "bins": bin_scales(est, rec["check"], box)}
+  devs = {k: np.stack([scale_deviation(s - est, v, box) for s in u.samples])
+          for k, v in levels.items()}
+  row["coverage"] = {k: coverage(est, np.sqrt(smooth3(np.mean(d.astype(np.float64) ** 2,
+                                                              0))), clean)
+                     for k, d in devs.items()}
   _, sym_std = denoise(noisy, model, output_dtype="float32", symmetries=8)
   row["coverage"]["symmetry_spread_k8"] = coverage(est, sym_std, clean)
   roi_list = rois_from_json(active_rois(clean, rois), shape[1:])
   truth = extract(clean, roi_list)
   row["rois"] = {}
-  for k, s in scales.items():
-    dev = (u.samples - est[None]) * (s[None] if np.ndim(s) else s)
+  for k, dev in devs.items():
     tr = extract(est, roi_list, list(est[None] + dev), band=(5, 95), band_shape="auto")
     lo, hi = tr.f_band
     inside = np.mean((truth.denoised >= lo) & (truth.denoised <= hi), axis=0)

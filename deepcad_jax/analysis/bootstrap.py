@@ -15,19 +15,20 @@ bootstrapping for uncertainty quantification in imaging inverse problems", 2023)
    its bias (a re-estimate that shrinks a transient shows it), which the symmetry spread
    misses.
 
-The check, at the scale of an ROI and with no noise model: one pair of frames
-(h, h + 1) in `holdout_every` is replaced by the straight line between h - 1 and h + 2
-and the movie is denoised once more. The raw frames' noises are independent of each
-other and of that probe estimate, so the product of their residuals from it, averaged
-over a `box` x `box` square (UNCERTAINTY_CHECK_BOX), has the mean of the probe's box-mean
-error at h times that at h + 1, about its variance. Less the mean square gap between
-the probe and the estimate (the error the two missing frames add), it estimates the
-estimate's box-mean error variance. Per bin of activity (each pixel's temporal std in
-the estimate), its ratio to the bootstrap's box-mean variance is reported, and the
-bootstrap in that bin is scaled by its square root only where the two differ by more
-than twice the check's standard error (from disjoint squares). The old check compared
-single pixels with the noise variance subtracted: at low SNR that variance is 100 times
-the error, so 1% of error in the fitted noise model decided it.
+The check, with no noise model: one pair of frames (h, h + 1) in `holdout_every` is
+replaced by the straight line between h - 1 and h + 2 and the movie is denoised once
+more. The raw frames' noises are independent of each other and of that probe estimate,
+so the product of their residuals from it, averaged over a `box` x `box` square
+(UNCERTAINTY_CHECK_BOX: 3, the std map's own resolution), has the mean of the probe's
+box-mean error at h times that at h + 1, about its variance. Less the mean square gap
+between the probe and the estimate (the error the two missing frames add), it estimates
+the estimate's box-mean error variance. Per bin of activity (each pixel's temporal std
+in the estimate), its ratio to the bootstrap's box-mean variance is reported; where the
+two differ by more than twice the check's standard error (from disjoint squares), the
+box-mean part of every deviation in that bin is scaled by the ratio's square root. The
+finer rest, which the check cannot resolve at low SNR, stays as the bootstrap has it.
+The old check compared single voxels with the noise variance subtracted: at low SNR that
+variance is 100 times the error, so 1% of error in the fitted noise model decided it.
 
 Cost: `draws` + 1 network passes per voxel beyond the denoising itself.
 """
@@ -132,8 +133,8 @@ def pair_probe(raw: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
 def heldout_check(raw: np.ndarray, estimate: np.ndarray, probe_estimate: np.ndarray,
                   held: np.ndarray, bootstrap_box_var: np.ndarray, box: int, bins: int
                   ) -> list[dict]:
-  """The check at the scale of a `box` x `box` ROI, per bin of `activity` (the last row:
-  over all pixels).
+  """The check of `box` x `box` means, per bin of `activity` (the last row: over all
+  pixels).
 
   At held-out pairs (h, h + 1), the product of the raw frames' box-mean residuals from
   `probe_estimate` (the movie denoised without them) has the mean of the probe's error
@@ -194,6 +195,12 @@ def bin_scales(estimate: np.ndarray, rows: list[dict], box: int) -> np.ndarray:
   return scales[idx]
 
 
+def scale_deviation(dev: np.ndarray, level: np.ndarray, box: int) -> np.ndarray:
+  """A (T, Y, X) bootstrap deviation with its `box`-mean part scaled by `level` (Y, X)
+  and its finer rest as it is."""
+  return (dev + (level - np.float32(1))[None] * box_mean(dev, box)).astype(np.float32)
+
+
 def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
                     ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
   """(denoiser, movie, raw frames in memory, noise model, mean, scale): what a check that
@@ -233,7 +240,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     keep_samples: also return the plausible truths (for `traces` bands).
     holdout_every: one held-out pair of frames in this many, for the check.
     bins: activity bins of the check.
-    box: the check's ROI-sized square, in pixels across.
+    box: the check's square, in pixels across.
     progress: log each draw.
   """
   if draws < 2:
@@ -253,31 +260,37 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   probe, held = pair_probe(raw, holdout_every)
   pairs = np.concatenate([held, held + 1])
   acc = np.zeros(raw.shape, np.float64)
-  box_acc = np.zeros((len(pairs),) + raw.shape[1:], np.float64)
+  cross = np.zeros(raw.shape, np.float32)     # sum of dev x its box mean
+  low = np.zeros(raw.shape, np.float32)       # sum of its box mean squared
   devs = np.empty((draws,) + raw.shape, np.float32) if keep_samples else None
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
     noisy = est + nm.sample(est, rng)
     again = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
     dev = again - est
+    dev_box = box_mean(dev, box).astype(np.float32)
     acc += dev.astype(np.float64) ** 2
-    box_acc += box_mean(dev[pairs], box) ** 2
+    cross += dev * dev_box
+    low += dev_box ** 2
     if devs is not None:
       devs[k] = dev
     if progress:
       log.info("bootstrap draw %d/%d (symmetry %d)", k + 1, draws, s)
-  var = smooth3((acc / draws).astype(np.float32))
   rows = heldout_check(raw, est, denoise_normalised(den, probe, mean, nscale), held,
-                       box_acc / draws, box, bins)
+                       low[pairs] / draws, box, bins)
   pooled = rows[-1]["scale"]
   level = (bin_scales(est, rows, box) if scale_mode == "bins" else
            np.full(raw.shape[1:], pooled if scale_mode == "heldout" else 1.0, np.float32))
-  std = (np.sqrt(var) * level[None]).astype(np.float32)
+  # each deviation's box-mean part is scaled, the rest (finer than the check) is not:
+  # mean of (dev + (level - 1) box_mean(dev))^2
+  extra = (level - np.float32(1))[None]
+  var = smooth3(((acc + 2 * extra * cross + extra ** 2 * low) / draws).astype(np.float32))
+  std = np.sqrt(np.maximum(var, 0)).astype(np.float32)
   samples = None
   if devs is not None:
-    samples = est[None] + devs * level[None, None]
-  record = {"method": "parametric equivariant bootstrap, checked on held-out frame "
-                      "pairs at the scale of an ROI, per activity bin",
+    samples = np.stack([est + scale_deviation(d, level, box) for d in devs])
+  record = {"method": "parametric equivariant bootstrap, its box means checked on "
+                      "held-out frame pairs per activity bin",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
             "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,

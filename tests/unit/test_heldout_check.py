@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from deepcad_jax.analysis.bootstrap import bin_scales, box_mean, heldout_check, pair_probe
+from deepcad_jax.analysis.bootstrap import (bin_scales, box_mean, heldout_check, pair_probe,
+                                           scale_deviation)
 
 
 def test_box_mean_is_the_mean_over_the_square_with_edges_repeated():
@@ -56,3 +57,12 @@ def test_heldout_check_leaves_a_bootstrap_it_cannot_tell_apart():
   boot = np.full((2 * len(held),) + raw.shape[1:], truth)
   rows = heldout_check(raw, est, est, held, boot, 4, 2)
   assert all(r["scale"] == 1.0 and r["verdict"].startswith("consistent") for r in rows)
+
+
+def test_scaling_a_deviation_scales_its_box_mean_and_keeps_the_finer_rest():
+  dev = np.random.default_rng(2).normal(size=(4, 12, 12)).astype(np.float32)
+  level = np.full((12, 12), 0.5, np.float32)
+  np.testing.assert_allclose(scale_deviation(dev, level, 3), dev - 0.5 * box_mean(dev, 3),
+                             atol=1e-6)
+  np.testing.assert_allclose(scale_deviation(dev, np.ones((12, 12), np.float32), 3), dev,
+                             atol=1e-6)
