@@ -333,7 +333,11 @@ def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = Fal
 
 def describe(record: dict, paths: list[str]) -> str:
   """One line for the command line."""
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check: "
-          f"{record['verdict']['verdict']}, scale {record['heldout_scale']:.3g}; "
+  if record["scale_mode"] == "bins":
+    scale = "scales by activity bin " + ", ".join(f"{r['scale']:.3g}" for r in record["check"])
+  else:
+    scale = f"scale {record['scale']:.3g}"
+  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check "
+          f"over all pixels: {record['verdict']['verdict']}; {scale}; "
           f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
           f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))
