@@ -250,7 +250,13 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                     f"{scale_mode!r}.")
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
-  est = (denoise_normalised(den, raw, mean, nscale) if estimate is None else
+
+  def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
+    """The estimate of `noisy` (under symmetry s, inverted): the draws and the check's
+    probe are made as the estimate is."""
+    return _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+
+  est = (estimator(raw) if estimate is None else
          as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
   if est.shape != raw.shape:
     raise UserError(f"the denoised movie is {est.shape} but {mv.name} is {raw.shape}; "
@@ -266,8 +272,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
     noisy = est + nm.sample(est, rng)
-    again = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
-    dev = again - est
+    dev = estimator(noisy, s) - est
     dev_box = box_mean(dev, box).astype(np.float32)
     acc += dev.astype(np.float64) ** 2
     cross += dev * dev_box
@@ -276,8 +281,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
       devs[k] = dev
     if progress:
       log.info("bootstrap draw %d/%d (symmetry %d)", k + 1, draws, s)
-  rows = heldout_check(raw, est, denoise_normalised(den, probe, mean, nscale), held,
-                       low[pairs] / draws, box, bins)
+  rows = heldout_check(raw, est, estimator(probe), held, low[pairs] / draws, box, bins)
   pooled = rows[-1]["scale"]
   level = (bin_scales(est, rows, box) if scale_mode == "bins" else
            np.full(raw.shape[1:], pooled if scale_mode == "heldout" else 1.0, np.float32))
