@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from deepcad_jax import calibrated_uncertainty, config as config_lib, denoise, train
-from deepcad_jax.analysis.bootstrap import bin_scales, scale_deviation, smooth3
+from deepcad_jax.analysis.bootstrap import (activity, bin_scales, box_mean, pair_probe,
+                                           scale_deviation, smooth3)
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.analysis.traces import extract, rois_from_json
 from deepcad_jax.data.movie import write_movie
@@ -42,6 +43,24 @@ def coverage(est: np.ndarray, std: np.ndarray, clean: np.ndarray) -> dict:
           "within_2std": float(np.mean(err <= 2 * std)),
           "rms_error": float(np.sqrt(np.mean(err ** 2))),
           "rms_std": float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))}
+
+
+def check_truth(est: np.ndarray, clean: np.ndarray, rec: dict) -> list[dict]:
+  """The held-out check's rows beside the truth they estimate: the estimate's true
+  box-mean error variance at the held-out frames, per activity bin and over all."""
+  box = rec["check_box"]
+  held = pair_probe(est, rec["heldout_every"])[1]
+  frames = np.r_[held, held + 1]
+  err2 = box_mean(est[frames].astype(np.float64) - clean[frames], box) ** 2
+  level = activity(est, box)
+  out = []
+  for r in rec["check"] + [rec["verdict"]]:
+    m = ((level >= r["activity_lo"]) & (level <= r["activity_hi"]) if "activity_lo" in r
+         else np.ones(level.shape, bool))
+    out.append({k: r.get(k) for k in ("activity_lo", "activity_hi", "heldout_error_var",
+                                       "standard_error", "bootstrap_var", "scale")}
+               | {"true_error_var": float(err2[:, m].mean())})
+  return out
 
 
 def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
@@ -69,6 +88,7 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
   row["heldout_scale"] = rec["heldout_scale"]
   row["check"] = rec["check"]
   row["verdict"] = rec["verdict"]
+  row["check_truth"] = check_truth(est, clean, rec)
   box = rec["check_box"]
   levels = {"none": np.ones(shape[1:], np.float32),
             "heldout": np.full(shape[1:], rec["heldout_scale"], np.float32),
