@@ -248,6 +248,10 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if scale_mode not in SCALE_MODES:
     raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
                     f"{scale_mode!r}.")
+  if holdout_every < 4 or box < 1 or bins < 1:
+    raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
+                    f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
+                    f"{bins}.")
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
 
