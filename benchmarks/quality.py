@@ -8,11 +8,12 @@ documented CPU recipe (`--config demo --holdout 0.2`):
    estimated MSE (`deepcad-jax score`, which never sees the clean movie) against the true
    MSE of the same predictions against the clean movie; and the same for the baselines.
 2. brightness: at 0.1, 1 and 10 photons per voxel, for the default loss (l2) and
-   DeepCAD-RT's (deepcad), the denoised movie's mean over the raw movie's mean, and the
-   bias against the truth per 16x16-pixel region (time-averaged), in % of the region's
-   clean mean: measured on the mean of the denoised outputs of several noisy movies of
-   the same clean movie (`--redraws`), which averages the noise of each region's mean
-   out of the bias.
+   DeepCAD-RT's (deepcad), and for both `--brightness` modes (model: the network's
+   output; regional: the per-movie correction, the default), the denoised movie's mean
+   over the raw movie's mean, the bias against the truth per 16x16-pixel region
+   (time-averaged), in % of the region's clean mean, and the SNR against the truth: the
+   bias is measured on the mean of the denoised outputs of several noisy movies of the
+   same clean movie (`--redraws`), which averages the noise of each region's mean out.
 
   python benchmarks/quality.py --output benchmarks/results/quality_cpu --seeds 0
 """
@@ -138,33 +139,35 @@ def brightness_table(seeds, folder: str, photon_levels, losses, redraws: int) ->
                                             seed=seed)
         work = tempfile.mkdtemp(dir=folder)
         path, result = _train(noisy, work, seed, loss)
-        out = denoise(noisy, os.path.join(work, "run"), output_dtype="float32")
-        one = region_bias(out, clean)
-        den_sum = out.astype(np.float64).mean(0)
-        raw_sum = noisy.astype(np.float64).mean(0)
-        ratios = [float(out.mean() / noisy.mean())]
-        for k in range(redraws):
-          again = redraw(clean, 1000 * (seed + 1) + k, read_noise)
-          den = denoise(again, os.path.join(work, "run"), output_dtype="float32")
-          ratios.append(float(den.mean() / again.mean()))
-          den_sum += den.astype(np.float64).mean(0)
-          raw_sum += again.astype(np.float64).mean(0)
-        n = redraws + 1
-        bias = region_bias((den_sum / n)[None], clean.mean(0, dtype=np.float64)[None])
-        floor = region_bias((raw_sum / n)[None], clean.mean(0, dtype=np.float64)[None])
-        row = {"photons": photons, "loss": loss, "seed": seed,
-               "mean_ratio_to_raw": ratios[0],
-               "mean_ratio_to_raw_all": ratios,
-               "mean_ratio_to_clean": float(out.mean() / clean.mean()),
-               "region_error_one_movie_median_abs": float(np.median(np.abs(one))),
-               "region_error_one_movie_p95_abs": float(np.percentile(np.abs(one), 95)),
-               "noisy_movies": n,
-               "region_bias_median_abs": float(np.median(np.abs(bias))),
-               "region_bias_p95_abs": float(np.percentile(np.abs(bias), 95)),
-               "region_bias_max_abs": float(np.abs(bias).max()),
-               "raw_region_error_median_abs": float(np.median(np.abs(floor))),
-               "raw_region_error_p95_abs": float(np.percentile(np.abs(floor), 95)),
+        run = os.path.join(work, "run")
+        movies = [noisy] + [redraw(clean, 1000 * (seed + 1) + k, read_noise)
+                            for k in range(redraws)]
+        cm = clean.mean(0, dtype=np.float64)[None]
+        raw_mean = np.mean([m.astype(np.float64).mean(0) for m in movies], 0)
+        row = {"photons": photons, "loss": loss, "seed": seed, "noisy_movies": len(movies),
+               "raw_region_error_median_abs": float(np.median(np.abs(
+                   region_bias(raw_mean[None], cm)))),
+               "raw_region_error_p95_abs": float(np.percentile(np.abs(
+                   region_bias(raw_mean[None], cm)), 95)),
                "verdict": result.quality.verdict}
+        for mode in ("model", "regional"):
+          outs = [denoise(m, run, output_dtype="float32", brightness=mode) for m in movies]
+          bias = region_bias(np.mean([o.astype(np.float64).mean(0) for o in outs], 0)[None],
+                             cm)
+          one = region_bias(outs[0], clean)
+          mse = np.mean([np.mean((o.astype(np.float64) - clean) ** 2) for o in outs])
+          row[mode] = {
+              "mean_ratio_to_raw": float(outs[0].mean() / noisy.mean()),
+              "mean_ratio_to_raw_all": [float(o.mean() / m.mean())
+                                        for o, m in zip(outs, movies)],
+              "mean_ratio_to_clean": float(outs[0].mean() / clean.mean()),
+              "region_error_one_movie_median_abs": float(np.median(np.abs(one))),
+              "region_error_one_movie_p95_abs": float(np.percentile(np.abs(one), 95)),
+              "region_bias_median_abs": float(np.median(np.abs(bias))),
+              "region_bias_p95_abs": float(np.percentile(np.abs(bias), 95)),
+              "region_bias_max_abs": float(np.abs(bias).max()),
+              "true_mse": float(mse),
+              "snr_db": float(10 * np.log10(clean.var() / mse))}
         print(json.dumps(row), flush=True)
         rows.append(row)
   return rows

@@ -2,7 +2,8 @@
 baselines on the ground-truth-free score, and keep the brightness?
 
 For each recording and seed: `train --config demo --holdout 0.2 --seed S`, then
-`denoise` of the whole recording, and a row with the held-out estimated MSE (with its
+`denoise` of the whole recording (as the command does: the default regional brightness
+correction, whose cross-validated choice is recorded), and a row with the held-out estimated MSE (with its
 95% interval), the baselines and the gain over the best, the verdict, the brightness
 ratio (denoised mean / raw mean), the output's temporal std against the raw one's and
 the noise std, and the time. The recordings are not part of the repository (their
@@ -26,7 +27,7 @@ import numpy as np
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.data.movie import open_movie
-from deepcad_jax.denoising.denoiser import denoise
+from deepcad_jax.denoising.files import denoise_files
 from deepcad_jax.training.loop import train
 
 RECIPE = {"config": "demo", "data.holdout": 0.2}
@@ -49,7 +50,9 @@ def run_one(name: str, path: str, seed: int, folder: str) -> dict:
   raw = open_movie(path)
   frames = raw.read(0, raw.shape[0]).astype(np.float64)
   t1 = time.perf_counter()
-  out = denoise(path, work, output_dtype="float32").astype(np.float64)
+  dst = os.path.join(folder, f"{name}_seed{seed}_denoised.tif")
+  report, = denoise_files(path, dst, work, progress=False)  # as `deepcad-jax denoise`
+  out = open_movie(dst).read(0, raw.shape[0]).astype(np.float64)
   q = result.quality
   best, best_mse = q.best_baseline
   return {"recording": name, "path": path, "shape": list(raw.shape),
@@ -58,6 +61,7 @@ def run_one(name: str, path: str, seed: int, folder: str) -> dict:
           "heldout_mse": q.heldout_mse, "noise_variance": q.noise_variance,
           "baselines": q.baselines, "best_baseline": best, "gain_db": q.gain_db,
           "brightness_ratio": float(out.mean() / frames.mean()),
+          "brightness_correction": report.brightness,
           "output_temporal_std": temporal_std(out), "raw_temporal_std": temporal_std(frames),
           "noise_std": float(np.sqrt(max(q.noise_variance, 0.0))),
           "noise_model": None if q.noise is None else q.noise.to_json(),
@@ -86,7 +90,8 @@ def main() -> None:
         print(f"{name} seed {seed}: {row['verdict']}; estimated MSE "
               f"{row['estimated_mse']:.4g} vs {row['best_baseline']} "
               f"{row['baselines'][row['best_baseline']]:.4g} ({row['gain_db']:+.2f} dB); "
-              f"brightness {row['brightness_ratio']:.4f}; temporal std "
+              f"brightness {row['brightness_ratio']:.4f} "
+              f"({(row['brightness_correction'] or {}).get('choice')}); temporal std "
               f"{row['output_temporal_std']:.4g} (raw {row['raw_temporal_std']:.4g}, noise "
               f"{row['noise_std']:.4g}); {row['train_seconds']:.0f} s", flush=True)
         with open(os.path.join(args.output, "real_data.json"), "w") as f:

@@ -48,6 +48,7 @@ from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.core.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.data.movie import as_movie
 from deepcad_jax.data.writers import MovieWriter
+from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.denoiser import Denoiser, as_denoiser
 from deepcad_jax.denoising.outputs import sample_path, std_path
 from deepcad_jax.data.spec import with_name_suffix
@@ -226,6 +227,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY,
                            bins: int = config_lib.UNCERTAINTY_BINS,
                            box: int = config_lib.UNCERTAINTY_CHECK_BOX,
+                           brightness: str = "regional",
                            progress: bool = False) -> Uncertainty:
   """The calibrated error std of a denoised movie, from the raw recording alone.
 
@@ -241,6 +243,9 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     holdout_every: one held-out pair of frames in this many, for the check.
     bins: activity bins of the check.
     box: the check's square, in pixels across.
+    brightness: how the estimate was made ('regional': `denoising.brightness`, the
+      default of `denoise`; 'model': the network's output); each re-estimate is made
+      the same way, so the correction's own error is part of the spread.
     progress: log each draw.
   """
   if draws < 2:
@@ -252,13 +257,16 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
                     f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
                     f"{bins}.")
+  regional = brightness_lib.check_mode(brightness) == "regional"
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
+  block = brightness_lib.patch_frames(den.model.config)
 
   def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
-    """The estimate of `noisy` (under symmetry s, inverted): the draws and the check's
-    probe are made as the estimate is."""
-    return _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+    """The estimate of `noisy` as `denoise` makes it (under symmetry s, inverted): the
+    draws and the check's probe are made as the estimate is."""
+    out = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
+    return brightness_lib.corrected_array(noisy, out, block)[0] if regional else out
 
   est = (estimator(raw) if estimate is None else
          as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
@@ -300,6 +308,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   record = {"method": "parametric equivariant bootstrap, its box means checked on "
                       "held-out frame pairs per activity bin",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
+            "brightness": brightness,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
             "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,
             "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),

@@ -34,6 +34,7 @@ from deepcad_jax.runtime.files import AtomicFile, os_error
 from deepcad_jax.data.formats.suite2p import load_ops  # noqa: F401 (suite2p's ops, re-exported)
 from deepcad_jax.errors import UserError
 from deepcad_jax.runtime.paths import check_input
+from deepcad_jax.denoising import brightness
 from deepcad_jax.denoising.denoiser import Denoiser
 from deepcad_jax.denoising.step import Channels
 from deepcad_jax.runtime.progress import Progress
@@ -401,8 +402,9 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
 def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
                        band: Sequence[float] = (5, 95), progress: bool = False,
                        band_shape: str = "auto") -> Traces:
-  """Traces from a model: `raw` is denoised with `denoiser`, and every sample is reduced
-  to its traces as it is produced; no sample movie is written.
+  """Traces from a model: `raw` is denoised with `denoiser` (and the regional brightness
+  correction, as `denoise` does), and every sample is reduced to its traces as it is
+  produced; no sample movie is written.
 
   Args:
     raw: the raw movie (array, path or `Movie`).
@@ -419,11 +421,18 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
   if not (denoiser.symmetries and denoiser.save_samples):
     raise UserError("traces from a model need uncertainty samples (symmetries=K) and "
                     "save_samples=True on the Denoiser.")
-  parts = [block_traces(b, rois) for b in denoiser.blocks(raw, progress=progress)]
+  measure = brightness.Measure(raw, brightness.patch_frames(denoiser.model.config))
+  parts = []
+  for b in denoiser.blocks(raw, progress=progress):
+    measure.add(b)
+    parts.append(block_traces(b, rois))
   t = np.concatenate(parts)  # (T, R, channels): predict.Channels
-  return Traces([r.name for r in rois], [r.pixels for r in rois], Channels.mean(t),
-                movie_traces(raw, rois), np.moveaxis(Channels.samples(t), -1, 0), f0,
-                band, band_shape)
+  # As `denoise` does by default: the regional brightness correction, a static image,
+  # is one number per ROI added to the mean and to every sample.
+  shift = block_traces(measure.fit().field[None], rois)[0]
+  return Traces([r.name for r in rois], [r.pixels for r in rois],
+                Channels.mean(t) + shift, movie_traces(raw, rois),
+                np.moveaxis(Channels.samples(t), -1, 0) + shift, f0, band, band_shape)
 
 
 # ------------------------------------------------------------------ outputs

@@ -43,6 +43,11 @@ def _define_denoise(fv):
   flags.DEFINE_string("output-dtype", None, "Output dtype: float32 (default: the "
                       "network's precision), input (the input's type, rounded), uint16, "
                       "int16...", flag_values=fv)
+  flags.DEFINE_enum("brightness", None, ["regional", "model"], "regional (default): "
+                    "each region of the output keeps the raw movie's mean (a static "
+                    "correction fitted on the movie, smoothing chosen by cross-"
+                    "validation); model: the network's output as it is (the default with "
+                    "--reference-stitching).", flag_values=fv)
   _define_dtype(fv)
   flags.DEFINE_boolean("blend", False, "Overlap tiling: blend overlaps with linear weights "
                        "instead of cropping.", flag_values=fv)
@@ -93,9 +98,11 @@ def _run_denoise(fv):
   if calibrated and _v(fv, "output-dtype") not in (None, "float32"):
     raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
                     "in float32; leave --output-dtype out.")
+  brightness = _v(fv, "brightness") or ("model" if config.reference_stitching else
+                                         "regional")
   reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,
                           overwrite=_v(fv, "overwrite"),
-                          output_dtype=_v(fv, "output-dtype"))
+                          output_dtype=_v(fv, "output-dtype"), brightness=brightness)
   for r in reports:
     print(r.describe())
     if calibrated:
@@ -103,7 +110,7 @@ def _run_denoise(fv):
       from deepcad_jax.denoising.denoiser import Denoiser
       result = bootstrap.calibrated_uncertainty(
           r.input, Denoiser(model, config), r.output, draws=_v(fv, "draws"),
-          keep_samples=_v(fv, "save-samples"), progress=True)
+          keep_samples=_v(fv, "save-samples"), brightness=brightness, progress=True)
       paths = bootstrap.write_uncertainty(result, r.output,
                                           overwrite=_v(fv, "overwrite"))
       print(bootstrap.describe(result.record, paths))

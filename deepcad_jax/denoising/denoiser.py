@@ -37,6 +37,7 @@ from deepcad_jax.denoising.step import Channels, TileFn, reflect_index, tile_net
 from deepcad_jax.denoising.tiling import (GRID, HALO, TilePlan, choose_exact_tile,
                                           exact_plan, overlap_plan)
 from deepcad_jax.denoising.engine import Engine, Frames
+from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.memory import bytes_per_voxel, compiled_bytes, memory_budget
 from deepcad_jax.denoising.outputs import (DenoiseStats, resolve_output_dtype,
                                            sample_path, std_path)
@@ -374,7 +375,8 @@ def as_denoiser(model: Model | str | os.PathLike | Denoiser,
 @resources.device_memory("denoising", INFER_FIX)
 def denoise(movie: Any, model: Model | str | Denoiser, config: DenoiseConfig | None = None,
             *, output_dtype: Any = None, devices: Sequence[jax.Device] | None = None,
-            progress: bool = False, **options: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+            progress: bool = False, brightness: str = "regional", **options: Any
+            ) -> np.ndarray | tuple[np.ndarray, ...]:
   """Denoise a (T, Y, X) movie (array, path or Movie) with a trained model.
 
   Args:
@@ -386,6 +388,8 @@ def denoise(movie: Any, model: Model | str | Denoiser, config: DenoiseConfig | N
       rounded and clipped on the device) or a dtype.
     devices: the devices to use (default: all).
     progress: print a progress line.
+    brightness: 'regional' (each region of the output keeps the raw movie's mean:
+      `brightness.py`, fitted on this movie) or 'model' (the network's output as it is).
     **options: `DenoiseConfig` fields that replace `config`'s: tiling, tile,
       memory_budget, batch_size, dtype, symmetries, save_samples, patch, overlap, blend,
       reference_stitching, spatial.
@@ -396,14 +400,29 @@ def denoise(movie: Any, model: Model | str | Denoiser, config: DenoiseConfig | N
     adds a third item, the float32 samples (S, T, Y, X).
   """
   movie = as_movie(movie)
+  mode = brightness_lib.check_mode(brightness)
   den = as_denoiser(model, config, devices, **options)
   out_dtype = resolve_output_dtype(output_dtype, movie.dtype)
   out = np.empty(movie.shape, out_dtype)
   extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
-  for f in den.frames(movie, out_dtype=out_dtype, progress=progress):
-    out[f.start:f.start + len(f.data)] = f.data
+  if mode == "model":
+    blocks = ((f.data, f.extras) for f in den.frames(movie, out_dtype=out_dtype,
+                                                     progress=progress))
+  else:
+    store = np.empty(movie.shape + ((den.channels,) if den.channels else ()), np.float32)
+    measure = brightness_lib.Measure(movie, brightness_lib.patch_frames(den.model.config),
+                                     store)
+    for block in den.blocks(movie, progress=progress):
+      measure.add(block)
+    correction = measure.fit()
+    log.info("%s: %s", movie.name, correction.describe())
+    blocks = brightness_lib.correct(brightness_lib.chunks(store), correction, out_dtype)
+  start = 0
+  for data, extras in blocks:
+    out[start:start + len(data)] = data
     if extra is not None:
-      extra[:, f.start:f.start + len(f.data)] = np.moveaxis(f.extras, -1, 0)
+      extra[:, start:start + len(data)] = np.moveaxis(extras, -1, 0)
+    start += len(data)
   if extra is None:
     return out
   return (out, extra[0]) if len(extra) == 1 else (out, extra[0], extra[1:])

@@ -24,7 +24,7 @@ from deepcad_jax.denoising.step import (StepLayout, TileFn, compile_predict_step
                                         frame_padding, reflect_index)
 from deepcad_jax.runtime.progress import Progress
 from deepcad_jax.denoising.tiling import TilePlan
-from deepcad_jax.denoising.outputs import DenoiseStats, TemporalSpread, to_dtype
+from deepcad_jax.denoising.outputs import Converted, DenoiseStats, host_convert
 
 log = logging.getLogger("deepcad_jax")
 
@@ -304,14 +304,10 @@ class Engine:
     rounding_sq = float(out["rounding_sq"])
     moments = None if out["moments"] is None else np.asarray(out["moments"], np.float64)
     if data.dtype != host_dtype:  # integers wider than 16 bits: converted here
-      if np.dtype(host_dtype).kind in "iu":
-        info = np.iinfo(host_dtype)
-        x = data.astype(np.float64)
-        inside = (x >= info.min - 0.5) & (x <= info.max + 0.5)
-        rounding_sq += float(np.sum(np.where(inside, np.rint(x) - x, 0.0) ** 2))
-        moments = np.stack([x.sum(0), (x * x).sum(0)])
-      data, n = to_dtype(data, host_dtype)
-      clipped += n
+      converted = host_convert(data, host_dtype)
+      data, clipped = converted.data, clipped + converted.clipped
+      rounding_sq += converted.rounding_sq
+      moments = converted.moments if converted.moments is not None else moments
     return Frames(max(w.emit[0], w.keep[0]), data, extras, clipped, rounding_sq, moments)
 
   def prepare(self, plan: TilePlan, movie_dtype: Any, *, out_dtype: Any = np.float32,
@@ -414,19 +410,9 @@ class Engine:
       bar.exclude(self.compile_s - compile_before)  # no compile time in the ETA
       bar.update(done, force=done == total, **{
           "movie voxels/s": f"{done * tile_voxels / plan.recompute / max(elapsed, 1e-9):.3g}"})
-      stats.clipped += frames.clipped
       stats.rescale_skipped += int(submitted[1]["rescale_skipped"])
-      if host_dtype.kind in "iu":
-        stats.rounding_sq += frames.rounding_sq
-        stats.rounded += frames.data.size - frames.clipped
-        if frames.moments is not None:
-          if stats.spread is None:
-            stats.spread = TemporalSpread(frames.data.shape[1:])
-          stats.spread.add_sums(len(frames.data), *frames.moments)
-      elif len(frames.data):
-        if stats.spread is None:
-          stats.spread = TemporalSpread(frames.data.shape[1:])
-        stats.spread.add(frames.data)
+      stats.count(Converted(frames.data, frames.clipped, frames.rounding_sq,
+                            frames.moments))
       return frames
 
     window = self.read_window(movie, plan.padded[0], windows[0].start, layout.window)

@@ -30,11 +30,10 @@ from deepcad_jax.runtime.files import (PARTIAL_SUFFIX, check_space, os_error,
 from deepcad_jax.data.spec import (MovieSpec, is_store, part_suffix, split_name,
                                    with_name_suffix)
 from deepcad_jax.errors import UserError
-from deepcad_jax.denoising.step import Channels
 from deepcad_jax.denoising.denoiser import INFER_FIX, Denoiser, as_denoiser
-from deepcad_jax.denoising.engine import Frames
+from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.outputs import (DenoiseStats, quantisation_note,
-                                           resolve_output_dtype, to_dtype)
+                                           resolve_output_dtype)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -59,12 +58,16 @@ class FileReport:
   samples: tuple[str, ...] = ()  # the sample movies (save_samples)
   spread_over: str = ""       # what the std spans: "K symmetries x M members"
   warning: str | None = None  # a collapsed or weak model (`quality_warning`)
+  brightness: dict | None = None  # the regional correction (`brightness.Correction`)
+  brightness_note: str = ""   # it, in words
 
   def describe(self) -> str:
     """The report's lines for the command line."""
     lines = [f"{self.input} -> {self.output}  {self.shape} {self.dtype}  "
              f"{self.seconds:.2f}s  {self.voxels_per_s:.3g} voxels/s  clipped "
              f"{self.clipped}", f"  tiling: {self.tiling}"]
+    if self.brightness_note:
+      lines.append(f"  {self.brightness_note}")
     if self.std:
       lines.append(f"  uncertainty (std over {self.spread_over}): {self.std}")
     if self.samples:
@@ -131,7 +134,8 @@ def _part_output(dst: str, spec: MovieSpec, together: bool = False) -> str:
 
 
 def _report(movie: Movie, dst: str, den: Denoiser, out_dtype, stats: DenoiseStats,
-            seconds: float | None = None) -> FileReport:
+            seconds: float | None = None,
+            correction: brightness_lib.Correction | None = None) -> FileReport:
   seconds = stats.seconds if seconds is None else seconds
   extras = den.extra_outputs(dst)
   members = den.model.config.model.ensemble
@@ -142,7 +146,9 @@ def _report(movie: Movie, dst: str, den: Denoiser, out_dtype, stats: DenoiseStat
                     float(np.prod(movie.shape)) / seconds if seconds else 0.0,
                     stats.clipped, stats.rounding_rms, extras[0] if extras else None,
                     tuple(extras[1:]), spread if extras else "",
-                    quality_warning(movie, dst, den, stats))
+                    quality_warning(movie, dst, den, stats),
+                    correction.to_json() if correction else None,
+                    correction.describe() if correction else "")
 
 
 COLLAPSED_SPREAD = 1e-3  # output temporal std / the input's spread below this: collapsed
@@ -170,33 +176,70 @@ def quality_warning(movie: Movie, dst: str, den: Denoiser, stats: DenoiseStats
 
 
 def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
-               overwrite: bool = False, outputs: SplitOutputs | None = None
-               ) -> FileReport:
+               overwrite: bool = False, outputs: SplitOutputs | None = None,
+               brightness: str = "regional") -> FileReport:
   """Denoise one movie into `dst` (and its std and samples beside it), written as it
   is produced; the files appear together once all are complete (a plane's slice of a
-  file: once every plane is, `outputs`)."""
+  file: once every plane is, `outputs`). With the regional brightness correction the
+  float32 frames wait in a temporary file beside `dst` until the correction is
+  fitted, then are written corrected."""
   stats = DenoiseStats()
+  correction = None
   log.info("Denoising %s %s -> %s", movie.name, movie.shape, dst)
+  spill = _spill_path(dst) if brightness == "regional" else None
   with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype, overwrite,
-                      outputs) as writers:
-    _write_frames(den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress),
-                  writers)
+                      outputs, spill, den.channels) as writers:
+    if spill is None:
+      frames = den.frames(movie, out_dtype=out_dtype, stats=stats, progress=progress)
+      _write_frames(((f.data, f.extras) for f in frames), writers)
+    else:
+      try:
+        store = _open_spill(spill, movie.shape, den.channels)
+        measure = brightness_lib.Measure(
+            movie, brightness_lib.patch_frames(den.model.config), store)
+        for block in den.blocks(movie, stats, progress=progress):
+          measure.add(block)
+        correction = measure.fit()
+        _write_frames(brightness_lib.correct(brightness_lib.chunks(store), correction,
+                                             out_dtype, stats), writers)
+        del store, measure
+      except OSError as e:
+        raise os_error(e, spill) from None
+      finally:
+        with contextlib.suppress(OSError):
+          os.remove(spill)
   note = quantisation_note(dst, out_dtype, stats)
   if note:
     log.warning("%s", note)
-  return _report(movie, dst, den, out_dtype, stats)
+  return _report(movie, dst, den, out_dtype, stats, correction=correction)
+
+
+def _spill_path(dst: str) -> str:
+  """Where the float32 frames of `dst` wait for the brightness correction: a temporary
+  file beside it (on its disk, whose space is checked)."""
+  folder, name = os.path.split(os.path.abspath(MovieSpec.parse(dst).path.rstrip("/")))
+  return os.path.join(folder, f".{name}.float32{PARTIAL_SUFFIX}")
+
+
+def _open_spill(path: str, shape: Sequence[int], channels: int) -> np.ndarray:
+  return np.lib.format.open_memmap(path, "w+", np.float32, tuple(shape) + (
+      (channels,) if channels else ()))
 
 
 @contextlib.contextmanager
 def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
-                   overwrite: bool, outputs: SplitOutputs | None = None
+                   overwrite: bool, outputs: SplitOutputs | None = None,
+                   spill: str | None = None, channels: int = 0
                    ) -> Iterator[list[MovieWriter]]:
   """Writers for `dst` and its extra (float32) outputs, with the input's metadata, after
-  checking their disk has room; committed together when the block succeeds, all
-  removed if it fails."""
+  checking their disk has room (and for the `spill` file of float32 frames with
+  `channels`); committed together when the block succeeds, all removed if it fails."""
   shape = movie.shape
-  check_space([output_space(dst, shape, out_dtype)] +
-              [output_space(p, shape, np.float32) for p in extras])
+  needed = [output_space(dst, shape, out_dtype)] + [
+      output_space(p, shape, np.float32) for p in extras]
+  if spill:
+    needed.append((spill, movie_bytes(shape, np.float32) * max(1, channels)))
+  check_space(needed)
   metadata = movie.metadata
   outputs = outputs if outputs is not None else SplitOutputs()
   with outputs_together() as writers:
@@ -207,12 +250,13 @@ def _movie_writers(dst: str, extras: Sequence[str], movie: Movie, out_dtype,
     yield writers
 
 
-def _write_frames(frames: Iterator[Frames], writers: Sequence[MovieWriter]) -> None:
-  """Each block's data to writers[0], extra channel i (float32) to writers[1 + i]."""
-  for f in frames:
-    writers[0].write(f.data)
+def _write_frames(blocks: Iterator[tuple[np.ndarray, np.ndarray | None]],
+                  writers: Sequence[MovieWriter]) -> None:
+  """Each block's frames to writers[0], extra channel i (float32) to writers[1 + i]."""
+  for data, extras in blocks:
+    writers[0].write(data)
     for i, w in enumerate(writers[1:]):
-      w.write(f.extras[..., i])
+      w.write(extras[..., i])
 
 
 def _part_path(dst: str, p: int) -> str:
@@ -222,7 +266,8 @@ def _part_path(dst: str, p: int) -> str:
 
 
 def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
-                  overwrite: bool = False) -> FileReport | None:
+                  overwrite: bool = False, brightness: str = "regional"
+                  ) -> FileReport | None:
   """One movie denoised by every process: each does a contiguous range of temporal
   slabs into a part file; process 0 assembles `dst` (and its std and samples) from the
   parts."""
@@ -253,28 +298,31 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
   if p == 0:
     frame_shape = movie.shape[1:] + ((channels,) if channels else ())
 
-    def parts():  # every process's frames, in order, 64 at a time
+    def parts():  # every process's float32 frames, in order, 64 at a time
       for q in range(n_proc):
         data = np.memmap(_part_path(dst, q), np.float32, "r") if os.path.getsize(
             _part_path(dst, q)) else np.zeros(0, np.float32)
-        frames = data.reshape((-1,) + frame_shape)
-        for t in range(0, len(frames), 64):
-          block = np.asarray(frames[t:t + 64])
-          main, clipped = to_dtype(Channels.mean(block) if channels else block, out_dtype)
-          stats.clipped += clipped
-          yield Frames(0, main, Channels.extras(block) if channels else None, clipped)
-        del data, frames
+        yield from brightness_lib.chunks(data.reshape((-1,) + frame_shape))
+        del data
 
-    stats.clipped = 0
+    correction = None
     try:
+      if brightness == "regional":  # the parts hold the float32 frames: fit, then write
+        measure = brightness_lib.Measure(movie, brightness_lib.patch_frames(
+            den.model.config))
+        for block in parts():
+          measure.add(block)
+        correction = measure.fit()
       with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype,
                           overwrite) as writers:
-        _write_frames(parts(), writers)
+        _write_frames(brightness_lib.correct(parts(), correction, out_dtype, stats),
+                      writers)
     finally:
       for q in range(n_proc):
         with contextlib.suppress(OSError):
           os.remove(_part_path(dst, q))
-    report = _report(movie, dst, den, out_dtype, stats, time.perf_counter() - t0)
+    report = _report(movie, dst, den, out_dtype, stats, time.perf_counter() - t0,
+                     correction)
   distributed.barrier(f"assembled-{dst}")
   return report
 
@@ -354,7 +402,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
                   config: DenoiseConfig | None = None, *,
                   overwrite: bool = False, output_dtype: Any = None,
                   progress: bool = True, devices: Sequence[jax.Device] | None = None,
-                  **options: Any) -> list[FileReport]:
+                  brightness: str = "regional", **options: Any) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
   Each output carries the input's metadata and appears only once complete
@@ -377,12 +425,15 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
       dtype) or a dtype.
     progress: print a progress line.
     devices: the devices to use (default: all; on several processes, the local ones).
+    brightness: as for `denoise` ('regional': each region keeps the raw movie's mean;
+      'model': the network's output as it is).
     **options: `DenoiseConfig` fields, as for `denoise`.
 
   Returns:
     One `FileReport` per movie this process denoised (none for skipped outputs).
   """
   input, output = os.fspath(input), os.fspath(output)
+  brightness_lib.check_mode(brightness)
   inputs = list_movies(input)
   outputs = _output_paths(inputs, input, output, together=jax.process_count() == 1)
   _refuse_shared_outputs(inputs, outputs)
@@ -426,10 +477,11 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
     for i, (src, movie, dst, out_dtype) in enumerate(todo):
       try:
         if shared:
-          report = _write_shared(movie, dst, den, out_dtype, progress, overwrite)
+          report = _write_shared(movie, dst, den, out_dtype, progress, overwrite,
+                                 brightness)
         elif i % n_proc == jax.process_index():
           report = _write_one(movie, dst, den, out_dtype, progress, overwrite,
-                              split)
+                              split, brightness)
         else:
           continue
       except UserError:

@@ -31,6 +31,21 @@ class DenoiseStats:
   rounded: int = 0            # voxels that sum is over
   spread: TemporalSpread | None = None  # integer outputs: the float frames' variation
 
+  def count(self, block: Converted) -> None:
+    """Add one block of output frames to the rounding, clipping and spread counts."""
+    self.clipped += block.clipped
+    if block.data.dtype.kind in "iu":
+      self.rounding_sq += block.rounding_sq
+      self.rounded += block.data.size - block.clipped
+      if block.moments is not None:
+        if self.spread is None:
+          self.spread = TemporalSpread(block.data.shape[1:])
+        self.spread.add_sums(len(block.data), *block.moments)
+    elif len(block.data):
+      if self.spread is None:
+        self.spread = TemporalSpread(block.data.shape[1:])
+      self.spread.add(block.data)
+
   @property
   def voxels_per_s(self) -> float:
     return float(np.prod(self.shape)) / self.seconds if self.seconds else 0.0
@@ -39,6 +54,31 @@ class DenoiseStats:
   def rounding_rms(self) -> float:
     """The quantisation noise an integer output added (RMS, in counts); 0 for floats."""
     return float(np.sqrt(self.rounding_sq / self.rounded)) if self.rounded else 0.0
+
+
+@dataclasses.dataclass
+class Converted:
+  """A block of output frames and what converting it cost."""
+
+  data: np.ndarray
+  clipped: int = 0
+  rounding_sq: float = 0.0  # integer data: sum of squared rounding errors (not clipped)
+  moments: np.ndarray | None = None  # integer data: (2, Y, X) sums of x, x^2 (float)
+
+
+def host_convert(block: np.ndarray, dtype) -> Converted:
+  """Float frames into `dtype` on the host, with the rounding error and the float
+  frames' moments that an integer output's checks need (`quantisation_note`)."""
+  dtype = np.dtype(dtype)
+  rounding_sq, moments = 0.0, None
+  if dtype.kind in "iu":
+    info = np.iinfo(dtype)
+    x = np.asarray(block, np.float64)
+    inside = (x >= info.min - 0.5) & (x <= info.max + 0.5)
+    rounding_sq = float(np.sum(np.where(inside, np.rint(x) - x, 0.0) ** 2))
+    moments = np.stack([x.sum(0), (x * x).sum(0)])
+  data, clipped = to_dtype(block, dtype)
+  return Converted(data, clipped, rounding_sq, moments)
 
 
 def to_dtype(block: np.ndarray, dtype) -> tuple[np.ndarray, int]:

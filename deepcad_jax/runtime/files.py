@@ -125,7 +125,7 @@ def check_space(needs: Iterable[tuple[str, int]]) -> None:
   for folder, total, first, count in disks.values():
     free = _free_bytes(folder)
     if free is not None and total > free:
-      others = f" (with {count - 1} other output{'s' if count > 2 else ''})" \
+      others = f" (with {count - 1} other file{'s' if count > 2 else ''})" \
           if count > 1 else ""
       raise UserError(f"{first}{others} needs {format_bytes(total)} but only "
                       f"{format_bytes(free)} is free on that disk ({folder}); free some space "

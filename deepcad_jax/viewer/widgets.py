@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
 from deepcad_jax import config as config_lib
 from deepcad_jax.data.movie import ArrayMovie, Movie
 from deepcad_jax.data.writers import write_movie
+from deepcad_jax.denoising import brightness
 from deepcad_jax.denoising.denoiser import Denoiser
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.loading import load_model
@@ -312,15 +313,21 @@ class DenoiseWidget(Panel):
     den = Denoiser(model, **options)
     out = np.empty(movie.shape, np.float32)
     extra = np.empty((den.channels - 1,) + movie.shape, np.float32) if den.channels else None
+    measure = brightness.Measure(movie, brightness.patch_frames(model.config))
     for f in den.frames(movie):
       out[f.start:f.start + len(f.data)] = f.data
+      measure.add(f.data)
       if extra is not None:
         extra[:, f.start:f.start + len(f.data)] = np.moveaxis(f.extras, -1, 0)
       yield (f.start + len(f.data), movie.shape[0])
-    return name, model, model_path, out, extra
+    correction = measure.fit()  # as `denoise` does: each region keeps the raw mean
+    out += correction.field
+    if extra is not None and len(extra) > 1:  # the samples are values; the std is not
+      extra[1:] += correction.field
+    return name, model, model_path, out, extra, correction
 
   def done(self, value) -> None:
-    name, model, model_path, out, extra = value
+    name, model, model_path, out, extra, correction = value
     meta = {"deepcad_model": model_path, "deepcad_step": model.meta["step"],
             "deepcad_raw": name}
     raw = self.viewer.layers[name] if name in self.viewer.layers else None
@@ -332,7 +339,8 @@ class DenoiseWidget(Panel):
       if len(extra) > 1:
         self.viewer.add_image(extra[1:], name=f"{name} samples",
                               metadata=meta, visible=False)
-    self.status.setText(f"denoised {name} with {model_path} (step {model.meta['step']}).")
+    self.status.setText(f"denoised {name} with {model_path} (step {model.meta['step']}); "
+                        f"{correction.describe()}.")
 
 
 # ------------------------------------------------------------------ stream

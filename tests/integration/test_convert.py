@@ -127,7 +127,7 @@ def test_scale_factor_from_para_is_applied(tmp_path):
   movie = np.random.default_rng(0).poisson(40, (16, 16, 16)).astype(np.float32)
   model = load_model(pth)
   assert model.config.data.scale == 4.0
-  got = denoise(movie, model, output_dtype="float32")
+  got = denoise(movie, model, output_dtype="float32", brightness="model")
   x = (movie - movie.mean(dtype=np.float64)) / 4  # the reference: x / s - mean(x / s)
   with torch.no_grad():
     expected = net(torch.from_numpy(x[None, None].astype(np.float32))).numpy()[0, 0]

@@ -129,10 +129,11 @@ def test_prior_ensemble_trains_saves_loads_and_denoises(prior_ensemble, devices)
   kernel = model.params["encoder_0"]["conv1"]["kernel"]
   assert kernel.shape[0] == 2 and kernel.shape[-2] == 2  # members x two input channels
   movie, _ = noisy_movie((24, 24, 24), seed=7)
-  out = denoise(movie, model, output_dtype="float32", devices=devices[:1])
+  out = denoise(movie, model, output_dtype="float32", devices=devices[:1],
+                brightness="model")
   # The ensemble's output is the mean of its members' outputs.
   parts = [denoise(movie, _single_member(model, m), output_dtype="float32",
-                   devices=devices[:1]) for m in range(2)]
+                   devices=devices[:1], brightness="model") for m in range(2)]
   np.testing.assert_allclose(out, (parts[0] + parts[1]) / 2, rtol=1e-4, atol=1e-3)
   # The prior channel is used: another mean image gives another result.
   den = Denoiser(model, devices=devices[:1])

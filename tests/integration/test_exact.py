@@ -72,7 +72,7 @@ def test_exact_tiling_equals_the_whole_movie(shape, tile, batch, tiles):
   den = Denoiser(scaled_model(), tiling="exact", tile=tile, batch_size=batch,
                  devices=jax.devices()[:1])
   movie = np.random.default_rng(sum(shape)).poisson(50, shape).astype(np.uint16)
-  out = denoise(movie, den, output_dtype="float32")
+  out = denoise(movie, den, output_dtype="float32", brightness="model")
   whole = whole_movie_forward(movie, den)
   assert relative_rms(out, whole) <= 1e-5
   assert den.plan(shape, np.uint16, np.float32).tile_count == tiles
@@ -88,7 +88,7 @@ def test_exact_tiling_is_exact_on_several_devices_and_with_a_spatial_split(devic
                  {"devices": devices, "tile": (104, 64, 32), "batch_size": 8},
                  {"devices": devices, "spatial": 2, "tile": (104, 64, 32)}):
     den = Denoiser(model, tiling="exact", **kwargs)
-    out = denoise(movie, den, output_dtype="float32")
+    out = denoise(movie, den, output_dtype="float32", brightness="model")
     assert relative_rms(out, whole) <= 1e-5, kwargs
 
 
@@ -97,7 +97,7 @@ def test_exact_uncertainty_prior_and_ensemble_equal_the_whole_movie():
   one = jax.devices()[:1]
   den = Denoiser(scaled_model(prior=True, members=2), tiling="exact", tile=(104, 24, 32),
                  symmetries=2, save_samples=True, devices=one)
-  mean, std, samples = denoise(movie, den, output_dtype="float32")
+  mean, std, samples = denoise(movie, den, output_dtype="float32", brightness="model")
   whole = whole_movie_forward(movie, den)
   assert relative_rms(mean, whole[..., 0]) <= 1e-5
   assert relative_rms(std, whole[..., 1]) <= 1e-5

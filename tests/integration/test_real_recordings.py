@@ -234,9 +234,52 @@ def test_the_denoised_movie_keeps_the_raw_mean(trained_model):
   movie's mean the raw one's (the tiny model alone is several percent off)."""
   model = load_model(trained_model)
   noisy = tifffile.imread(os.path.join(os.path.dirname(trained_model), "movie.tif"))
-  out = denoise(noisy, Denoiser(model, tiling="exact")).astype(np.float64)
+  out = denoise(noisy, Denoiser(model, tiling="exact"), brightness="model"
+                ).astype(np.float64)
   assert abs(out.mean() / noisy.astype(np.float64).mean() - 1) < 0.01
   raw_model = model.with_params(add_output_offset(
       model.params, -model.meta.provenance["output_offset_applied"]))
-  without = denoise(noisy, Denoiser(raw_model, tiling="exact")).astype(np.float64)
+  without = denoise(noisy, Denoiser(raw_model, tiling="exact"), brightness="model"
+                    ).astype(np.float64)
   assert abs(without.mean() / noisy.mean() - 1) > abs(out.mean() / noisy.mean() - 1)
+
+
+# ---------------------------------------------------------------- regional brightness
+
+
+def test_the_regional_correction_is_one_static_image(trained_model):
+  """`brightness='regional'` (the default) adds one image to every frame of the
+  network's output (`'model'`), and keeps the raw movie's mean."""
+  noisy = tifffile.imread(os.path.join(os.path.dirname(trained_model), "movie.tif"))
+  den = Denoiser(load_model(trained_model), tiling="exact")
+  plain = denoise(noisy, den, brightness="model").astype(np.float64)
+  regional = denoise(noisy, den).astype(np.float64)
+  diff = regional - plain
+  assert np.allclose(diff, diff[:1], atol=1e-4)
+  assert np.abs(diff).max() > 0
+  assert regional.mean() == pytest.approx(noisy.astype(np.float64).mean(), rel=1e-4)
+
+
+def test_denoise_cli_reports_the_correction_and_leaves_no_temporary_file(
+    trained_model, tmp_path, capsys):
+  noisy = tifffile.imread(os.path.join(os.path.dirname(trained_model), "movie.tif"))
+  path = write_tiff(tmp_path / "in.tif", noisy)
+  out = tmp_path / "out"
+  out.mkdir()
+  base = ["deepcad-jax", "denoise", "--model", trained_model, "--input", path,
+          "--tiling", "exact"]
+  assert cli.main(base + ["--output", str(out / "regional.tif")]) == 0
+  assert "brightness: " in capsys.readouterr().out
+  assert cli.main(base + ["--output", str(out / "model.tif"), "--brightness",
+                          "model"]) == 0
+  assert "brightness: " not in capsys.readouterr().out
+  assert cli.main(base + ["--output", str(out / "u16.tif"), "--output-dtype",
+                          "uint16"]) == 0
+  assert sorted(os.listdir(out)) == ["model.tif", "regional.tif", "u16.tif"]
+  den = Denoiser(load_model(trained_model), tiling="exact")
+  regional = tifffile.imread(out / "regional.tif")
+  assert np.allclose(tifffile.imread(out / "model.tif"),
+                     denoise(noisy, den, brightness="model"), atol=1e-5)
+  assert np.allclose(regional, denoise(noisy, den), atol=1e-4)
+  u16 = tifffile.imread(out / "u16.tif")
+  assert u16.dtype == np.uint16 and np.abs(u16 - regional).max() <= 0.5 + 1e-3
