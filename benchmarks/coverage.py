@@ -5,11 +5,12 @@ On movies made by `simulate` at several SNRs, with white noise and a constant ba
 population ("correlated"), it trains the demo network (CPU, short), runs the calibrated
 uncertainty (which uses no ground truth: `analysis.bootstrap`) and measures where the
 truth lies: within 1 and 2 std of the denoised movie, per scaling of the bootstrap
-(none, the held-out check's one scale, its per-bin scales), against the symmetry spread
+(none, the held-out check's one scale, its per-activity-bin scales, each applied to the
+deviations' box-mean part as `calibrated_uncertainty` does), against the symmetry spread
 (K = 8); and for ROIs on the most active cells, the fraction of frames whose true trace
 lies inside the 90% band of `traces` (Student-t from the calibrated samples).
 
-  python benchmarks/coverage.py --output benchmarks/results/coverage_cpu_2026-12-05
+  python benchmarks/coverage.py --output benchmarks/results/coverage_cpu_2026-12-06
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import jax
 import numpy as np
 
 from deepcad_jax import calibrated_uncertainty, config as config_lib, denoise, train
-from deepcad_jax.analysis.bootstrap import bin_scales
+from deepcad_jax.analysis.bootstrap import (activity, bin_scales, box_mean, pair_probe,
+                                           scale_deviation, smooth3)
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.analysis.traces import extract, rois_from_json
 from deepcad_jax.data.movie import write_movie
@@ -43,17 +45,39 @@ def coverage(est: np.ndarray, std: np.ndarray, clean: np.ndarray) -> dict:
           "rms_std": float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))}
 
 
-def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) -> dict:
+def check_truth(est: np.ndarray, clean: np.ndarray, rec: dict) -> list[dict]:
+  """The held-out check's rows beside the truth they estimate: the estimate's true
+  box-mean error variance at the held-out frames, per activity bin and over all."""
+  box = rec["check_box"]
+  held = pair_probe(est, rec["heldout_every"])[1]
+  frames = np.r_[held, held + 1]
+  err2 = box_mean(est[frames].astype(np.float64) - clean[frames], box) ** 2
+  level = activity(est, box)
+  out = []
+  for r in rec["check"] + [rec["verdict"]]:
+    m = ((level >= r["activity_lo"]) & (level <= r["activity_hi"]) if "activity_lo" in r
+         else np.ones(level.shape, bool))
+    out.append({k: r.get(k) for k in ("activity_lo", "activity_hi", "heldout_error_var",
+                                       "standard_error", "bootstrap_var", "scale")}
+               | {"true_error_var": float(err2[:, m].mean())})
+  return out
+
+
+def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
+             reuse: bool = False) -> dict:
   noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=1, **CASES[name])
   base = os.path.join(workdir, f"{name}_snr{snr:+g}")
   os.makedirs(base, exist_ok=True)
   path = os.path.join(base, "noisy.tif")
   write_movie(path, noisy)
   t0 = time.perf_counter()
-  train(path, os.path.join(base, "model"), config_lib.load_config("demo"), progress=False)
-  row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
-         "train_seconds": time.perf_counter() - t0}
   model = os.path.join(base, "model")
+  reused = reuse and os.path.isdir(os.path.join(model, "checkpoints"))
+  if not reused:
+    train(path, model, config_lib.load_config("demo"), progress=False)
+  row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
+         "train_seconds": None if reused else time.perf_counter() - t0,
+         "model_reused": reused}
   est = denoise(noisy, model, output_dtype="float32")
   t0 = time.perf_counter()
   u = calibrated_uncertainty(noisy, model, est, draws=draws, scale_mode="none",
@@ -64,16 +88,22 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int) 
   row["heldout_scale"] = rec["heldout_scale"]
   row["check"] = rec["check"]
   row["verdict"] = rec["verdict"]
-  scales = {"none": np.float32(1.0), "heldout": np.float32(rec["heldout_scale"]),
-            "bins": bin_scales(est, rec["check"], rec["heldout_scale"])}
-  row["coverage"] = {k: coverage(est, u.std * s, clean) for k, s in scales.items()}
+  row["check_truth"] = check_truth(est, clean, rec)
+  box = rec["check_box"]
+  levels = {"none": np.ones(shape[1:], np.float32),
+            "heldout": np.full(shape[1:], rec["heldout_scale"], np.float32),
+            "bins": bin_scales(est, rec["check"], box)}
+  devs = {k: np.stack([scale_deviation(s - est, v, box) for s in u.samples])
+          for k, v in levels.items()}
+  row["coverage"] = {k: coverage(est, np.sqrt(smooth3(np.mean(d.astype(np.float64) ** 2,
+                                                              0))), clean)
+                     for k, d in devs.items()}
   _, sym_std = denoise(noisy, model, output_dtype="float32", symmetries=8)
   row["coverage"]["symmetry_spread_k8"] = coverage(est, sym_std, clean)
   roi_list = rois_from_json(active_rois(clean, rois), shape[1:])
   truth = extract(clean, roi_list)
   row["rois"] = {}
-  for k, s in scales.items():
-    dev = (u.samples - est[None]) * (s[None] if np.ndim(s) else s)
+  for k, dev in devs.items():
     tr = extract(est, roi_list, list(est[None] + dev), band=(5, 95), band_shape="auto")
     lo, hi = tr.f_band
     inside = np.mean((truth.denoised >= lo) & (truth.denoised <= hi), axis=0)
@@ -96,6 +126,8 @@ def main() -> None:
   ap.add_argument("--draws", type=int, default=8)
   ap.add_argument("--rois", type=int, default=4)
   ap.add_argument("--workdir", default="/tmp/deepcad-jax-coverage")
+  ap.add_argument("--reuse-models", action="store_true",
+                  help="use a model already trained in the workdir (same movie, recipe)")
   args = ap.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
   os.makedirs(args.output, exist_ok=True)
@@ -105,7 +137,7 @@ def main() -> None:
   for name in args.cases.split(","):
     for snr in (float(s) for s in args.snrs.split(",")):
       record["runs"].append(run_case(name, snr, shape, args.workdir, args.draws,
-                                     args.rois))
+                                     args.rois, args.reuse_models))
       with open(os.path.join(args.output, "coverage.json"), "w") as f:
         json.dump(record, f, indent=1)
 

@@ -15,17 +15,20 @@ bootstrapping for uncertainty quantification in imaging inverse problems", 2023)
    its bias (a re-estimate that shrinks a transient shows it), which the symmetry spread
    misses.
 
-The check: one frame in `holdout_every` is replaced by the mean of its two neighbours,
-the movie is denoised once more, and at those frames the squared difference between the
-raw frame and the denoised one, minus the raw frame's noise variance, estimates the true
-squared error (the raw frame's noise is independent of an estimate that never saw it).
-Per intensity bin, the ratio of this to the bootstrap's mean square is reported. Over
-all bins, the std is scaled by the ratio only where the two differ by more than the
-check can tell: twice its standard error plus UNCERTAINTY_NOISE_TOLERANCE (5%) of the
-noise variance. At low SNR the noise variance is many times the error, so a few percent
-of error in the fitted noise model would decide the scale; there the check reports
-"consistent" and the bootstrap stands as it is. The check measures the error of an
-estimate made without the held-out frame, slightly larger than that of the estimate.
+The check, with no noise model: one pair of frames (h, h + 1) in `holdout_every` is
+replaced by the straight line between h - 1 and h + 2 and the movie is denoised once
+more. The raw frames' noises are independent of each other and of that probe estimate,
+so the product of their residuals from it, averaged over a `box` x `box` square
+(UNCERTAINTY_CHECK_BOX: 3, the std map's own resolution), has the mean of the probe's
+box-mean error at h times that at h + 1, about its variance. Less the mean square gap
+between the probe and the estimate (the error the two missing frames add), it estimates
+the estimate's box-mean error variance. Per bin of activity (each pixel's temporal std
+in the estimate), its ratio to the bootstrap's box-mean variance is reported; where the
+two differ by more than twice the check's standard error (from disjoint squares), the
+box-mean part of every deviation in that bin is scaled by the ratio's square root. The
+finer rest, which the check cannot resolve at low SNR, stays as the bootstrap has it.
+The old check compared single voxels with the noise variance subtracted: at low SNR that
+variance is 100 times the error, so 1% of error in the fitted noise model decided it.
 
 Cost: `draws` + 1 network passes per voxel beyond the denoising itself.
 """
@@ -99,63 +102,104 @@ def _sym(x: np.ndarray, s: int, inverse: bool = False) -> np.ndarray:
   return np.asarray(f(jnp.asarray(x), s))
 
 
-def heldout_check(raw: np.ndarray, estimate: np.ndarray, bootstrap_var: np.ndarray,
-                  den: Denoiser, nm: noise_lib.NoiseModel, mean: float, scale: float,
-                  every: int, bins: int) -> tuple[list[dict], float]:
-  """The check per intensity bin, then its verdict over all bins (the last row), and
-  the scale to apply: 1 unless the held-out error and the bootstrap differ by more than
-  twice the check's standard error plus UNCERTAINTY_NOISE_TOLERANCE of the noise
-  variance (a few percent of error in the noise model would otherwise decide it)."""
+def box_mean(x: np.ndarray, box: int) -> np.ndarray:
+  """The mean over a `box` x `box` square around every pixel of (..., Y, X) frames
+  (edges repeated)."""
+  out = np.asarray(x, np.float64)
+  for axis in (-2, -1):
+    lo = box // 2
+    pad = [(0, 0)] * out.ndim
+    pad[axis] = (lo + 1, box - 1 - lo)
+    c = np.cumsum(np.pad(out, pad, mode="edge"), axis=axis)
+    n = out.shape[axis]
+    out = (np.take(c, np.arange(box, box + n), axis=axis)
+           - np.take(c, np.arange(n), axis=axis)) / box
+  return out
+
+
+def pair_probe(raw: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
+  """(probe, held): `raw` with one pair of frames (h, h + 1) in `every` replaced by the
+  straight line between their neighbours h - 1 and h + 2, and the first frames h."""
   t = raw.shape[0]
-  held = np.arange(every // 2 + 1, t - 1, every)
+  held = np.arange(max(1, every // 2), t - 2, every)
   if not len(held):
-    held = np.array([t // 2])
+    held = np.array([max(1, t // 2 - 1)])
   probe = raw.copy()
-  probe[held] = 0.5 * (raw[held - 1] + raw[held + 1])
-  d = denoise_normalised(den, probe, mean, scale)[held].astype(np.float64)
-  r = raw[held].astype(np.float64)
-  err2 = (r - d) ** 2 - nm.variance(np.clip(d, 0, None))
-  pred = bootstrap_var[held].astype(np.float64)
-  level = estimate[held].ravel()
+  before, after = raw[held - 1], raw[held + 2]
+  probe[held] = (2 * before + after) / np.float32(3)
+  probe[held + 1] = (before + 2 * after) / np.float32(3)
+  return probe, held
+
+
+def heldout_check(raw: np.ndarray, estimate: np.ndarray, probe_estimate: np.ndarray,
+                  held: np.ndarray, bootstrap_box_var: np.ndarray, box: int, bins: int
+                  ) -> list[dict]:
+  """The check of `box` x `box` means, per bin of `activity` (the last row: over all
+  pixels).
+
+  At held-out pairs (h, h + 1), the product of the raw frames' box-mean residuals from
+  `probe_estimate` (the movie denoised without them) has the mean of the probe's error
+  at h times that at h + 1: the two frames' noises are independent of each other and of
+  the probe, so no noise model enters. Less the mean square box-mean gap between the
+  probe and `estimate` (the error the held-out frames add), it estimates the estimate's
+  box-mean error variance, compared with the bootstrap's (`bootstrap_box_var`, at the
+  frames (held, held + 1)). A bin is scaled by sqrt(held-out / bootstrap) only where
+  they differ by more than twice the check's standard error (from disjoint boxes)."""
+  pairs = (held, held + 1)
+  res = [box_mean(raw[h].astype(np.float64) - probe_estimate[h], box) for h in pairs]
+  gap = [box_mean(probe_estimate[h].astype(np.float64) - estimate[h], box) for h in pairs]
+  err2 = res[0] * res[1] - 0.5 * (gap[0] ** 2 + gap[1] ** 2)
+  pred = 0.5 * (bootstrap_box_var[:len(held)] + bootstrap_box_var[len(held):])
+  level = activity(estimate, box)
   edges = np.unique(np.quantile(level, np.linspace(0, 1, bins + 1)))
   idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, max(0, len(edges) - 2))
+  disjoint = np.zeros(level.shape, bool)
+  disjoint[box // 2::box, box // 2::box] = True
   rows = []
-  for b in range(max(1, len(edges) - 1)):  # the last row is the total (`verdict`)
+
+  def row(m: np.ndarray) -> dict:
+    e, p = float(err2[:, m].mean()), float(pred[:, m].mean())
+    sample = err2[:, m & disjoint] if (m & disjoint).any() else err2[:, m]
+    se = float(sample.std() / np.sqrt(sample.size))
+    out = {"pixels": int(m.sum()), "heldout_error_var": e, "bootstrap_var": p,
+           "standard_error": se}
+    if abs(e - p) <= 2 * se:
+      out["verdict"], out["scale"] = "consistent with the bootstrap", 1.0
+    elif e <= 0:
+      out["verdict"], out["scale"] = "inconclusive: the held-out error is below zero", 1.0
+    else:
+      out["verdict"] = "scaled: the bootstrap disagrees with the held-out error"
+      out["scale"] = float(np.sqrt(e / p)) if p > 0 else 1.0
+    return out
+  for b in range(max(1, len(edges) - 1)):
     m = idx == b
-    if not m.any():
-      continue
-    e, p = float(err2.ravel()[m].mean()), float(pred.ravel()[m].mean())
-    rows.append({"intensity_lo": float(edges[b]), "intensity_hi": float(edges[b + 1]),
-                 "voxels": int(m.sum()), "heldout_error_var": e,
-                 "bootstrap_var": p,
-                 "scale": float(np.sqrt(max(e, 0.0) / p)) if p > 0 else None})
-  total_e, total_p = float(err2.mean()), float(pred.mean())
-  noise_var = float(nm.variance(np.clip(d, 0, None)).mean())
-  tolerance = (2 * float(err2.std()) / np.sqrt(err2.size)
-               + config_lib.UNCERTAINTY_NOISE_TOLERANCE * noise_var)
-  verdict = {"heldout_error_var": total_e, "bootstrap_var": total_p,
-             "noise_var": noise_var, "tolerance": tolerance}
-  if abs(total_e - total_p) <= tolerance:
-    verdict["verdict"], overall = "consistent with the bootstrap", 1.0
-  elif total_e <= 0:
-    verdict["verdict"], overall = ("inconclusive: the held-out error is below zero, so "
-                                   "the noise model is overestimated"), 1.0
-  else:
-    verdict["verdict"] = "scaled: the bootstrap disagrees with the held-out error"
-    overall = float(np.sqrt(total_e / total_p)) if total_p > 0 else 1.0
-  verdict["scale"] = overall
-  rows.append(verdict)
-  return rows, overall
+    if m.any():
+      rows.append({"activity_lo": float(edges[b]), "activity_hi": float(edges[b + 1]),
+                   **row(m)})
+  rows.append(row(np.ones(level.shape, bool)))  # the last row: all pixels (`verdict`)
+  return rows
 
 
-def bin_scales(estimate: np.ndarray, rows: list[dict], overall: float) -> np.ndarray:
-  """The per-voxel scale of the check's intensity bins (`rows`) at `estimate`'s
-  intensities; a bin without a scale gets `overall`."""
-  rows = [r for r in rows if "intensity_lo" in r]
-  edges = np.array([r["intensity_lo"] for r in rows] + [rows[-1]["intensity_hi"]])
-  scales = np.array([r["scale"] if r["scale"] else overall for r in rows], np.float32)
-  idx = np.clip(np.searchsorted(edges, estimate, side="right") - 1, 0, len(scales) - 1)
+def activity(estimate: np.ndarray, box: int) -> np.ndarray:
+  """The (Y, X) activity the check bins by: each pixel's temporal std in `estimate`,
+  averaged over a `box` x `box` square."""
+  return box_mean(np.asarray(estimate).std(0, dtype=np.float64), box)
+
+
+def bin_scales(estimate: np.ndarray, rows: list[dict], box: int) -> np.ndarray:
+  """The (Y, X) scale of the check's activity bins (`rows`) at `estimate`'s pixels."""
+  rows = [r for r in rows if "activity_lo" in r]
+  edges = np.array([r["activity_lo"] for r in rows] + [rows[-1]["activity_hi"]])
+  scales = np.array([r["scale"] for r in rows], np.float32)
+  idx = np.clip(np.searchsorted(edges, activity(estimate, box), side="right") - 1, 0,
+                len(scales) - 1)
   return scales[idx]
+
+
+def scale_deviation(dev: np.ndarray, level: np.ndarray, box: int) -> np.ndarray:
+  """A (T, Y, X) bootstrap deviation with its `box`-mean part scaled by `level` (Y, X)
+  and its finer rest as it is."""
+  return (dev + (level - np.float32(1))[None] * box_mean(dev, box)).astype(np.float32)
 
 
 def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
@@ -179,9 +223,10 @@ def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
 
 def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            draws: int = config_lib.UNCERTAINTY_DRAWS, seed: int = 0,
-                           scale_mode: str = "heldout", keep_samples: bool = False,
+                           scale_mode: str = "bins", keep_samples: bool = False,
                            holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY,
                            bins: int = config_lib.UNCERTAINTY_BINS,
+                           box: int = config_lib.UNCERTAINTY_CHECK_BOX,
                            brightness: str = "regional",
                            progress: bool = False) -> Uncertainty:
   """The calibrated error std of a denoised movie, from the raw recording alone.
@@ -192,11 +237,12 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     estimate: its denoised movie (default: denoised here, one more network pass).
     draws: bootstrap draws (network passes); at least 2.
     seed: the draws' random seed.
-    scale_mode: 'heldout' (one scale from the held-out check), 'bins' (a scale per
-      intensity bin of the check) or 'none' (the bootstrap as it is).
+    scale_mode: 'bins' (a scale per activity bin of the held-out check), 'heldout' (one
+      scale from the check over all pixels) or 'none' (the bootstrap as it is).
     keep_samples: also return the plausible truths (for `traces` bands).
-    holdout_every: one held-out frame in this many, for the check.
-    bins: intensity bins of the check.
+    holdout_every: one held-out pair of frames in this many, for the check.
+    bins: activity bins of the check.
+    box: the check's square, in pixels across.
     brightness: how the estimate was made ('regional': `denoising.brightness`, the
       default of `denoise`; 'model': the network's output); each re-estimate is made
       the same way, so the correction's own error is part of the spread.
@@ -207,13 +253,18 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if scale_mode not in SCALE_MODES:
     raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
                     f"{scale_mode!r}.")
+  if holdout_every < 4 or box < 1 or bins < 1:
+    raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
+                    f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
+                    f"{bins}.")
   regional = brightness_lib.check_mode(brightness) == "regional"
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
   block = brightness_lib.patch_frames(den.model.config)
 
   def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
-    """The estimate of `noisy` as `denoise` makes it (under symmetry s, inverted)."""
+    """The estimate of `noisy` as `denoise` makes it (under symmetry s, inverted): the
+    draws and the check's probe are made as the estimate is."""
     out = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
     return brightness_lib.corrected_array(noisy, out, block)[0] if regional else out
 
@@ -224,35 +275,42 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                     "give the denoised version of this recording.")
   rng = np.random.default_rng(seed)
   syms = symmetries_for(raw.shape)
+  probe, held = pair_probe(raw, holdout_every)
+  pairs = np.concatenate([held, held + 1])
   acc = np.zeros(raw.shape, np.float64)
+  cross = np.zeros(raw.shape, np.float32)     # sum of dev x its box mean
+  low = np.zeros(raw.shape, np.float32)       # sum of its box mean squared
   devs = np.empty((draws,) + raw.shape, np.float32) if keep_samples else None
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
     noisy = est + nm.sample(est, rng)
-    again = estimator(noisy, s)
-    dev = again - est
+    dev = estimator(noisy, s) - est
+    dev_box = box_mean(dev, box).astype(np.float32)
     acc += dev.astype(np.float64) ** 2
+    cross += dev * dev_box
+    low += dev_box ** 2
     if devs is not None:
       devs[k] = dev
     if progress:
       log.info("bootstrap draw %d/%d (symmetry %d)", k + 1, draws, s)
-  var = smooth3((acc / draws).astype(np.float32))
-  rows, overall = heldout_check(raw, est, var, den, nm, mean, nscale, holdout_every, bins)
-  level = np.ones(raw.shape, np.float32)
-  if scale_mode == "heldout":
-    level *= np.float32(overall)
-  elif scale_mode == "bins":
-    level = bin_scales(est, rows, overall)
-  std = (np.sqrt(var) * level).astype(np.float32)
+  rows = heldout_check(raw, est, estimator(probe), held, low[pairs] / draws, box, bins)
+  pooled = rows[-1]["scale"]
+  level = (bin_scales(est, rows, box) if scale_mode == "bins" else
+           np.full(raw.shape[1:], pooled if scale_mode == "heldout" else 1.0, np.float32))
+  # each deviation's box-mean part is scaled, the rest (finer than the check) is not:
+  # mean of (dev + (level - 1) box_mean(dev))^2
+  extra = (level - np.float32(1))[None]
+  var = smooth3(((acc + 2 * extra * cross + extra ** 2 * low) / draws).astype(np.float32))
+  std = np.sqrt(np.maximum(var, 0)).astype(np.float32)
   samples = None
   if devs is not None:
-    samples = est[None] + devs * level[None]
-  record = {"method": "parametric equivariant bootstrap, checked on held-out frames",
+    samples = np.stack([est + scale_deviation(d, level, box) for d in devs])
+  record = {"method": "parametric equivariant bootstrap, its box means checked on "
+                      "held-out frame pairs per activity bin",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
             "brightness": brightness,
-            "scale": overall if scale_mode == "heldout" else (
-                None if scale_mode == "bins" else 1.0),
-            "heldout_scale": overall, "heldout_every": holdout_every,
+            "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
+            "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,
             "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),
             "network_passes_per_voxel": draws + 1 + (estimate is None),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
@@ -292,7 +350,11 @@ def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = Fal
 
 def describe(record: dict, paths: list[str]) -> str:
   """One line for the command line."""
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check: "
-          f"{record['verdict']['verdict']}, scale {record['heldout_scale']:.3g}; "
+  if record["scale_mode"] == "bins":
+    scale = "scales by activity bin " + ", ".join(f"{r['scale']:.3g}" for r in record["check"])
+  else:
+    scale = f"scale {record['scale']:.3g}"
+  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check "
+          f"over all pixels: {record['verdict']['verdict']}; {scale}; "
           f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
           f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))

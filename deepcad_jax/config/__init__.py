@@ -181,14 +181,13 @@ def validate(cfg: Config) -> None:
 TILINGS = ("auto", "exact", "overlap")
 PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMETRIES)
 # Calibrated uncertainty (`analysis.bootstrap`): bootstrap draws (one network pass each),
-# one held-out frame in HOLDOUT_EVERY for the check, intensity bins of the check.
+# one held-out pair of frames in HOLDOUT_EVERY for the check, which compares the error
+# of CHECK_BOX x CHECK_BOX pixel means (the std map's resolution) in BINS bins of the
+# estimate's activity.
 UNCERTAINTY_DRAWS = 8
 UNCERTAINTY_HOLDOUT_EVERY = 8
-UNCERTAINTY_BINS = 8
-# The held-out check scales the bootstrap only where they differ by more than twice the
-# check's standard error plus this fraction of the noise variance (how far the fitted
-# noise model is trusted: real recordings' fits are off by a few percent).
-UNCERTAINTY_NOISE_TOLERANCE = 0.05
+UNCERTAINTY_BINS = 4
+UNCERTAINTY_CHECK_BOX = 3
 # The hallucination audit (`analysis.audit`): frames of the control scenes (at most), the
 # simple cell finder's rule (local contrast above BLOB_SIGMA x the image's noise std as
 # if raw, against the mean of a BLOB_WINDOW square, over BLOB_AREA connected pixels or

@@ -124,6 +124,8 @@ def test_bootstrap_of_an_identity_network_gives_the_noise_std(trained_model):
   assert u.record["network_passes_per_voxel"] == 4 + 1 + 1
   with pytest.raises(UserError, match="at least 2 bootstrap draws"):
     calibrated_uncertainty(movie, den, draws=1)
+  with pytest.raises(UserError, match="holdout_every >= 4"):
+    calibrated_uncertainty(movie, den, draws=2, holdout_every=2)
 
 
 def test_calibrated_std_is_wider_than_the_symmetry_spread(capsys, tmp_path, trained_model):

@@ -1,0 +1,68 @@
+"""The calibrated uncertainty's held-out check (analysis.bootstrap), on hand-made arrays."""
+
+import numpy as np
+import pytest
+
+from deepcad_jax.analysis.bootstrap import (bin_scales, box_mean, heldout_check, pair_probe,
+                                           scale_deviation)
+
+
+def test_box_mean_is_the_mean_over_the_square_with_edges_repeated():
+  x = np.random.default_rng(0).normal(size=(2, 16, 18))
+  out = box_mean(x, 5)
+  assert out[1, 7, 9] == pytest.approx(x[1, 5:10, 7:12].mean())
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2)), mode="edge")
+  assert out[0, 0, 0] == pytest.approx(padded[0, :5, :5].mean())
+  np.testing.assert_allclose(box_mean(x, 1), x)
+
+
+def test_pair_probe_puts_the_line_between_the_neighbours_in_place_of_each_pair():
+  raw = np.arange(32, dtype=np.float32)[:, None, None] ** 2 * np.ones((1, 4, 4), np.float32)
+  probe, held = pair_probe(raw, 8)
+  assert list(held) == [4, 12, 20, 28]
+  np.testing.assert_allclose(probe[4], (2 * raw[3] + raw[6]) / 3)
+  np.testing.assert_allclose(probe[5], (raw[3] + 2 * raw[6]) / 3)
+  untouched = np.setdiff1d(np.arange(32), np.r_[held, held + 1])
+  np.testing.assert_array_equal(probe[untouched], raw[untouched])
+
+
+def _case(seed=0):
+  """A movie whose estimate errs by a fixed, spatially smooth field: the check must
+  find that field's box-mean variance from the raw frames' noise alone."""
+  rng = np.random.default_rng(seed)
+  t, y, x = 64, 32, 32
+  clean = np.ones((t, y, x)) + np.linspace(0, 1, x)[None, None] * rng.random((t, 1, 1))
+  field = np.kron(rng.normal(0, 0.5, (y // 4, x // 4)), np.ones((4, 4)))
+  est = clean + field[None]
+  raw = (clean + rng.normal(0, 1, clean.shape)).astype(np.float32)
+  held = pair_probe(raw, 8)[1]
+  truth = float((box_mean(field, 4) ** 2).mean())
+  return raw, est, held, truth
+
+
+def test_heldout_check_finds_the_box_error_with_no_noise_model_and_scales_the_bootstrap():
+  raw, est, held, truth = _case()
+  boot = np.full((2 * len(held),) + raw.shape[1:], truth / 4)
+  rows = heldout_check(raw, est, est, held, boot, 4, 2)
+  assert rows[-1]["heldout_error_var"] == pytest.approx(truth, rel=0.1)
+  assert rows[-1]["scale"] == pytest.approx(2.0, rel=0.1)
+  assert "scaled" in rows[-1]["verdict"] and len(rows) == 3
+  level = bin_scales(est, rows, 4)
+  assert level.shape == raw.shape[1:] and set(np.unique(level)) <= {
+      np.float32(r["scale"]) for r in rows[:-1]}
+
+
+def test_heldout_check_leaves_a_bootstrap_it_cannot_tell_apart():
+  raw, est, held, truth = _case(1)
+  boot = np.full((2 * len(held),) + raw.shape[1:], truth)
+  rows = heldout_check(raw, est, est, held, boot, 4, 2)
+  assert all(r["scale"] == 1.0 and r["verdict"].startswith("consistent") for r in rows)
+
+
+def test_scaling_a_deviation_scales_its_box_mean_and_keeps_the_finer_rest():
+  dev = np.random.default_rng(2).normal(size=(4, 12, 12)).astype(np.float32)
+  level = np.full((12, 12), 0.5, np.float32)
+  np.testing.assert_allclose(scale_deviation(dev, level, 3), dev - 0.5 * box_mean(dev, 3),
+                             atol=1e-6)
+  np.testing.assert_allclose(scale_deviation(dev, np.ones((12, 12), np.float32), 3), dev,
+                             atol=1e-6)
