@@ -402,9 +402,8 @@ def extract(movie, rois: Sequence[Roi], samples: Sequence = (), raw=None,
 def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile:8",
                        band: Sequence[float] = (5, 95), progress: bool = False,
                        band_shape: str = "auto") -> Traces:
-  """Traces from a model: `raw` is denoised with `denoiser` (and the regional brightness
-  correction, as `denoise` does), and every sample is reduced to its traces as it is
-  produced; no sample movie is written.
+  """Traces from a model: `raw` denoised with `denoiser` and the regional brightness
+  correction (as `denoise`), every sample reduced to its traces as it comes.
 
   Args:
     raw: the raw movie (array, path or `Movie`).
@@ -422,13 +421,9 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
     raise UserError("traces from a model need uncertainty samples (symmetries=K) and "
                     "save_samples=True on the Denoiser.")
   measure = brightness.Measure(raw, brightness.patch_frames(denoiser.model.config))
-  parts = []
-  for b in denoiser.blocks(raw, progress=progress):
-    measure.add(b)
-    parts.append(block_traces(b, rois))
+  parts = [block_traces(b, rois) for b in
+           measure.through(denoiser.blocks(raw, progress=progress))]
   t = np.concatenate(parts)  # (T, R, channels): predict.Channels
-  # As `denoise` does by default: the regional brightness correction, a static image,
-  # is one number per ROI added to the mean and to every sample.
   shift = block_traces(measure.fit().field[None], rois)[0]
   return Traces([r.name for r in rois], [r.pixels for r in rois],
                 Channels.mean(t) + shift, movie_traces(raw, rois),
@@ -526,7 +521,6 @@ def sample_files(spec: str | Sequence[str]) -> list[str]:
       raise UserError(f"sample {f} does not exist.")
     check_input(f, folder=False)
   return files
-
 
 
 @dataclasses.dataclass

@@ -124,6 +124,12 @@ class Measure:
       self.count[k] += int(rows.sum())
     self.done += n
 
+  def through(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each block, once added (for callers that reduce the blocks as they come)."""
+    for block in blocks:
+      self.add(block)
+      yield block
+
   def fit(self) -> Correction:
     """The correction whose smoothing scores best across the two sets."""
     raw_mean = float(self.raw.sum() / max(self.count.sum(), 1) / self.raw[0].size)
