@@ -9,8 +9,12 @@ bootstrapping for uncertainty quantification in imaging inverse problems", 2023)
 1. New noisy movies are drawn from the denoised estimate with the recording's fitted
    noise model (`analysis.noise`: Poisson-Gaussian variance, neighbour correlation),
    each under a random symmetry of the (y, x) plane that the network is trained with.
-2. Each is denoised by the same network and the symmetry is inverted.
-3. The root mean square of these re-estimates around the estimate, per voxel (lightly
+   With `denoise`'s regional brightness correction they are drawn from the network's
+   output before it, whose mean image lacks the correction's static noise (a pattern
+   of the raw mean that no truth has and that the network smooths away in every draw).
+2. Each is denoised as the estimate was (the same network, then the correction) and the
+   symmetry is inverted.
+3. The root mean square of these re-estimates around what they were drawn from, per voxel (lightly
    smoothed over 3x3x3 voxels), estimates the error: it holds the estimator's spread and
    its bias (a re-estimate that shrinks a transient shows it), which the symmetry spread
    misses.
@@ -268,11 +272,19 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     out = _sym(denoise_normalised(den, _sym(noisy, s), mean, nscale), s, inverse=True)
     return brightness_lib.corrected_array(noisy, out, block)[0] if regional else out
 
-  est = (estimator(raw) if estimate is None else
-         as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32))
+  network = denoise_normalised(den, raw, mean, nscale) if (
+      regional or estimate is None) else None
+  if estimate is None:
+    est = brightness_lib.corrected_array(raw, network, block)[0] if regional else network
+  else:
+    est = as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32)
   if est.shape != raw.shape:
     raise UserError(f"the denoised movie is {est.shape} but {mv.name} is {raw.shape}; "
                     "give the denoised version of this recording.")
+  # The draws' truth: the estimate, or with the regional correction the network's own
+  # output, which lacks the correction's static noise (a pattern of the raw movie's
+  # mean that no real truth has and that the network would smooth away in every draw).
+  truth = network if regional else est
   rng = np.random.default_rng(seed)
   syms = symmetries_for(raw.shape)
   probe, held = pair_probe(raw, holdout_every)
@@ -283,8 +295,8 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   devs = np.empty((draws,) + raw.shape, np.float32) if keep_samples else None
   for k in range(draws):
     s = int(syms[rng.integers(len(syms))])
-    noisy = est + nm.sample(est, rng)
-    dev = estimator(noisy, s) - est
+    noisy = truth + nm.sample(truth, rng)
+    dev = estimator(noisy, s) - truth
     dev_box = box_mean(dev, box).astype(np.float32)
     acc += dev.astype(np.float64) ** 2
     cross += dev * dev_box
@@ -312,7 +324,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
             "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,
             "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),
-            "network_passes_per_voxel": draws + 1 + (estimate is None),
+            "network_passes_per_voxel": draws + 1 + (estimate is None or regional),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
   return Uncertainty(std, samples, record)
