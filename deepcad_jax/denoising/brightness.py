@@ -31,7 +31,7 @@ from deepcad_jax.denoising.step import Channels
 
 MODES = ("regional", "model")  # regional: this correction; model: the network's output
 SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # candidate smoothing, in pixels
-MIN_BLOCKS = 4  # the cross-validation needs at least two blocks in each set
+MIN_BLOCKS_PER_SET = 2  # the cross-validation needs at least two blocks in each set
 
 
 def check_mode(mode: str) -> str:
@@ -134,7 +134,7 @@ class Measure:
     """The correction whose smoothing scores best across the two sets."""
     raw_mean = float(self.raw.sum() / max(self.count.sum(), 1) / self.raw[0].size)
     total = (self.raw.sum(0) - self.den.sum(0)) / max(self.count.sum(), 1)
-    if self.count.min() < self.block * (MIN_BLOCKS // 2):  # too short to cross-validate
+    if self.count.min() < self.block * MIN_BLOCKS_PER_SET:  # too short to cross-validate
       return Correction(np.full(total.shape, total.mean(), np.float32), "global",
                         {}, raw_mean)
     diff = (self.raw - self.den) / self.count[:, None, None]
@@ -158,20 +158,33 @@ def correct(blocks: Iterator[np.ndarray], correction: Correction | None, out_dty
   to the denoised frames (and to the samples, which are values; not to the std), as
   (frames in `out_dtype`, the other channels or None); the rounding and clipping are
   counted afresh in `stats`."""
-  field = np.float32(0) if correction is None else correction.field.astype(np.float32)
+  field = None if correction is None else correction.field.astype(np.float32)
   if stats is not None:
     stats.clipped, stats.rounding_sq, stats.rounded, stats.spread = 0, 0.0, 0, None
   for block in blocks:
     block = np.array(block, np.float32)
-    if block.ndim == 3:
-      data, extras = block, None
-    else:
-      Channels.samples(block)[...] += np.asarray(field)[..., None]
-      data, extras = Channels.mean(block), Channels.extras(block)
-    converted = host_convert(data + field, out_dtype)
+    if field is not None:
+      if block.ndim == 3:
+        block += field
+      else:
+        Channels.mean(block)[...] += field
+        Channels.samples(block)[...] += field[..., None]
+    data, extras = (block, None) if block.ndim == 3 else (Channels.mean(block),
+                                                          Channels.extras(block))
+    converted = host_convert(data, out_dtype)
     if stats is not None:
       stats.count(converted)
     yield converted.data, extras
+
+
+def fit(movie: Movie, blocks: Iterator[np.ndarray], model_config,
+        store: np.ndarray | None = None) -> Correction:
+  """Pass one over the denoised movie's float32 `blocks` (in order, kept in `store` when
+  given): the correction for `movie`, with the model's patch as the block."""
+  measure = Measure(movie, patch_frames(model_config), store)
+  for block in blocks:
+    measure.add(block)
+  return measure.fit()
 
 
 def corrected_array(raw: np.ndarray, denoised: np.ndarray, block: int

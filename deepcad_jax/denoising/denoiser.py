@@ -410,11 +410,8 @@ def denoise(movie: Any, model: Model | str | Denoiser, config: DenoiseConfig | N
                                                      progress=progress))
   else:
     store = np.empty(movie.shape + ((den.channels,) if den.channels else ()), np.float32)
-    measure = brightness_lib.Measure(movie, brightness_lib.patch_frames(den.model.config),
-                                     store)
-    for block in den.blocks(movie, progress=progress):
-      measure.add(block)
-    correction = measure.fit()
+    correction = brightness_lib.fit(movie, den.blocks(movie, progress=progress),
+                                    den.model.config, store)
     log.info("%s: %s", movie.name, correction.describe())
     blocks = brightness_lib.correct(brightness_lib.chunks(store), correction, out_dtype)
   start = 0

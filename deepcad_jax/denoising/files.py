@@ -195,14 +195,11 @@ def _write_one(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bool,
     else:
       try:
         store = _open_spill(spill, movie.shape, den.channels)
-        measure = brightness_lib.Measure(
-            movie, brightness_lib.patch_frames(den.model.config), store)
-        for block in den.blocks(movie, stats, progress=progress):
-          measure.add(block)
-        correction = measure.fit()
+        correction = brightness_lib.fit(movie, den.blocks(movie, stats, progress=progress),
+                                        den.model.config, store)
         _write_frames(brightness_lib.correct(brightness_lib.chunks(store), correction,
                                              out_dtype, stats), writers)
-        del store, measure
+        del store
       except OSError as e:
         raise os_error(e, spill) from None
       finally:
@@ -308,11 +305,7 @@ def _write_shared(movie: Movie, dst: str, den: Denoiser, out_dtype, progress: bo
     correction = None
     try:
       if brightness == "regional":  # the parts hold the float32 frames: fit, then write
-        measure = brightness_lib.Measure(movie, brightness_lib.patch_frames(
-            den.model.config))
-        for block in parts():
-          measure.add(block)
-        correction = measure.fit()
+        correction = brightness_lib.fit(movie, parts(), den.model.config)
       with _movie_writers(dst, den.extra_outputs(dst), movie, out_dtype,
                           overwrite) as writers:
         _write_frames(brightness_lib.correct(parts(), correction, out_dtype, stats),

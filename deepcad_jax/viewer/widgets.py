@@ -270,6 +270,13 @@ class TrainWidget(Panel):
 # ------------------------------------------------------------------ denoise
 
 
+def _model_field() -> QLineEdit:
+  """Where the Denoise and Stream panels take their model."""
+  field = QLineEdit()
+  field.setPlaceholderText("run directory or DeepCAD-RT .pth")
+  return field
+
+
 class DenoiseWidget(Panel):
   """Denoise a layer with a model; adds the denoised layer beside it, and optionally
   the std and the samples of K test-time symmetries."""
@@ -281,8 +288,7 @@ class DenoiseWidget(Panel):
     super().__init__(napari_viewer)
     viewer = napari_viewer
     self.layer_choice = LayerChoice(viewer)
-    self.model = QLineEdit()
-    self.model.setPlaceholderText("run directory or DeepCAD-RT .pth")
+    self.model = _model_field()
     self.step = QLineEdit()
     self.step.setPlaceholderText("last (or a number, or best)")
     self.symmetries = QSpinBox()
@@ -357,8 +363,7 @@ class StreamWidget(Panel):
     super().__init__(napari_viewer)
     viewer = napari_viewer
     self.layer_choice = LayerChoice(viewer)
-    self.model = QLineEdit()
-    self.model.setPlaceholderText("run directory or DeepCAD-RT .pth")
+    self.model = _model_field()
     self.rate = QDoubleSpinBox()
     self.rate.setRange(0.0, 1000.0)
     self.rate.setValue(30.0)
