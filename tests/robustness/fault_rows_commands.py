@@ -274,6 +274,10 @@ ROWS: list[Fault] = [
                      "--output", f.output(f.root / "den.tif")],
           r"--batch-size 100000: .* tiles of .* per device and call need about .*, over "
           r"the memory budget"),
+    Fault("denoise: --brightness not one of regional, model", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--brightness", "local",
+                     "--output", f.output(f.root / "den.tif")],
+          r"--brightness=local: value should be one of <regional\|model>"),
 
     # -- config files, folders, watched folders, working folders ------------------------
     Fault("train: --config file without get_config", "train",
