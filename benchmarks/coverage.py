@@ -3,7 +3,8 @@
 On movies made by `simulate` at several SNRs, with white noise and a constant background
 ("white") and with noise correlated between x-neighbours and a neuropil that follows the
 population ("correlated"), it trains the demo network (CPU, short), runs the calibrated
-uncertainty (which uses no ground truth: `analysis.bootstrap`) and measures where the
+uncertainty (which uses no ground truth: `analysis.bootstrap`; also with its bias split
+off, `bias_probes=0`, as `without_bias_split`) and measures where the
 truth lies: within 1 and 2 std of the denoised movie, per scaling of the bootstrap
 (none, the held-out check's one scale, its per-activity-bin scales, each applied to the
 deviations' box-mean part as `calibrated_uncertainty` does), against the symmetry spread
@@ -63,6 +64,30 @@ def check_truth(est: np.ndarray, clean: np.ndarray, rec: dict) -> list[dict]:
   return out
 
 
+def score(u, est: np.ndarray, clean: np.ndarray, roi_list: list) -> dict:
+  """Coverage per scaling of the check (none, its one scale, its bins) of the per-voxel
+  std and of the ROI bands from the calibrated samples."""
+  rec = u.record
+  box = rec["check_box"]
+  levels = {"none": np.ones(est.shape[1:], np.float32),
+            "heldout": np.full(est.shape[1:], rec["heldout_scale"], np.float32),
+            "bins": bin_scales(est, rec["check"], box)}
+  devs = {k: np.stack([scale_deviation(s - est, v, box) for s in u.samples])
+          for k, v in levels.items()}
+  out = {"coverage": {k: coverage(est, np.sqrt(smooth3(np.mean(d.astype(np.float64) ** 2,
+                                                               0))), clean)
+                      for k, d in devs.items()}, "rois": {}}
+  truth = extract(clean, roi_list)
+  for k, dev in devs.items():
+    tr = extract(est, roi_list, list(est[None] + dev), band=(5, 95), band_shape="auto")
+    lo, hi = tr.f_band
+    inside = np.mean((truth.denoised >= lo) & (truth.denoised <= hi), axis=0)
+    out["rois"][k] = {"inside_90_band": [float(v) for v in inside],
+                      "rois_85_to_95": int(np.sum((inside >= 0.85) & (inside <= 0.95))),
+                      "median_inside": float(np.median(inside))}
+  return out
+
+
 def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
              reuse: bool = False) -> dict:
   noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=1, **CASES[name])
@@ -79,41 +104,33 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
          "train_seconds": None if reused else time.perf_counter() - t0,
          "model_reused": reused}
   est = denoise(noisy, model, output_dtype="float32")
-  t0 = time.perf_counter()
-  u = calibrated_uncertainty(noisy, model, est, draws=draws, scale_mode="none",
-                             keep_samples=True)
-  row["uncertainty_seconds"] = time.perf_counter() - t0
-  rec = u.record
-  row["network_passes_per_voxel"] = rec["network_passes_per_voxel"]
-  row["heldout_scale"] = rec["heldout_scale"]
-  row["check"] = rec["check"]
-  row["verdict"] = rec["verdict"]
-  row["check_truth"] = check_truth(est, clean, rec)
-  box = rec["check_box"]
-  levels = {"none": np.ones(shape[1:], np.float32),
-            "heldout": np.full(shape[1:], rec["heldout_scale"], np.float32),
-            "bins": bin_scales(est, rec["check"], box)}
-  devs = {k: np.stack([scale_deviation(s - est, v, box) for s in u.samples])
-          for k, v in levels.items()}
-  row["coverage"] = {k: coverage(est, np.sqrt(smooth3(np.mean(d.astype(np.float64) ** 2,
-                                                              0))), clean)
-                     for k, d in devs.items()}
+  roi_list = rois_from_json(active_rois(clean, rois), shape[1:])
+  for probes in (config_lib.UNCERTAINTY_BIAS_PROBES, 0):
+    t0 = time.perf_counter()
+    u = calibrated_uncertainty(noisy, model, est, draws=draws, scale_mode="none",
+                               keep_samples=True, bias_probes=probes)
+    seconds = time.perf_counter() - t0
+    scored = score(u, est, clean, roi_list)
+    if probes == 0:
+      row["without_bias_split"] = scored
+      continue
+    rec = u.record
+    row["uncertainty_seconds"] = seconds
+    row["network_passes_per_voxel"] = rec["network_passes_per_voxel"]
+    row["bias_split"] = rec["bias_split"]
+    row["heldout_scale"] = rec["heldout_scale"]
+    row["check"] = rec["check"]
+    row["verdict"] = rec["verdict"]
+    row["check_truth"] = check_truth(est, clean, rec)
+    row.update(scored)
   _, sym_std = denoise(noisy, model, output_dtype="float32", symmetries=8)
   row["coverage"]["symmetry_spread_k8"] = coverage(est, sym_std, clean)
-  roi_list = rois_from_json(active_rois(clean, rois), shape[1:])
-  truth = extract(clean, roi_list)
-  row["rois"] = {}
-  for k, dev in devs.items():
-    tr = extract(est, roi_list, list(est[None] + dev), band=(5, 95), band_shape="auto")
-    lo, hi = tr.f_band
-    inside = np.mean((truth.denoised >= lo) & (truth.denoised <= hi), axis=0)
-    row["rois"][k] = {"inside_90_band": [float(v) for v in inside],
-                      "rois_85_to_95": int(np.sum((inside >= 0.85) & (inside <= 0.95))),
-                      "median_inside": float(np.median(inside))}
   print(json.dumps({k: row[k] for k in ("case", "snr_target_db", "heldout_scale")}),
         json.dumps({k: (round(v["within_1std"], 3), round(v["within_2std"], 3))
                     for k, v in row["coverage"].items()}),
-        json.dumps({k: v["rois_85_to_95"] for k, v in row["rois"].items()}), flush=True)
+        json.dumps({k: v["rois_85_to_95"] for k, v in row["rois"].items()}),
+        json.dumps({k: (round(v["within_1std"], 3), round(v["within_2std"], 3))
+                    for k, v in row["without_bias_split"]["coverage"].items()}), flush=True)
   return row
 
 

@@ -206,6 +206,83 @@ def scale_deviation(dev: np.ndarray, level: np.ndarray, box: int) -> np.ndarray:
   return (dev + (level - np.float32(1))[None] * box_mean(dev, box)).astype(np.float32)
 
 
+class Deviations:
+  """Running sums over the bootstrap deviations d_k (T, Y, X) and their `box` means
+  B(d_k), in float64: what the std, the held-out check and the bias split need without
+  keeping every draw."""
+
+  def __init__(self, box: int):
+    self.box, self.n = box, 0
+    self.total = self.square = self.cross = self.low = None
+
+  def add(self, dev: np.ndarray) -> None:
+    d = np.asarray(dev, np.float64)
+    b = box_mean(d, self.box)
+    if self.n == 0:
+      self.total, self.square, self.cross, self.low = (np.zeros_like(d) for _ in range(4))
+    self.total += d
+    self.square += d * d
+    self.cross += d * b
+    self.low += b * b
+    self.n += 1
+
+  @property
+  def mean(self) -> np.ndarray:
+    """The mean deviation m (float32)."""
+    return (self.total / self.n).astype(np.float32)
+
+  def spread(self) -> np.ndarray:
+    """The draws' variance about their own mean, per voxel (n - 1 in the denominator)."""
+    m = self.total / self.n
+    return np.maximum(self.square - self.n * m * m, 0) / max(self.n - 1, 1)
+
+  def bias_gain(self, removed: np.ndarray) -> np.ndarray:
+    """The share g (T, Y, X), in [0, 1], of the mean deviation m kept as the estimator's
+    bias. m^2 holds the bias^2, the draws' own sampling noise (spread / n) and what the
+    network takes out again of the estimate's own random error (`removed`); the bias^2
+    is m^2 less the other two, smoothed over 3x3x3 voxels and at least 0, and
+    g = sqrt(bias^2 / smoothed m^2)."""
+    m2 = (self.total / self.n) ** 2
+    bias2 = np.maximum(smooth3((m2 - self.spread() / self.n - removed).astype(np.float32)),
+                       0)
+    m2 = smooth3(m2.astype(np.float32))
+    ratio = np.divide(bias2, m2, out=np.zeros_like(m2), where=m2 > 0)
+    return np.sqrt(np.clip(ratio, 0, 1)).astype(np.float32)
+
+  def adjust(self, dev: np.ndarray, gain: np.ndarray, centre: bool) -> np.ndarray:
+    """Deviation d_k with its mean part m scaled by `gain`: c (d_k - m) + gain m, where
+    c = sqrt(n / (n - 1)) keeps the draws' spread unbiased; `dev` itself unless
+    `centre`."""
+    if not centre:
+      return dev
+    m = self.mean
+    c = np.float32(np.sqrt(self.n / (self.n - 1)))
+    return (c * (dev - m) + gain * m).astype(np.float32)
+
+  def adjusted(self, gain: np.ndarray, centre: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sums over the adjusted deviations d'_k (see `adjust`) of d'^2, d' B(d') and
+    B(d')^2, from the running sums alone (B is linear and the centred parts sum to 0)."""
+    if not centre:
+      return self.square, self.cross, self.low
+    n = self.n
+    m = self.total / n
+    bm = box_mean(m, self.box)
+    g = gain.astype(np.float64) * m
+    bg = box_mean(g, self.box)
+    c2 = n / (n - 1)
+    return (c2 * (self.square - n * m * m) + n * g * g,
+            c2 * (self.cross - n * m * bm) + n * g * bg,
+            c2 * (self.low - n * bm * bm) + n * bg * bg)
+
+  def summary(self, gain: np.ndarray, removed: np.ndarray) -> dict:
+    """The bias split's means over all voxels, for the record."""
+    m2 = (self.total / self.n) ** 2
+    return {"mean_deviation_sq": float(m2.mean()), "spread": float(self.spread().mean()),
+            "own_error_removed": float(np.mean(removed, dtype=np.float64)),
+            "bias_sq": float(np.mean(gain.astype(np.float64) ** 2 * m2))}
+
+
 def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
                     ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
   """(denoiser, movie, raw frames in memory, noise model, mean, scale): what a check that
@@ -231,6 +308,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY,
                            bins: int = config_lib.UNCERTAINTY_BINS,
                            box: int = config_lib.UNCERTAINTY_CHECK_BOX,
+                           bias_probes: int = config_lib.UNCERTAINTY_BIAS_PROBES,
                            brightness: str = "regional",
                            progress: bool = False) -> Uncertainty:
   """The calibrated error std of a denoised movie, from the raw recording alone.
@@ -247,6 +325,9 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     holdout_every: one held-out pair of frames in this many, for the check.
     bins: activity bins of the check.
     box: the check's square, in pixels across.
+    bias_probes: extra network passes that measure how much of the estimate's own
+      random error the network takes out again (it would pass for bias); at most
+      draws // 2. 0 keeps the re-estimates' mean deviation whole.
     brightness: how the estimate was made ('regional': `denoising.brightness`, the
       default of `denoise`; 'model': the network's output); each re-estimate is made
       the same way, so the correction's own error is part of the spread.
@@ -257,6 +338,8 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if scale_mode not in SCALE_MODES:
     raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
                     f"{scale_mode!r}.")
+  if bias_probes < 0:
+    raise UserError(f"--bias-probes takes 0 or more network passes; got {bias_probes}.")
   if holdout_every < 4 or box < 1 or bins < 1:
     raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
                     f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
@@ -285,26 +368,42 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   # output, which lacks the correction's static noise (a pattern of the raw movie's
   # mean that no real truth has and that the network would smooth away in every draw).
   truth = network if regional else est
-  rng = np.random.default_rng(seed)
   syms = symmetries_for(raw.shape)
+  probes = min(bias_probes, draws // 2)
+
+  def draw(k: int) -> tuple[int, np.ndarray]:
+    """Draw k's symmetry and noisy movie (its own seed, so it can be drawn again)."""
+    rng = np.random.default_rng([seed, k])
+    s = int(syms[rng.integers(len(syms))])
+    return s, truth + nm.sample(truth, rng)
+
   probe, held = pair_probe(raw, holdout_every)
   pairs = np.concatenate([held, held + 1])
-  acc = np.zeros(raw.shape, np.float64)
-  cross = np.zeros(raw.shape, np.float32)     # sum of dev x its box mean
-  low = np.zeros(raw.shape, np.float32)       # sum of its box mean squared
+  moments = Deviations(box)
+  kept = {}  # the draws the bias split pairs up: donors 0.. and hosts ..draws - 1
   devs = np.empty((draws,) + raw.shape, np.float32) if keep_samples else None
   for k in range(draws):
-    s = int(syms[rng.integers(len(syms))])
-    noisy = truth + nm.sample(truth, rng)
+    s, noisy = draw(k)
     dev = estimator(noisy, s) - truth
-    dev_box = box_mean(dev, box).astype(np.float32)
-    acc += dev.astype(np.float64) ** 2
-    cross += dev * dev_box
-    low += dev_box ** 2
+    moments.add(dev)
+    if k < probes or k >= draws - probes:
+      kept[k] = dev
     if devs is not None:
       devs[k] = dev
     if progress:
       log.info("bootstrap draw %d/%d (symmetry %d)", k + 1, draws, s)
+  removed = np.zeros(raw.shape, np.float32)
+  for j in range(probes):
+    # donor j's random part, added to host k's input: what the network takes out of it
+    host = draws - 1 - j
+    zeta = kept[j] - moments.mean
+    s, noisy = draw(host)
+    response = estimator(noisy + zeta, s) - truth - kept[host]
+    removed += ((response - zeta) ** 2).astype(np.float32) / np.float32(probes)
+    if progress:
+      log.info("bias probe %d/%d", j + 1, probes)
+  gain = moments.bias_gain(removed) if probes else np.ones(raw.shape, np.float32)
+  square, cross, low = moments.adjusted(gain, centre=probes > 0)
   rows = heldout_check(raw, est, estimator(probe), held, low[pairs] / draws, box, bins)
   pooled = rows[-1]["scale"]
   level = (bin_scales(est, rows, box) if scale_mode == "bins" else
@@ -312,11 +411,12 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   # each deviation's box-mean part is scaled, the rest (finer than the check) is not:
   # mean of (dev + (level - 1) box_mean(dev))^2
   extra = (level - np.float32(1))[None]
-  var = smooth3(((acc + 2 * extra * cross + extra ** 2 * low) / draws).astype(np.float32))
+  var = smooth3(((square + 2 * extra * cross + extra ** 2 * low) / draws).astype(np.float32))
   std = np.sqrt(np.maximum(var, 0)).astype(np.float32)
   samples = None
   if devs is not None:
-    samples = np.stack([est + scale_deviation(d, level, box) for d in devs])
+    samples = np.stack([est + scale_deviation(moments.adjust(d, gain, probes > 0), level,
+                                              box) for d in devs])
   record = {"method": "parametric equivariant bootstrap, its box means checked on "
                       "held-out frame pairs per activity bin",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
@@ -324,7 +424,8 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
             "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,
             "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),
-            "network_passes_per_voxel": draws + 1 + (estimate is None or regional),
+            "bias_probes": probes, "bias_split": moments.summary(gain, removed),
+            "network_passes_per_voxel": draws + probes + 1 + (estimate is None or regional),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
   return Uncertainty(std, samples, record)
@@ -366,7 +467,11 @@ def describe(record: dict, paths: list[str]) -> str:
     scale = "scales by activity bin " + ", ".join(f"{r['scale']:.3g}" for r in record["check"])
   else:
     scale = f"scale {record['scale']:.3g}"
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws; held-out check "
+  split = record.get("bias_split") or {}
+  bias = (f"; bias split by {record['bias_probes']} probes, bias^2 "
+          f"{split['bias_sq']:.3g} of mean deviation^2 {split['mean_deviation_sq']:.3g}"
+          if record.get("bias_probes") else "")
+  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws{bias}; held-out check "
           f"over all pixels: {record['verdict']['verdict']}; {scale}; "
           f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
           f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))

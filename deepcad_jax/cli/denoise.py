@@ -110,6 +110,7 @@ def _run_denoise(fv):
       from deepcad_jax.denoising.denoiser import Denoiser
       result = bootstrap.calibrated_uncertainty(
           r.input, Denoiser(model, config), r.output, draws=_v(fv, "draws"),
+          bias_probes=_v(fv, "bias-probes"),
           keep_samples=_v(fv, "save-samples"), brightness=brightness, progress=True)
       paths = bootstrap.write_uncertainty(result, r.output,
                                           overwrite=_v(fv, "overwrite"))

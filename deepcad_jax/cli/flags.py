@@ -81,12 +81,17 @@ def _define_run_settings(fv):
   flags.DEFINE_string("uncertainty", "0", "'calibrated' (recommended): the error std "
                       "of every voxel from a bootstrap of the recording's own noise model, "
                       "checked on held-out frames (docs/trust.md), written beside the "
-                      "output (*_std.tif, *_uncertainty.json); --draws + 1 more network "
-                      "passes. Or K in 2..8 (1..8 for an ensemble): the spread of K "
+                      "output (*_std.tif, *_uncertainty.json); --draws + --bias-probes + 1 "
+                      "more network passes. Or K in 2..8 (1..8 for an ensemble): the spread of K "
                       "symmetries of the (y, x) plane (too narrow for an error bar).",
                       flag_values=fv)
   flags.DEFINE_integer("draws", config_lib.UNCERTAINTY_DRAWS, "With --uncertainty "
                        "calibrated: bootstrap draws (one network pass each).",
+                       flag_values=fv)
+  flags.DEFINE_integer("bias-probes", config_lib.UNCERTAINTY_BIAS_PROBES, "With "
+                       "--uncertainty calibrated: network passes that tell the "
+                       "estimator's bias from the estimate's own error in the draws' mean "
+                       "deviation (at most --draws / 2; 0 keeps the mean deviation whole).",
                        flag_values=fv)
   flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
                        "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'; "

@@ -188,6 +188,9 @@ UNCERTAINTY_DRAWS = 8
 UNCERTAINTY_HOLDOUT_EVERY = 8
 UNCERTAINTY_BINS = 4
 UNCERTAINTY_CHECK_BOX = 3
+# ... and BIAS_PROBES more passes that split the re-estimates' mean deviation into the
+# estimator's bias and the estimate's own error, which the network takes out again.
+UNCERTAINTY_BIAS_PROBES = 2
 # The hallucination audit (`analysis.audit`): frames of the control scenes (at most), the
 # simple cell finder's rule (local contrast above BLOB_SIGMA x the image's noise std as
 # if raw, against the mean of a BLOB_WINDOW square, over BLOB_AREA connected pixels or

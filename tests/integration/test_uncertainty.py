@@ -121,11 +121,17 @@ def test_bootstrap_of_an_identity_network_gives_the_noise_std(trained_model):
   noise_std = np.sqrt(fit_movie(movie).variance(movie.astype(np.float32)))
   assert float(u.std.mean() / noise_std.mean()) == pytest.approx(1.0, abs=0.15)
   assert u.samples.shape == (4,) + movie.shape
-  assert u.record["network_passes_per_voxel"] == 4 + 1 + 1
+  # 4 draws, 2 bias probes (an identity network takes nothing out: no bias is kept),
+  # the check's probe and the estimate
+  assert u.record["network_passes_per_voxel"] == 4 + 2 + 1 + 1
+  assert u.record["bias_split"]["own_error_removed"] < 1e-6 * noise_std.mean() ** 2
+  assert u.record["bias_split"]["bias_sq"] < 0.1 * noise_std.mean() ** 2
   with pytest.raises(UserError, match="at least 2 bootstrap draws"):
     calibrated_uncertainty(movie, den, draws=1)
   with pytest.raises(UserError, match="holdout_every >= 4"):
     calibrated_uncertainty(movie, den, draws=2, holdout_every=2)
+  with pytest.raises(UserError, match="--bias-probes takes 0 or more"):
+    calibrated_uncertainty(movie, den, draws=2, bias_probes=-1)
 
 
 def test_calibrated_std_is_wider_than_the_symmetry_spread(capsys, tmp_path, trained_model):

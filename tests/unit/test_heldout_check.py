@@ -1,10 +1,11 @@
-"""The calibrated uncertainty's held-out check (analysis.bootstrap), on hand-made arrays."""
+"""The calibrated uncertainty's held-out check and bias split (analysis.bootstrap), on
+hand-made arrays."""
 
 import numpy as np
 import pytest
 
-from deepcad_jax.analysis.bootstrap import (bin_scales, box_mean, heldout_check, pair_probe,
-                                           scale_deviation)
+from deepcad_jax.analysis.bootstrap import (Deviations, bin_scales, box_mean, heldout_check,
+                                           pair_probe, scale_deviation)
 
 
 def test_box_mean_is_the_mean_over_the_square_with_edges_repeated():
@@ -66,3 +67,49 @@ def test_scaling_a_deviation_scales_its_box_mean_and_keeps_the_finer_rest():
                              atol=1e-6)
   np.testing.assert_allclose(scale_deviation(dev, np.ones((12, 12), np.float32), 3), dev,
                              atol=1e-6)
+
+
+def _deviations(mean_field, sigma=1.0, draws=8, seed=3):
+  """Bootstrap deviations d_k = mean_field + white noise of std `sigma`, summed."""
+  rng = np.random.default_rng(seed)
+  devs = (mean_field[None] + rng.normal(0, sigma, (draws,) + mean_field.shape)
+          ).astype(np.float32)
+  moments = Deviations(3)
+  for d in devs:
+    moments.add(d)
+  return moments, devs
+
+
+def test_adjusted_sums_are_the_sums_over_the_adjusted_deviations():
+  rng = np.random.default_rng(4)
+  moments, devs = _deviations(rng.normal(0, 1, (6, 12, 12)))
+  gain = rng.random((6, 12, 12)).astype(np.float32)
+  adj = np.stack([moments.adjust(d, gain, True) for d in devs]).astype(np.float64)
+  square, cross, low = moments.adjusted(gain, True)
+  np.testing.assert_allclose(square, (adj ** 2).sum(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cross, (adj * box_mean(adj, 3)).sum(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(low, (box_mean(adj, 3) ** 2).sum(0), rtol=1e-4, atol=1e-4)
+  # without the split the deviations and their sums stay as drawn
+  np.testing.assert_array_equal(moments.adjust(devs[0], gain, False), devs[0])
+  assert moments.adjusted(gain, False)[0] is moments.square
+
+
+def test_bias_split_drops_the_own_error_the_network_takes_out_again():
+  """A mean deviation that is all own error (as large as `removed` says) is dropped: the
+  draws' spread is left. One that is bias (nothing removed) is kept whole."""
+  field = np.full((8, 16, 16), 2.0)
+  moments, _ = _deviations(field, sigma=1.0, draws=8)
+  removed = np.full(field.shape, 4.0, np.float32)
+  gain = moments.bias_gain(removed)
+  assert moments.summary(gain, removed)["bias_sq"] < 0.1 * 4.0  # of a mean square of 4
+  square = moments.adjusted(gain, True)[0] / moments.n
+  # the spread alone (and the little that clipping the bias^2 estimate at zero keeps of
+  # its sampling noise), not spread + mean^2 = 5
+  assert float(square.mean()) == pytest.approx(1.0, abs=0.2)
+  gain = moments.bias_gain(np.zeros(field.shape, np.float32))
+  assert float(gain.mean()) > 0.95
+  square = moments.adjusted(gain, True)[0] / moments.n
+  assert float(square.mean()) == pytest.approx(1.0 + 4.0, rel=0.1)  # spread + bias^2
+  summary = moments.summary(gain, np.zeros(field.shape, np.float32))
+  assert summary["bias_sq"] == pytest.approx(4.0, rel=0.1)
+  assert summary["spread"] == pytest.approx(1.0, rel=0.1)
