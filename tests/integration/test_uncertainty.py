@@ -143,12 +143,14 @@ def test_calibrated_std_is_wider_than_the_symmetry_spread(capsys, tmp_path, trai
   out = str(tmp_path / "den.tif")
   assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
                    "--output", out, "--uncertainty", "calibrated", "--draws", "4",
-                   "--save-samples"]) == 0
-  assert "calibrated uncertainty (4 bootstrap draws" in capsys.readouterr().out
+                   "--bias-probes", "1", "--save-samples"]) == 0
+  assert "calibrated uncertainty (4 bootstrap draws; bias told apart in 1 probe pass:" in (
+      capsys.readouterr().out)
   den = open_movie(out).read(0, 32)
   std = open_movie(std_path(out)).read(0, 32)
   record = json.load(open(tmp_path / "den_uncertainty.json"))
   assert record["draws"] == 4 and record["check"] and np.isfinite(record["heldout_scale"])
+  assert record["bias_probes"] == 1 and record["network_passes_per_voxel"] == 4 + 1 + 1 + 1
   assert len(record["samples_files"]) == 4
   _, sym = denoise(noisy.astype(np.float32), trained_model, output_dtype="float32",
                    symmetries=4)
