@@ -312,6 +312,25 @@ def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
   return den, mv, raw, nm, float(norm.mean), float(norm.scale)
 
 
+def check_settings(draws: int, bias_probes: int = 0, scale_mode: str = "bins",
+                   holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY,
+                   box: int = config_lib.UNCERTAINTY_CHECK_BOX,
+                   bins: int = config_lib.UNCERTAINTY_BINS) -> None:
+  """One sentence for settings `calibrated_uncertainty` cannot run with (the CLI asks
+  before it denoises anything)."""
+  if draws < 2:
+    raise UserError(f"--draws takes at least 2 bootstrap draws; got {draws}.")
+  if scale_mode not in SCALE_MODES:
+    raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
+                    f"{scale_mode!r}.")
+  if bias_probes < 0:
+    raise UserError(f"--bias-probes takes 0 or more network passes; got {bias_probes}.")
+  if holdout_every < 4 or box < 1 or bins < 1:
+    raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
+                    f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
+                    f"{bins}.")
+
+
 def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            draws: int = config_lib.UNCERTAINTY_DRAWS, seed: int = 0,
                            scale_mode: str = "bins", keep_samples: bool = False,
@@ -343,17 +362,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
       the same way, so the correction's own error is part of the spread.
     progress: log each draw.
   """
-  if draws < 2:
-    raise UserError(f"--draws takes at least 2 bootstrap draws; got {draws}.")
-  if scale_mode not in SCALE_MODES:
-    raise UserError(f"the uncertainty scale is one of {', '.join(SCALE_MODES)}; got "
-                    f"{scale_mode!r}.")
-  if bias_probes < 0:
-    raise UserError(f"--bias-probes takes 0 or more network passes; got {bias_probes}.")
-  if holdout_every < 4 or box < 1 or bins < 1:
-    raise UserError(f"the held-out check needs holdout_every >= 4 (a pair and its two "
-                    f"neighbours), box >= 1 and bins >= 1; got {holdout_every}, {box}, "
-                    f"{bins}.")
+  check_settings(draws, bias_probes, scale_mode, holdout_every, box, bins)
   regional = brightness_lib.check_mode(brightness) == "regional"
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")

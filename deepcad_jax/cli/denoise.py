@@ -98,6 +98,9 @@ def _run_denoise(fv):
   if calibrated and _v(fv, "output-dtype") not in (None, "float32"):
     raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
                     "in float32; leave --output-dtype out.")
+  if calibrated:
+    from deepcad_jax.analysis.bootstrap import check_settings
+    check_settings(_v(fv, "draws"), _v(fv, "bias-probes"))
   brightness = _v(fv, "brightness") or ("model" if config.reference_stitching else
                                          "regional")
   reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,

@@ -278,6 +278,15 @@ ROWS: list[Fault] = [
           lambda f: ["--model", f.model, "--input", f.movie(), "--brightness", "local",
                      "--output", f.output(f.root / "den.tif")],
           r"--brightness=local: value should be one of <regional\|model>"),
+    Fault("denoise: --uncertainty calibrated --draws 1 (before denoising)", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--uncertainty",
+                     "calibrated", "--draws", "1", "--output", f.output(f.root / "den.tif")],
+          r"--draws takes at least 2 bootstrap draws; got 1"),
+    Fault("denoise: --uncertainty calibrated --bias-probes -1 (before denoising)", "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--uncertainty",
+                     "calibrated", "--bias-probes", "-1", "--output",
+                     f.output(f.root / "den.tif")],
+          r"--bias-probes takes 0 or more network passes; got -1"),
 
     # -- config files, folders, watched folders, working folders ------------------------
     Fault("train: --config file without get_config", "train",
