@@ -67,12 +67,18 @@ from deepcad_jax.denoising.denoiser import Denoiser, as_denoiser
 from deepcad_jax.denoising.outputs import sample_path, std_path
 from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.errors import UserError
+from deepcad_jax.runtime import resources
 from deepcad_jax.runtime.files import AtomicFile, outputs_together
 
 log = logging.getLogger("deepcad_jax")
 
 SCALE_MODES = ("heldout", "bins", "none")
 MIN_FRAMES = 12  # the check needs held-out frames with neighbours on both sides
+# Host bytes per voxel of the recording: the raw movie, the network's output, the
+# estimate and the check's probe (float32), the running sums (2 float64, 2 float32), the
+# probes' measure, and one draw's temporaries (its input, copies under the symmetry,
+# its deviation and box means). Each probe keeps 2 draws, each kept sample 1 (float32).
+BYTES_PER_VOXEL = 4 * 4 + 2 * 8 + 2 * 4 + 4 + 48
 
 
 @dataclasses.dataclass
@@ -218,8 +224,8 @@ def scale_deviation(dev: np.ndarray, level: np.ndarray, box: int) -> np.ndarray:
 
 class Deviations:
   """Running sums over the bootstrap deviations d_k (T, Y, X) and their `box` means
-  B(d_k), in float64: what the std, the held-out check and the bias split need without
-  keeping every draw."""
+  B(d_k) (of d_k and d_k^2 in float64): what the std, the held-out check and the bias
+  split need without keeping every draw."""
 
   def __init__(self, box: int):
     self.box, self.n = box, 0
@@ -229,7 +235,8 @@ class Deviations:
     d = np.asarray(dev, np.float64)
     b = box_mean(d, self.box)
     if self.n == 0:
-      self.total, self.square, self.cross, self.low = (np.zeros_like(d) for _ in range(4))
+      self.total, self.square = np.zeros_like(d), np.zeros_like(d)
+      self.cross, self.low = (np.zeros(d.shape, np.float32) for _ in range(2))
     self.total += d
     self.square += d * d
     self.cross += d * b
@@ -293,7 +300,8 @@ class Deviations:
             "bias_sq": float(np.mean(gain.astype(np.float64) ** 2 * m2))}
 
 
-def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
+def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str,
+                    bytes_per_voxel: float = 0.0
                     ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
   """(denoiser, movie, raw frames in memory, noise model, mean, scale): what a check that
   denoises new movies drawn from the recording's noise model starts from (the
@@ -306,6 +314,10 @@ def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
   if mv.shape[0] < min_frames:
     raise UserError(f"{mv.name}: {what} needs at least {min_frames} frames {why}; got "
                     f"{mv.shape[0]}.")
+  resources.check_fits(float(np.prod(mv.shape)) * bytes_per_voxel,
+                       resources.host_available_bytes(), "this machine",
+                       f"{what} of {mv.name} {tuple(mv.shape)}",
+                       "run it on fewer frames (a cropped copy) or a machine with more memory")
   raw = mv.read(0, mv.shape[0]).astype(np.float32)
   norm = den.normalisation(mv)
   nm = noise_lib.fit_movie(raw, name=mv.name)
@@ -364,8 +376,10 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   """
   check_settings(draws, bias_probes, scale_mode, holdout_every, box, bins)
   regional = brightness_lib.check_mode(brightness) == "regional"
+  probes = min(bias_probes, draws // 2)
   den, mv, raw, nm, mean, nscale = plain_recording(
-      model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check")
+      model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check",
+      BYTES_PER_VOXEL + 8 * probes + (4 * draws if keep_samples else 0))
   block = brightness_lib.patch_frames(den.model.config)
 
   def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
@@ -388,7 +402,6 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   # mean that no real truth has and that the network would smooth away in every draw).
   truth = network if regional else est
   syms = symmetries_for(raw.shape)
-  probes = min(bias_probes, draws // 2)
 
   def draw(k: int) -> tuple[int, np.ndarray]:
     """Draw k's symmetry and noisy movie (its own seed, so it can be drawn again)."""

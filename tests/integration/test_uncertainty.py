@@ -134,6 +134,18 @@ def test_bootstrap_of_an_identity_network_gives_the_noise_std(trained_model):
     calibrated_uncertainty(movie, den, draws=2, bias_probes=-1)
 
 
+
+def test_calibrated_uncertainty_refuses_a_recording_over_the_host_memory(monkeypatch,
+                                                                          trained_model):
+  from deepcad_jax import calibrated_uncertainty
+  from deepcad_jax.runtime import resources
+  movie, _ = noisy_movie((32, 24, 24), seed=5)
+  monkeypatch.setattr(resources, "host_available_bytes", lambda: 1000)
+  with pytest.raises(UserError, match=r"calibrated uncertainty of .*\(32, 24, 24\) needs "
+                                      r"at least .*; this machine has .*fewer frames"):
+    calibrated_uncertainty(movie, Denoiser(trained_model), draws=2)
+
+
 def test_calibrated_std_is_wider_than_the_symmetry_spread(capsys, tmp_path, trained_model):
   """On a movie with known truth, the calibrated std is wider than the symmetry spread
   and covers more of the errors; the CLI writes the std, the record and samples that
