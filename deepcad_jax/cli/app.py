@@ -176,7 +176,17 @@ def entry() -> None:
   # failed save) are reported again at exit: the failure has had its sentence.
   warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
   try:
-    sys.exit(main())
+    code = main()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      # Stopped by a signal: our files and locks are closed by now, but XLA work still
+      # in flight (a compilation, computations dispatched ahead) can crash the
+      # interpreter's teardown (a segmentation fault after "interrupted."), so leave
+      # without it.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      logging.shutdown()
+      os._exit(code)
+    sys.exit(code)
   except BrokenPipeError:  # output piped into a command that stopped reading (head)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)

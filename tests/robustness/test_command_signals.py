@@ -79,3 +79,44 @@ def test_a_stopped_stream_names_only_the_files_it_wrote(tmp_path, trained_model)
   assert named and all(os.path.isfile(p) for p in named), (said, os.listdir(tmp_path))
   if not (tmp_path / "live.tif").exists():
     assert "no denoised file was written" in said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_denoise_leaves_no_output_and_no_traceback(tmp_path, trained_model, sig,
+                                                            status):
+  """Stopped while it works (a second after it names its input), `denoise` exits with the
+  signal's status, in one line, and leaves neither the output nor its temporary files
+  (the regional brightness correction's float32 spill included); the input is as it
+  was."""
+  movie = write_tiff(tmp_path / "movie.tif", noisy_movie((4000, 64, 64))[0])
+  before = open(movie, "rb").read()
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    proc = _cli("denoise", "--model", trained_model, "--input", movie, "--output",
+                str(tmp_path / "den.tif"), stderr=f)
+  text = _signal_after(proc, err, "Denoising", sig)
+  assert proc.returncode == status, text[-2000:]
+  assert "Traceback" not in text, text[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["movie.tif", "stderr.txt"]
+  assert open(movie, "rb").read() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_demo_writes_no_result_and_runs_again(tmp_path, sig, status):
+  """Stopped while it trains, `demo` exits with the signal's status in one line and
+  writes no denoised movie and no results; run again with --overwrite, it completes."""
+  work, err = tmp_path / "demo", tmp_path / "stderr.txt"
+  with open(err, "w") as f:
+    proc = _cli("demo", "--quick", "--workdir", str(work), stderr=f)
+  text = _signal_after(proc, err, "compiling the training step", sig)
+  assert proc.returncode == status, text[-2000:]
+  assert "Traceback" not in text, text[-2000:]
+  assert not (work / "denoised.tif").exists() and not (work / "results.json").exists()
+  again = subprocess.run([sys.executable, "-m", "deepcad_jax", "demo", "--quick",
+                          "--workdir", str(work), "--overwrite"], capture_output=True,
+                         text=True, env={k: v for k, v in os.environ.items()
+                                         if k != "XLA_FLAGS"})
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert (work / "denoised.tif").exists() and (work / "results.json").exists()
