@@ -121,8 +121,8 @@ def exact_band_share(lag1: float, frames: int, samples: int, runs: int = 2000,
 
 
 def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
-             reuse: bool = False) -> dict:
-  noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=1, **CASES[name])
+             reuse: bool = False, movie_seed: int = 1) -> dict:
+  noisy, clean, info = simulate(shape=shape, snr_db=snr, seed=movie_seed, **CASES[name])
   base = os.path.join(workdir, f"{name}_snr{snr:+g}")
   os.makedirs(base, exist_ok=True)
   path = os.path.join(base, "noisy.tif")
@@ -133,6 +133,7 @@ def run_case(name: str, snr: float, shape, workdir: str, draws: int, rois: int,
   if not reused:
     train(path, model, config_lib.load_config("demo"), progress=False)
   row = {"case": name, "snr_target_db": snr, "snr_in_db": info["snr_db"],
+         "movie_seed": movie_seed,
          "train_seconds": None if reused else time.perf_counter() - t0,
          "model_reused": reused}
   est = denoise(noisy, model, output_dtype="float32")
@@ -176,7 +177,10 @@ def main() -> None:
   ap.add_argument("--rois", type=int, default=8)
   ap.add_argument("--workdir", default="/tmp/deepcad-jax-coverage")
   ap.add_argument("--reuse-models", action="store_true",
-                  help="use a model already trained in the workdir (same movie, recipe)")
+                  help="use a model already trained in the workdir (same recipe)")
+  ap.add_argument("--movie-seed", type=int, default=1,
+                  help="seed of the simulated movies (a model reused from the workdir "
+                       "was trained on seed 1's: a new recording for it)")
   args = ap.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
   os.makedirs(args.output, exist_ok=True)
@@ -186,7 +190,7 @@ def main() -> None:
   for name in args.cases.split(","):
     for snr in (float(s) for s in args.snrs.split(",")):
       record["runs"].append(run_case(name, snr, shape, args.workdir, args.draws,
-                                     args.rois, args.reuse_models))
+                                     args.rois, args.reuse_models, args.movie_seed))
       with open(os.path.join(args.output, "coverage.json"), "w") as f:
         json.dump(record, f, indent=1)
 

@@ -449,8 +449,10 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if devs is not None:
     samples = np.stack([est + scale_deviation(moments.adjust(d, gain, probes > 0), level,
                                               box) for d in devs])
-  record = {"method": "parametric equivariant bootstrap, its box means checked on "
-                      "held-out frame pairs per activity bin",
+  record = {"method": "parametric equivariant bootstrap"
+                      + (", its mean deviation split into bias and the estimate's own "
+                         "error" if probes else "")
+                      + ", its box means checked on held-out frame pairs per activity bin",
             "draws": draws, "seed": seed, "scale_mode": scale_mode,
             "brightness": brightness,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
