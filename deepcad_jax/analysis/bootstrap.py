@@ -68,17 +68,22 @@ from deepcad_jax.denoising.outputs import sample_path, std_path
 from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.errors import UserError
 from deepcad_jax.runtime import resources
-from deepcad_jax.runtime.files import AtomicFile, outputs_together
+from deepcad_jax.runtime.files import AtomicFile, format_bytes, outputs_together
 
 log = logging.getLogger("deepcad_jax")
 
 SCALE_MODES = ("heldout", "bins", "none")
 MIN_FRAMES = 12  # the check needs held-out frames with neighbours on both sides
-# Host bytes per voxel of the recording: the raw movie, the network's output, the
-# estimate and the check's probe (float32), the running sums (2 float64, 2 float32), the
-# probes' measure, and one draw's temporaries (its input, copies under the symmetry,
-# its deviation and box means). Each probe keeps 2 draws, each kept sample 1 (float32).
-BYTES_PER_VOXEL = 4 * 4 + 2 * 8 + 2 * 4 + 4 + 48
+# Host bytes per voxel of the recording that the calibrated uncertainty's arrays peak at
+# (measured with tracemalloc, 600x64x64, 2 probes: 145; with 8 samples kept: 185): the
+# raw movie, the network's output, the estimate and the check's probe (float32), the
+# running sums (2 float64, 2 float32), the probes' measure and a draw's temporaries
+# (float64 box means included). Each probe keeps 2 draws (float32); each kept sample
+# takes 5 bytes (float32 and its share of the temporaries).
+BYTES_PER_VOXEL = 132
+# Of the host's available memory, what one segment's arrays may take: the network's
+# tiles take from the rest (the engine sizes them to the memory left).
+SEGMENT_MEMORY_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -300,12 +305,11 @@ class Deviations:
             "bias_sq": float(np.mean(gain.astype(np.float64) ** 2 * m2))}
 
 
-def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str,
-                    bytes_per_voxel: float = 0.0
-                    ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
-  """(denoiser, movie, raw frames in memory, noise model, mean, scale): what a check that
-  denoises new movies drawn from the recording's noise model starts from (the
-  calibrated uncertainty, the audit). The network runs plain (no symmetries)."""
+def open_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
+                   ) -> tuple[Denoiser, Any, float, float]:
+  """(denoiser, movie, mean, scale) of a check that denoises new movies drawn from the
+  recording's noise model, with the recording's normalisation; the network runs plain
+  (no symmetries)."""
   den = as_denoiser(model)
   if den.symmetries:
     raise UserError(f"{what} runs the plain network; build the Denoiser without "
@@ -314,14 +318,24 @@ def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
   if mv.shape[0] < min_frames:
     raise UserError(f"{mv.name}: {what} needs at least {min_frames} frames {why}; got "
                     f"{mv.shape[0]}.")
+  norm = den.normalisation(mv)
+  return den, mv, float(norm.mean), float(norm.scale)
+
+
+def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str,
+                    bytes_per_voxel: float = 0.0, fix: str = "run it on fewer frames (a "
+                    "cropped copy) or a machine with more memory"
+                    ) -> tuple[Denoiser, Any, np.ndarray, noise_lib.NoiseModel, float, float]:
+  """`open_recording` with the raw frames in memory (float32) and their noise model:
+  (denoiser, movie, raw, noise model, mean, scale). Refused in one sentence when
+  `bytes_per_voxel` of the recording exceed the host's available memory."""
+  den, mv, mean, scale = open_recording(model, movie, what, min_frames, why)
   resources.check_fits(float(np.prod(mv.shape)) * bytes_per_voxel,
                        resources.host_available_bytes(), "this machine",
-                       f"{what} of {mv.name} {tuple(mv.shape)}",
-                       "run it on fewer frames (a cropped copy) or a machine with more memory")
+                       f"{what} of {mv.name} {tuple(mv.shape)}", fix)
   raw = mv.read(0, mv.shape[0]).astype(np.float32)
-  norm = den.normalisation(mv)
   nm = noise_lib.fit_movie(raw, name=mv.name)
-  return den, mv, raw, nm, float(norm.mean), float(norm.scale)
+  return den, mv, raw, nm, mean, scale
 
 
 def check_settings(draws: int, bias_probes: int = 0, scale_mode: str = "bins",
@@ -343,6 +357,39 @@ def check_settings(draws: int, bias_probes: int = 0, scale_mode: str = "bins",
                     f"{bins}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How the calibrated uncertainty runs (see `calibrated_uncertainty`'s Args)."""
+  draws: int = config_lib.UNCERTAINTY_DRAWS
+  seed: int = 0
+  scale_mode: str = "bins"
+  keep_samples: bool = False
+  holdout_every: int = config_lib.UNCERTAINTY_HOLDOUT_EVERY
+  bins: int = config_lib.UNCERTAINTY_BINS
+  box: int = config_lib.UNCERTAINTY_CHECK_BOX
+  bias_probes: int = config_lib.UNCERTAINTY_BIAS_PROBES
+  brightness: str = "regional"
+  progress: bool = False
+
+  def check(self) -> "Settings":
+    check_settings(self.draws, self.bias_probes, self.scale_mode, self.holdout_every,
+                   self.box, self.bins)
+    brightness_lib.check_mode(self.brightness)
+    return self
+
+  @property
+  def probes(self) -> int:
+    """The bias probes that run: at most draws // 2 (donors and hosts are apart)."""
+    return min(self.bias_probes, self.draws // 2)
+
+  @property
+  def regional(self) -> bool:
+    return self.brightness == "regional"
+
+  def bytes_per_voxel(self) -> float:
+    return BYTES_PER_VOXEL + 8 * self.probes + (5 * self.draws if self.keep_samples else 0)
+
+
 def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            draws: int = config_lib.UNCERTAINTY_DRAWS, seed: int = 0,
                            scale_mode: str = "bins", keep_samples: bool = False,
@@ -352,7 +399,8 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
                            bias_probes: int = config_lib.UNCERTAINTY_BIAS_PROBES,
                            brightness: str = "regional",
                            progress: bool = False) -> Uncertainty:
-  """The calibrated error std of a denoised movie, from the raw recording alone.
+  """The calibrated error std of a denoised movie, from the raw recording alone, in
+  memory (`write_calibrated_uncertainty` writes it for recordings of any length).
 
   Args:
     movie: the raw recording (array, path or `Movie`); held in memory.
@@ -374,12 +422,28 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
       the same way, so the correction's own error is part of the spread.
     progress: log each draw.
   """
-  check_settings(draws, bias_probes, scale_mode, holdout_every, box, bins)
-  regional = brightness_lib.check_mode(brightness) == "regional"
-  probes = min(bias_probes, draws // 2)
+  settings = Settings(draws, seed, scale_mode, keep_samples, holdout_every, bins, box,
+                      bias_probes, brightness, progress).check()
   den, mv, raw, nm, mean, nscale = plain_recording(
       model, movie, "calibrated uncertainty", MIN_FRAMES, "for its held-out check",
-      BYTES_PER_VOXEL + 8 * probes + (4 * draws if keep_samples else 0))
+      settings.bytes_per_voxel(), "run it on fewer frames, or write it with "
+      "write_calibrated_uncertainty (what denoise --uncertainty calibrated does), which "
+      "works in segments")
+  est = None if estimate is None else as_movie(estimate, "the denoised movie")
+  if est is not None and tuple(est.shape) != tuple(raw.shape):
+    raise UserError(f"the denoised movie is {tuple(est.shape)} but {mv.name} is "
+                    f"{tuple(raw.shape)}; give the denoised version of this recording.")
+  return _calibrate(den, raw, None if est is None else est.read(0, mv.shape[0]), nm, mean,
+                    nscale, settings)
+
+
+def _calibrate(den: Denoiser, raw: np.ndarray, estimate: np.ndarray | None,
+               nm: noise_lib.NoiseModel, mean: float, nscale: float, settings: Settings
+               ) -> Uncertainty:
+  """The calibrated uncertainty of `raw` (T, Y, X, float32, in memory) and its
+  `estimate` (or None: denoised here), with the recording's normalisation."""
+  draws, box, probes, regional = (settings.draws, settings.box, settings.probes,
+                                  settings.regional)
   block = brightness_lib.patch_frames(den.model.config)
 
   def estimator(noisy: np.ndarray, s: int = 0) -> np.ndarray:
@@ -393,10 +457,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if estimate is None:
     est = brightness_lib.corrected_array(raw, network, block)[0] if regional else network
   else:
-    est = as_movie(estimate, "the denoised movie").read(0, mv.shape[0]).astype(np.float32)
-  if est.shape != raw.shape:
-    raise UserError(f"the denoised movie is {est.shape} but {mv.name} is {raw.shape}; "
-                    "give the denoised version of this recording.")
+    est = np.asarray(estimate, np.float32)
   # The draws' truth: the estimate, or with the regional correction the network's own
   # output, which lacks the correction's static noise (a pattern of the raw movie's
   # mean that no real truth has and that the network would smooth away in every draw).
@@ -405,15 +466,15 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
 
   def draw(k: int) -> tuple[int, np.ndarray]:
     """Draw k's symmetry and noisy movie (its own seed, so it can be drawn again)."""
-    rng = np.random.default_rng([seed, k])
+    rng = np.random.default_rng([settings.seed, k])
     s = int(syms[rng.integers(len(syms))])
     return s, truth + nm.sample(truth, rng)
 
-  probe, held = pair_probe(raw, holdout_every)
+  probe, held = pair_probe(raw, settings.holdout_every)
   pairs = np.concatenate([held, held + 1])
   moments = Deviations(box)
   kept = {}  # the draws the bias split pairs up: donors 0.. and hosts ..draws - 1
-  devs = np.empty((draws,) + raw.shape, np.float32) if keep_samples else None
+  devs = np.empty((draws,) + raw.shape, np.float32) if settings.keep_samples else None
   for k in range(draws):
     s, noisy = draw(k)
     dev = estimator(noisy, s) - truth
@@ -422,7 +483,7 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
       kept[k] = dev
     if devs is not None:
       devs[k] = dev
-    if progress:
+    if settings.progress:
       log.info("bootstrap draw %d/%d (symmetry %d)", k + 1, draws, s)
   removed = np.zeros(raw.shape, np.float32)
   for j in range(probes):
@@ -432,12 +493,14 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
     s, noisy = draw(host)
     response = estimator(noisy + zeta, s) - truth - kept[host]
     removed += ((response - zeta) ** 2).astype(np.float32) / np.float32(probes)
-    if progress:
+    if settings.progress:
       log.info("bias probe %d/%d", j + 1, probes)
   gain = moments.bias_gain(removed) if probes else np.ones(raw.shape, np.float32)
   square, cross, low = moments.adjusted(gain, centre=probes > 0)
-  rows = heldout_check(raw, est, estimator(probe), held, low[pairs] / draws, box, bins)
+  rows = heldout_check(raw, est, estimator(probe), held, low[pairs] / draws, box,
+                       settings.bins)
   pooled = rows[-1]["scale"]
+  scale_mode = settings.scale_mode
   level = (bin_scales(est, rows, box) if scale_mode == "bins" else
            np.full(raw.shape[1:], pooled if scale_mode == "heldout" else 1.0, np.float32))
   # each deviation's box-mean part is scaled, the rest (finer than the check) is not:
@@ -445,24 +508,148 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   extra = (level - np.float32(1))[None]
   var = smooth3(((square + 2 * extra * cross + extra ** 2 * low) / draws).astype(np.float32))
   std = np.sqrt(np.maximum(var, 0)).astype(np.float32)
-  samples = None
-  if devs is not None:
-    samples = np.stack([est + scale_deviation(moments.adjust(d, gain, probes > 0), level,
-                                              box) for d in devs])
+  samples = devs  # each deviation becomes its plausible truth, in place
+  for k in range(len(devs) if devs is not None else 0):
+    devs[k] = est + scale_deviation(moments.adjust(devs[k], gain, probes > 0), level, box)
   record = {"method": "parametric equivariant bootstrap"
                       + (", its mean deviation split into bias and the estimate's own "
                          "error" if probes else "")
                       + ", its box means checked on held-out frame pairs per activity bin",
-            "draws": draws, "seed": seed, "scale_mode": scale_mode,
-            "brightness": brightness,
+            "draws": draws, "seed": settings.seed, "scale_mode": scale_mode,
+            "brightness": settings.brightness,
             "scale": {"bins": None, "heldout": pooled, "none": 1.0}[scale_mode],
-            "heldout_scale": pooled, "heldout_every": holdout_every, "check_box": box,
-            "check": rows[:-1], "verdict": rows[-1], "noise_model": nm.to_json(),
+            "heldout_scale": pooled, "heldout_every": settings.holdout_every,
+            "check_box": box, "check": rows[:-1], "verdict": rows[-1],
+            "noise_model": nm.to_json(),
             "bias_probes": probes, "bias_split": moments.summary(gain, removed),
             "network_passes_per_voxel": draws + probes + 1 + (estimate is None or regional),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
   return Uncertainty(std, samples, record)
+
+
+def segment_spans(frames: int, frame_bytes: float, margin: int, available: int | None,
+                  minimum: int, segment_frames: int | None = None
+                  ) -> list[tuple[int, int]] | None:
+  """[a, b) spans of about equal length that cover `frames`: one when the whole
+  recording fits in SEGMENT_MEMORY_SHARE of the `available` bytes (or `segment_frames`
+  asks for no fewer frames), else the fewest whose frames and `margin` frames either side
+  fit; None when such a span would be shorter than `minimum` frames."""
+  if segment_frames is not None:
+    length = min(max(1, int(segment_frames)), frames)
+  elif available is None or frames * frame_bytes <= SEGMENT_MEMORY_SHARE * available:
+    length = frames
+  else:
+    length = min(frames, int(SEGMENT_MEMORY_SHARE * available // frame_bytes) - 2 * margin)
+  if length < frames and length < minimum:
+    return None
+  count = -(-frames // length)
+  bounds = np.linspace(0, frames, count + 1).round().astype(int)
+  return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: str, *,
+                                 overwrite: bool = False, segment_frames: int | None = None,
+                                 **options: Any) -> tuple[list[str], dict]:
+  """The calibrated uncertainty of a recording of any length, written beside `output`
+  as `write_uncertainty` writes it; returns (paths, record).
+
+  A recording whose working set (`Settings.bytes_per_voxel`) fits in the host's memory
+  is done whole, exactly as `calibrated_uncertainty`. A longer one is done in segments
+  of equal length, each read with half a network patch of frames either side (context
+  for the network; those frames are not written), with its own noise model, draws,
+  bias probes and held-out check; the record lists them (`segments`). A segment
+  shorter than the brightness correction's cross-validation needs (4 patches) corrects
+  each draw by one offset, which widens the std a little where the estimate's regional
+  correction does better.
+
+  Args:
+    movie: the raw recording (path, array or `Movie`).
+    model: a `Model`, model directory or `Denoiser` (without uncertainty symmetries).
+    estimate: its denoised movie (path, array or `Movie`), as `denoise` wrote it.
+    output: the denoised movie's path: the outputs go beside it.
+    overwrite: replace earlier outputs.
+    segment_frames: frames per segment (default: as many as the memory allows).
+    **options: `calibrated_uncertainty`'s settings (draws, seed, scale_mode,
+      keep_samples, holdout_every, bins, box, bias_probes, brightness, progress).
+  """
+  settings = Settings(**options).check()
+  den, mv, mean, nscale = open_recording(model, movie, "calibrated uncertainty",
+                                         MIN_FRAMES, "for its held-out check")
+  est = as_movie(estimate, "the denoised movie")
+  if tuple(est.shape) != tuple(mv.shape):
+    raise UserError(f"the denoised movie is {tuple(est.shape)} but {mv.name} is "
+                    f"{tuple(mv.shape)}; give the denoised version of this recording.")
+  frames, frame_shape = int(mv.shape[0]), tuple(int(v) for v in mv.shape[1:])
+  margin = brightness_lib.patch_frames(den.model.config) // 2
+  frame_bytes = float(np.prod(frame_shape)) * settings.bytes_per_voxel()
+  available = resources.host_available_bytes()
+  spans = segment_spans(frames, frame_bytes, margin, available, MIN_FRAMES,
+                        segment_frames)
+  if spans is None:
+    need = (MIN_FRAMES + 2 * margin) * frame_bytes / SEGMENT_MEMORY_SHARE
+    raise UserError(f"calibrated uncertainty of {mv.name} {tuple(mv.shape)} needs at least "
+                    f"{format_bytes(need)} for segments of {MIN_FRAMES} frames (and "
+                    f"{margin} more either side); this machine has "
+                    f"{format_bytes(available)}; use a machine with more memory, fewer "
+                    f"--bias-probes, or leave --save-samples out.")
+  paths = [std_path(output), record_path(output)]
+  parts = []
+  with outputs_together() as files:
+    std_writer = MovieWriter(paths[0], frame_shape, np.float32, frames=frames,
+                             overwrite=overwrite)
+    files.append(std_writer)
+    sample_writers = []
+    for i in range(settings.draws if settings.keep_samples else 0):
+      paths.append(sample_path(output, i))
+      sample_writers.append(MovieWriter(paths[-1], frame_shape, np.float32,
+                                        frames=frames, overwrite=overwrite))
+      files.append(sample_writers[-1])
+    for i, (a, b) in enumerate(spans):
+      lo, hi = (a, b) if len(spans) == 1 else (max(0, a - margin), min(frames, b + margin))
+      if len(spans) > 1 and settings.progress:
+        log.info("segment %d/%d: frames %d:%d (read %d:%d)", i + 1, len(spans), a, b,
+                 lo, hi)
+      raw = mv.read(lo, hi).astype(np.float32)
+      nm = noise_lib.fit_movie(raw, name=mv.name)
+      result = _calibrate(den, raw, est.read(lo, hi), nm, mean, nscale, settings)
+      keep = slice(a - lo, b - lo)
+      std_writer.write(result.std[keep])
+      for w, sample in zip(sample_writers, [] if result.samples is None else
+                           result.samples):
+        w.write(sample[keep])
+      parts.append(((a, b), (lo, hi), result.record))
+    record = merge_records(parts, frames)
+    record.update(std=paths[0], samples_files=paths[2:])
+    files.append(AtomicFile(paths[1], overwrite=overwrite))
+    json.dump(record, files[-1].text(), indent=1)
+  return paths, record
+
+
+def merge_records(parts: list[tuple[tuple[int, int], tuple[int, int], dict]], frames: int
+                  ) -> dict:
+  """One record for the segments ((written frames), (read frames), record): a single
+  segment's own record, or the settings, the segments' checks and the totals."""
+  if len(parts) == 1:
+    return dict(parts[0][2])
+  first = parts[0][2]
+  record = {k: first[k] for k in ("method", "draws", "seed", "scale_mode", "brightness",
+                                   "heldout_every", "check_box", "bias_probes", "samples")}
+  record["segments"] = [
+      {"frames": list(span), "read": list(read),
+       **{k: r[k] for k in ("verdict", "check", "heldout_scale", "scale", "noise_model",
+                            "bias_split", "mean_std")}}
+      for span, read, r in parts]
+  consistent = sum(r["verdict"]["verdict"].startswith("consistent") for _, _, r in parts)
+  record["verdict"] = {"verdict": f"{consistent} of {len(parts)} segments consistent "
+                                  "with the bootstrap", "segments": len(parts)}
+  read = sum(hi - lo for _, (lo, hi), _ in parts)
+  record["network_passes_per_voxel"] = round(
+      first["network_passes_per_voxel"] * read / frames, 2)
+  record["mean_std"] = float(sum(r["mean_std"] * (b - a) for (a, b), _, r in parts)
+                             / frames)
+  record["shape"] = [frames] + first["shape"][1:]
+  return record
 
 
 def record_path(output: str) -> str:
@@ -497,16 +684,23 @@ def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = Fal
 
 def describe(record: dict, paths: list[str]) -> str:
   """One line for the command line."""
-  if record["scale_mode"] == "bins":
+  if "segments" in record:
+    scale = f"{len(record['segments'])} segments of about " + str(
+        round(record["shape"][0] / len(record["segments"]))) + " frames"
+  elif record["scale_mode"] == "bins":
     scale = "scales by activity bin " + ", ".join(f"{r['scale']:.3g}" for r in record["check"])
   else:
     scale = f"scale {record['scale']:.3g}"
-  split = record.get("bias_split") or {}
+  parts = record.get("segments") or [record]
   probes = record.get("bias_probes") or 0
-  bias = (f"; bias told apart in {probes} probe pass{'es' if probes > 1 else ''}: bias^2 "
-          f"{split['bias_sq']:.3g} of mean deviation^2 {split['mean_deviation_sq']:.3g}"
-          if probes else "")
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws{bias}; held-out check "
-          f"over all pixels: {record['verdict']['verdict']}; {scale}; "
+  bias = ""
+  if probes:
+    bias_sq = np.mean([p["bias_split"]["bias_sq"] for p in parts])
+    mean_sq = np.mean([p["bias_split"]["mean_deviation_sq"] for p in parts])
+    bias = (f"; bias told apart in {probes} probe pass{'es' if probes > 1 else ''}: "
+            f"bias^2 {bias_sq:.3g} of mean deviation^2 {mean_sq:.3g}")
+  where = "held-out check" if "segments" in record else "held-out check over all pixels"
+  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws{bias}; {where}: "
+          f"{record['verdict']['verdict']}; {scale}; "
           f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
           f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))

@@ -111,13 +111,12 @@ def _run_denoise(fv):
     if calibrated:
       from deepcad_jax.analysis import bootstrap
       from deepcad_jax.denoising.denoiser import Denoiser
-      result = bootstrap.calibrated_uncertainty(
-          r.input, Denoiser(model, config), r.output, draws=_v(fv, "draws"),
-          bias_probes=_v(fv, "bias-probes"),
-          keep_samples=_v(fv, "save-samples"), brightness=brightness, progress=True)
-      paths = bootstrap.write_uncertainty(result, r.output,
-                                          overwrite=_v(fv, "overwrite"))
-      print(bootstrap.describe(result.record, paths))
+      paths, record = bootstrap.write_calibrated_uncertainty(
+          r.input, Denoiser(model, config), r.output, r.output,
+          overwrite=_v(fv, "overwrite"), draws=_v(fv, "draws"),
+          bias_probes=_v(fv, "bias-probes"), keep_samples=_v(fv, "save-samples"),
+          brightness=brightness, progress=True)
+      print(bootstrap.describe(record, paths))
   return 0
 
 

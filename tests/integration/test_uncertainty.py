@@ -194,3 +194,63 @@ def test_student_t_band_is_wider_than_the_normal_for_few_samples():
   p_lo, p_hi = Traces(["a"], [1], den, samples=samples, band=(5, 95),
                       band_shape="percentile").f_band
   assert np.mean(t_hi - t_lo) > np.mean(p_hi - p_lo)
+
+
+@pytest.mark.parametrize("brightness", ["model", "regional"])
+def test_a_long_recording_is_done_in_segments_of_one_output(tmp_path, trained_model,
+                                                            brightness):
+  """In segments (each with its own draws, probes and check, read with context either
+  side), the std and samples are whole movies of the recording's length, close to the
+  std of the whole recording done at once, and the record lists the segments."""
+  from deepcad_jax import write_calibrated_uncertainty
+  from deepcad_jax.analysis.bootstrap import describe
+  noisy, _ = noisy_movie((48, 24, 24), seed=7)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  den = denoise(noisy.astype(np.float32), trained_model, output_dtype="float32",
+                brightness=brightness)
+  est = write_tiff(tmp_path / "den.tif", den)
+  model = Denoiser(trained_model)
+  paths, record = write_calibrated_uncertainty(
+      src, model, est, str(tmp_path / "den.tif"), segment_frames=16, draws=4,
+      keep_samples=True, brightness=brightness)
+  assert [s["frames"] for s in record["segments"]] == [[0, 16], [16, 32], [32, 48]]
+  assert record["segments"][1]["read"] == [12, 36]  # half the tiny model's 8-frame patch
+  assert "3 segments of about 16 frames" in describe(record, paths)
+  std = open_movie(paths[0]).read(0, 48)
+  assert std.shape == (48, 24, 24) and np.isfinite(std).all() and (std > 0).all()
+  assert [open_movie(p).shape[0] for p in paths[2:]] == [48] * 4
+  whole_paths, whole = write_calibrated_uncertainty(
+      src, model, est, str(tmp_path / "whole.tif"), draws=4, brightness=brightness)
+  assert "segments" not in whole
+  ratio = std.mean() / open_movie(whole_paths[0]).read(0, 48).mean()
+  assert 0.7 < ratio < 1.4
+  saved = json.load(open(paths[1]))
+  assert len(saved["segments"]) == 3 and saved["samples_files"] == paths[2:]
+
+
+def test_denoise_splits_a_recording_over_the_memory_into_segments(tmp_path, monkeypatch,
+                                                                  capsys, trained_model):
+  from deepcad_jax.analysis import bootstrap
+  from deepcad_jax.runtime import resources
+  noisy, _ = noisy_movie((48, 24, 24), seed=8)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  frame = 24 * 24 * (bootstrap.BYTES_PER_VOXEL + 8 * 2)
+  # 8 GiB available, of which the share holds 32 frames of this work: segments of 24
+  # read with 4 frames of context either side, so 2 segments
+  monkeypatch.setattr(resources, "host_available_bytes", lambda: 8 << 30)
+  monkeypatch.setattr(bootstrap, "SEGMENT_MEMORY_SHARE", 32.5 * frame / (8 << 30))
+  out = str(tmp_path / "den.tif")
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
+                   "--output", out, "--uncertainty", "calibrated", "--draws", "4",
+                   "--brightness", "model"]) == 0
+  said = capsys.readouterr().out
+  assert "2 segments of about 24 frames" in said, said
+  record = json.load(open(tmp_path / "den_uncertainty.json"))
+  assert [s["frames"] for s in record["segments"]] == [[0, 24], [24, 48]]
+  assert open_movie(std_path(out)).shape == (48, 24, 24)
+  monkeypatch.setattr(bootstrap, "SEGMENT_MEMORY_SHARE", 4 * frame / (8 << 30))
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
+                   "--output", str(tmp_path / "x.tif"), "--uncertainty", "calibrated",
+                   "--overwrite"]) != 0
+  captured = capsys.readouterr()
+  assert "needs at least" in captured.err and "for segments of 12 frames" in captured.err

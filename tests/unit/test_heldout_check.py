@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deepcad_jax.analysis.bootstrap import (Deviations, bin_scales, box_mean, heldout_check,
-                                           pair_probe, scale_deviation)
+                                           pair_probe, scale_deviation, segment_spans)
 
 
 def test_box_mean_is_the_mean_over_the_square_with_edges_repeated():
@@ -113,3 +113,15 @@ def test_bias_split_drops_the_own_error_the_network_takes_out_again():
   summary = moments.summary(gain, np.zeros(field.shape, np.float32))
   assert summary["bias_sq"] == pytest.approx(4.0, rel=0.1)
   assert summary["spread"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_segment_spans_cover_the_frames_in_the_fewest_that_fit():
+  # fits whole in half the available memory: one span
+  assert segment_spans(100, 10.0, 5, 10_000, 12) == [(0, 100)]
+  assert segment_spans(100, 10.0, 5, None, 12) == [(0, 100)]
+  # 500 bytes for a segment: 50 frames read, 40 written, so 3 spans of equal length
+  assert segment_spans(100, 10.0, 5, 1000, 12) == [(0, 33), (33, 67), (67, 100)]
+  assert segment_spans(100, 10.0, 5, 10_000, 12, segment_frames=25) == [
+      (0, 25), (25, 50), (50, 75), (75, 100)]
+  # not even the shortest segment and its margins fit
+  assert segment_spans(100, 10.0, 5, 300, 12) is None
