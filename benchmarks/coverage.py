@@ -3,7 +3,7 @@
 On movies made by `simulate` at several SNRs, with white noise and a constant background
 ("white") and with noise correlated between x-neighbours and a neuropil that follows the
 population ("correlated"), it trains the demo network (CPU, short), runs the calibrated
-uncertainty (which uses no ground truth: `analysis.bootstrap`; also with its bias split
+uncertainty (which uses no ground truth: `analysis.uncertainty`; also with its bias split
 off, `bias_probes=0`, as `without_bias_split`) and measures where the
 truth lies: within 1 and 2 std of the denoised movie, per scaling of the bootstrap
 (none, the held-out check's one scale, its per-activity-bin scales, each applied to the
@@ -28,8 +28,9 @@ import jax
 import numpy as np
 
 from deepcad_jax import calibrated_uncertainty, config as config_lib, denoise, train
-from deepcad_jax.analysis.bootstrap import (activity, bin_scales, box_mean, pair_probe,
-                                           scale_deviation, smooth3)
+from deepcad_jax.analysis.uncertainty.bootstrap import smooth3
+from deepcad_jax.analysis.uncertainty.heldout import (activity, bin_scales, box_mean, pair_probe,
+                                                      scale_deviation)
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.analysis.traces import extract, rois_from_json, student_t_quantile
 from deepcad_jax.data.movie import write_movie

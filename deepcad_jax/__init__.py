@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-from deepcad_jax.analysis.bootstrap import (calibrated_uncertainty,
-                                           write_calibrated_uncertainty, write_uncertainty)
+from deepcad_jax.analysis.uncertainty.bootstrap import calibrated_uncertainty
+from deepcad_jax.analysis.uncertainty.files import write_calibrated_uncertainty, write_uncertainty
 from deepcad_jax.config import Config, DenoiseConfig, load_config
 from deepcad_jax.core.network import LADDER, UNet3D
 from deepcad_jax.denoising.denoiser import Denoiser, denoise

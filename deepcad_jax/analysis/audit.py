@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.analysis.bootstrap import denoise_normalised, plain_recording
+from deepcad_jax.analysis.uncertainty.bootstrap import denoise_normalised, plain_recording
 from deepcad_jax.analysis.events import find_suppressed_events
 from deepcad_jax.data.movie import open_movie, refuse_to_overwrite
 from deepcad_jax.data.png import png_bytes

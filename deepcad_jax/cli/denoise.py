@@ -99,7 +99,7 @@ def _run_denoise(fv):
     raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
                     "in float32; leave --output-dtype out.")
   if calibrated:
-    from deepcad_jax.analysis.bootstrap import check_settings
+    from deepcad_jax.analysis.uncertainty.bootstrap import check_settings
     check_settings(_v(fv, "draws"), _v(fv, "bias-probes"))
   brightness = _v(fv, "brightness") or ("model" if config.reference_stitching else
                                          "regional")
@@ -109,14 +109,14 @@ def _run_denoise(fv):
   for r in reports:
     print(r.describe())
     if calibrated:
-      from deepcad_jax.analysis import bootstrap
+      from deepcad_jax.analysis.uncertainty import files as uncertainty_files
       from deepcad_jax.denoising.denoiser import Denoiser
-      paths, record = bootstrap.write_calibrated_uncertainty(
+      paths, record = uncertainty_files.write_calibrated_uncertainty(
           r.input, Denoiser(model, config), r.output, r.output,
           overwrite=_v(fv, "overwrite"), draws=_v(fv, "draws"),
           bias_probes=_v(fv, "bias-probes"), keep_samples=_v(fv, "save-samples"),
           brightness=brightness, progress=True)
-      print(bootstrap.describe(record, paths))
+      print(uncertainty_files.describe(record, paths))
   return 0
 
 

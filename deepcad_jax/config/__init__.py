@@ -180,7 +180,7 @@ def validate(cfg: Config) -> None:
 
 TILINGS = ("auto", "exact", "overlap")
 PLANE_SYMMETRIES = 8  # the (y, x) plane's rotations and flips (augment.N_SYMMETRIES)
-# Calibrated uncertainty (`analysis.bootstrap`): bootstrap draws (one network pass each),
+# Calibrated uncertainty (`analysis.uncertainty`): bootstrap draws (one network pass each),
 # one held-out pair of frames in HOLDOUT_EVERY for the check, which compares the error
 # of CHECK_BOX x CHECK_BOX pixel means (the std map's resolution) in BINS bins of the
 # estimate's activity.

@@ -203,7 +203,7 @@ def test_a_long_recording_is_done_in_segments_of_one_output(tmp_path, trained_mo
   side), the std and samples are whole movies of the recording's length, close to the
   std of the whole recording done at once, and the record lists the segments."""
   from deepcad_jax import write_calibrated_uncertainty
-  from deepcad_jax.analysis.bootstrap import describe
+  from deepcad_jax.analysis.uncertainty.files import describe
   noisy, _ = noisy_movie((48, 24, 24), seed=7)
   src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
   den = denoise(noisy.astype(np.float32), trained_model, output_dtype="float32",
@@ -230,7 +230,7 @@ def test_a_long_recording_is_done_in_segments_of_one_output(tmp_path, trained_mo
 
 def test_denoise_splits_a_recording_over_the_memory_into_segments(tmp_path, monkeypatch,
                                                                   capsys, trained_model):
-  from deepcad_jax.analysis import bootstrap
+  from deepcad_jax.analysis.uncertainty import bootstrap, files as uncertainty_files
   from deepcad_jax.runtime import resources
   noisy, _ = noisy_movie((48, 24, 24), seed=8)
   src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
@@ -238,7 +238,7 @@ def test_denoise_splits_a_recording_over_the_memory_into_segments(tmp_path, monk
   # 8 GiB available, of which the share holds 32 frames of this work: segments of 24
   # read with 4 frames of context either side, so 2 segments
   monkeypatch.setattr(resources, "host_available_bytes", lambda: 8 << 30)
-  monkeypatch.setattr(bootstrap, "SEGMENT_MEMORY_SHARE", 32.5 * frame / (8 << 30))
+  monkeypatch.setattr(uncertainty_files, "SEGMENT_MEMORY_SHARE", 32.5 * frame / (8 << 30))
   out = str(tmp_path / "den.tif")
   assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
                    "--output", out, "--uncertainty", "calibrated", "--draws", "4",
@@ -248,7 +248,7 @@ def test_denoise_splits_a_recording_over_the_memory_into_segments(tmp_path, monk
   record = json.load(open(tmp_path / "den_uncertainty.json"))
   assert [s["frames"] for s in record["segments"]] == [[0, 24], [24, 48]]
   assert open_movie(std_path(out)).shape == (48, 24, 24)
-  monkeypatch.setattr(bootstrap, "SEGMENT_MEMORY_SHARE", 4 * frame / (8 << 30))
+  monkeypatch.setattr(uncertainty_files, "SEGMENT_MEMORY_SHARE", 4 * frame / (8 << 30))
   assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
                    "--output", str(tmp_path / "x.tif"), "--uncertainty", "calibrated",
                    "--overwrite"]) != 0

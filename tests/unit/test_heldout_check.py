@@ -1,11 +1,13 @@
-"""The calibrated uncertainty's held-out check and bias split (analysis.bootstrap), on
-hand-made arrays."""
+"""The calibrated uncertainty's held-out check (analysis.uncertainty.heldout), bias split
+(.bootstrap) and segments (.files), on hand-made arrays."""
 
 import numpy as np
 import pytest
 
-from deepcad_jax.analysis.bootstrap import (Deviations, bin_scales, box_mean, heldout_check,
-                                           pair_probe, scale_deviation, segment_spans)
+from deepcad_jax.analysis.uncertainty.bootstrap import Deviations
+from deepcad_jax.analysis.uncertainty.files import segment_spans
+from deepcad_jax.analysis.uncertainty.heldout import (bin_scales, box_mean, heldout_check,
+                                                      pair_probe, scale_deviation)
 
 
 def test_box_mean_is_the_mean_over_the_square_with_edges_repeated():

@@ -29,20 +29,8 @@ bootstrapping for uncertainty quantification in imaging inverse problems", 2023)
    at least 0) is the bias^2; each deviation becomes its random part plus m scaled down
    to it (`Deviations`).
 
-The check, with no noise model: one pair of frames (h, h + 1) in `holdout_every` is
-replaced by the straight line between h - 1 and h + 2 and the movie is denoised once
-more. The raw frames' noises are independent of each other and of that probe estimate,
-so the product of their residuals from it, averaged over a `box` x `box` square
-(UNCERTAINTY_CHECK_BOX: 3, the std map's own resolution), has the mean of the probe's
-box-mean error at h times that at h + 1, about its variance. Less the mean square gap
-between the probe and the estimate (the error the two missing frames add), it estimates
-the estimate's box-mean error variance. Per bin of activity (each pixel's temporal std
-in the estimate), its ratio to the bootstrap's box-mean variance is reported; where the
-two differ by more than twice the check's standard error (from disjoint squares), the
-box-mean part of every deviation in that bin is scaled by the ratio's square root. The
-finer rest, which the check cannot resolve at low SNR, stays as the bootstrap has it.
-The old check compared single voxels with the noise variance subtracted: at low SNR that
-variance is 100 times the error, so 1% of error in the fitted noise model decided it.
+The check and its scaling are `heldout`'s; the segmented writing of long recordings
+is `files`'s.
 
 Cost: `draws` + `bias_probes` + 1 network passes per voxel beyond the denoising itself.
 """
@@ -50,7 +38,6 @@ Cost: `draws` + `bias_probes` + 1 network passes per voxel beyond the denoising 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
@@ -59,16 +46,14 @@ import numpy as np
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.analysis import noise as noise_lib
+from deepcad_jax.analysis.uncertainty.heldout import (bin_scales, box_mean, heldout_check,
+                                                      pair_probe, scale_deviation)
 from deepcad_jax.core.augment import apply_symmetry, invert_symmetry, symmetries_for
 from deepcad_jax.data.movie import as_movie
-from deepcad_jax.data.writers import MovieWriter
 from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.denoiser import Denoiser, as_denoiser
-from deepcad_jax.denoising.outputs import sample_path, std_path
-from deepcad_jax.data.spec import with_name_suffix
 from deepcad_jax.errors import UserError
 from deepcad_jax.runtime import resources
-from deepcad_jax.runtime.files import AtomicFile, format_bytes, outputs_together
 
 log = logging.getLogger("deepcad_jax")
 
@@ -81,9 +66,6 @@ MIN_FRAMES = 12  # the check needs held-out frames with neighbours on both sides
 # (float64 box means included). Each probe keeps 2 draws (float32); each kept sample
 # takes 5 bytes (float32 and its share of the temporaries).
 BYTES_PER_VOXEL = 132
-# Of the host's available memory, what one segment's arrays may take: the network's
-# tiles take from the rest (the engine sizes them to the memory left).
-SEGMENT_MEMORY_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -127,104 +109,6 @@ def _sym(x: np.ndarray, s: int, inverse: bool = False) -> np.ndarray:
   return np.asarray(f(jnp.asarray(x), s))
 
 
-def box_mean(x: np.ndarray, box: int) -> np.ndarray:
-  """The mean over a `box` x `box` square around every pixel of (..., Y, X) frames
-  (edges repeated)."""
-  out = np.asarray(x, np.float64)
-  for axis in (-2, -1):
-    lo = box // 2
-    pad = [(0, 0)] * out.ndim
-    pad[axis] = (lo + 1, box - 1 - lo)
-    c = np.cumsum(np.pad(out, pad, mode="edge"), axis=axis)
-    n = out.shape[axis]
-    out = (np.take(c, np.arange(box, box + n), axis=axis)
-           - np.take(c, np.arange(n), axis=axis)) / box
-  return out
-
-
-def pair_probe(raw: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
-  """(probe, held): `raw` with one pair of frames (h, h + 1) in `every` replaced by the
-  straight line between their neighbours h - 1 and h + 2, and the first frames h."""
-  t = raw.shape[0]
-  held = np.arange(max(1, every // 2), t - 2, every)
-  if not len(held):
-    held = np.array([max(1, t // 2 - 1)])
-  probe = raw.copy()
-  before, after = raw[held - 1], raw[held + 2]
-  probe[held] = (2 * before + after) / np.float32(3)
-  probe[held + 1] = (before + 2 * after) / np.float32(3)
-  return probe, held
-
-
-def heldout_check(raw: np.ndarray, estimate: np.ndarray, probe_estimate: np.ndarray,
-                  held: np.ndarray, bootstrap_box_var: np.ndarray, box: int, bins: int
-                  ) -> list[dict]:
-  """The check of `box` x `box` means, per bin of `activity` (the last row: over all
-  pixels).
-
-  At held-out pairs (h, h + 1), the product of the raw frames' box-mean residuals from
-  `probe_estimate` (the movie denoised without them) has the mean of the probe's error
-  at h times that at h + 1: the two frames' noises are independent of each other and of
-  the probe, so no noise model enters. Less the mean square box-mean gap between the
-  probe and `estimate` (the error the held-out frames add), it estimates the estimate's
-  box-mean error variance, compared with the bootstrap's (`bootstrap_box_var`, at the
-  frames (held, held + 1)). A bin is scaled by sqrt(held-out / bootstrap) only where
-  they differ by more than twice the check's standard error (from disjoint boxes)."""
-  pairs = (held, held + 1)
-  res = [box_mean(raw[h].astype(np.float64) - probe_estimate[h], box) for h in pairs]
-  gap = [box_mean(probe_estimate[h].astype(np.float64) - estimate[h], box) for h in pairs]
-  err2 = res[0] * res[1] - 0.5 * (gap[0] ** 2 + gap[1] ** 2)
-  pred = 0.5 * (bootstrap_box_var[:len(held)] + bootstrap_box_var[len(held):])
-  level = activity(estimate, box)
-  edges = np.unique(np.quantile(level, np.linspace(0, 1, bins + 1)))
-  idx = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, max(0, len(edges) - 2))
-  disjoint = np.zeros(level.shape, bool)
-  disjoint[box // 2::box, box // 2::box] = True
-  rows = []
-
-  def row(m: np.ndarray) -> dict:
-    e, p = float(err2[:, m].mean()), float(pred[:, m].mean())
-    sample = err2[:, m & disjoint] if (m & disjoint).any() else err2[:, m]
-    se = float(sample.std() / np.sqrt(sample.size))
-    out = {"pixels": int(m.sum()), "heldout_error_var": e, "bootstrap_var": p,
-           "standard_error": se}
-    if abs(e - p) <= 2 * se:
-      out["verdict"], out["scale"] = "consistent with the bootstrap", 1.0
-    elif e <= 0:
-      out["verdict"], out["scale"] = "inconclusive: the held-out error is below zero", 1.0
-    else:
-      out["verdict"] = "scaled: the bootstrap disagrees with the held-out error"
-      out["scale"] = float(np.sqrt(e / p)) if p > 0 else 1.0
-    return out
-  for b in range(max(1, len(edges) - 1)):
-    m = idx == b
-    if m.any():
-      rows.append({"activity_lo": float(edges[b]), "activity_hi": float(edges[b + 1]),
-                   **row(m)})
-  rows.append(row(np.ones(level.shape, bool)))  # the last row: all pixels (`verdict`)
-  return rows
-
-
-def activity(estimate: np.ndarray, box: int) -> np.ndarray:
-  """The (Y, X) activity the check bins by: each pixel's temporal std in `estimate`,
-  averaged over a `box` x `box` square."""
-  return box_mean(np.asarray(estimate).std(0, dtype=np.float64), box)
-
-
-def bin_scales(estimate: np.ndarray, rows: list[dict], box: int) -> np.ndarray:
-  """The (Y, X) scale of the check's activity bins (`rows`) at `estimate`'s pixels."""
-  rows = [r for r in rows if "activity_lo" in r]
-  edges = np.array([r["activity_lo"] for r in rows] + [rows[-1]["activity_hi"]])
-  scales = np.array([r["scale"] for r in rows], np.float32)
-  idx = np.clip(np.searchsorted(edges, activity(estimate, box), side="right") - 1, 0,
-                len(scales) - 1)
-  return scales[idx]
-
-
-def scale_deviation(dev: np.ndarray, level: np.ndarray, box: int) -> np.ndarray:
-  """A (T, Y, X) bootstrap deviation with its `box`-mean part scaled by `level` (Y, X)
-  and its finer rest as it is."""
-  return (dev + (level - np.float32(1))[None] * box_mean(dev, box)).astype(np.float32)
 
 
 class Deviations:
@@ -433,13 +317,13 @@ def calibrated_uncertainty(movie: Any, model: Any, estimate: Any = None, *,
   if est is not None and tuple(est.shape) != tuple(raw.shape):
     raise UserError(f"the denoised movie is {tuple(est.shape)} but {mv.name} is "
                     f"{tuple(raw.shape)}; give the denoised version of this recording.")
-  return _calibrate(den, raw, None if est is None else est.read(0, mv.shape[0]), nm, mean,
-                    nscale, settings)
+  return calibrate_arrays(den, raw, None if est is None else est.read(0, mv.shape[0]), nm,
+                          mean, nscale, settings)
 
 
-def _calibrate(den: Denoiser, raw: np.ndarray, estimate: np.ndarray | None,
-               nm: noise_lib.NoiseModel, mean: float, nscale: float, settings: Settings
-               ) -> Uncertainty:
+def calibrate_arrays(den: Denoiser, raw: np.ndarray, estimate: np.ndarray | None,
+                     nm: noise_lib.NoiseModel, mean: float, nscale: float, settings: Settings
+                     ) -> Uncertainty:
   """The calibrated uncertainty of `raw` (T, Y, X, float32, in memory) and its
   `estimate` (or None: denoised here), with the recording's normalisation."""
   draws, box, probes, regional = (settings.draws, settings.box, settings.probes,
@@ -526,181 +410,3 @@ def _calibrate(den: Denoiser, raw: np.ndarray, estimate: np.ndarray | None,
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
   return Uncertainty(std, samples, record)
-
-
-def segment_spans(frames: int, frame_bytes: float, margin: int, available: int | None,
-                  minimum: int, segment_frames: int | None = None
-                  ) -> list[tuple[int, int]] | None:
-  """[a, b) spans of about equal length that cover `frames`: one when the whole
-  recording fits in SEGMENT_MEMORY_SHARE of the `available` bytes (or `segment_frames`
-  asks for no fewer frames), else the fewest whose frames and `margin` frames either side
-  fit; None when such a span would be shorter than `minimum` frames."""
-  if segment_frames is not None:
-    length = min(max(1, int(segment_frames)), frames)
-  elif available is None or frames * frame_bytes <= SEGMENT_MEMORY_SHARE * available:
-    length = frames
-  else:
-    length = min(frames, int(SEGMENT_MEMORY_SHARE * available // frame_bytes) - 2 * margin)
-  if length < frames and length < minimum:
-    return None
-  count = -(-frames // length)
-  bounds = np.linspace(0, frames, count + 1).round().astype(int)
-  return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: str, *,
-                                 overwrite: bool = False, segment_frames: int | None = None,
-                                 **options: Any) -> tuple[list[str], dict]:
-  """The calibrated uncertainty of a recording of any length, written beside `output`
-  as `write_uncertainty` writes it; returns (paths, record).
-
-  A recording whose working set (`Settings.bytes_per_voxel`) fits in the host's memory
-  is done whole, exactly as `calibrated_uncertainty`. A longer one is done in segments
-  of equal length, each read with half a network patch of frames either side (context
-  for the network; those frames are not written), with its own noise model, draws,
-  bias probes and held-out check; the record lists them (`segments`). A segment
-  shorter than the brightness correction's cross-validation needs (4 patches) corrects
-  each draw by one offset, which widens the std a little where the estimate's regional
-  correction does better.
-
-  Args:
-    movie: the raw recording (path, array or `Movie`).
-    model: a `Model`, model directory or `Denoiser` (without uncertainty symmetries).
-    estimate: its denoised movie (path, array or `Movie`), as `denoise` wrote it.
-    output: the denoised movie's path: the outputs go beside it.
-    overwrite: replace earlier outputs.
-    segment_frames: frames per segment (default: as many as the memory allows).
-    **options: `calibrated_uncertainty`'s settings (draws, seed, scale_mode,
-      keep_samples, holdout_every, bins, box, bias_probes, brightness, progress).
-  """
-  settings = Settings(**options).check()
-  den, mv, mean, nscale = open_recording(model, movie, "calibrated uncertainty",
-                                         MIN_FRAMES, "for its held-out check")
-  est = as_movie(estimate, "the denoised movie")
-  if tuple(est.shape) != tuple(mv.shape):
-    raise UserError(f"the denoised movie is {tuple(est.shape)} but {mv.name} is "
-                    f"{tuple(mv.shape)}; give the denoised version of this recording.")
-  frames, frame_shape = int(mv.shape[0]), tuple(int(v) for v in mv.shape[1:])
-  margin = brightness_lib.patch_frames(den.model.config) // 2
-  frame_bytes = float(np.prod(frame_shape)) * settings.bytes_per_voxel()
-  available = resources.host_available_bytes()
-  spans = segment_spans(frames, frame_bytes, margin, available, MIN_FRAMES,
-                        segment_frames)
-  if spans is None:
-    need = (MIN_FRAMES + 2 * margin) * frame_bytes / SEGMENT_MEMORY_SHARE
-    raise UserError(f"calibrated uncertainty of {mv.name} {tuple(mv.shape)} needs at least "
-                    f"{format_bytes(need)} for segments of {MIN_FRAMES} frames (and "
-                    f"{margin} more either side); this machine has "
-                    f"{format_bytes(available)}; use a machine with more memory, fewer "
-                    f"--bias-probes, or leave --save-samples out.")
-  paths = [std_path(output), record_path(output)]
-  parts = []
-  with outputs_together() as files:
-    std_writer = MovieWriter(paths[0], frame_shape, np.float32, frames=frames,
-                             overwrite=overwrite)
-    files.append(std_writer)
-    sample_writers = []
-    for i in range(settings.draws if settings.keep_samples else 0):
-      paths.append(sample_path(output, i))
-      sample_writers.append(MovieWriter(paths[-1], frame_shape, np.float32,
-                                        frames=frames, overwrite=overwrite))
-      files.append(sample_writers[-1])
-    for i, (a, b) in enumerate(spans):
-      lo, hi = (a, b) if len(spans) == 1 else (max(0, a - margin), min(frames, b + margin))
-      if len(spans) > 1 and settings.progress:
-        log.info("segment %d/%d: frames %d:%d (read %d:%d)", i + 1, len(spans), a, b,
-                 lo, hi)
-      raw = mv.read(lo, hi).astype(np.float32)
-      nm = noise_lib.fit_movie(raw, name=mv.name)
-      result = _calibrate(den, raw, est.read(lo, hi), nm, mean, nscale, settings)
-      keep = slice(a - lo, b - lo)
-      std_writer.write(result.std[keep])
-      for w, sample in zip(sample_writers, [] if result.samples is None else
-                           result.samples):
-        w.write(sample[keep])
-      parts.append(((a, b), (lo, hi), result.record))
-    record = merge_records(parts, frames)
-    record.update(std=paths[0], samples_files=paths[2:])
-    files.append(AtomicFile(paths[1], overwrite=overwrite))
-    json.dump(record, files[-1].text(), indent=1)
-  return paths, record
-
-
-def merge_records(parts: list[tuple[tuple[int, int], tuple[int, int], dict]], frames: int
-                  ) -> dict:
-  """One record for the segments ((written frames), (read frames), record): a single
-  segment's own record, or the settings, the segments' checks and the totals."""
-  if len(parts) == 1:
-    return dict(parts[0][2])
-  first = parts[0][2]
-  record = {k: first[k] for k in ("method", "draws", "seed", "scale_mode", "brightness",
-                                   "heldout_every", "check_box", "bias_probes", "samples")}
-  record["segments"] = [
-      {"frames": list(span), "read": list(read),
-       **{k: r[k] for k in ("verdict", "check", "heldout_scale", "scale", "noise_model",
-                            "bias_split", "mean_std")}}
-      for span, read, r in parts]
-  consistent = sum(r["verdict"]["verdict"].startswith("consistent") for _, _, r in parts)
-  record["verdict"] = {"verdict": f"{consistent} of {len(parts)} segments consistent "
-                                  "with the bootstrap", "segments": len(parts)}
-  read = sum(hi - lo for _, (lo, hi), _ in parts)
-  record["network_passes_per_voxel"] = round(
-      first["network_passes_per_voxel"] * read / frames, 2)
-  record["mean_std"] = float(sum(r["mean_std"] * (b - a) for (a, b), _, r in parts)
-                             / frames)
-  record["shape"] = [frames] + first["shape"][1:]
-  return record
-
-
-def record_path(output: str) -> str:
-  """Where the record of `output`'s calibrated uncertainty goes: `*_uncertainty.json`
-  beside it."""
-  path = with_name_suffix(output, "_uncertainty")
-  stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
-  return stem + ".json"
-
-
-def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = False
-                      ) -> list[str]:
-  """`*_std.tif` (float32), `*_uncertainty.json` and, with samples, `*_sample00.tif`...
-  beside `output`, all together once complete; returns their paths."""
-  paths = [std_path(output), record_path(output)]
-  with outputs_together() as files:
-    w = MovieWriter(paths[0], result.std.shape[1:], np.float32,
-                    frames=len(result.std), overwrite=overwrite)
-    files.append(w)
-    w.write(result.std)
-    if result.samples is not None:
-      for i, s in enumerate(result.samples):
-        paths.append(sample_path(output, i))
-        files.append(MovieWriter(paths[-1], s.shape[1:], np.float32, frames=len(s),
-                                 overwrite=overwrite))
-        files[-1].write(s)
-    record = dict(result.record, std=paths[0], samples_files=paths[2:])
-    files.append(AtomicFile(paths[1], overwrite=overwrite))
-    json.dump(record, files[-1].text(), indent=1)
-  return paths
-
-
-def describe(record: dict, paths: list[str]) -> str:
-  """One line for the command line."""
-  if "segments" in record:
-    scale = f"{len(record['segments'])} segments of about " + str(
-        round(record["shape"][0] / len(record["segments"]))) + " frames"
-  elif record["scale_mode"] == "bins":
-    scale = "scales by activity bin " + ", ".join(f"{r['scale']:.3g}" for r in record["check"])
-  else:
-    scale = f"scale {record['scale']:.3g}"
-  parts = record.get("segments") or [record]
-  probes = record.get("bias_probes") or 0
-  bias = ""
-  if probes:
-    bias_sq = np.mean([p["bias_split"]["bias_sq"] for p in parts])
-    mean_sq = np.mean([p["bias_split"]["mean_deviation_sq"] for p in parts])
-    bias = (f"; bias told apart in {probes} probe pass{'es' if probes > 1 else ''}: "
-            f"bias^2 {bias_sq:.3g} of mean deviation^2 {mean_sq:.3g}")
-  where = "held-out check" if "segments" in record else "held-out check over all pixels"
-  return (f"  calibrated uncertainty ({record['draws']} bootstrap draws{bias}; {where}: "
-          f"{record['verdict']['verdict']}; {scale}; "
-          f"{record['network_passes_per_voxel']} network passes per voxel): {paths[0]}, "
-          f"{paths[1]}" + (f", {len(paths) - 2} samples" if len(paths) > 2 else ""))
