@@ -98,18 +98,23 @@ def _run_denoise(fv):
   if calibrated and _v(fv, "output-dtype") not in (None, "float32"):
     raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
                     "in float32; leave --output-dtype out.")
+  also_writes = None
   if calibrated:
+    from functools import partial
+    from deepcad_jax.analysis.uncertainty import files as uncertainty_files
     from deepcad_jax.analysis.uncertainty.bootstrap import check_settings
     check_settings(_v(fv, "draws"), _v(fv, "bias-probes"))
+    also_writes = partial(uncertainty_files.planned_outputs, draws=_v(fv, "draws"),
+                          keep_samples=_v(fv, "save-samples"))
   brightness = _v(fv, "brightness") or ("model" if config.reference_stitching else
                                          "regional")
   reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,
                           overwrite=_v(fv, "overwrite"),
-                          output_dtype=_v(fv, "output-dtype"), brightness=brightness)
+                          output_dtype=_v(fv, "output-dtype"), brightness=brightness,
+                          also_writes=also_writes)
   for r in reports:
     print(r.describe())
     if calibrated:
-      from deepcad_jax.analysis.uncertainty import files as uncertainty_files
       from deepcad_jax.denoising.denoiser import Denoiser
       paths, record = uncertainty_files.write_calibrated_uncertainty(
           r.input, Denoiser(model, config), r.output, r.output,

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -395,7 +395,9 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
                   config: DenoiseConfig | None = None, *,
                   overwrite: bool = False, output_dtype: Any = None,
                   progress: bool = True, devices: Sequence[jax.Device] | None = None,
-                  brightness: str = "regional", **options: Any) -> list[FileReport]:
+                  brightness: str = "regional",
+                  also_writes: Callable[[Movie, str], Sequence[str]] | None = None,
+                  **options: Any) -> list[FileReport]:
   """Denoise a TIFF file or a folder of them, writing each output as it is produced.
 
   Each output carries the input's metadata and appears only once complete
@@ -420,6 +422,10 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
     devices: the devices to use (default: all; on several processes, the local ones).
     brightness: as for `denoise` ('regional': each region keeps the raw movie's mean;
       'model': the network's output as it is).
+    also_writes: for a caller that writes more beside each output afterwards (the
+      calibrated uncertainty): called with each movie and its output before anything
+      is denoised; it returns those further paths (refused like the outputs when they
+      exist, unless `overwrite`) and may refuse the movie with a `UserError`.
     **options: `DenoiseConfig` fields, as for `denoise`.
 
   Returns:
@@ -454,6 +460,8 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
       raise UserError(f"{existing} already exists but is not a complete output of {src} "
                       f"({why}); add --overwrite to redo it, or remove it.")
     refuse_to_overwrite(paths, overwrite)
+    if also_writes is not None:
+      refuse_to_overwrite(also_writes(movie, dst), overwrite)
     todo.append((src, movie, dst, out_dtype))
   if folder:
     if not todo:

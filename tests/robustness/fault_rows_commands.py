@@ -39,6 +39,12 @@ def _model_with_mean(files: Files, text: str) -> str:
   return files.input(model)
 
 
+def _beside_own_std(files: Files) -> str:
+  """An output `den.tif` whose `den_std.tif` is already there (the user's own file)."""
+  files.raw("den_std.tif", b"the user's own file")
+  return files.output(files.root / "den.tif")
+
+
 def _config_file(files: Files, text: str) -> str:
   return files.raw("my_config.py", text.encode())
 
@@ -287,6 +293,17 @@ ROWS: list[Fault] = [
                      "calibrated", "--bias-probes", "-1", "--output",
                      f.output(f.root / "den.tif")],
           r"--bias-probes takes 0 or more network passes; got -1"),
+    Fault("denoise: --uncertainty calibrated on a movie of 5 frames (before denoising)",
+          "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(shape=(5, 24, 24)),
+                     "--uncertainty", "calibrated", "--output", f.output(f.root / "den.tif")],
+          r"movie\.tif: calibrated uncertainty needs at least 12 frames for its held-out "
+          r"check; got 5; leave --uncertainty out for this movie"),
+    Fault("denoise: --uncertainty calibrated beside an existing *_std.tif (before denoising)",
+          "denoise",
+          lambda f: ["--model", f.model, "--input", f.movie(), "--uncertainty", "calibrated",
+                     "--output", _beside_own_std(f)],
+          r"den_std\.tif already exists; add --overwrite to replace it"),
 
     # -- config files, folders, watched folders, working folders ------------------------
     Fault("train: --config file without get_config", "train",

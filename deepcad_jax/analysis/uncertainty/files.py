@@ -49,6 +49,20 @@ def segment_spans(frames: int, frame_bytes: float, margin: int, available: int |
   return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def planned_outputs(movie: Any, output: str, *, draws: int, keep_samples: bool
+                    ) -> list[str]:
+  """The files `write_calibrated_uncertainty` writes beside `output` for `movie`
+  (`*_std.tif`, `*_uncertainty.json`, the samples); a movie too short for the held-out
+  check is refused here in one sentence, so the CLI asks before it denoises."""
+  mv = as_movie(movie, "the raw movie")
+  if mv.shape[0] < MIN_FRAMES:
+    raise UserError(f"{mv.name}: calibrated uncertainty needs at least {MIN_FRAMES} "
+                    f"frames for its held-out check; got {mv.shape[0]}; leave "
+                    "--uncertainty out for this movie.")
+  return ([std_path(output), record_path(output)]
+          + [sample_path(output, i) for i in range(draws if keep_samples else 0)])
+
+
 def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: str, *,
                                  overwrite: bool = False, segment_frames: int | None = None,
                                  **options: Any) -> tuple[list[str], dict]:
@@ -94,17 +108,17 @@ def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: 
                     f"{margin} more either side); this machine has "
                     f"{format_bytes(available)}; use a machine with more memory, fewer "
                     f"--bias-probes, or leave --save-samples out.")
-  paths = [std_path(output), record_path(output)]
+  paths = planned_outputs(mv, output, draws=settings.draws,
+                          keep_samples=settings.keep_samples)
   parts = []
   with outputs_together() as files:
     std_writer = MovieWriter(paths[0], frame_shape, np.float32, frames=frames,
                              overwrite=overwrite)
     files.append(std_writer)
     sample_writers = []
-    for i in range(settings.draws if settings.keep_samples else 0):
-      paths.append(sample_path(output, i))
-      sample_writers.append(MovieWriter(paths[-1], frame_shape, np.float32,
-                                        frames=frames, overwrite=overwrite))
+    for path in paths[2:]:
+      sample_writers.append(MovieWriter(path, frame_shape, np.float32, frames=frames,
+                                        overwrite=overwrite))
       files.append(sample_writers[-1])
     for i, (a, b) in enumerate(spans):
       lo, hi = (a, b) if len(spans) == 1 else (max(0, a - margin), min(frames, b + margin))
