@@ -115,14 +115,31 @@ def _run_denoise(fv):
   for r in reports:
     print(r.describe())
     if calibrated:
-      from deepcad_jax.denoising.denoiser import Denoiser
-      paths, record = uncertainty_files.write_calibrated_uncertainty(
-          r.input, Denoiser(model, config), r.output, r.output,
-          overwrite=_v(fv, "overwrite"), draws=_v(fv, "draws"),
-          bias_probes=_v(fv, "bias-probes"), keep_samples=_v(fv, "save-samples"),
-          brightness=brightness, progress=True)
-      print(uncertainty_files.describe(record, paths))
+      _write_calibrated(fv, model, config, brightness, r.input, r.output)
+  if calibrated:
+    # a folder rerun skips complete outputs: the uncertainty a stopped run did not write
+    import jax
+    from deepcad_jax.denoising.files import output_pairs
+    done = {r.output for r in reports}
+    pairs = [p for i, p in enumerate(output_pairs(_movie(fv, "input"), _output(fv, "output")))
+             if p[1] not in done and i % jax.process_count() == jax.process_index()]
+    for src, dst in uncertainty_files.unfinished(pairs, _v(fv, "draws"),
+                                                 _v(fv, "save-samples")):
+      print(f"{dst} is complete; its calibrated uncertainty is missing:")
+      _write_calibrated(fv, model, config, brightness, src, dst)
   return 0
+
+
+def _write_calibrated(fv, model, config, brightness: str, movie: str, denoised: str):
+  """The calibrated uncertainty of `denoised`, written beside it, and its report line."""
+  from deepcad_jax.analysis.uncertainty import files as uncertainty_files
+  from deepcad_jax.denoising.denoiser import Denoiser
+  paths, record = uncertainty_files.write_calibrated_uncertainty(
+      movie, Denoiser(model, config), denoised, denoised,
+      overwrite=_v(fv, "overwrite"), draws=_v(fv, "draws"),
+      bias_probes=_v(fv, "bias-probes"), keep_samples=_v(fv, "save-samples"),
+      brightness=brightness, progress=True)
+  print(uncertainty_files.describe(record, paths))
 
 
 def _define_stream(fv):

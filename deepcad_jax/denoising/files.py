@@ -105,6 +105,14 @@ def _output_paths(inputs: list[str], src: str, output: str, together: bool = Tru
   return outputs
 
 
+def output_pairs(input: str, output: str) -> list[tuple[str, str]]:
+  """(movie, output) for each movie `denoise_files` denoises from `input` (a movie or a
+  folder) into `output`."""
+  inputs = list_movies(os.fspath(input))
+  return list(zip(inputs, _output_paths(inputs, os.fspath(input), os.fspath(output),
+                                        together=jax.process_count() == 1)))
+
+
 def _named_like(spec: MovieSpec, folder: str) -> str:
   """The output in `folder` for input `spec`: the same name and format."""
   kind = spec.kind
@@ -425,7 +433,9 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
     also_writes: for a caller that writes more beside each output afterwards (the
       calibrated uncertainty): called with each movie and its output before anything
       is denoised; it returns those further paths (refused like the outputs when they
-      exist, unless `overwrite`) and may refuse the movie with a `UserError`.
+      exist, unless `overwrite`) and may refuse the movie with a `UserError`. In a
+      folder, a complete output none of whose further paths exist is skipped and
+      logged as such (`output_pairs` lists them for the caller).
     **options: `DenoiseConfig` fields, as for `denoise`.
 
   Returns:
@@ -433,8 +443,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
   """
   input, output = os.fspath(input), os.fspath(output)
   brightness_lib.check_mode(brightness)
-  inputs = list_movies(input)
-  outputs = _output_paths(inputs, input, output, together=jax.process_count() == 1)
+  inputs, outputs = map(list, zip(*output_pairs(input, output)))
   _refuse_shared_outputs(inputs, outputs)
   folder = os.path.isdir(input) and not is_store(input)
   n_proc = jax.process_count()
@@ -442,7 +451,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
     devices = jax.local_devices()
   den = as_denoiser(model, config, devices, **options)
   movies = [open_movie(p) for p in inputs]
-  todo = []
+  todo, pending = [], 0
   for src, movie, dst in zip(inputs, movies, outputs):
     src_path = MovieSpec.parse(src).path
     dst_path = written_path(dst, movie.shape[1:], movie.shape[0])
@@ -454,7 +463,14 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
                                         for p in paths):
       why = _complete_output(paths, movie, out_dtype) or _other_origin(dst, src, den)
       if why is None:
-        log.info("skipping %s: %s is already complete (--overwrite redoes it).", src, dst)
+        beside = also_writes(movie, dst) if also_writes is not None else []
+        if beside and not any(os.path.lexists(MovieSpec.parse(p).path) for p in beside):
+          pending += 1  # the caller writes them
+          log.info("skipping %s: %s is already complete (what goes beside it is not).",
+                   src, dst)
+        else:
+          log.info("skipping %s: %s is already complete (--overwrite redoes it).", src,
+                   dst)
         continue
       existing = next(p for p in paths if os.path.lexists(MovieSpec.parse(p).path))
       raise UserError(f"{existing} already exists but is not a complete output of {src} "
@@ -464,7 +480,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
       refuse_to_overwrite(also_writes(movie, dst), overwrite)
     todo.append((src, movie, dst, out_dtype))
   if folder:
-    if not todo:
+    if not todo and not pending:
       log.info("every output in %s is already complete; nothing to do (--overwrite "
                "redoes them).", output)
     try:

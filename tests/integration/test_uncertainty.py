@@ -254,3 +254,44 @@ def test_denoise_splits_a_recording_over_the_memory_into_segments(tmp_path, monk
                    "--overwrite"]) != 0
   captured = capsys.readouterr()
   assert "needs at least" in captured.err and "for segments of 12 frames" in captured.err
+
+
+def test_a_folder_rerun_writes_the_uncertainty_a_stopped_run_did_not(tmp_path, capsys,
+                                                                     trained_model):
+  folder = tmp_path / "movies"
+  folder.mkdir()
+  for name, seed in (("a.tif", 1), ("b.tif", 2)):
+    write_tiff(folder / name, noisy_movie((16, 24, 24), seed=seed)[0].astype(np.float32))
+  out = tmp_path / "out"
+  args = ["deepcad-jax", "denoise", "--model", trained_model, "--input", str(folder),
+          "--output", str(out), "--uncertainty", "calibrated", "--draws", "2",
+          "--bias-probes", "0"]
+  assert cli.main(args) == 0
+  capsys.readouterr()
+  kept = {p: os.stat(out / p).st_mtime_ns for p in ("a.tif", "a_std.tif", "b.tif")}
+  b_std = open_movie(str(out / "b_std.tif")).read(0, 16)
+  os.remove(out / "b_std.tif")
+  os.remove(out / "b_uncertainty.json")  # as a run stopped between the two leaves it
+  assert cli.main(args) == 0
+  said = capsys.readouterr().out
+  assert f"{out / 'b.tif'} is complete; its calibrated uncertainty is missing" in said
+  assert "a_std.tif" not in said
+  assert {p: os.stat(out / p).st_mtime_ns for p in kept} == kept
+  np.testing.assert_allclose(open_movie(str(out / "b_std.tif")).read(0, 16), b_std,
+                             rtol=1e-5, atol=1e-6)
+  assert json.load(open(out / "b_uncertainty.json"))["std"] == str(out / "b_std.tif")
+  assert cli.main(args) == 0  # all there: nothing more to do
+  assert "calibrated uncertainty" not in capsys.readouterr().out
+
+
+def test_denoise_refuses_before_denoising_what_the_uncertainty_cannot_do(tmp_path, capsys,
+                                                                         trained_model):
+  noisy, _ = noisy_movie((16, 24, 24), seed=3)
+  src = write_tiff(tmp_path / "noisy.tif", noisy.astype(np.float32))
+  out = tmp_path / "den.tif"
+  (tmp_path / "den_sample01.tif").write_bytes(b"mine")
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", src,
+                   "--output", str(out), "--uncertainty", "calibrated", "--draws", "2",
+                   "--save-samples"]) == 2
+  assert "den_sample01.tif already exists" in capsys.readouterr().err
+  assert not out.exists() and (tmp_path / "den_sample01.tif").read_bytes() == b"mine"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.analysis.uncertainty.bootstrap import (MIN_FRAMES, Settings, Uncertainty,
                                                         calibrate_arrays, open_recording)
 from deepcad_jax.data.movie import as_movie
-from deepcad_jax.data.spec import with_name_suffix
+from deepcad_jax.data.spec import MovieSpec, with_name_suffix
 from deepcad_jax.data.writers import MovieWriter
 from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.outputs import sample_path, std_path
@@ -61,6 +62,16 @@ def planned_outputs(movie: Any, output: str, *, draws: int, keep_samples: bool
                     "--uncertainty out for this movie.")
   return ([std_path(output), record_path(output)]
           + [sample_path(output, i) for i in range(draws if keep_samples else 0)])
+
+
+def unfinished(pairs: list[tuple[str, str]], draws: int, keep_samples: bool
+               ) -> list[tuple[str, str]]:
+  """The (movie, denoised output) pairs whose output is there but none of whose
+  uncertainty files are: a folder run stopped between the two (`denoise` skips the
+  complete outputs, so its rerun does only the uncertainty of these)."""
+  return [(src, dst) for src, dst in pairs if os.path.exists(MovieSpec.parse(dst).path)
+          and not any(os.path.exists(p) for p in planned_outputs(
+              src, dst, draws=draws, keep_samples=keep_samples))]
 
 
 def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: str, *,
