@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
                             QWidget)
 
 from deepcad_jax import config as config_lib
+from deepcad_jax.analysis.uncertainty.bootstrap import MIN_FRAMES, calibrated_uncertainty
 from deepcad_jax.data.movie import ArrayMovie, Movie
 from deepcad_jax.data.writers import write_movie
 from deepcad_jax.denoising import brightness
@@ -139,7 +140,9 @@ class Panel(QWidget):
     raise NotImplementedError
 
   def progressed(self, value: Any) -> None:
-    if isinstance(value, tuple) and len(value) == 2:
+    if isinstance(value, str):  # a new stage of the work
+      self.status.setText(value)
+    elif isinstance(value, tuple) and len(value) == 2:
       self.progress.setMaximum(int(value[1]))
       self.progress.setValue(int(value[0]))
 
@@ -277,9 +280,15 @@ def _model_field() -> QLineEdit:
   return field
 
 
+UNCERTAINTY_CHOICES = ["symmetry spread (K below)", "calibrated (from the recording)"]
+CALIBRATED = 1
+
+
 class DenoiseWidget(Panel):
   """Denoise a layer with a model; adds the denoised layer beside it, and optionally
-  the std and the samples of K test-time symmetries."""
+  an error std with samples: calibrated on the recording itself (the equivariant
+  bootstrap of `denoise --uncertainty calibrated`) or the spread of K test-time
+  symmetries."""
 
   what = "denoising"
   run_text = "Denoise"
@@ -294,11 +303,17 @@ class DenoiseWidget(Panel):
     self.symmetries = QSpinBox()
     self.symmetries.setRange(1, 8)
     self.symmetries.setToolTip("K >= 2 adds the std over K test-time symmetries")
+    self.uncertainty = QComboBox()
+    self.uncertainty.addItems(UNCERTAINTY_CHOICES)
+    self.uncertainty.setToolTip(
+        f"calibrated: the error std from the recording alone ({config_lib.UNCERTAINTY_DRAWS} "
+        "bootstrap draws; about 12 network passes per voxel); symmetry spread: the std "
+        "over K test-time symmetries (K >= 2), several times narrower than the error")
     self.samples = QComboBox()
     self.samples.addItems(["no samples", "add the samples"])
     for label, widget in (("layer", self.layer_choice), ("model", self.model),
-                          ("step", self.step), ("symmetries", self.symmetries),
-                          ("samples", self.samples)):
+                          ("step", self.step), ("uncertainty", self.uncertainty),
+                          ("symmetries", self.symmetries), ("samples", self.samples)):
       self.form.addRow(label, widget)
 
   def prepare(self) -> tuple:
@@ -309,12 +324,26 @@ class DenoiseWidget(Panel):
       raise UserError("give a model: a training run directory or a DeepCAD-RT .pth.")
     step = _text(self.step)
     k = self.symmetries.value()
-    options = {"symmetries": k} if k > 1 else {}
-    if k > 1 and self.samples.currentIndex() == 1:
-      options["save_samples"] = True
+    samples = self.samples.currentIndex() == 1
+    if self.uncertainty.currentIndex() == CALIBRATED:
+      if k > 1:
+        raise UserError("the calibrated uncertainty runs the plain network; set "
+                        "symmetries to 1, or choose the symmetry spread.")
+      if movie.shape[0] < MIN_FRAMES:
+        raise UserError(f"{layer.name}: the calibrated uncertainty needs at least "
+                        f"{MIN_FRAMES} frames for its held-out check; got "
+                        f"{movie.shape[0]}; choose the symmetry spread.")
+      options = {"calibrated": True, "save_samples": samples}
+    else:
+      options = {"symmetries": k} if k > 1 else {}
+      if k > 1 and samples:
+        options["save_samples"] = True
     return movie, layer.name, model, int(step) if step and step.isdigit() else step, options
 
   def work(self, movie: Movie, name: str, model_path: str, step, options: dict):
+    options = dict(options)
+    calibrated = options.pop("calibrated", False)
+    keep_samples = calibrated and options.pop("save_samples")
     model = load_model(model_path, step)
     den = Denoiser(model, **options)
     out = np.empty(movie.shape, np.float32)
@@ -330,23 +359,36 @@ class DenoiseWidget(Panel):
     out += correction.field
     if extra is not None and len(extra) > 1:  # the samples are values; the std is not
       extra[1:] += correction.field
-    return name, model, model_path, out, extra, correction
+    kind, check = "symmetry spread", ""
+    std = None if extra is None else extra[0]
+    samples = extra[1:] if extra is not None and len(extra) > 1 else None
+    if calibrated:
+      yield (f"calibrating the uncertainty on {name}: {config_lib.UNCERTAINTY_DRAWS} "
+             "bootstrap draws...")
+      yield (0, 0)  # no count of its own: the bar shows that it runs
+      u = calibrated_uncertainty(movie, den, out, keep_samples=keep_samples)
+      kind, std, samples = "calibrated", u.std, u.samples
+      check = (f"; calibrated uncertainty, held-out check: "
+               f"{u.record['verdict']['verdict']}")
+    return (name, model, model_path, out, std, samples, kind,
+            correction.describe() + check)
 
   def done(self, value) -> None:
-    name, model, model_path, out, extra, correction = value
+    name, model, model_path, out, std, samples, kind, described = value
     meta = {"deepcad_model": model_path, "deepcad_step": model.meta["step"],
             "deepcad_raw": name}
     raw = self.viewer.layers[name] if name in self.viewer.layers else None
     limits = raw.contrast_limits if raw is not None else None
     self.viewer.add_image(out, name=f"{name} denoised", metadata=meta,
                           contrast_limits=limits)
-    if extra is not None:
-      self.viewer.add_image(extra[0], name=f"{name} std", colormap="magma", metadata=meta)
-      if len(extra) > 1:
-        self.viewer.add_image(extra[1:], name=f"{name} samples",
-                              metadata=meta, visible=False)
+    meta_std = dict(meta, deepcad_uncertainty=kind)
+    if std is not None:
+      self.viewer.add_image(std, name=f"{name} std", colormap="magma", metadata=meta_std)
+    if samples is not None:
+      self.viewer.add_image(samples, name=f"{name} samples", metadata=meta_std,
+                            visible=False)
     self.status.setText(f"denoised {name} with {model_path} (step {model.meta['step']}); "
-                        f"{correction.describe()}.")
+                        f"{described}.")
 
 
 # ------------------------------------------------------------------ stream

@@ -25,7 +25,7 @@ from deepcad_jax import UserError, cli, load_model  # noqa: E402
 from deepcad_jax.analysis.simulate import write_simulation  # noqa: E402
 from deepcad_jax.data.movie import open_movie  # noqa: E402
 from deepcad_jax.data.writers import write_movie  # noqa: E402
-from deepcad_jax.viewer import layers as vl  # noqa: E402
+from deepcad_jax.viewer import layers as vl, widgets  # noqa: E402
 from deepcad_jax.viewer.inspect import InspectWidget  # noqa: E402
 from deepcad_jax.viewer.widgets import DenoiseWidget, StreamWidget, TrainWidget  # noqa: E402
 
@@ -238,6 +238,31 @@ def test_denoise_widget_adds_denoised_and_std(viewer, qtbot, trained_model, movi
   assert den.data.shape == std.data.shape == (64, 24, 24)
   assert den.metadata["deepcad_model"] == trained_model and float(std.data.mean()) > 0
   assert np.asarray(den.data).std() < np.asarray(layer.data).std()
+
+
+def test_denoise_widget_adds_the_calibrated_uncertainty(viewer, qtbot, trained_model,
+                                                       movie_file, errors):
+  layer = _open(viewer, movie_file)
+  w = _dock(viewer, DenoiseWidget)
+  w.layer_choice.choose(layer.name)
+  w.model.setText(trained_model)
+  w.uncertainty.setCurrentIndex(widgets.CALIBRATED)
+  w.symmetries.setValue(2)
+  w.run()  # the calibrated uncertainty runs the plain network: one notification
+  _wait(qtbot, w)
+  assert len(errors()) == 1 and "set symmetries to 1" in errors()[0]
+  w.symmetries.setValue(1)
+  w.samples.setCurrentIndex(1)
+  w.run()
+  _wait(qtbot, w)
+  std, samples = viewer.layers["movie.tif std"], viewer.layers["movie.tif samples"]
+  assert std.metadata["deepcad_uncertainty"] == "calibrated"
+  assert std.data.shape == (64, 24, 24) and samples.data.shape == (8, 64, 24, 24)
+  den = np.asarray(viewer.layers["movie.tif denoised"].data)
+  # the samples are the estimate plus the deviations whose smoothed RMS is the std
+  spread = float(((np.asarray(samples.data) - den) ** 2).mean())
+  assert 0.5 < spread / float((np.asarray(std.data) ** 2).mean()) < 2
+  assert "held-out check" in w.status.text(), w.status.text()
 
 
 def test_denoise_bad_input_is_one_notification(viewer, qtbot, tmp_path, movie_file,
