@@ -22,6 +22,10 @@ def _define_view(fv):
   flags.DEFINE_string("std", None, "Its std (denoise --uncertainty K writes "
                       "<output>_std.tif): the band around the denoised trace.",
                       flag_values=fv)
+  flags.DEFINE_string("samples", None, "Its samples (denoise --uncertainty calibrated "
+                      "--save-samples): comma-separated files or a glob, e.g. "
+                      "'den_sample*.tif'; the traces' band comes from them.",
+                      flag_values=fv)
   flags.DEFINE_string("rois", None, "ROIs whose traces are plotted: a label TIFF, JSON "
                       "polygons or suite2p stat.npy (as deepcad-jax traces reads).",
                       flag_values=fv)
@@ -69,7 +73,8 @@ def _run_view(fv):
                     "view ...")
   viewer, inspect = app.open_view(
       _v(fv, "raw"), _v(fv, "denoised"), _v(fv, "std"), _v(fv, "rois"), _v(fv, "model"),
-      show=shot is None, frame=_v(fv, "frame"), pixel=_pixel(_v(fv, "pixel")))
+      show=shot is None, frame=_v(fv, "frame"), pixel=_pixel(_v(fv, "pixel")),
+      samples=_v(fv, "samples"))
   if shot is None:
     napari.run()
     return 0

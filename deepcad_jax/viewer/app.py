@@ -12,12 +12,12 @@ from qtpy.QtCore import QBuffer, QByteArray, QIODevice
 from qtpy.QtGui import QImage
 from qtpy.QtWidgets import QApplication
 
-from deepcad_jax.analysis.traces import read_rois
+from deepcad_jax.analysis.traces import read_rois, sample_files
 from deepcad_jax.data.movie import open_movie
 from deepcad_jax.runtime.files import write_bytes
 from deepcad_jax.errors import UserError
-from deepcad_jax.viewer.inspect import InspectWidget
-from deepcad_jax.viewer.layers import movie_layer
+from deepcad_jax.viewer.inspect import InspectWidget, time_axis
+from deepcad_jax.viewer.layers import LazyStack, contrast_limits, movie_layer
 from deepcad_jax.viewer.widgets import DenoiseWidget, StreamWidget, TrainWidget
 
 WINDOW = (1400, 820)  # the window's size (pixels) for screenshots
@@ -44,7 +44,8 @@ def label_image(rois, frame: tuple[int, int]) -> np.ndarray:
 def open_view(raw: str, denoised: str | None = None, std: str | None = None,
               rois: str | None = None, model: str | None = None, *, show: bool = True,
               frame: int | None = None, pixel: tuple[int, int] | None = None,
-              grid: bool = True) -> tuple[napari.Viewer, InspectWidget]:
+              grid: bool = True, samples: str | None = None
+              ) -> tuple[napari.Viewer, InspectWidget]:
   """A viewer with the movies as linked layers and the Inspect widget docked.
 
   Args:
@@ -58,12 +59,27 @@ def open_view(raw: str, denoised: str | None = None, std: str | None = None,
     pixel: (y, x) of a pixel whose trace is plotted when no ROIs are given.
     grid: raw, denoised and std side by side (else stacked); a click on any of them
       plots that pixel.
+    samples: the sample movies (`denoise --uncertainty calibrated --save-samples`):
+      comma-separated files or a glob such as 'den_sample*.tif'. A hidden layer; the
+      traces' band comes from them (as `deepcad-jax traces` draws it). Needs `denoised`.
   """
   movies = {"raw": open_movie(raw)}
   for flag, path in (("--denoised", denoised), ("--std", std)):
     if path is not None:
       movies[flag[2:]] = open_movie(path)
       _same_shape(movies["raw"], movies[flag[2:]], flag, path)
+  sample_list = []
+  if samples is not None:
+    if denoised is None:
+      raise UserError("--samples give the band around the denoised trace; add "
+                      "--denoised.")
+    paths = sample_files(samples)
+    if len(paths) < 2:
+      raise UserError(f"--samples {samples} names {len(paths)} file; a band needs at "
+                      "least 2 samples.")
+    sample_list = [open_movie(p) for p in paths]
+    for path, movie in zip(paths, sample_list):
+      _same_shape(movies["raw"], movie, "--samples", path)
   frame_shape = tuple(movies["raw"].shape[1:])
   roi_list = read_rois(rois, frame_shape) if rois is not None else None
   viewer = napari.Viewer(title="deepcad-jax view", show=show)
@@ -76,11 +92,16 @@ def open_view(raw: str, denoised: str | None = None, std: str | None = None,
     viewer.layers[names.get("denoised", names["raw"])].metadata["deepcad_model"] = model
   inspect = InspectWidget(viewer)
   viewer.window.add_dock_widget(inspect, name="Inspect (deepcad-jax)", area="right")
-  inspect.setup(names["raw"], names.get("denoised"), names.get("std"))
+  if sample_list:
+    names["samples"] = viewer.add_image(
+        LazyStack(sample_list), name=f"samples: {len(sample_list)}", visible=False,
+        contrast_limits=contrast_limits(sample_list[0])).name
+  inspect.setup(names["raw"], names.get("denoised"), names.get("std"),
+                names.get("samples"))
   t = movies["raw"].shape[0] // 2 if frame is None else frame
-  viewer.dims.set_current_step(0, t)
+  viewer.dims.set_current_step(time_axis(viewer), t)
   if grid:  # side by side: the ROIs and the clicked pixel are drawn over the raw movie
-    for i, name in enumerate(names.values()):
+    for i, name in enumerate(names[key] for key in movies):
       viewer.layers[name].translate = (0, 0, i * (frame_shape[1] + GAP))
     viewer.reset_view()
   if roi_list is not None:

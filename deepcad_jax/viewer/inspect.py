@@ -2,9 +2,12 @@
 drawn on a shapes or labels layer plots its raw and denoised traces with the band of
 the std; the held-out quality and the noise model of the movie beside them.
 
-The band is the denoised trace +- `BAND_SIGMAS` times the ROI's mean of the per-pixel
-std (exact for one pixel; for a region an upper bound, as if the pixels' errors were
-fully correlated: `deepcad-jax traces` computes bands from samples instead).
+With a samples layer (the calibrated uncertainty's samples: whole plausible movies),
+the band is that of `deepcad-jax traces`: the 90% band of the samples' ROI traces
+(Student-t around the denoised trace below 30 samples), which keeps the correlation of
+the ROI's pixels. Without, it is the denoised trace +- `BAND_SIGMAS` times the ROI's
+mean of the per-pixel std (exact for one pixel; for a region an upper bound, as if the
+pixels' errors were fully correlated).
 """
 
 from __future__ import annotations
@@ -20,16 +23,23 @@ from qtpy.QtWidgets import (QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBox
                             QWidget)
 
 from deepcad_jax.analysis.noise import NoiseModel, fit_movie
-from deepcad_jax.analysis.traces import Roi, movie_traces, polygon_mask, rois_from_labels
+from deepcad_jax.analysis.traces import (Roi, Traces, movie_traces, polygon_mask,
+                                         rois_from_labels)
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.viewer import work
-from deepcad_jax.viewer.layers import layer_movie
+from deepcad_jax.viewer.layers import layer_movie, sample_movies
 from deepcad_jax.viewer.widgets import LayerChoice
 
 BAND_SIGMAS = 2.0
 MAX_PLOTTED = 4  # ROIs plotted at once (the first ones)
 PIXEL_LAYER = "clicked pixel"
+
+
+def time_axis(viewer) -> int:
+  """The viewer's axis of the movies' frames: layers align on their last axes, so a
+  (sample, T, Y, X) samples layer puts one more axis in front of the (T, Y, X) movies."""
+  return max(0, viewer.dims.ndim - 3)
 
 
 def shape_masks(layer: Shapes, frame: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
@@ -90,9 +100,12 @@ class InspectWidget(QWidget):
     self.raw = LayerChoice(viewer)
     self.denoised = LayerChoice(viewer, optional=True)
     self.std = LayerChoice(viewer, optional=True)
+    self.samples = LayerChoice(viewer, optional=True)
+    self.samples.setToolTip("the samples (sample, T, Y, X) of the calibrated uncertainty: "
+                            "ROI bands that keep the pixels' correlation")
     form = QFormLayout()
     for label, widget in (("raw", self.raw), ("denoised", self.denoised),
-                          ("std", self.std)):
+                          ("std", self.std), ("samples", self.samples)):
       form.addRow(label, widget)
       widget.currentIndexChanged.connect(self.link)
     self.shapes_button = QPushButton("Draw ROIs (shapes)")
@@ -128,11 +141,13 @@ class InspectWidget(QWidget):
 
   # -- layers --------------------------------------------------------------
 
-  def setup(self, raw: str, denoised: str | None = None, std: str | None = None) -> None:
+  def setup(self, raw: str, denoised: str | None = None, std: str | None = None,
+            samples: str | None = None) -> None:
     """Choose the layers by name and link them."""
     self.raw.choose(raw)
     self.denoised.choose(denoised or "(none)")
     self.std.choose(std or "(none)")
+    self.samples.choose(samples or "(none)")
     self.link()
 
   def layers(self) -> tuple[Image | None, Image | None, Image | None]:
@@ -241,7 +256,8 @@ class InspectWidget(QWidget):
 
   def show_labels(self, layer: Labels) -> None:
     try:
-      rois = label_rois(layer, int(self.viewer.dims.current_step[0]), self._frame())
+      rois = label_rois(layer, int(self.viewer.dims.current_step[time_axis(self.viewer)]),
+                        self._frame())
     except UserError as e:
       work.notify_error(str(e))
       return
@@ -255,37 +271,65 @@ class InspectWidget(QWidget):
       self.worker.quit()
     try:
       movies = [None if layer is None else layer_movie(layer) for layer in (raw, den, std)]
+      samples = self._sample_movies(movies[1])
     except UserError as e:
       work.notify_error(str(e))
       return
     request = self._request = object()
     self.worker = work.start("the traces", self._traces, rois[:MAX_PLOTTED], movies,
-                             on_done=self.plot, on_finish=lambda: self._finished(request))
+                             samples, on_done=self.plot,
+                             on_finish=lambda: self._finished(request))
+
+  def _sample_movies(self, denoised) -> list:
+    """The chosen samples layer's movies (checked against the denoised movie), or []."""
+    layer = self.samples.layer()
+    if layer is None:
+      return []
+    if denoised is None:
+      raise UserError("the samples' band is around the denoised trace; choose the "
+                      "denoised layer too.")
+    movies = sample_movies(layer)
+    if tuple(movies[0].shape) != tuple(denoised.shape):
+      raise UserError(f"the samples of layer {layer.name!r} are {tuple(movies[0].shape)} "
+                      f"but the denoised movie is {tuple(denoised.shape)}; choose the "
+                      "samples of this denoised movie.")
+    return movies
 
   def _finished(self, request: object) -> None:
     if request is self._request:  # an older request, cancelled, does not count
       self.worker = None
 
   @staticmethod
-  def _traces(rois: list[Roi], movies: list):
+  def _traces(rois: list[Roi], movies: list, samples: list = ()):
     out = []
-    for movie in movies:
+    for movie in list(movies) + list(samples):
       out.append(None if movie is None else movie_traces(movie, rois))
       yield len(out)
-    return {"rois": rois, "raw": out[0], "denoised": out[1], "std": out[2]}
+    traces = {"rois": rois, "raw": out[0], "denoised": out[1], "std": out[2], "band": None}
+    if samples:  # as `deepcad-jax traces` draws it (90%, Student-t below 30 samples)
+      band = Traces([r.name for r in rois], [r.pixels for r in rois], out[1],
+                    samples=np.stack(out[3:]))
+      traces["band"] = band.f_band
+      traces["band_label"] = (f"{band.band[1] - band.band[0]:g}% band "
+                              f"({len(samples)} samples)")
+    return traces
 
   def plot(self, traces: dict) -> None:
     self.traces = traces
     self.figure.clear()
     rois = traces["rois"]
-    t_now = int(self.viewer.dims.current_step[0])
+    t_now = int(self.viewer.dims.current_step[time_axis(self.viewer)])
     for i, roi in enumerate(rois):
       ax = self.figure.add_subplot(len(rois), 1, i + 1)
       t = np.arange(len(traces["raw"]))
       ax.plot(t, traces["raw"][:, i], color="0.6", lw=0.8, label="raw")
       if traces["denoised"] is not None:
         d = traces["denoised"][:, i]
-        if traces["std"] is not None:
+        if traces.get("band") is not None:
+          lo, hi = traces["band"]
+          ax.fill_between(t, lo[:, i], hi[:, i], color="tab:orange", alpha=0.3, lw=0,
+                          label=traces["band_label"])
+        elif traces["std"] is not None:
           s = BAND_SIGMAS * traces["std"][:, i]
           ax.fill_between(t, d - s, d + s, color="tab:orange", alpha=0.3, lw=0,
                           label=f"±{BAND_SIGMAS:g} std")

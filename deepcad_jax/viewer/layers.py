@@ -14,7 +14,7 @@ import numpy as np
 
 from deepcad_jax.analysis.simulate import simulate
 from deepcad_jax.config.demo import SIMULATIONS
-from deepcad_jax.data.movie import Movie, as_movie, list_movies, open_movie
+from deepcad_jax.data.movie import ArrayMovie, Movie, as_movie, list_movies, open_movie
 from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.data.writers import write_movie
 from deepcad_jax.errors import UserError
@@ -67,6 +67,49 @@ class LazyMovie:
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
     whole = self.movie.read(0, self.shape[0])
     return whole if dtype is None else whole.astype(dtype)
+
+
+class LazyStack:
+  """(S, T, Y, X) sample movies, one `Movie` each, that napari slices like an array;
+  frames are read on demand."""
+
+  def __init__(self, movies: list[Movie]):
+    self.movies = [LazyMovie(m) for m in movies]
+    self.shape = (len(movies),) + self.movies[0].shape
+    self.dtype = self.movies[0].dtype
+    self.ndim = 4
+    self.size = int(np.prod(self.shape))
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, key) -> np.ndarray:
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+      at = next(i for i, k in enumerate(key) if k is Ellipsis)
+      key = key[:at] + (slice(None),) * (5 - len(key)) + key[at + 1:]
+    first, rest = (key[0], key[1:]) if key else (slice(None), ())
+    if isinstance(first, (int, np.integer)):
+      return self.movies[int(first)][rest]
+    picks = np.arange(len(self.movies))[first]
+    return np.stack([self.movies[int(i)][rest] for i in np.atleast_1d(picks)])
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    whole = np.stack([np.asarray(m) for m in self.movies])
+    return whole if dtype is None else whole.astype(dtype)
+
+
+def sample_movies(layer: Any) -> list[Movie]:
+  """The sample movies behind a (sample, T, Y, X) image layer: its files (lazy, as
+  `view --samples` opens them) or its array (as the Denoise panel adds them)."""
+  data = layer.data
+  if isinstance(data, LazyStack):
+    return [m.movie for m in data.movies]
+  if getattr(data, "ndim", 0) != 4 or data.shape[0] < 2:
+    raise UserError(f"layer {layer.name!r} is {tuple(data.shape)}; the samples are one "
+                    "layer of at least 2 movies (sample, T, Y, X), as the Denoise panel "
+                    "adds them or view --samples opens them.")
+  return [ArrayMovie(data[i], f"layer {layer.name!r} sample {i}") for i in range(len(data))]
 
 
 def contrast_limits(movie: Movie) -> tuple[float, float]:

@@ -263,6 +263,14 @@ def test_denoise_widget_adds_the_calibrated_uncertainty(viewer, qtbot, trained_m
   spread = float(((np.asarray(samples.data) - den) ** 2).mean())
   assert 0.5 < spread / float((np.asarray(std.data) ** 2).mean()) < 2
   assert "held-out check" in w.status.text(), w.status.text()
+  inspect = _dock(viewer, InspectWidget)  # the traces' band from those samples
+  inspect.setup("movie.tif", "movie.tif denoised", "movie.tif std", "movie.tif samples")
+  inspect.show_pixel(5, 7)
+  qtbot.waitUntil(lambda: inspect.traces is not None and inspect.worker is None,
+                  timeout=WAIT_MS)
+  lo, hi = inspect.traces["band"]
+  assert inspect.traces["band_label"] == "90% band (8 samples)"
+  assert (lo[:, 0] <= den[:, 5, 7] + 1e-6).all() and (hi[:, 0] >= den[:, 5, 7] - 1e-6).all()
 
 
 def test_denoise_bad_input_is_one_notification(viewer, qtbot, tmp_path, movie_file,
@@ -389,6 +397,41 @@ def test_view_screenshot_writes_a_png_of_the_window(tmp_path, trained_model, mov
   assert cli.main(["deepcad-jax", "view", "--raw", movie_file, "--screenshot", out]) == 2
   assert "already exists" in capsys.readouterr().err
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no partial file
+
+
+def test_view_samples_give_the_band_as_traces_draws_it(tmp_path, trained_model, movie_file,
+                                                        qapp, capsys):
+  from deepcad_jax import calibrated_uncertainty, denoise, write_uncertainty
+  from deepcad_jax.analysis.traces import Traces, movie_traces
+  from deepcad_jax.viewer import app
+  den = write_tiff(tmp_path / "den.tif", denoise(movie_file, trained_model))
+  u = calibrated_uncertainty(movie_file, trained_model, den, draws=4, keep_samples=True)
+  paths = write_uncertainty(u, den)
+  viewer, w = app.open_view(movie_file, den, paths[0], show=False, pixel=(12, 12),
+                            samples=str(tmp_path / "den_sample*.tif"))
+  try:
+    app.wait_for(w)
+    assert viewer.layers["samples: 4"].data.shape == (4, 64, 24, 24)
+    assert viewer.dims.current_step[-3] == 32  # the movies' middle frame, not a sample
+    roi = w.traces["rois"][0]
+    samples = np.stack([movie_traces(open_movie(p), [roi]) for p in paths[2:]])
+    lo, hi = Traces([roi.name], [1], movie_traces(open_movie(den), [roi]),
+                    samples=samples).f_band
+    np.testing.assert_allclose(w.traces["band"][0], lo, rtol=1e-5)
+    np.testing.assert_allclose(w.traces["band"][1], hi, rtol=1e-5)
+    assert w.traces["band_label"] == "90% band (4 samples)"
+    assert "90% band (4 samples)" in [t.get_text() for t in
+                                      w.figure.axes[0].get_legend().get_texts()]
+  finally:
+    viewer.close()
+  out = str(tmp_path / "v.png")
+  assert cli.main(["deepcad-jax", "view", "--raw", movie_file, "--samples",
+                   str(tmp_path / "den_sample*.tif"), "--screenshot", out]) == 2
+  assert "add --denoised" in capsys.readouterr().err
+  assert cli.main(["deepcad-jax", "view", "--raw", movie_file, "--denoised", den,
+                   "--samples", paths[2], "--screenshot", out]) == 2
+  assert "a band needs at least 2 samples" in capsys.readouterr().err
+  assert not os.path.exists(out)
 
 
 def test_view_bad_input_and_without_napari(tmp_path, monkeypatch, capsys, movie_file):
