@@ -98,14 +98,19 @@ def _run_denoise(fv):
   if calibrated and _v(fv, "output-dtype") not in (None, "float32"):
     raise UserError("--uncertainty calibrated compares the denoised movie with new draws "
                     "in float32; leave --output-dtype out.")
-  also_writes = None
+  also_writes, pending = None, []
   if calibrated:
     from functools import partial
     from deepcad_jax.analysis.uncertainty import files as uncertainty_files
     from deepcad_jax.analysis.uncertainty.bootstrap import check_settings
+    from deepcad_jax.denoising.files import output_pairs
     check_settings(_v(fv, "draws"), _v(fv, "bias-probes"))
     also_writes = partial(uncertainty_files.planned_outputs, draws=_v(fv, "draws"),
                           keep_samples=_v(fv, "save-samples"))
+    if not _v(fv, "overwrite"):  # outputs a stopped folder run finished, but not their
+      pending = uncertainty_files.unfinished(  # uncertainty: asked before any writes
+          output_pairs(_movie(fv, "input"), _output(fv, "output")), _v(fv, "draws"),
+          _v(fv, "save-samples"))
   brightness = _v(fv, "brightness") or ("model" if config.reference_stitching else
                                          "regional")
   reports = denoise_files(_movie(fv, "input"), _output(fv, "output"), model, config,
@@ -116,15 +121,11 @@ def _run_denoise(fv):
     print(r.describe())
     if calibrated:
       _write_calibrated(fv, model, config, brightness, r.input, r.output)
-  if calibrated:
-    # a folder rerun skips complete outputs: the uncertainty a stopped run did not write
+  if pending:  # skipped by denoise_files (complete); shared out between the processes
     import jax
-    from deepcad_jax.denoising.files import output_pairs
     done = {r.output for r in reports}
-    pairs = [p for i, p in enumerate(output_pairs(_movie(fv, "input"), _output(fv, "output")))
-             if p[1] not in done and i % jax.process_count() == jax.process_index()]
-    for src, dst in uncertainty_files.unfinished(pairs, _v(fv, "draws"),
-                                                 _v(fv, "save-samples")):
+    pending = [p for p in pending if p[1] not in done]
+    for src, dst in pending[jax.process_index()::jax.process_count()]:
       print(f"{dst} is complete; its calibrated uncertainty is missing:")
       _write_calibrated(fv, model, config, brightness, src, dst)
   return 0

@@ -435,7 +435,7 @@ def denoise_files(input: str, output: str, model: Model | str | Denoiser,
       is denoised; it returns those further paths (refused like the outputs when they
       exist, unless `overwrite`) and may refuse the movie with a `UserError`. In a
       folder, a complete output none of whose further paths exist is skipped and
-      logged as such (`output_pairs` lists them for the caller).
+      logged as such (the caller writes them).
     **options: `DenoiseConfig` fields, as for `denoise`.
 
   Returns:

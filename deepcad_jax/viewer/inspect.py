@@ -275,9 +275,10 @@ class InspectWidget(QWidget):
     except UserError as e:
       work.notify_error(str(e))
       return
+    kind = self.samples.layer().metadata.get("deepcad_uncertainty") if samples else None
     request = self._request = object()
     self.worker = work.start("the traces", self._traces, rois[:MAX_PLOTTED], movies,
-                             samples, on_done=self.plot,
+                             samples, kind, on_done=self.plot,
                              on_finish=lambda: self._finished(request))
 
   def _sample_movies(self, denoised) -> list:
@@ -300,7 +301,7 @@ class InspectWidget(QWidget):
       self.worker = None
 
   @staticmethod
-  def _traces(rois: list[Roi], movies: list, samples: list = ()):
+  def _traces(rois: list[Roi], movies: list, samples: list = (), kind: str | None = None):
     out = []
     for movie in list(movies) + list(samples):
       out.append(None if movie is None else movie_traces(movie, rois))
@@ -312,6 +313,8 @@ class InspectWidget(QWidget):
       traces["band"] = band.f_band
       traces["band_label"] = (f"{band.band[1] - band.band[0]:g}% band "
                               f"({len(samples)} samples)")
+      if kind == "symmetry spread":  # the Denoise panel's K symmetries: not the error
+        traces["band_label"] += ", symmetry spread: narrower than the error"
     return traces
 
   def plot(self, traces: dict) -> None:

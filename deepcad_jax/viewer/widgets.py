@@ -20,7 +20,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
                             QWidget)
 
 from deepcad_jax import config as config_lib
-from deepcad_jax.analysis.uncertainty.bootstrap import MIN_FRAMES, calibrated_uncertainty
+from deepcad_jax.analysis.uncertainty.bootstrap import (MIN_FRAMES, Settings,
+                                                        calibrated_uncertainty, check_memory)
 from deepcad_jax.data.movie import ArrayMovie, Movie
 from deepcad_jax.data.writers import write_movie
 from deepcad_jax.denoising import brightness
@@ -333,6 +334,10 @@ class DenoiseWidget(Panel):
         raise UserError(f"{layer.name}: the calibrated uncertainty needs at least "
                         f"{MIN_FRAMES} frames for its held-out check; got "
                         f"{movie.shape[0]}; choose the symmetry spread.")
+      check_memory(movie, "the calibrated uncertainty",
+                   Settings(keep_samples=samples).bytes_per_voxel(),
+                   "run denoise --uncertainty calibrated on the command line, which works "
+                   "in segments, or use a smaller layer")
       options = {"calibrated": True, "save_samples": samples}
     else:
       options = {"symmetries": k} if k > 1 else {}
@@ -370,10 +375,13 @@ class DenoiseWidget(Panel):
       kind, std, samples = "calibrated", u.std, u.samples
       check = (f"; calibrated uncertainty, held-out check: "
                f"{u.record['verdict']['verdict']}")
+      yield (1, 1)  # where a Stop pressed during the calibration takes effect
     return (name, model, model_path, out, std, samples, kind,
             correction.describe() + check)
 
   def done(self, value) -> None:
+    if self.cancelled:  # stopped while the last stage ran: its result is dropped
+      return
     name, model, model_path, out, std, samples, kind, described = value
     meta = {"deepcad_model": model_path, "deepcad_step": model.meta["step"],
             "deepcad_raw": name}

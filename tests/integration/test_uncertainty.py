@@ -295,3 +295,26 @@ def test_denoise_refuses_before_denoising_what_the_uncertainty_cannot_do(tmp_pat
                    "--save-samples"]) == 2
   assert "den_sample01.tif already exists" in capsys.readouterr().err
   assert not out.exists() and (tmp_path / "den_sample01.tif").read_bytes() == b"mine"
+
+
+@pytest.mark.formats
+def test_calibrated_uncertainty_of_planes_in_one_hdf5_file_gets_a_file_per_plane(
+    tmp_path, capsys, trained_model):
+  h5py = pytest.importorskip("h5py")
+  movie, _ = noisy_movie((16, 24, 24), seed=4)
+  src = tmp_path / "vol.h5"
+  with h5py.File(src, "w") as f:
+    f["data"] = np.stack([movie, movie[::-1]], 1).astype(np.float32)  # (T, Z, Y, X)
+    for i, label in enumerate("tzyx"):
+      f["data"].dims[i].label = label
+  out = tmp_path / "den.h5"
+  args = ["deepcad-jax", "denoise", "--model", trained_model, "--input", str(src),
+          "--output", str(out), "--uncertainty", "calibrated", "--draws", "2",
+          "--bias-probes", "0"]
+  assert cli.main(args) == 0, capsys.readouterr().err
+  for plane in (0, 1):  # the denoised planes share den.h5; each uncertainty is whole
+    assert open_movie(str(tmp_path / f"den_plane{plane}_std.h5")).shape == (16, 24, 24)
+    record = json.load(open(tmp_path / f"den_plane{plane}_uncertainty.json"))
+    assert record["std"] == str(tmp_path / f"den_plane{plane}_std.h5")
+  assert cli.main(args) == 2  # refused, not half-done: den.h5 is there
+  assert "already exists" in capsys.readouterr().err

@@ -273,6 +273,30 @@ def test_denoise_widget_adds_the_calibrated_uncertainty(viewer, qtbot, trained_m
   assert (lo[:, 0] <= den[:, 5, 7] + 1e-6).all() and (hi[:, 0] >= den[:, 5, 7] - 1e-6).all()
 
 
+def test_the_calibrated_uncertainty_stopped_or_too_big_adds_nothing(
+    viewer, qtbot, trained_model, movie_file, errors, monkeypatch):
+  from deepcad_jax.runtime import resources
+  layer = _open(viewer, movie_file)
+  w = _dock(viewer, DenoiseWidget)
+  w.layer_choice.choose(layer.name)
+  w.model.setText(trained_model)
+  w.uncertainty.setCurrentIndex(widgets.CALIBRATED)
+  real = widgets.calibrated_uncertainty
+
+  def stopped_during(*args, **kwargs):  # Stop pressed while the calibration runs
+    w.stop()
+    return real(*args, **kwargs)
+  monkeypatch.setattr(widgets, "calibrated_uncertainty", stopped_during)
+  w.run()
+  _wait(qtbot, w)
+  assert w.status.text() == "cancelled." and "movie.tif denoised" not in viewer.layers
+  monkeypatch.setattr(resources, "host_available_bytes", lambda: 1 << 20)
+  w.run()  # 1 MiB free: refused before anything runs
+  _wait(qtbot, w)
+  assert len(errors()) == 1 and "works in segments" in errors()[0], errors()
+  assert "movie.tif denoised" not in viewer.layers
+
+
 def test_denoise_bad_input_is_one_notification(viewer, qtbot, tmp_path, movie_file,
                                                errors):
   w = _dock(viewer, DenoiseWidget)

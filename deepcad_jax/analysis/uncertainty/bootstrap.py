@@ -206,6 +206,15 @@ def open_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
   return den, mv, float(norm.mean), float(norm.scale)
 
 
+def check_memory(movie: Any, what: str, bytes_per_voxel: float, fix: str) -> None:
+  """One sentence when `bytes_per_voxel` of `movie` (its shape and name) exceed the
+  host's available memory."""
+  shape = tuple(int(n) for n in movie.shape)
+  resources.check_fits(float(np.prod(shape)) * bytes_per_voxel,
+                       resources.host_available_bytes(), "this machine",
+                       f"{what} of {movie.name} {shape}", fix)
+
+
 def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str,
                     bytes_per_voxel: float = 0.0, fix: str = "run it on fewer frames (a "
                     "cropped copy) or a machine with more memory"
@@ -214,9 +223,7 @@ def plain_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
   (denoiser, movie, raw, noise model, mean, scale). Refused in one sentence when
   `bytes_per_voxel` of the recording exceed the host's available memory."""
   den, mv, mean, scale = open_recording(model, movie, what, min_frames, why)
-  resources.check_fits(float(np.prod(mv.shape)) * bytes_per_voxel,
-                       resources.host_available_bytes(), "this machine",
-                       f"{what} of {mv.name} {tuple(mv.shape)}", fix)
+  check_memory(mv, what, bytes_per_voxel, fix)
   raw = mv.read(0, mv.shape[0]).astype(np.float32)
   nm = noise_lib.fit_movie(raw, name=mv.name)
   return den, mv, raw, nm, mean, scale

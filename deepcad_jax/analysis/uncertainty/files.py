@@ -15,7 +15,7 @@ from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.analysis.uncertainty.bootstrap import (MIN_FRAMES, Settings, Uncertainty,
                                                         calibrate_arrays, open_recording)
 from deepcad_jax.data.movie import as_movie
-from deepcad_jax.data.spec import MovieSpec, with_name_suffix
+from deepcad_jax.data.spec import MovieSpec, part_suffix, with_name_suffix
 from deepcad_jax.data.writers import MovieWriter
 from deepcad_jax.denoising import brightness as brightness_lib
 from deepcad_jax.denoising.outputs import sample_path, std_path
@@ -60,8 +60,23 @@ def planned_outputs(movie: Any, output: str, *, draws: int, keep_samples: bool
     raise UserError(f"{mv.name}: calibrated uncertainty needs at least {MIN_FRAMES} "
                     f"frames for its held-out check; got {mv.shape[0]}; leave "
                     "--uncertainty out for this movie.")
-  return ([std_path(output), record_path(output)]
-          + [sample_path(output, i) for i in range(draws if keep_samples else 0)])
+  base = uncertainty_base(output)
+  return ([std_path(base), record_path(base)]
+          + [sample_path(base, i) for i in range(draws if keep_samples else 0)])
+
+
+def uncertainty_base(output: str) -> str:
+  """The name the uncertainty files of `output` are made from: `output` itself, or for
+  one plane or channel of a shared HDF5, Zarr or NWB file (`den.h5[plane=0]`) a name
+  of its own (`den_plane0.h5`), since each is written whole, one movie at a time."""
+  spec = MovieSpec.parse(output)
+  if spec.plane is None and spec.channel is None:
+    return output
+  return with_name_suffix(str(spec.with_(plane=None, channel=None)), part_suffix(spec, 2, 2))
+
+
+def _exists(path: str) -> bool:
+  return os.path.lexists(MovieSpec.parse(path).path)
 
 
 def unfinished(pairs: list[tuple[str, str]], draws: int, keep_samples: bool
@@ -69,9 +84,8 @@ def unfinished(pairs: list[tuple[str, str]], draws: int, keep_samples: bool
   """The (movie, denoised output) pairs whose output is there but none of whose
   uncertainty files are: a folder run stopped between the two (`denoise` skips the
   complete outputs, so its rerun does only the uncertainty of these)."""
-  return [(src, dst) for src, dst in pairs if os.path.exists(MovieSpec.parse(dst).path)
-          and not any(os.path.exists(p) for p in planned_outputs(
-              src, dst, draws=draws, keep_samples=keep_samples))]
+  return [(src, dst) for src, dst in pairs if _exists(dst) and not any(
+      _exists(p) for p in planned_outputs(src, dst, draws=draws, keep_samples=keep_samples))]
 
 
 def write_calibrated_uncertainty(movie: Any, model: Any, estimate: Any, output: str, *,
