@@ -32,7 +32,8 @@ from deepcad_jax.analysis.uncertainty.bootstrap import smooth3
 from deepcad_jax.analysis.uncertainty.heldout import (activity, bin_scales, box_mean, pair_probe,
                                                       scale_deviation)
 from deepcad_jax.analysis.simulate import simulate
-from deepcad_jax.analysis.traces import extract, rois_from_json, student_t_quantile
+from deepcad_jax.analysis.rois import rois_from_json
+from deepcad_jax.analysis.traces import extract, student_t_quantile
 from deepcad_jax.data.movie import write_movie
 
 from trust import active_rois  # benchmarks/trust.py: square ROIs on active cells

@@ -26,7 +26,8 @@ from deepcad_jax import train
 from deepcad_jax.data.movie import write_movie
 from deepcad_jax.analysis.metrics import snr_db, uncertainty_calibration, wobble
 from deepcad_jax.analysis.simulate import simulate
-from deepcad_jax.analysis.traces import extract, plot, rois_from_json, write_csv
+from deepcad_jax.analysis.rois import rois_from_json
+from deepcad_jax.analysis.traces import extract, plot, write_csv
 
 
 def _train(noisy_path: str, workdir: str, **changes) -> tuple[str, float]:

@@ -12,7 +12,8 @@ from qtpy.QtCore import QBuffer, QByteArray, QIODevice
 from qtpy.QtGui import QImage
 from qtpy.QtWidgets import QApplication
 
-from deepcad_jax.analysis.traces import read_rois, sample_files
+from deepcad_jax.analysis.rois import read_rois
+from deepcad_jax.analysis.traces import sample_files
 from deepcad_jax.data.movie import open_movie
 from deepcad_jax.runtime.files import write_bytes
 from deepcad_jax.errors import UserError

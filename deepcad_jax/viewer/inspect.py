@@ -23,8 +23,8 @@ from qtpy.QtWidgets import (QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBox
                             QWidget)
 
 from deepcad_jax.analysis.noise import NoiseModel, fit_movie
-from deepcad_jax.analysis.traces import (Roi, Traces, movie_traces, polygon_mask,
-                                         rois_from_labels)
+from deepcad_jax.analysis.rois import Roi, polygon_mask, rois_from_labels
+from deepcad_jax.analysis.traces import Traces, movie_traces
 from deepcad_jax.errors import UserError
 from deepcad_jax.model_io.loading import load_model
 from deepcad_jax.viewer import work

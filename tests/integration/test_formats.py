@@ -23,7 +23,7 @@ from deepcad_jax.data.spec import MovieSpec
 from deepcad_jax.errors import UserError
 from deepcad_jax.denoising.denoiser import denoise
 from deepcad_jax.denoising.files import denoise_files
-from deepcad_jax.analysis.traces import load_ops
+from deepcad_jax.data.formats.suite2p import load_ops
 
 h5py = pytest.importorskip("h5py")
 zarr = pytest.importorskip("zarr")

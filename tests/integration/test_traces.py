@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import noisy_movie, write_tiff
 from deepcad_jax import UserError, cli, denoise
-from deepcad_jax.analysis.traces import (block_traces, dff, extract, movie_traces, parse_f0,
-                                         polygon_mask, read_rois, read_suite2p_stat)
+from deepcad_jax.analysis.rois import polygon_mask, read_rois, read_suite2p_stat
+from deepcad_jax.analysis.traces import block_traces, dff, extract, movie_traces, parse_f0
 
 SHAPE = (12, 16)  # (Y, X) frames
 
@@ -99,7 +99,7 @@ def test_traces_are_weighted_means_and_dff():
   movie = rng.uniform(10, 20, size=(9,) + SHAPE).astype(np.float32)
   labels = np.zeros(SHAPE, np.int32)
   labels[3:5, 3:5] = 1
-  from deepcad_jax.analysis.traces import rois_from_labels
+  from deepcad_jax.analysis.rois import rois_from_labels
   rois = rois_from_labels(labels)
   t = movie_traces(movie, rois)
   np.testing.assert_allclose(t[:, 0], movie[:, 3:5, 3:5].mean((1, 2)), rtol=1e-6)
@@ -119,7 +119,7 @@ def test_band_from_model_samples_contains_the_mean_trace(trained_model, tmp_path
                              save_samples=True, devices=devices[:1])
   labels = np.zeros(movie.shape[1:], np.int32)
   labels[2:8, 2:8], labels[12:20, 10:22] = 1, 2
-  from deepcad_jax.analysis.traces import rois_from_labels
+  from deepcad_jax.analysis.rois import rois_from_labels
   traces = extract(mean, rois_from_labels(labels), list(samples), raw=movie,
                    f0="percentile:10", band=(5, 95))
   lo, hi = traces.f_band

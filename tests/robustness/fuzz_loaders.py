@@ -3,8 +3,8 @@ and `ops.npy`.
 
 Each case takes a valid file (written here, without torch), mutates it with a seeded,
 reproducible mutation and reads it with the reader deepcad-jax uses
-(`convert.read_state_dict`; `traces.read_suite2p_stat` then `rois_from_suite2p`;
-`traces.load_ops`). Cases run in a worker process, so a segfault or a hang is seen as
+(`convert.read_state_dict`; `rois.read_suite2p_stat` then `rois_from_suite2p`;
+`suite2p.load_ops`). Cases run in a worker process, so a segfault or a hang is seen as
 one. A case passes when the reader returns, or raises a one-line `UserError` naming the
 file. It fails on
 
@@ -1135,7 +1135,8 @@ class Runner:
 
   def __init__(self, seed: int, folder: str, pth_reader: str):
     from deepcad_jax.errors import UserError
-    from deepcad_jax.analysis.traces import load_ops, read_suite2p_stat, rois_from_suite2p
+    from deepcad_jax.analysis.rois import read_suite2p_stat, rois_from_suite2p
+    from deepcad_jax.data.formats.suite2p import load_ops
     self.UserError = UserError
     self.seed, self.folder = seed, folder
     self.canary = Canary(os.path.join(folder, "canary"))

@@ -16,7 +16,8 @@ import pytest
 from deepcad_jax import UserError
 from tests.robustness import fuzz_loaders as fl
 from deepcad_jax.model_io.convert import read_state_dict
-from deepcad_jax.analysis.traces import load_ops, read_rois, read_suite2p_stat
+from deepcad_jax.analysis.rois import read_rois, read_suite2p_stat
+from deepcad_jax.data.formats.suite2p import load_ops
 
 
 FUZZ = fl.__file__  # the fuzzer's quick seeded run (its long run: see its docstring)
