@@ -26,7 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from deepcad_jax.analysis.metrics import student_t_quantile
+from deepcad_jax import config as config_lib
 from deepcad_jax.analysis.rois import Roi, read_rois
+from deepcad_jax.analysis.uncertainty.bootstrap import calibrated_uncertainty
 from deepcad_jax.data.movie import Movie, as_movie, open_movie, refuse_to_overwrite
 from deepcad_jax.runtime.files import AtomicFile, os_error
 from deepcad_jax.errors import UserError
@@ -252,6 +254,23 @@ def extract_with_model(raw, rois: Sequence[Roi], denoiser, f0: str = "percentile
                 np.moveaxis(Channels.samples(t), -1, 0) + shift, f0, band, band_shape)
 
 
+def extract_calibrated(raw, rois: Sequence[Roi], denoiser, draws: int, bias_probes: int,
+                       f0: str = "percentile:8", band: Sequence[float] = (5, 95),
+                       progress: bool = False, band_shape: str = "auto") -> Traces:
+  """Traces from a model with the calibrated uncertainty's samples (plausible truths,
+  whole movies): `raw` denoised as `denoise` does and bootstrapped in memory
+  (`calibrated_uncertainty`; a recording over the memory is refused in one sentence)."""
+  check_band_shape(band_shape)
+  parse_f0(f0)
+  band = validate_band(band)
+  _check_rois(as_movie(raw), rois)
+  u = calibrated_uncertainty(raw, denoiser, draws=draws, bias_probes=bias_probes,
+                             keep_samples=True, progress=progress)
+  return Traces([r.name for r in rois], [r.pixels for r in rois],
+                movie_traces(u.estimate, rois), movie_traces(raw, rois),
+                np.stack([movie_traces(s, rois) for s in u.samples]), f0, band, band_shape)
+
+
 # ------------------------------------------------------------------ outputs
 
 
@@ -370,7 +389,10 @@ class TraceReport:
 
 def trace_files(rois: str, output: str, *, movie: str | None = None,
                 samples: str | Sequence[str] = (), raw: str | None = None,
-                model=None, symmetries: int = 8, f0: str = "percentile:8",
+                model=None, uncertainty: int | str = "calibrated",
+                draws: int = config_lib.UNCERTAINTY_DRAWS,
+                bias_probes: int = config_lib.UNCERTAINTY_BIAS_PROBES,
+                f0: str = "percentile:8",
                 band: Sequence[float] | str = (5, 95), plot_rois: int = 12,
                 frame_rate: float | None = None, overwrite: bool = False,
                 progress: bool = True, band_shape: str = "auto",
@@ -378,8 +400,8 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
   """Write traces.csv, traces.json and traces.png into the folder `output`.
 
   Either `movie` (a denoised TIFF) with optional `samples`, or `model` with `raw`: the
-  raw movie is then denoised here with `symmetries` = K test-time symmetries (times the
-  ensemble's members) and the samples' traces kept in memory.
+  raw movie is then denoised here with the samples of `uncertainty` and their traces
+  kept (the movies are not written).
 
   Args:
     rois: a label TIFF, a JSON file of ROIs or suite2p's stat.npy (`read_rois`).
@@ -389,7 +411,10 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
       glob (`sample_files`).
     raw: the raw movie: raw traces beside `movie`, or what `model` denoises.
     model: a `Model`, model directory or .pth to denoise `raw` with.
-    symmetries: with `model`, K test-time symmetries (2 to 8; 1 to 8 for an ensemble).
+    uncertainty: with `model`, 'calibrated' (the calibrated uncertainty's samples, in
+      memory: `calibrated_uncertainty`) or K test-time symmetries (2 to 8; 1 to 8 for
+      an ensemble; their spread is narrower than the error).
+    draws, bias_probes: with 'calibrated', as for `calibrated_uncertainty`.
     f0: dF/F's baseline: 'mean' or 'percentile:P'.
     band: the band's (lo, hi) percentiles, or their text 'LO,HI'.
     plot_rois: the most ROIs plotted.
@@ -416,9 +441,13 @@ def trace_files(rois: str, output: str, *, movie: str | None = None,
                       "here from --raw (drop --samples, or give --movie instead).")
     raw_movie = open_movie(raw)
     roi_list = read_rois(rois, raw_movie.shape[1:])
-    den = Denoiser(model, symmetries=symmetries, save_samples=True, **denoiser_kwargs)
-    traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress,
-                                band_shape)
+    if uncertainty == "calibrated":
+      traces = extract_calibrated(raw_movie, roi_list, Denoiser(model, **denoiser_kwargs),
+                                  draws, bias_probes, f0, band, progress, band_shape)
+    else:
+      den = Denoiser(model, symmetries=uncertainty, save_samples=True, **denoiser_kwargs)
+      traces = extract_with_model(raw_movie, roi_list, den, f0, band, progress,
+                                  band_shape)
   else:
     mean_movie = open_movie(movie)
     roi_list = read_rois(rois, mean_movie.shape[1:])

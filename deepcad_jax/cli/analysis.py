@@ -10,10 +10,10 @@ from absl import flags
 from deepcad_jax.errors import UserError
 import os
 
-from deepcad_jax.cli.flags import (Command, _define_dtype,
+from deepcad_jax.cli.flags import (Command, _define_bootstrap, _define_dtype,
                                    _define_formats, _define_model, _define_output,
                                    _given, _movie, _refuse_output_is_input, _require,
-                                   _triple, _v)
+                                   _triple, _v, uncertainty_mode)
 
 log = logging.getLogger("deepcad_jax")
 
@@ -114,8 +114,12 @@ def _define_traces(fv):
                       flag_values=fv)
   flags.DEFINE_string("model", None, "Instead of --movie/--samples: denoise --raw with "
                       "this model and keep only the samples' traces.", flag_values=fv)
-  flags.DEFINE_integer("uncertainty", 8, "With --model: test-time symmetries K (times the "
-                       "ensemble's members) giving the samples.", flag_values=fv)
+  flags.DEFINE_string("uncertainty", "calibrated", "With --model, the samples: "
+                      "'calibrated' (the calibrated uncertainty's plausible truths, "
+                      "docs/trust.md; the recording is held in memory) or K test-time "
+                      "symmetries (times the ensemble's members; too narrow for an error "
+                      "bar).", flag_values=fv)
+  _define_bootstrap(fv)
   flags.DEFINE_string("f0", "percentile:8", "Baseline of dF/F: 'percentile:P' or 'mean'.",
                       flag_values=fv)
   flags.DEFINE_string("band", "5,95", "Percentiles across samples that bound the band.",
@@ -141,7 +145,8 @@ def _run_traces(fv):
        _given(fv, "model", "model")])
   r = trace_files(_v(fv, "rois"), _v(fv, "output"), movie=_movie(fv, "movie"),
                   samples=_v(fv, "samples") or (), raw=_movie(fv, "raw"), model=_v(fv, "model"),
-                  symmetries=_v(fv, "uncertainty"), f0=_v(fv, "f0"), band=_v(fv, "band"),
+                  uncertainty=uncertainty_mode(fv), draws=_v(fv, "draws"),
+                  bias_probes=_v(fv, "bias-probes"), f0=_v(fv, "f0"), band=_v(fv, "band"),
                   plot_rois=_v(fv, "plot-rois"), frame_rate=_v(fv, "frame-rate"),
                   overwrite=_v(fv, "overwrite"), band_shape=_v(fv, "band-shape"))
   print(r.describe())

@@ -12,7 +12,8 @@ from deepcad_jax.cli.flags import (FORMATS_HELP, Command, _define_distributed,
                                    _define_dtype, _define_formats, _define_model,
                                    _define_output, _define_run_settings, _given,
                                    _init_distributed, _movie, _output,
-                                   _refuse_output_is_input, _require, _triple, _v)
+                                   _refuse_output_is_input, _require, _triple, _v,
+                                   uncertainty_mode)
 
 
 def _define_denoise(fv):
@@ -53,18 +54,6 @@ def _define_denoise(fv):
                        "instead of cropping.", flag_values=fv)
   _define_run_settings(fv)
   _define_distributed(fv)
-
-
-def uncertainty_mode(fv) -> str | int:
-  """--uncertainty as 'calibrated' or a number of symmetries K (0: off)."""
-  text = str(_v(fv, "uncertainty") if "uncertainty" in fv else "0").strip().lower()
-  if text == "calibrated":
-    return text
-  try:
-    return int(text)
-  except ValueError:
-    raise UserError(f"--uncertainty takes 'calibrated' or a number of symmetries K; got "
-                    f"{text!r}.") from None
 
 
 def _denoise_config(fv):

@@ -71,6 +71,30 @@ def _define_dtype(fv, default: str | None = "float32"):
                     flag_values=fv)
 
 
+def uncertainty_mode(fv) -> str | int:
+  """--uncertainty as 'calibrated' or a number of symmetries K (0: off)."""
+  text = str(_v(fv, "uncertainty") if "uncertainty" in fv else "0").strip().lower()
+  if text == "calibrated":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f"--uncertainty takes 'calibrated' or a number of symmetries K; got "
+                    f"{text!r}.") from None
+
+
+def _define_bootstrap(fv):
+  """The calibrated uncertainty's flags (denoise, traces)."""
+  flags.DEFINE_integer("draws", config_lib.UNCERTAINTY_DRAWS, "With --uncertainty "
+                       "calibrated: bootstrap draws (one network pass each).",
+                       flag_values=fv)
+  flags.DEFINE_integer("bias-probes", config_lib.UNCERTAINTY_BIAS_PROBES, "With "
+                       "--uncertainty calibrated: network passes that tell the "
+                       "estimator's bias from the estimate's own error in the draws' mean "
+                       "deviation (at most --draws / 2; 0 keeps the mean deviation whole).",
+                       flag_values=fv)
+
+
 def _define_run_settings(fv):
   """The `DenoiseConfig` flags that offline denoising and the stream share."""
   flags.DEFINE_string("memory-budget", None, "Exact tiling: memory per device for tiles, "
@@ -85,14 +109,7 @@ def _define_run_settings(fv):
                       "more network passes. Or K in 2..8 (1..8 for an ensemble): the spread of K "
                       "symmetries of the (y, x) plane (too narrow for an error bar).",
                       flag_values=fv)
-  flags.DEFINE_integer("draws", config_lib.UNCERTAINTY_DRAWS, "With --uncertainty "
-                       "calibrated: bootstrap draws (one network pass each).",
-                       flag_values=fv)
-  flags.DEFINE_integer("bias-probes", config_lib.UNCERTAINTY_BIAS_PROBES, "With "
-                       "--uncertainty calibrated: network passes that tell the "
-                       "estimator's bias from the estimate's own error in the draws' mean "
-                       "deviation (at most --draws / 2; 0 keeps the mean deviation whole).",
-                       flag_values=fv)
+  _define_bootstrap(fv)
   flags.DEFINE_boolean("save-samples", False, "With --uncertainty: also write every sample "
                        "(*_sample00.tif, ...; float32), e.g. for 'deepcad-jax traces'; "
                        "calibrated: plausible truths whose spread is the error.",

@@ -176,3 +176,35 @@ def test_cli_traces_from_files_and_from_a_model(trained_model, tmp_path, capsys)
                    "--samples", str(tmp_path / "den_sample*.tif"), "--rois", str(rois),
                    "--output", str(tmp_path / "y")]) == 2
   assert "--samples belongs to --movie" in capsys.readouterr().err
+
+
+def test_cli_traces_from_a_model_default_to_the_calibrated_samples(trained_model, tmp_path,
+                                                                   capsys):
+  movie, _ = noisy_movie((24, 24, 24), seed=7)
+  raw = write_tiff(tmp_path / "raw.tif", movie.astype(np.float32))
+  rois = tmp_path / "rois.json"
+  rois.write_text(json.dumps({"rois": [
+      {"name": "a", "polygon": [[2, 2], [2, 9], [9, 9], [9, 2]]}]}))
+  out = str(tmp_path / "tr")
+  assert cli.main(["deepcad-jax", "traces", "--model", trained_model, "--raw", raw,
+                   "--rois", str(rois), "--output", out, "--draws", "4",
+                   "--bias-probes", "1"]) == 0
+  assert "over 4 samples" in capsys.readouterr().out
+  # the same as denoise --uncertainty calibrated --save-samples, then traces --samples
+  assert cli.main(["deepcad-jax", "denoise", "--model", trained_model, "--input", raw,
+                   "--output", str(tmp_path / "den.tif"), "--uncertainty", "calibrated",
+                   "--draws", "4", "--bias-probes", "1", "--save-samples"]) == 0
+  out2 = str(tmp_path / "tr2")
+  assert cli.main(["deepcad-jax", "traces", "--movie", str(tmp_path / "den.tif"),
+                   "--samples", str(tmp_path / "den_sample*.tif"), "--raw", raw,
+                   "--rois", str(rois), "--output", out2]) == 0
+  rows = list(csv.DictReader(open(os.path.join(out, "traces.csv"))))
+  rows2 = list(csv.DictReader(open(os.path.join(out2, "traces.csv"))))
+  assert len(rows) == len(rows2) == 24
+  for r1, r2 in zip(rows, rows2):
+    for col in ("F", "F_lo", "F_hi", "raw_F"):
+      assert float(r1[col]) == pytest.approx(float(r2[col]), rel=1e-4, abs=1e-4)
+  assert cli.main(["deepcad-jax", "traces", "--model", trained_model, "--raw", raw,
+                   "--rois", str(rois), "--output", str(tmp_path / "x"),
+                   "--uncertainty", "many"]) == 2
+  assert "--uncertainty takes 'calibrated' or a number" in capsys.readouterr().err

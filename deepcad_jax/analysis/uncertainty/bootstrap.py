@@ -76,11 +76,14 @@ class Uncertainty:
   samples: (S, T, Y, X) float32 plausible truths (estimate + scaled deviation of each
     re-estimate), or None.
   record: what was done and checked (draws, scale, per-bin check, cost).
+  estimate: (T, Y, X) float32, the denoised movie the error is of (as given, or made
+    here as `denoise` makes it).
   """
 
   std: np.ndarray
   samples: np.ndarray | None
   record: dict
+  estimate: np.ndarray | None = None
 
 
 def smooth3(x: np.ndarray) -> np.ndarray:
@@ -416,4 +419,4 @@ def calibrate_arrays(den: Denoiser, raw: np.ndarray, estimate: np.ndarray | None
             "network_passes_per_voxel": draws + probes + 1 + (estimate is None or regional),
             "mean_std": float(std.mean()), "shape": list(raw.shape),
             "samples": 0 if samples is None else draws}
-  return Uncertainty(std, samples, record)
+  return Uncertainty(std, samples, record, est)
