@@ -24,6 +24,16 @@ CONTRAST_PERCENTILES = (0.5, 99.8)
 LayerData = tuple[Any, dict, str]
 
 
+def _full_key(key, ndim: int) -> tuple:
+  """An index as a tuple, its Ellipsis (if any) spelt out as full slices for `ndim`
+  axes."""
+  key = key if isinstance(key, tuple) else (key,)
+  if any(k is Ellipsis for k in key):
+    at = next(i for i, k in enumerate(key) if k is Ellipsis)
+    key = key[:at] + (slice(None),) * (ndim + 1 - len(key)) + key[at + 1:]
+  return key
+
+
 class LazyMovie:
   """A (T, Y, X) `Movie` that napari slices like an array; frames are read on demand."""
 
@@ -57,10 +67,7 @@ class LazyMovie:
     return self.movie.read(lo, int(index.max()) + 1), index - lo
 
   def __getitem__(self, key) -> np.ndarray:
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-      at = next(i for i, k in enumerate(key) if k is Ellipsis)
-      key = key[:at] + (slice(None),) * (4 - len(key)) + key[at + 1:]
+    key = _full_key(key, self.ndim)
     block, pick = self._frames(key[0] if key else slice(None))
     return np.asarray(block[(pick,) + tuple(key[1:])])
 
@@ -84,10 +91,7 @@ class LazyStack:
     return self.shape[0]
 
   def __getitem__(self, key) -> np.ndarray:
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-      at = next(i for i, k in enumerate(key) if k is Ellipsis)
-      key = key[:at] + (slice(None),) * (5 - len(key)) + key[at + 1:]
+    key = _full_key(key, self.ndim)
     first, rest = (key[0], key[1:]) if key else (slice(None), ())
     if isinstance(first, (int, np.integer)):
       return self.movies[int(first)][rest]

@@ -21,7 +21,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout,
 
 from deepcad_jax import config as config_lib
 from deepcad_jax.analysis.uncertainty.bootstrap import (MIN_FRAMES, Settings,
-                                                        calibrated_uncertainty, check_memory)
+                                                        calibrated_uncertainty, check_frames,
+                                                        check_memory)
 from deepcad_jax.data.movie import ArrayMovie, Movie
 from deepcad_jax.data.writers import write_movie
 from deepcad_jax.denoising import brightness
@@ -330,10 +331,8 @@ class DenoiseWidget(Panel):
       if k > 1:
         raise UserError("the calibrated uncertainty runs the plain network; set "
                         "symmetries to 1, or choose the symmetry spread.")
-      if movie.shape[0] < MIN_FRAMES:
-        raise UserError(f"{layer.name}: the calibrated uncertainty needs at least "
-                        f"{MIN_FRAMES} frames for its held-out check; got "
-                        f"{movie.shape[0]}; choose the symmetry spread.")
+      check_frames(movie, "the calibrated uncertainty", MIN_FRAMES,
+                   "for its held-out check", "choose the symmetry spread")
       check_memory(movie, "the calibrated uncertainty",
                    Settings(keep_samples=samples).bytes_per_voxel(),
                    "run denoise --uncertainty calibrated on the command line, which works "

@@ -202,11 +202,16 @@ def open_recording(model: Any, movie: Any, what: str, min_frames: int, why: str
     raise UserError(f"{what} runs the plain network; build the Denoiser without "
                     "symmetries.")
   mv = as_movie(movie, "the raw movie")
-  if mv.shape[0] < min_frames:
-    raise UserError(f"{mv.name}: {what} needs at least {min_frames} frames {why}; got "
-                    f"{mv.shape[0]}.")
+  check_frames(mv, what, min_frames, why)
   norm = den.normalisation(mv)
   return den, mv, float(norm.mean), float(norm.scale)
+
+
+def check_frames(movie: Any, what: str, min_frames: int, why: str, fix: str = "") -> None:
+  """One sentence when `movie` has fewer than `min_frames` frames (`fix`: what to do)."""
+  if movie.shape[0] < min_frames:
+    raise UserError(f"{movie.name}: {what} needs at least {min_frames} frames {why}; got "
+                    f"{movie.shape[0]}" + (f"; {fix}." if fix else "."))
 
 
 def check_memory(movie: Any, what: str, bytes_per_voxel: float, fix: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from deepcad_jax.analysis import noise as noise_lib
 from deepcad_jax.analysis.uncertainty.bootstrap import (MIN_FRAMES, Settings, Uncertainty,
+                                                        check_frames,
                                                         calibrate_arrays, open_recording)
 from deepcad_jax.data.movie import as_movie
 from deepcad_jax.data.spec import MovieSpec, part_suffix, with_name_suffix
@@ -55,14 +56,17 @@ def planned_outputs(movie: Any, output: str, *, draws: int, keep_samples: bool
   """The files `write_calibrated_uncertainty` writes beside `output` for `movie`
   (`*_std.tif`, `*_uncertainty.json`, the samples); a movie too short for the held-out
   check is refused here in one sentence, so the CLI asks before it denoises."""
-  mv = as_movie(movie, "the raw movie")
-  if mv.shape[0] < MIN_FRAMES:
-    raise UserError(f"{mv.name}: calibrated uncertainty needs at least {MIN_FRAMES} "
-                    f"frames for its held-out check; got {mv.shape[0]}; leave "
-                    "--uncertainty out for this movie.")
+  check_frames(as_movie(movie, "the raw movie"), "calibrated uncertainty", MIN_FRAMES,
+               "for its held-out check", "leave --uncertainty out for this movie")
+  return uncertainty_paths(output, draws if keep_samples else 0)
+
+
+def uncertainty_paths(output: str, samples: int) -> list[str]:
+  """`*_std`, `*_uncertainty.json` and `samples` sample names beside `output` (of
+  `uncertainty_base(output)`)."""
   base = uncertainty_base(output)
   return ([std_path(base), record_path(base)]
-          + [sample_path(base, i) for i in range(draws if keep_samples else 0)])
+          + [sample_path(base, i) for i in range(samples)])
 
 
 def uncertainty_base(output: str) -> str:
@@ -204,18 +208,13 @@ def write_uncertainty(result: Uncertainty, output: str, *, overwrite: bool = Fal
                       ) -> list[str]:
   """`*_std.tif` (float32), `*_uncertainty.json` and, with samples, `*_sample00.tif`...
   beside `output`, all together once complete; returns their paths."""
-  paths = [std_path(output), record_path(output)]
+  samples = [] if result.samples is None else result.samples
+  paths = uncertainty_paths(output, len(samples))
   with outputs_together() as files:
-    w = MovieWriter(paths[0], result.std.shape[1:], np.float32,
-                    frames=len(result.std), overwrite=overwrite)
-    files.append(w)
-    w.write(result.std)
-    if result.samples is not None:
-      for i, s in enumerate(result.samples):
-        paths.append(sample_path(output, i))
-        files.append(MovieWriter(paths[-1], s.shape[1:], np.float32, frames=len(s),
-                                 overwrite=overwrite))
-        files[-1].write(s)
+    for path, movie in zip(paths[:1] + paths[2:], [result.std, *samples]):
+      files.append(MovieWriter(path, movie.shape[1:], np.float32, frames=len(movie),
+                               overwrite=overwrite))
+      files[-1].write(movie)
     record = dict(result.record, std=paths[0], samples_files=paths[2:])
     files.append(AtomicFile(paths[1], overwrite=overwrite))
     json.dump(record, files[-1].text(), indent=1)
